@@ -1,0 +1,54 @@
+"""Typed errors. Every rejection of peer bytes carries a machine-readable reason for the metrics."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class P2PFLError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(P2PFLError):
+    """The node configuration is invalid; the message says which key and how to fix it."""
+
+
+class IdentityError(P2PFLError):
+    """Key or certificate files are missing, unreadable or inconsistent."""
+
+
+class TransportError(P2PFLError):
+    """A broker could not be started or reached."""
+
+
+class Reason(StrEnum):
+    """Why an incoming message was refused; each value is a metrics counter name."""
+
+    MALFORMED = "malformed"  # bytes that do not parse as our framing / msgpack / codec
+    OVERSIZE = "oversize"  # larger than the configured maximum
+    BAD_SIGNATURE = "bad_signature"  # Ed25519 signature over the header does not verify
+    UNKNOWN_SENDER = "unknown_sender"  # sender has no certificate we know
+    UNCERTIFIED = "uncertified"  # certificate does not chain to our federation root
+    WRONG_FEDERATION = "wrong_federation"  # header or certificate names another federation
+    EXPIRED = "expired"  # certificate expired
+    REVOKED = "revoked"  # certificate on the revocation list
+    NOT_RECIPIENT = "not_recipient"  # content key not wrapped for us
+    DIGEST_MISMATCH = "digest_mismatch"  # ciphertext does not match the signed digest
+    DECRYPT_FAILED = "decrypt_failed"  # AEAD tag or key unwrap failed
+    REPLAY = "replay"  # sequence number already seen / not newer
+    STALE = "stale"  # timestamp outside the freshness window
+    ROUND_WINDOW = "round_window"  # round too far ahead of ours
+    LATE = "late"  # update for a round we already closed
+    SHAPE_MISMATCH = "shape_mismatch"  # tensor names or shapes differ from the local model
+    DTYPE_MISMATCH = "dtype_mismatch"  # tensor dtype differs from the local model
+    NON_FINITE = "non_finite"  # NaN or Inf in the values
+    AUTH_FAILED = "auth_failed"  # broker refused a client's credentials
+
+
+class Rejected(P2PFLError):
+    """An incoming message was refused; `reason` is the counter, `detail` the log text."""
+
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
