@@ -1,0 +1,120 @@
+"""`p2pfl node | federation | testbed | config`: the command line a user and the testbed share."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from p2pfl import config as config_mod
+from p2pfl.errors import P2PFLError
+
+DAY = 86400.0
+
+
+def _node(args: argparse.Namespace) -> None:
+    from p2pfl.node import run_node  # torch import only when a node really starts
+
+    run_node(config_mod.load(args.config))
+
+
+def _federation_init(args: argparse.Namespace) -> None:
+    from p2pfl.federation import FederationAuthority
+
+    directory = Path(args.dir)
+    if (directory / "root.key").exists():
+        raise P2PFLError(f"{directory} already holds a federation root key; pick another --dir")
+    authority = FederationAuthority.create(directory)
+    print(f"federation {authority.root.federation_id} created in {directory}")
+    print(f"keep {directory / 'root.key'} offline; give {directory / 'federation.pub'} to every node")
+
+
+def _federation_issue(args: argparse.Namespace) -> None:
+    from p2pfl.federation import FederationAuthority
+    from p2pfl.identity import load_or_create
+
+    authority = FederationAuthority.load(Path(args.dir))
+    node_dir = Path(args.node_dir)
+    identity = load_or_create(node_dir)  # the node's private keys stay in node_dir
+    cert = authority.issue(args.name, identity.verify_key_bytes, identity.box_public_bytes, args.ttl_days * DAY)
+    (node_dir / "certificate").write_bytes(cert.to_bytes())
+    shutil.copyfile(Path(args.dir) / "federation.pub", node_dir / "federation.pub")
+    print(f"issued {args.name} ({cert.node_id}), valid {args.ttl_days:g} days, into {node_dir}")
+
+
+def _federation_revoke(args: argparse.Namespace) -> None:
+    from p2pfl.federation import FederationAuthority
+
+    FederationAuthority.load(Path(args.dir)).revoke(args.node_id)
+    print(f"revoked {args.node_id}; copy {Path(args.dir) / 'federation.pub'} to every node and restart it")
+
+
+def _config(args: argparse.Namespace) -> None:
+    print(config_mod.to_toml(config_mod.load(None)))
+
+
+def _testbed(args: argparse.Namespace) -> None:
+    from p2pfl.testbed import main as testbed_main
+
+    sys.exit(testbed_main(args.rest))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2pfl", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    node = sub.add_parser("node", help="run one node")
+    node.add_argument("--config", help="node TOML file (defaults if omitted; see `p2pfl config`)")
+    node.set_defaults(func=_node)
+
+    fed = sub.add_parser("federation", help="create a federation and certify nodes").add_subparsers(
+        dest="action", required=True)
+    init = fed.add_parser("init", help="create a federation root key")
+    init.add_argument("--dir", required=True, help="where root.key and federation.pub go")
+    init.set_defaults(func=_federation_init)
+    issue = fed.add_parser("issue", help="certify a node (creates its keys in --node-dir if missing)")
+    issue.add_argument("name", help="human-readable node name, unique in the federation")
+    issue.add_argument("--dir", required=True, help="the federation directory from `federation init`")
+    issue.add_argument("--node-dir", required=True, help="the node's data_dir")
+    issue.add_argument("--ttl-days", type=float, default=365.0)
+    issue.set_defaults(func=_federation_issue)
+    revoke = fed.add_parser("revoke", help="add a node id to the revocation list")
+    revoke.add_argument("node_id")
+    revoke.add_argument("--dir", required=True)
+    revoke.set_defaults(func=_federation_revoke)
+
+    cfg = sub.add_parser("config", help="print the default node configuration as TOML")
+    cfg.set_defaults(func=_config)
+
+    testbed = sub.add_parser("testbed", help="run N local nodes (same options as scripts/testbed.py)")
+    testbed.add_argument("rest", nargs=argparse.REMAINDER)
+    testbed.set_defaults(func=_testbed)
+    return parser
+
+
+def setup_logging(level: str, name: str = "") -> None:
+    prefix = f"[{name}] " if name else ""
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
+    for noisy in ("amqtt", "transitions", "zeroconf"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        args.func(args)
+    except P2PFLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Node configuration: one TOML file, validated up front so a typo fails at start, not mid-round."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from p2pfl.errors import ConfigError
+from p2pfl.learning import TaskSpec
+
+RULES = ("clipped", "mean")
+PARTITIONS = ("iid", "dirichlet")
+
+
+@dataclass
+class NodeSection:
+    name: str = "node"
+    data_dir: str = "p2pfl-node"
+    host: str = "127.0.0.1"  # the broker binds here and discovery advertises it
+    port: int = 18830
+
+
+@dataclass
+class DiscoverySection:
+    mdns: bool = True
+    interfaces: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    static_peers: list[str] = field(default_factory=list)  # "host:port" where multicast is absent
+    expect_peers: int = 0  # start round 1 once this many certified peers are known...
+    wait_s: float = 20.0  # ...or after this long, whichever comes first
+
+
+@dataclass
+class TrainingSection:
+    task: str = "digits-mlp"
+    data: str = ""  # optional .npz with X, y for your own data
+    shard: int = 0
+    num_shards: int = 1
+    partition: str = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    rounds: int = 20
+    threads: int = 1  # torch intra-op threads; several nodes often share one machine
+
+
+@dataclass
+class GossipSection:
+    topology: str = "ring"
+    rule: str = "clipped"
+    clip_radius: float = 0.0  # 0 = adaptive
+    round_timeout_s: float = 30.0
+    max_update_mb: float = 1024.0
+    linger_s: float = 3.0  # keep the broker up after the last round so slower neighbours can fetch it
+
+
+@dataclass
+class SecuritySection:
+    max_skew_s: float = 300.0  # accepted clock difference for update timestamps
+
+
+@dataclass
+class MetricsSection:
+    path: str = ""  # default: <data_dir>/metrics.jsonl
+    save_models: bool = False  # write <data_dir>/models/round_NNNN.npy (flat float32) every round
+
+
+@dataclass
+class NodeConfig:
+    node: NodeSection = field(default_factory=NodeSection)
+    discovery: DiscoverySection = field(default_factory=DiscoverySection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    gossip: GossipSection = field(default_factory=GossipSection)
+    security: SecuritySection = field(default_factory=SecuritySection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.node.data_dir)
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.metrics.path) if self.metrics.path else self.data_dir / "metrics.jsonl"
+
+    def task_spec(self) -> TaskSpec:
+        t = self.training
+        return TaskSpec(
+            name=t.task, shard=t.shard, num_shards=t.num_shards, partition=t.partition, alpha=t.alpha,
+            seed=t.seed, local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, data=t.data,
+        )
+
+
+def _coerce(section: str, key: str, value: Any, expected: Any) -> Any:
+    """Check one value against its annotated type; ints are accepted where floats are expected."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected == list[str]:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    elif isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    name = getattr(expected, "__name__", str(expected))
+    raise ConfigError(f"[{section}] {key} must be {name}, got {value!r}")
+
+
+def _section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [{name}]; known keys: {sorted(known)}")
+    return cls(**{k: _coerce(name, k, v, hints[k]) for k, v in raw.items()})
+
+
+def validate(cfg: NodeConfig) -> NodeConfig:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (1 <= cfg.node.port <= 65535, "[node] port must be 1..65535"),
+        (cfg.training.rounds >= 1, "[training] rounds must be >= 1"),
+        (cfg.training.num_shards >= 1, "[training] num_shards must be >= 1"),
+        (0 <= cfg.training.shard < cfg.training.num_shards, "[training] shard must be in 0..num_shards-1"),
+        (cfg.training.partition in PARTITIONS, f"[training] partition must be one of {PARTITIONS}"),
+        (cfg.training.alpha > 0, "[training] alpha must be > 0"),
+        (cfg.training.lr > 0, "[training] lr must be > 0"),
+        (cfg.training.threads >= 1, "[training] threads must be >= 1"),
+        (cfg.gossip.rule in RULES, f"[gossip] rule must be one of {RULES}"),
+        (cfg.gossip.round_timeout_s > 0, "[gossip] round_timeout_s must be > 0"),
+        (cfg.gossip.max_update_mb > 0, "[gossip] max_update_mb must be > 0"),
+        (cfg.gossip.clip_radius >= 0, "[gossip] clip_radius must be >= 0 (0 = adaptive)"),
+        (cfg.discovery.mdns or bool(cfg.discovery.static_peers) or cfg.discovery.expect_peers == 0,
+         "[discovery] with mdns = false, list static_peers"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for peer in cfg.discovery.static_peers:
+        host, _, port = peer.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"[discovery] static_peers entry {peer!r} must look like 'host:port'")
+    return cfg
+
+
+def from_dict(raw: dict[str, Any]) -> NodeConfig:
+    sections = {f.name: f for f in dataclasses.fields(NodeConfig)}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; known sections: {sorted(sections)}")
+    hints = get_type_hints(NodeConfig)
+    return validate(NodeConfig(**{k: _section(k, hints[k], v) for k, v in raw.items()}))
+
+
+def load(path: Path | str | None) -> NodeConfig:
+    """Read and validate a TOML file; None gives the built-in defaults."""
+    if path is None:
+        return validate(NodeConfig())
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} not found; pass --config PATH to an existing TOML file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    return from_dict(raw)
+
+
+def to_toml(cfg: NodeConfig) -> str:
+    """Render a config as TOML (the testbed writes one per node; users get a commented starting point)."""
+    lines: list[str] = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"[{section.name}]")
+        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
