@@ -1,0 +1,222 @@
+"""Tensors <-> bytes: a small msgpack header plus one contiguous raw blob.
+
+Frame layout (all integers and tensor data little-endian):
+
+    b"P2T1" | u32 header length | msgpack header | zero padding to 8 | blob
+
+The header is a list of [name, dtype, shape, offset, nbytes], offsets relative to the blob start.
+Each tensor starts on an 8-byte boundary (zero padding between tensors), so decode can hand out
+aligned, zero-copy, read-only np.frombuffer views. Packing costs one copy of the data (no per-tensor
+msgpack bin fields, which cost several times more). decode trusts nothing: any inconsistency is
+Rejected(MALFORMED), and the layout must be exactly the canonical one encode produces.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+
+import msgpack
+import numpy as np
+
+from p2pfl.errors import Reason, Rejected
+
+MAGIC = b"P2T1"
+_PREFIX = struct.Struct("<4sI")
+ALIGN = 8
+MAX_TENSORS = 100_000
+MAX_HEADER_BYTES = 16 << 20
+MAX_NDIM = 32
+MAX_NAME_CHARS = 1024
+
+ALLOWED_DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name).newbyteorder("<")
+    for name in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+}
+_FINITE_BLOCK = 1 << 16  # elements per np.isfinite block: keeps the temporary in cache
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    name = np.dtype(dtype).name
+    if name not in ALLOWED_DTYPES:
+        raise ValueError(f"dtype {name} is not allowed on the wire (allowed: {', '.join(ALLOWED_DTYPES)})")
+    return name
+
+
+def encode(params: Mapping[str, np.ndarray]) -> bytes:
+    """Pack named tensors into one frame with a single copy of the data."""
+    arrays: list[np.ndarray] = []
+    entries: list[list] = []
+    offset = 0
+    for name, value in params.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be str, got {type(name).__name__}")
+        if len(name) > MAX_NAME_CHARS:
+            raise ValueError(f"tensor name longer than {MAX_NAME_CHARS} characters: {name[:40]!r}...")
+        arr = np.asarray(value)
+        dname = _dtype_name(arr.dtype)
+        wire = ALLOWED_DTYPES[dname]
+        if arr.dtype != wire or not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr, dtype=wire)  # byte swap / compaction only when needed
+        entries.append([name, dname, list(arr.shape), offset, arr.nbytes])
+        arrays.append(arr)
+        offset = _align(offset + arr.nbytes)
+    if len(entries) > MAX_TENSORS:
+        raise ValueError(f"at most {MAX_TENSORS} tensors per frame")
+    header = msgpack.packb(entries, use_bin_type=True)
+    if len(header) > MAX_HEADER_BYTES:
+        raise ValueError("codec header too large")
+    head_end = _PREFIX.size + len(header)
+    parts: list = [_PREFIX.pack(MAGIC, len(header)), header]
+    pad = _align(head_end) - head_end
+    if pad:
+        parts.append(bytes(pad))
+    for arr, entry in zip(arrays, entries, strict=True):
+        nbytes = entry[4]
+        if nbytes:
+            parts.append(arr.reshape(-1).view(np.uint8))
+        tail = _align(nbytes) - nbytes
+        if tail:
+            parts.append(bytes(tail))
+    # One allocation, one copy of every tensor: bytes.join accepts any contiguous buffer.
+    return b"".join(parts)
+
+
+def _bad(detail: str) -> Rejected:
+    return Rejected(Reason.MALFORMED, detail)
+
+
+def decode(buf: bytes | memoryview) -> dict[str, np.ndarray]:
+    """Unpack a frame into read-only zero-copy views; Rejected(MALFORMED) on anything malformed."""
+    try:
+        return _decode(buf)
+    except Rejected:
+        raise
+    except Exception as exc:  # any surprise while parsing peer bytes is still just malformed input
+        raise _bad(f"codec frame does not parse ({type(exc).__name__})") from None
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _decode(buf: bytes | memoryview) -> dict[str, np.ndarray]:
+    mv = memoryview(buf)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    total = mv.nbytes
+    if total < _PREFIX.size:
+        raise _bad("codec frame shorter than its prefix")
+    magic, hlen = _PREFIX.unpack_from(mv, 0)
+    if magic != MAGIC:
+        raise _bad("codec frame has the wrong magic")
+    if hlen > MAX_HEADER_BYTES:
+        raise _bad(f"codec header length {hlen} exceeds {MAX_HEADER_BYTES}")
+    head_end = _PREFIX.size + hlen
+    if head_end > total:
+        raise _bad("codec frame truncated inside the header")
+    blob_start = _align(head_end)
+    if blob_start > total:
+        raise _bad("codec frame truncated before the blob")
+    if any(mv[head_end:blob_start]):
+        raise _bad("codec header padding is not zero")
+    header = msgpack.unpackb(
+        mv[_PREFIX.size : head_end],
+        raw=False,
+        use_list=True,
+        strict_map_key=True,
+        max_array_len=MAX_TENSORS * 5,
+        max_map_len=0,
+        max_ext_len=0,
+        max_str_len=MAX_NAME_CHARS * 4,
+        max_bin_len=0,
+    )
+    if not isinstance(header, list):
+        raise _bad("codec header is not a list")
+    if len(header) > MAX_TENSORS:
+        raise _bad(f"more than {MAX_TENSORS} tensors")
+    blob_len = total - blob_start
+    out: dict[str, np.ndarray] = {}
+    expected = 0
+    for i, entry in enumerate(header):
+        if not (isinstance(entry, list) and len(entry) == 5):
+            raise _bad(f"tensor entry {i} is not [name, dtype, shape, offset, nbytes]")
+        name, dname, shape, offset, nbytes = entry
+        if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
+            raise _bad(f"tensor entry {i}: name must be a string of at most {MAX_NAME_CHARS} chars")
+        if name in out:
+            raise _bad(f"tensor {name[:80]!r} appears twice")
+        if not isinstance(dname, str) or dname not in ALLOWED_DTYPES:
+            raise _bad(f"tensor {name[:80]!r}: dtype {str(dname)[:20]!r} is not allowed")
+        if not (
+            isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_int(d) and d >= 0 for d in shape)
+        ):
+            raise _bad(f"tensor {name[:80]!r}: shape must be a list of at most {MAX_NDIM} non-negative ints")
+        if not (_is_int(offset) and _is_int(nbytes)):
+            raise _bad(f"tensor {name[:80]!r}: offset and nbytes must be ints")
+        dtype = ALLOWED_DTYPES[dname]
+        count = 1
+        for d in shape:
+            count *= d
+        if count * dtype.itemsize != nbytes:
+            raise _bad(f"tensor {name[:80]!r}: shape {shape[:8]} x {dname} != {nbytes} bytes")
+        if offset != expected:
+            # The canonical layout rules out overlaps, gaps and misalignment in one check.
+            raise _bad(f"tensor {name[:80]!r}: offset {offset} is not the expected {expected}")
+        if offset + nbytes > blob_len:
+            raise _bad(f"tensor {name[:80]!r}: bytes {offset}..{offset + nbytes} lie outside the blob")
+        arr = np.frombuffer(mv, dtype=dtype, count=count, offset=blob_start + offset).reshape(shape)
+        if arr.flags.writeable:
+            arr.flags.writeable = False
+        out[name] = arr
+        expected = _align(offset + nbytes)
+    if expected != blob_len:
+        raise _bad(f"codec blob is {blob_len} bytes, header accounts for {expected}")
+    return out
+
+
+def spec_of(params: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Names -> (shape, dtype): what check_against compares incoming tensors with."""
+    return {name: (tuple(int(d) for d in np.shape(a)), np.asarray(a).dtype) for name, a in params.items()}
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    flat = arr.reshape(-1)
+    n = flat.size
+    if n <= _FINITE_BLOCK:
+        return bool(np.isfinite(flat).all())
+    scratch = np.empty(_FINITE_BLOCK, dtype=bool)
+    for start in range(0, n, _FINITE_BLOCK):
+        block = flat[start : start + _FINITE_BLOCK]
+        mask = scratch[: block.size]
+        np.isfinite(block, out=mask)
+        if not mask.all():
+            return False
+    return True
+
+
+def check_against(
+    params: Mapping[str, np.ndarray], spec: Mapping[str, tuple[tuple[int, ...], np.dtype]]
+) -> None:
+    """Refuse tensors that do not fit the local model: names/shapes, dtypes, then NaN/Inf."""
+    if set(params) != set(spec):
+        missing = sorted(set(spec) - set(params))
+        extra = sorted(set(params) - set(spec))
+        raise Rejected(
+            Reason.SHAPE_MISMATCH, f"tensor names differ: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for name, (shape, dtype) in spec.items():
+        arr = params[name]
+        if tuple(arr.shape) != tuple(shape):
+            raise Rejected(
+                Reason.SHAPE_MISMATCH, f"{name}: shape {tuple(arr.shape)} != expected {tuple(shape)}"
+            )
+        if np.dtype(arr.dtype) != np.dtype(dtype):
+            raise Rejected(Reason.DTYPE_MISMATCH, f"{name}: dtype {arr.dtype} != expected {np.dtype(dtype)}")
+    for name, arr in params.items():
+        if arr.dtype.kind == "f" and not _all_finite(np.asarray(arr)):
+            raise Rejected(Reason.NON_FINITE, f"{name}: contains NaN or Inf")

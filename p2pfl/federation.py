@@ -1,0 +1,372 @@
+"""Federation membership: a root key certifies node keys; nodes trust only certified peers.
+
+The root signing key stays offline with the federation admin (FederationAuthority). Every node holds
+only the root public key and the revocation list (FederationRoot, the `federation.pub` file) and
+checks each peer's Certificate against it. Brokers authenticate MQTT clients with a short-lived
+token signed by the client's certified key (make_token / verify_token).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nacl.exceptions
+import nacl.signing
+
+from p2pfl.errors import IdentityError, Reason, Rejected
+from p2pfl.identity import Identity, ensure_private_dir, node_id_for, read_private_key, write_private_file
+
+CERT_TAG = "p2pfl-cert-1"
+TOKEN_DOMAIN = b"p2pfl-broker-auth"
+ROOT_KEY_FILE = "root.key"
+FEDERATION_FILE = "federation.pub"
+
+MAX_CERT_BYTES = 4096
+MAX_TOKEN_CHARS = 8192
+_MAX_NAME = 256
+_MAX_ID = 64
+_KEY = 32
+_SIG = 64
+_NONCE = 16
+# A certificate issued slightly "in the future" is accepted: node clocks differ a little.
+ISSUE_SKEW_S = 300.0
+
+
+def federation_id_for(public_key: bytes) -> str:
+    """Federation id: 8-byte BLAKE2b of the root public key, as 16 hex chars."""
+    return hashlib.blake2b(bytes(public_key), digest_size=8).hexdigest()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite_number(v: Any) -> bool:
+    return (isinstance(v, float) or _is_int(v)) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A node's public keys and name, signed by the federation root."""
+
+    node_id: str
+    name: str
+    federation_id: str
+    sign_key: bytes
+    box_key: bytes
+    issued: float
+    expires: float
+    signature: bytes
+
+    def _body(self) -> list[Any]:
+        return [
+            CERT_TAG,
+            self.node_id,
+            self.name,
+            self.federation_id,
+            bytes(self.sign_key),
+            bytes(self.box_key),
+            float(self.issued),
+            float(self.expires),
+        ]
+
+    def signed_bytes(self) -> bytes:
+        """The exact bytes the root signs: every field except the signature, msgpack-encoded."""
+        return msgpack.packb(self._body(), use_bin_type=True)
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb([*self._body(), bytes(self.signature)], use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Certificate:
+        """Parse strictly; anything but a well-formed certificate is Rejected(MALFORMED)."""
+        try:
+            return cls._parse(data)
+        except Rejected:
+            raise
+        except Exception as exc:  # never let a parser error escape as another type
+            raise Rejected(Reason.MALFORMED, f"certificate does not parse ({type(exc).__name__})") from None
+
+    @classmethod
+    def _parse(cls, data: Any) -> Certificate:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise Rejected(Reason.MALFORMED, "certificate is not bytes")
+        if len(data) > MAX_CERT_BYTES:
+            raise Rejected(Reason.MALFORMED, f"certificate larger than {MAX_CERT_BYTES} bytes")
+        obj = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+        if not isinstance(obj, list) or len(obj) != 9 or obj[0] != CERT_TAG:
+            raise Rejected(Reason.MALFORMED, "not a p2pfl certificate")
+        _, node_id, name, fed, sign_key, box_key, issued, expires, sig = obj
+        if not (isinstance(node_id, str) and 0 < len(node_id) <= _MAX_ID):
+            raise Rejected(Reason.MALFORMED, "certificate node_id must be a short string")
+        if not (isinstance(name, str) and len(name) <= _MAX_NAME):
+            raise Rejected(Reason.MALFORMED, "certificate name must be a string")
+        if not (isinstance(fed, str) and 0 < len(fed) <= _MAX_ID):
+            raise Rejected(Reason.MALFORMED, "certificate federation_id must be a short string")
+        if not (isinstance(sign_key, bytes) and len(sign_key) == _KEY):
+            raise Rejected(Reason.MALFORMED, "certificate sign_key must be 32 bytes")
+        if not (isinstance(box_key, bytes) and len(box_key) == _KEY):
+            raise Rejected(Reason.MALFORMED, "certificate box_key must be 32 bytes")
+        if not (_finite_number(issued) and _finite_number(expires)):
+            raise Rejected(Reason.MALFORMED, "certificate times must be finite numbers")
+        if not (isinstance(sig, bytes) and len(sig) == _SIG):
+            raise Rejected(Reason.MALFORMED, "certificate signature must be 64 bytes")
+        return cls(node_id, name, fed, sign_key, box_key, float(issued), float(expires), sig)
+
+    def fingerprint(self) -> str:
+        """16 hex chars identifying this exact certificate (fits an mDNS TXT record)."""
+        return hashlib.blake2b(self.to_bytes(), digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True)
+class FederationRoot:
+    """What every node trusts: the root public key and the list of revoked node ids."""
+
+    public_key: bytes
+    revoked: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.public_key, bytes) and len(self.public_key) == _KEY):
+            raise IdentityError("federation root public key must be 32 bytes")
+        object.__setattr__(self, "revoked", frozenset(self.revoked))
+
+    @property
+    def federation_id(self) -> str:
+        return federation_id_for(self.public_key)
+
+    def verify(self, cert: Certificate, now: float | None = None) -> None:
+        """Accept `cert` only if the root signed it, it names the right node, and it is current."""
+        if cert.federation_id != self.federation_id:
+            raise Rejected(
+                Reason.WRONG_FEDERATION,
+                f"certificate of {cert.node_id!r} is for federation {cert.federation_id!r}, "
+                f"ours is {self.federation_id!r}",
+            )
+        try:
+            nacl.signing.VerifyKey(self.public_key).verify(cert.signed_bytes(), bytes(cert.signature))
+        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+            raise Rejected(
+                Reason.UNCERTIFIED, f"certificate of {cert.node_id!r} is not signed by the federation root"
+            ) from None
+        if cert.node_id != node_id_for(cert.sign_key):
+            raise Rejected(Reason.UNCERTIFIED, f"certificate node_id {cert.node_id!r} does not match its key")
+        if cert.node_id in self.revoked:
+            raise Rejected(Reason.REVOKED, f"node {cert.node_id!r} is revoked")
+        t = time.time() if now is None else now
+        if t > cert.expires:
+            raise Rejected(Reason.EXPIRED, f"certificate of {cert.node_id!r} expired at {cert.expires:.0f}")
+        if t + ISSUE_SKEW_S < cert.issued:
+            raise Rejected(Reason.EXPIRED, f"certificate of {cert.node_id!r} is not valid yet")
+
+    def with_revoked(self, node_id: str) -> FederationRoot:
+        return FederationRoot(self.public_key, self.revoked | {node_id})
+
+    def save(self, path: Path) -> None:
+        """Write the JSON file atomically (public data, but a torn file would lock the node out)."""
+        path = Path(path)
+        doc = {"root_public_key": self.public_key.hex(), "revoked": sorted(self.revoked)}
+        data = (json.dumps(doc, indent=2) + "\n").encode()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> FederationRoot:
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise IdentityError(f"cannot read federation file {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise IdentityError(f"federation file {path} is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("root_public_key"), str):
+            raise IdentityError(f"federation file {path} lacks 'root_public_key'")
+        revoked = doc.get("revoked", [])
+        if not isinstance(revoked, list) or not all(isinstance(r, str) for r in revoked):
+            raise IdentityError(f"federation file {path}: 'revoked' must be a list of node ids")
+        try:
+            key = bytes.fromhex(doc["root_public_key"])
+        except ValueError:
+            raise IdentityError(f"federation file {path}: root_public_key is not hex") from None
+        if len(key) != _KEY:
+            raise IdentityError(f"federation file {path}: root_public_key must be 32 bytes")
+        return cls(key, frozenset(revoked))
+
+
+class FederationAuthority:
+    """The federation admin's offline root key: issues and revokes node certificates."""
+
+    def __init__(self, directory: Path, signing_key: nacl.signing.SigningKey, root: FederationRoot) -> None:
+        self._dir = Path(directory)
+        self._key = signing_key
+        self._root = root
+
+    def __repr__(self) -> str:
+        return f"FederationAuthority(federation_id={self._root.federation_id!r}, dir={str(self._dir)!r})"
+
+    @classmethod
+    def create(cls, directory: Path) -> FederationAuthority:
+        directory = ensure_private_dir(Path(directory))
+        key_path = directory / ROOT_KEY_FILE
+        if key_path.exists():
+            raise IdentityError(f"{key_path} already exists; load it instead of creating a new federation")
+        key = nacl.signing.SigningKey.generate()
+        write_private_file(key_path, bytes(key))
+        root = FederationRoot(bytes(key.verify_key))
+        root.save(directory / FEDERATION_FILE)
+        return cls(directory, key, root)
+
+    @classmethod
+    def load(cls, directory: Path) -> FederationAuthority:
+        directory = Path(directory)
+        key = nacl.signing.SigningKey(read_private_key(directory / ROOT_KEY_FILE))
+        pub_path = directory / FEDERATION_FILE
+        public = bytes(key.verify_key)
+        if pub_path.exists():
+            root = FederationRoot.load(pub_path)
+            if root.public_key != public:
+                raise IdentityError(
+                    f"{pub_path} belongs to another root key than {directory / ROOT_KEY_FILE}"
+                )
+        else:
+            root = FederationRoot(public)
+            root.save(pub_path)
+        return cls(directory, key, root)
+
+    @property
+    def root(self) -> FederationRoot:
+        return self._root
+
+    def issue(self, name: str, sign_key: bytes, box_key: bytes, ttl_s: float) -> Certificate:
+        """Certify a node's keys for `ttl_s` seconds from now."""
+        sign_key, box_key = bytes(sign_key), bytes(box_key)
+        if len(sign_key) != _KEY or len(box_key) != _KEY:
+            raise ValueError("sign_key and box_key must be 32 bytes each")
+        if not isinstance(name, str) or len(name) > _MAX_NAME:
+            raise ValueError(f"name must be a string of at most {_MAX_NAME} characters")
+        if not (math.isfinite(ttl_s) and ttl_s > 0):
+            raise ValueError("ttl_s must be a positive number of seconds")
+        issued = time.time()
+        unsigned = Certificate(
+            node_id_for(sign_key),
+            name,
+            self._root.federation_id,
+            sign_key,
+            box_key,
+            issued,
+            issued + float(ttl_s),
+            b"",
+        )
+        signature = self._key.sign(unsigned.signed_bytes()).signature
+        return replace(unsigned, signature=signature)
+
+    def revoke(self, node_id: str) -> None:
+        """Add `node_id` to the revocation list and rewrite federation.pub (distribute it to nodes)."""
+        self._root = self._root.with_revoked(node_id)
+        self._root.save(self._dir / FEDERATION_FILE)
+
+
+def _token_message(federation_id: str, username: str, ts: float, nonce: bytes) -> bytes:
+    # Domain tag plus an unambiguous (msgpack) encoding of the fields.
+    return TOKEN_DOMAIN + msgpack.packb([federation_id, username, float(ts), nonce], use_bin_type=True)
+
+
+def make_token(identity: Identity, cert: Certificate, now: float | None = None) -> str:
+    """MQTT password proving the client holds the certified key: base64(msgpack{cert, ts, nonce, sig})."""
+    if cert.node_id != identity.node_id or bytes(cert.sign_key) != identity.verify_key_bytes:
+        raise IdentityError("certificate does not belong to this identity")
+    ts = time.time() if now is None else float(now)
+    nonce = os.urandom(_NONCE)
+    sig = identity.sign(_token_message(cert.federation_id, cert.node_id, ts, nonce))
+    body = msgpack.packb({"cert": cert.to_bytes(), "ts": ts, "nonce": nonce, "sig": sig}, use_bin_type=True)
+    return base64.b64encode(body).decode("ascii")
+
+
+def verify_token(
+    root: FederationRoot,
+    username: str,
+    password: str,
+    now: float | None = None,
+    max_age_s: float = 120.0,
+) -> Certificate:
+    """Check an MQTT client's credentials; any failure is Rejected(AUTH_FAILED, why)."""
+    try:
+        return _verify_token(root, username, password, now, max_age_s)
+    except Rejected as exc:
+        if exc.reason is Reason.AUTH_FAILED:
+            raise
+        raise Rejected(Reason.AUTH_FAILED, f"{exc.reason.value}: {exc.detail}") from None
+    except Exception as exc:  # garbage must never escape as another exception type
+        raise Rejected(Reason.AUTH_FAILED, f"malformed token ({type(exc).__name__})") from None
+
+
+def _fail(why: str) -> Rejected:
+    return Rejected(Reason.AUTH_FAILED, why)
+
+
+def _verify_token(
+    root: FederationRoot, username: Any, password: Any, now: float | None, max_age_s: float
+) -> Certificate:
+    if isinstance(username, bytes | bytearray):
+        username = bytes(username).decode("utf-8")
+    if isinstance(password, bytes | bytearray):
+        password = bytes(password).decode("ascii")
+    if not isinstance(username, str) or not username:
+        raise _fail("missing username")
+    if not isinstance(password, str) or not password:
+        raise _fail("missing password")
+    if len(password) > MAX_TOKEN_CHARS:
+        raise _fail("token too long")
+    try:
+        raw = base64.b64decode(password.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        raise _fail("token is not base64") from None
+    try:
+        body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception:
+        raise _fail("token is not msgpack") from None
+    if not isinstance(body, dict) or set(body) != {"cert", "ts", "nonce", "sig"}:
+        raise _fail("token has the wrong fields")
+    cert_bytes, ts, nonce, sig = body["cert"], body["ts"], body["nonce"], body["sig"]
+    if not isinstance(cert_bytes, bytes):
+        raise _fail("token certificate must be bytes")
+    if not _finite_number(ts):
+        raise _fail("token timestamp must be a finite number")
+    if not (isinstance(nonce, bytes) and len(nonce) == _NONCE):
+        raise _fail("token nonce must be 16 bytes")
+    if not (isinstance(sig, bytes) and len(sig) == _SIG):
+        raise _fail("token signature must be 64 bytes")
+    try:
+        cert = Certificate.from_bytes(cert_bytes)
+    except Rejected as exc:
+        raise _fail(f"token certificate is malformed: {exc.detail}") from None
+    if username != cert.node_id:
+        raise _fail(f"username {username[:64]!r} does not match certificate node id {cert.node_id!r}")
+    try:
+        root.verify(cert, now=now)
+    except Rejected as exc:
+        raise _fail(f"certificate refused ({exc.reason.value}): {exc.detail}") from None
+    try:
+        nacl.signing.VerifyKey(cert.sign_key).verify(
+            _token_message(cert.federation_id, username, float(ts), nonce), sig
+        )
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+        raise _fail("token signature does not verify with the certified key") from None
+    t = time.time() if now is None else now
+    if not abs(t - float(ts)) <= max_age_s:
+        raise _fail(f"token timestamp is {t - float(ts):.0f} s off (limit {max_age_s:.0f} s)")
+    return cert

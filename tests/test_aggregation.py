@@ -1,0 +1,162 @@
+"""Gossip mixing: MH weights, plain averaging, and self-centred clipping bounding an outlier's pull."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from p2pfl.aggregation import ADAPTIVE_SLACK, MixResult, Neighbour, mh_weight, mix
+from p2pfl.errors import ConfigError
+from p2pfl.topology import build_graph, mixing_matrix
+
+P = 1000
+
+
+def vec(rng: np.random.Generator, scale: float = 1.0, around: np.ndarray | None = None) -> np.ndarray:
+    base = np.zeros(P, dtype=np.float32) if around is None else around
+    return (base + scale * rng.normal(size=P)).astype(np.float32)
+
+
+def nb(node_id: str, vector: np.ndarray, degree: int = 3) -> Neighbour:
+    return Neighbour(node_id=node_id, vector=vector, degree=degree, samples=100)
+
+
+def test_mh_weight() -> None:
+    assert mh_weight(2, 2) == pytest.approx(1 / 3)
+    assert mh_weight(2, 5) == pytest.approx(1 / 6)
+    assert mh_weight(5, 2) == pytest.approx(1 / 6)
+    assert mh_weight(3, 0) == pytest.approx(1 / 4), (
+        "a neighbour cannot raise its weight by claiming a low degree"
+    )
+    assert mh_weight(0, 0) == 1.0
+
+
+@pytest.mark.parametrize("rule", ["mean", "clipped"])
+def test_equal_neighbours_leave_the_model_unchanged(rule: str) -> None:
+    x = vec(np.random.default_rng(0))
+    res = mix(x, 3, [nb(str(k), x.copy()) for k in range(3)], rule=rule)
+    assert isinstance(res, MixResult)
+    assert np.array_equal(res.vector, x)
+    assert res.vector is not x and res.vector.dtype == np.float32
+    assert res.own_weight == pytest.approx(0.25)
+    assert res.distances == {"0": 0.0, "1": 0.0, "2": 0.0}
+    assert not any(res.clipped.values())
+
+
+def test_mean_matches_mh_formula_and_missing_weight_stays_home() -> None:
+    rng = np.random.default_rng(1)
+    x, a, b = vec(rng), vec(rng), vec(rng)
+    res = mix(x, 3, [nb("a", a, degree=2), nb("b", b, degree=4)], rule="mean")
+    wa, wb = 1 / 4, 1 / 5  # third neighbour missing: its 1/4 stays on x
+    assert res.weights == {"a": pytest.approx(wa), "b": pytest.approx(wb)}
+    assert res.own_weight == pytest.approx(1 - wa - wb)
+    assert np.allclose(res.vector, (1 - wa - wb) * x + wa * a + wb * b, atol=1e-5)
+    assert res.radius is None
+    assert res.distances["a"] == pytest.approx(float(np.linalg.norm(a - x)), rel=1e-5)
+    assert np.array_equal(mix(x, 2, [], rule="mean").vector, x)
+
+
+def test_one_gossip_step_everywhere_equals_w_times_x() -> None:
+    g = build_graph("random-regular:3", 10, seed=2)
+    g.add_edge(0, 5)  # irregular degrees
+    w = mixing_matrix(g)
+    rng = np.random.default_rng(3)
+    xs = [vec(rng) for _ in range(10)]
+    deg = dict(g.degree)
+    for i in range(10):
+        res = mix(xs[i], deg[i], [nb(str(j), xs[j], deg[j]) for j in g.neighbors(i)], rule="mean")
+        assert np.allclose(res.vector, w[i] @ np.stack(xs), atol=1e-5)
+        assert res.own_weight == pytest.approx(w[i, i])
+
+
+def test_clipped_equals_mean_when_no_neighbour_exceeds_the_radius() -> None:
+    rng = np.random.default_rng(4)
+    x = vec(rng)
+    nbs = [nb(str(k), vec(rng, 0.1, x), degree=4) for k in range(4)]
+    mean = mix(x, 4, nbs, rule="mean")
+    fixed = mix(x, 4, nbs, rule="clipped", radius=max(mean.distances.values()) * 1.01)
+    assert np.array_equal(fixed.vector, mean.vector)
+    assert not any(fixed.clipped.values())
+    # adaptive: honest neighbours at similar distances all pass unclipped
+    adaptive = mix(x, 4, nbs, rule="clipped")
+    assert adaptive.radius is not None and adaptive.radius >= max(mean.distances.values())
+    assert not any(adaptive.clipped.values())
+    assert np.array_equal(adaptive.vector, mean.vector)
+
+
+@pytest.mark.parametrize("radius", [None, 0.5])
+@pytest.mark.parametrize("degree", [2, 4])
+def test_clipping_bounds_the_pull_of_a_far_neighbour(radius: float | None, degree: int) -> None:
+    rng = np.random.default_rng(5)
+    x = vec(rng)
+    honest = [nb(f"h{k}", vec(rng, 0.02, x), degree=degree) for k in range(degree - 1)]
+    direction = rng.normal(size=P)
+    far = (x + 1e6 * direction / np.linalg.norm(direction)).astype(np.float32)
+    attacker = nb("bad", far, degree=degree)
+
+    res = mix(x, degree, [*honest, attacker], rule="clipped", radius=radius)
+    without = mix(x, degree, honest, rule="clipped", radius=res.radius)
+    w = res.weights["bad"]
+    tau = res.radius
+    assert tau is not None and tau < 10.0, "the adaptive radius follows the honest distances"
+    if radius is None:
+        votes = sorted([0.0, *res.distances.values()])  # the node itself votes at distance 0
+        assert tau == pytest.approx(ADAPTIVE_SLACK * votes[len(votes) // 2])
+    assert res.clipped["bad"] and res.distances["bad"] == pytest.approx(1e6, rel=1e-3)
+    pull = float(np.linalg.norm(res.vector - without.vector))
+    assert pull <= w * tau * (1 + 1e-4)
+    assert float(np.linalg.norm(res.vector - x)) <= sum(res.weights.values()) * tau * (1 + 1e-4)
+
+    mean = mix(x, degree, [*honest, attacker], rule="mean")
+    assert float(np.linalg.norm(mean.vector - x)) > 1e5 * w, "plain averaging is dragged away"
+
+
+def test_adaptive_radius_on_a_ring_uses_the_nearer_honest_neighbour() -> None:
+    rng = np.random.default_rng(6)
+    x = vec(rng)
+    honest = vec(rng, 0.05, x)
+    res = mix(x, 2, [nb("h", honest, 2), nb("bad", x + 1000.0, 2)], rule="clipped")
+    assert res.radius == pytest.approx(ADAPTIVE_SLACK * res.distances["h"], rel=1e-6)
+    assert not res.clipped["h"] and res.clipped["bad"]
+    assert float(np.linalg.norm(res.vector - x)) <= (2 / 3) * res.radius * (1 + 1e-5)
+
+
+def test_far_outlier_with_huge_values_does_not_overflow() -> None:
+    x = np.zeros(P, dtype=np.float32)
+    huge = np.full(P, 1e30, dtype=np.float32)  # ||huge||^2 overflows float32
+    res = mix(x, 3, [nb("a", x + 0.1), nb("b", x - 0.1), nb("bad", huge)], rule="clipped")
+    assert np.isfinite(res.distances["bad"]) and res.distances["bad"] == pytest.approx(
+        1e30 * np.sqrt(P), rel=1e-3
+    )
+    assert np.all(np.isfinite(res.vector))
+    assert float(np.linalg.norm(res.vector)) <= 0.75 * res.radius * 1.0001
+
+
+def test_non_finite_neighbour_is_ignored() -> None:
+    x = np.ones(P, dtype=np.float32)
+    bad = x.copy()
+    bad[3] = np.nan
+    res = mix(x, 2, [nb("ok", x + 1.0, 2), nb("nan", bad, 2)], rule="mean")
+    assert res.weights["nan"] == 0.0 and res.clipped["nan"] and res.distances["nan"] == float("inf")
+    assert np.allclose(res.vector, x + 1.0 / 3.0)
+    assert res.own_weight == pytest.approx(2 / 3)
+
+
+def test_own_degree_below_the_number_of_neighbours_keeps_weights_convex() -> None:
+    x = np.zeros(10, dtype=np.float32)
+    res = mix(x, 1, [nb(str(k), x + 1.0, degree=1) for k in range(4)], rule="mean")
+    assert res.own_weight >= 0 and sum(res.weights.values()) <= 1.0
+    assert np.allclose(res.vector, 4 / 5)
+
+
+def test_zero_radius_means_no_movement_and_errors() -> None:
+    x = np.zeros(10, dtype=np.float32)
+    assert np.array_equal(mix(x, 1, [nb("a", x + 1.0, 1)], rule="clipped", radius=0.0).vector, x)
+    with pytest.raises(ConfigError, match="clipped, mean"):
+        mix(x, 1, [], rule="median")
+    with pytest.raises(ConfigError):
+        mix(x, 1, [], rule="clipped", radius=-1.0)
+    with pytest.raises(ValueError):
+        mix(x, 1, [nb("a", np.zeros(9, dtype=np.float32), 1)])
+    with pytest.raises(ValueError, match="duplicate"):
+        mix(x, 2, [nb("a", x, 1), nb("a", x, 1)])

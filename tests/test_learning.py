@@ -1,0 +1,352 @@
+"""Learning tasks: partitions, built-in tasks, user data, custom tasks, parameter plumbing, and a
+4-node in-process averaging run that must reach 90% test accuracy on digits."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from p2pfl.errors import ConfigError
+from p2pfl.learning import (
+    BUILTIN_TASKS,
+    TaskSpec,
+    flatten,
+    get_params,
+    load_task,
+    param_spec,
+    partition_indices,
+    set_params,
+    unflatten,
+)
+
+
+def check_partition(shards: list[np.ndarray], n: int) -> None:
+    assert all(len(s) > 0 for s in shards), "every shard non-empty"
+    joined = np.concatenate(shards)
+    assert len(joined) == n and len(np.unique(joined)) == n, "disjoint and covering"
+    assert joined.min() == 0 and joined.max() == n - 1
+    for s in shards:
+        assert np.all(np.diff(s) > 0), "sorted"
+
+
+# ---------------------------------------------------------------------------------------- partitions
+
+
+def test_iid_partition_is_balanced_disjoint_and_covering() -> None:
+    labels = np.random.default_rng(0).integers(0, 10, size=1003)
+    shards = partition_indices(labels, 7, "iid", 0.5, seed=3)
+    check_partition(shards, 1003)
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_partition_is_deterministic_in_the_seed() -> None:
+    labels = np.repeat(np.arange(10), 50)
+    for scheme in ("iid", "dirichlet"):
+        a = partition_indices(labels, 5, scheme, 0.3, seed=11)
+        b = partition_indices(labels, 5, scheme, 0.3, seed=11)
+        c = partition_indices(labels, 5, scheme, 0.3, seed=12)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+        assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def _dominant_share(labels: np.ndarray, shards: list[np.ndarray]) -> float:
+    """Mean over shards of the fraction of the shard's most frequent label."""
+    return float(np.mean([np.bincount(labels[s]).max() / len(s) for s in shards]))
+
+
+def test_dirichlet_small_alpha_is_skewed_and_valid() -> None:
+    labels = np.repeat(np.arange(10), 120)
+    rng = np.random.default_rng(1)
+    labels = labels[rng.permutation(len(labels))]
+    iid = partition_indices(labels, 8, "iid", 0.5, seed=0)
+    skew = partition_indices(labels, 8, "dirichlet", 0.1, seed=0)
+    mild = partition_indices(labels, 8, "dirichlet", 100.0, seed=0)
+    for shards in (iid, skew, mild):
+        check_partition(shards, len(labels))
+    assert _dominant_share(labels, iid) < 0.2
+    assert _dominant_share(labels, mild) < 0.25
+    assert _dominant_share(labels, skew) > 0.45
+    assert min(len(s) for s in skew) >= 10  # resampled until every shard has >= 10 samples
+
+
+def test_dirichlet_extreme_still_gives_every_shard_samples() -> None:
+    labels = np.repeat(np.arange(3), 20)  # 60 samples, 3 classes, 40 shards: forces the top-up path
+    shards = partition_indices(labels, 40, "dirichlet", 0.01, seed=5)
+    check_partition(shards, 60)
+    one_each = partition_indices(np.zeros(6, dtype=int), 6, "dirichlet", 0.05, seed=0)
+    check_partition(one_each, 6)
+
+
+def test_partition_errors() -> None:
+    with pytest.raises(ConfigError, match="iid, dirichlet"):
+        partition_indices(np.zeros(10, dtype=int), 2, "sorted", 0.5, 0)
+    with pytest.raises(ConfigError, match="non-empty"):
+        partition_indices(np.zeros(3, dtype=int), 4, "iid", 0.5, 0)
+    with pytest.raises(ConfigError):
+        partition_indices(np.zeros(10, dtype=int), 2, "dirichlet", 0.0, 0)
+
+
+# ---------------------------------------------------------------------------------------- task spec
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_shards": 0},
+        {"shard": 4, "num_shards": 4},
+        {"shard": -1},
+        {"partition": "zipf"},
+        {"alpha": 0.0},
+        {"local_epochs": 0},
+        {"batch_size": 0},
+        {"lr": -0.1},
+        {"lr": float("nan")},
+    ],
+)
+def test_taskspec_refuses_bad_values(kwargs: dict) -> None:
+    with pytest.raises(ConfigError):
+        TaskSpec(**kwargs)
+
+
+def test_unknown_task_lists_builtins() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_task(TaskSpec(name="mnist-resnet"))
+    for name in BUILTIN_TASKS:
+        assert name in str(err.value)
+    with pytest.raises(ConfigError, match="cannot import"):
+        load_task(TaskSpec(name="no_such_module_p2pfl:make"))
+    with pytest.raises(ConfigError, match="no callable"):
+        load_task(TaskSpec(name="math:no_such_function"))
+
+
+# ---------------------------------------------------------------------------------------- built-ins
+
+
+@pytest.mark.parametrize("name", BUILTIN_TASKS)
+def test_builtin_tasks_share_init_and_test_set_and_split_train(name: str) -> None:
+    tasks = [load_task(TaskSpec(name=name, shard=i, num_shards=3, seed=7)) for i in range(3)]
+    models = [t.build_model() for t in tasks]
+    ref = flatten(get_params(models[0]))
+    for m in models[1:]:
+        assert np.array_equal(flatten(get_params(m)), ref), "same initial model on every node"
+    other_seed = load_task(TaskSpec(name=name, seed=8)).build_model()
+    assert not np.array_equal(flatten(get_params(other_seed)), ref)
+    assert np.array_equal(tasks[0]._y_test.numpy(), tasks[2]._y_test.numpy()), "shared test split"
+    total = sum(t.num_samples for t in tasks)
+    whole = load_task(TaskSpec(name=name))
+    assert total == whole.num_samples
+    n_all = whole.num_samples + whole.num_test
+    assert abs(whole.num_test - 0.25 * n_all) <= 1
+    acc, loss = tasks[0].evaluate(models[0])
+    assert 0.0 <= acc <= 1.0 and np.isfinite(loss)
+    before = tasks[0].evaluate(models[0])[1]
+    train_loss = tasks[0].train(models[0])
+    assert np.isfinite(train_loss)
+    for _ in range(3):
+        tasks[0].train(models[0])
+    assert tasks[0].evaluate(models[0])[1] < before, "local training lowers the test loss"
+
+
+def test_build_model_leaves_global_rng_alone() -> None:
+    task = load_task(TaskSpec())
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    task.build_model()
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_training_is_deterministic_per_spec() -> None:
+    spec = TaskSpec(shard=1, num_shards=4, seed=2)
+    results = []
+    for _ in range(2):
+        task = load_task(spec)
+        model = task.build_model()
+        losses = [task.train(model) for _ in range(2)]
+        results.append((losses, flatten(get_params(model))))
+    assert results[0][0] == results[1][0]
+    assert np.array_equal(results[0][1], results[1][1])
+
+
+def test_dirichlet_task_shards_are_skewed() -> None:
+    tasks = [load_task(TaskSpec(shard=i, num_shards=5, partition="dirichlet", alpha=0.1)) for i in range(5)]
+    assert all(t.num_samples > 0 for t in tasks)
+    shares = [np.bincount(t.train_labels).max() / t.num_samples for t in tasks]
+    assert np.mean(shares) > 0.35
+
+
+# ---------------------------------------------------------------------------------------- user data
+
+
+def test_user_npz_sizes_the_mlp_and_trains(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 5)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64) + 2 * (x[:, 2] > 0)  # 4 classes
+    path = tmp_path / "data.npz"
+    np.savez(path, X=x, y=y)
+    tasks = [
+        load_task(TaskSpec(name="digits-mlp", data=str(path), shard=i, num_shards=2, lr=0.1))
+        for i in range(2)
+    ]
+    assert sum(t.num_samples for t in tasks) == 300 - tasks[0].num_test
+    model = tasks[0].build_model()
+    shapes = {k: v.shape for k, v in get_params(model).items()}
+    assert shapes["0.weight"] == (64, 5) and shapes["2.weight"] == (4, 64)
+    for _ in range(30):
+        tasks[0].train(model)
+    assert tasks[0].evaluate(model)[0] > 0.8
+
+    logreg = load_task(TaskSpec(name="synthetic-logreg", data=str(path)))
+    assert get_params(logreg.build_model())["weight"].shape == (4, 5)
+
+    declared = tmp_path / "declared.npz"
+    np.savez(declared, X=x, y=y, num_classes=np.int64(6))
+    assert get_params(load_task(TaskSpec(data=str(declared))).build_model())["2.weight"].shape == (6, 64)
+
+    img = tmp_path / "img.npz"
+    np.savez(img, X=rng.random((60, 36)).astype(np.float32), y=rng.integers(0, 3, 60))
+    cnn = load_task(TaskSpec(name="digits-cnn", data=str(img)))
+    assert cnn.build_model()(torch.zeros(2, 36)).shape == (2, 3)
+    with pytest.raises(ConfigError, match="square"):
+        load_task(TaskSpec(name="digits-cnn", data=str(path)))
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        ({"X": np.zeros((10, 3))}, "'X' and 'y'"),
+        ({"X": np.zeros((10, 3)), "y": np.zeros(9, dtype=int)}, "shape"),
+        ({"X": np.zeros((10, 3)), "y": np.full(10, 0.5)}, "integer"),
+        ({"X": np.zeros((10, 3)), "y": -np.ones(10, dtype=int)}, ">= 0"),
+        ({"X": np.full((10, 3), np.nan), "y": np.zeros(10, dtype=int)}, "NaN"),
+        ({"X": np.array([[object()]] * 10, dtype=object), "y": np.zeros(10, dtype=int)}, "readable"),
+    ],
+)
+def test_user_npz_is_validated(tmp_path, arrays: dict, match: str) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ConfigError, match=match):
+        load_task(TaskSpec(data=str(path)))
+
+
+def test_user_npz_missing_or_garbage(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_task(TaskSpec(data=str(tmp_path / "absent.npz")))
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip file at all")
+    with pytest.raises(ConfigError, match="readable"):
+        load_task(TaskSpec(data=str(junk)))
+
+
+def test_module_function_task(tmp_path, monkeypatch) -> None:
+    (tmp_path / "my_p2pfl_task.py").write_text(
+        textwrap.dedent(
+            """
+            from p2pfl.learning import load_task, TaskSpec
+            import dataclasses
+
+            def make(spec):
+                return load_task(dataclasses.replace(spec, name="synthetic-logreg"))
+
+            def broken(spec):
+                return object()
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    task = load_task(TaskSpec(name="my_p2pfl_task:make", shard=1, num_shards=2))
+    assert task.num_samples > 0
+    assert task.build_model()(torch.zeros(1, 20)).shape == (1, 4)
+    with pytest.raises(ConfigError, match="without"):
+        load_task(TaskSpec(name="my_p2pfl_task:broken"))
+
+
+# ---------------------------------------------------------------------------------------- parameters
+
+
+def test_get_set_params_copy_and_roundtrip() -> None:
+    task = load_task(TaskSpec(name="digits-cnn"))
+    model = task.build_model()
+    params = get_params(model)
+    assert list(params) == list(model.state_dict())
+    assert all(a.dtype == np.float32 for a in params.values())
+    params["conv1.weight"][...] = 5.0  # a copy: the model is untouched
+    assert not torch.all(model.conv1.weight == 5.0)
+
+    vec = flatten(params)
+    assert vec.dtype == np.float32 and vec.ndim == 1
+    assert vec.size == sum(p.numel() for p in model.state_dict().values())
+    spec = param_spec(params)
+    back = unflatten(vec, spec)
+    assert list(back) == list(params)
+    for k in params:
+        assert np.array_equal(back[k], params[k])
+    assert np.shares_memory(back["fc.bias"], vec), "float32 entries are views"
+    assert all(
+        np.array_equal(a, b) for a, b in zip(unflatten(vec, params).values(), params.values(), strict=True)
+    )
+
+    ro = vec.copy()
+    ro.flags.writeable = False  # like a zero-copy decoded buffer
+    weight_ptr = model.conv1.weight.data_ptr()
+    set_params(model, unflatten(ro, spec))
+    assert model.conv1.weight.data_ptr() == weight_ptr, "copied into the model's own tensors"
+    assert torch.all(model.conv1.weight == 5.0)
+    assert np.array_equal(flatten(get_params(model)), vec)
+
+
+def test_param_errors() -> None:
+    model = load_task(TaskSpec()).build_model()
+    params = get_params(model)
+    spec = param_spec(params)
+    vec = flatten(params)
+    with pytest.raises(ValueError):
+        unflatten(vec[:-1], spec)
+    with pytest.raises(ValueError):
+        unflatten(np.concatenate([vec, vec[:1]]), spec)
+    with pytest.raises(ValueError, match="missing"):
+        set_params(model, {k: v for k, v in params.items() if k != "0.bias"})
+    bad = dict(params)
+    bad["0.bias"] = np.zeros(3, dtype=np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        set_params(model, bad)
+
+
+def test_unflatten_restores_integer_buffers() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    params = get_params(model)
+    spec = {k: (tuple(t.shape), t.numpy().dtype) for k, t in model.state_dict().items()}
+    assert spec["1.num_batches_tracked"][1] == np.int64
+    vec = flatten(params)
+    vec[-1] = 2.7  # an averaged counter
+    back = unflatten(vec, spec)
+    assert back["1.num_batches_tracked"].dtype == np.int64 and int(back["1.num_batches_tracked"]) == 3
+    set_params(model, back)
+    assert int(model[1].num_batches_tracked) == 3
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+
+def test_four_nodes_with_averaging_reach_90_percent() -> None:
+    """4 IID shards, 1 local epoch per round, full averaging (what gossip on a complete graph does)."""
+    tasks = [load_task(TaskSpec(name="digits-mlp", shard=i, num_shards=4, seed=0)) for i in range(4)]
+    models = [t.build_model() for t in tasks]
+    spec = param_spec(get_params(models[0]))
+    history = []
+    for _ in range(20):
+        for task, model in zip(tasks, models, strict=True):
+            task.train(model)
+        avg = np.mean([flatten(get_params(m)) for m in models], axis=0)
+        for model in models:
+            set_params(model, unflatten(avg, spec))
+        history.append(tasks[0].evaluate(models[0])[0])
+        if len(history) >= 12 and min(history[-3:]) >= 0.9:
+            break
+    accs = [t.evaluate(m)[0] for t, m in zip(tasks, models, strict=True)]
+    assert max(accs) - min(accs) < 1e-9, "identical models after averaging"
+    assert history[-1] >= 0.90, history

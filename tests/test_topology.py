@@ -1,0 +1,232 @@
+"""Topologies: builders, files, neighbours over node ids, Metropolis-Hastings W and spectral gaps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from p2pfl.errors import ConfigError
+from p2pfl.topology import (
+    BUILTIN_TOPOLOGIES,
+    build_graph,
+    mixing_matrix,
+    mixing_matrix_sparse,
+    neighbours,
+    spectral_gap,
+)
+
+TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
+
+
+def edges(graph: nx.Graph) -> list[tuple[int, int]]:
+    return sorted(tuple(sorted(e)) for e in graph.edges)
+
+
+# ---------------------------------------------------------------------------------------- builders
+
+
+def test_ring_small_cases() -> None:
+    assert edges(build_graph("ring", 0)) == []
+    g1 = build_graph("ring", 1)
+    assert list(g1.nodes) == [0] and edges(g1) == []
+    assert edges(build_graph("ring", 2)) == [(0, 1)]
+    assert edges(build_graph("ring", 3)) == [(0, 1), (0, 2), (1, 2)]
+    g = build_graph("ring", 10)
+    assert nx.is_connected(g) and all(d == 2 for _, d in g.degree)
+    assert list(g.nodes) == list(range(10))
+
+
+def test_full_and_others_are_simple_connected_graphs() -> None:
+    assert edges(build_graph("full", 4)) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    for name in BUILTIN_TOPOLOGIES:
+        for n in (2, 3, 5, 16, 17):
+            g = build_graph(name, n, seed=3)
+            assert list(g.nodes) == list(range(n))
+            assert nx.number_of_selfloops(g) == 0
+            assert nx.is_connected(g), (name, n)
+    assert all(d == 4 for _, d in build_graph("random-regular", 16, seed=1).degree)
+    assert all(d == 3 for _, d in build_graph("random-regular:3", 16, seed=1).degree)
+    assert edges(build_graph("random-regular", 16, seed=1)) == edges(
+        build_graph("random-regular", 16, seed=1)
+    )
+    assert edges(build_graph("complete", 5)) == edges(build_graph("full", 5))
+    # n*d odd has no d-regular graph (a member left): the next degree up instead of an error
+    assert all(d == 4 for _, d in build_graph("random-regular:3", 7, seed=1).degree)
+
+
+def test_unknown_topology_lists_known_names() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_graph("hypercube", 8)
+    for name in ("ring", "full", "toml"):
+        assert name in str(err.value)
+    with pytest.raises(ConfigError, match="not found"):
+        build_graph("no/such/file.toml", 4)
+    with pytest.raises(ConfigError):
+        build_graph("random-regular:x", 8)
+
+
+# ---------------------------------------------------------------------------------------- files
+
+
+def test_edge_list_toml_by_names(tmp_path) -> None:
+    labels = ["node-0", "node-1", "node-2", "node-3"]
+    g = build_graph(str(TOPOLOGIES / "edges_4.toml"), 4, labels=labels)
+    assert edges(g) == [(0, 1), (0, 2), (0, 3), (1, 2), (2, 3)]
+    # labels map names -> indices in any order
+    g2 = build_graph(str(TOPOLOGIES / "edges_4.toml"), 4, labels=["node-3", "node-2", "node-1", "node-0"])
+    assert edges(g2) == [(0, 1), (0, 3), (1, 2), (1, 3), (2, 3)]  # node-k is index 3-k
+    # default labels are node-i; missing members' edges are dropped
+    assert edges(build_graph(str(TOPOLOGIES / "edges_4.toml"), 3)) == [(0, 1), (0, 2), (1, 2)]
+    assert edges(build_graph("edges_4.toml", 4)) == edges(g), "found in the repo's topologies/ directory"
+
+
+def test_kind_files_match_builtins() -> None:
+    for kind in ("ring", "full"):
+        for n in (1, 2, 5, 8):
+            assert edges(build_graph(str(TOPOLOGIES / f"{kind}.toml"), n)) == edges(build_graph(kind, n))
+
+
+def test_toml_variants_and_errors(tmp_path) -> None:
+    top = tmp_path / "top.toml"
+    top.write_text('kind = "edges"\nedges = [[0, 1], [1, 2], ["b", "a"], ["a", "zz"]]\n')
+    assert edges(build_graph(str(top), 4, labels=["x", "y", "a", "b"])) == [(0, 1), (1, 2), (2, 3)]
+    reg = tmp_path / "reg.toml"
+    reg.write_text('[topology]\nkind = "random-regular"\ndegree = 3\nseed = 9\n')
+    assert edges(build_graph(str(reg), 10, seed=0)) == edges(build_graph("random-regular:3", 10, seed=9))
+    for text in (
+        '[topology]\nkind = "star"\n',
+        '[topology]\nkind = "edges"\n',
+        '[topology]\nkind = "edges"\nedges = [["a"]]\n',
+        "[topology\n",
+    ):
+        top.write_text(text)
+        with pytest.raises(ConfigError):
+            build_graph(str(top), 4)
+
+
+def test_plain_text_edge_list(tmp_path) -> None:
+    f = tmp_path / "edges.txt"
+    f.write_text("# a path\nnode-0 node-1\n\nnode-1 node-2  # trailing comment\n2 3\n")
+    assert edges(build_graph(str(f), 4)) == [(0, 1), (1, 2), (2, 3)]
+    f.write_text("node-0 node-1 node-2\n")
+    with pytest.raises(ConfigError, match="line 1"):
+        build_graph(str(f), 4)
+
+
+# ---------------------------------------------------------------------------------------- neighbours
+
+
+def test_ring_neighbours_over_sorted_ids_are_symmetric_and_deterministic() -> None:
+    members = ["f0", "a1", "c2", "b3", "e4"]
+    order = sorted(members)
+    for i, me in enumerate(order):
+        nbrs = neighbours("ring", members, me, round=0)
+        assert nbrs == sorted([order[(i - 1) % 5], order[(i + 1) % 5]])
+        assert neighbours("ring", list(reversed(members)), me, round=3) == nbrs
+    for me in members:
+        for other in neighbours("full", members, me, 0):
+            assert me in neighbours("full", members, other, 0)
+    # me not (yet) in members: counted in anyway
+    assert neighbours("ring", ["b", "c"], "a", 0) == ["b", "c"]
+    assert neighbours("ring", ["a"], "a", 0) == []
+    assert neighbours("ring", ["a", "b"], "a", 0) == ["b"]
+
+
+def test_neighbours_from_named_edge_file() -> None:
+    ids = {"9f": "node-0", "3a": "node-1", "77": "node-2", "c1": "node-3"}
+    members = list(ids)
+    by_name = {v: k for k, v in ids.items()}
+    path = str(TOPOLOGIES / "edges_4.toml")
+    got = {ids[m]: sorted(ids[x] for x in neighbours(path, members, m, 0, names=ids)) for m in members}
+    assert got == {
+        "node-0": ["node-1", "node-2", "node-3"],
+        "node-1": ["node-0", "node-2"],
+        "node-2": ["node-0", "node-1", "node-3"],
+        "node-3": ["node-0", "node-2"],
+    }
+    # node-2 offline: its edges vanish, the rest stays
+    present = [m for m in members if m != by_name["node-2"]]
+    assert neighbours(path, present, by_name["node-1"], 0, names=ids) == [by_name["node-0"]]
+
+
+# ---------------------------------------------------------------------------------------- mixing
+
+
+@pytest.mark.parametrize(
+    "graph",
+    [
+        build_graph("ring", 9),
+        build_graph("full", 6),
+        build_graph(str(TOPOLOGIES / "edges_4.toml"), 4),
+        build_graph("random-regular", 12, seed=4),
+        nx.star_graph(5),
+        nx.path_graph(2),
+        build_graph("ring", 1),
+    ],
+)
+def test_mh_matrix_is_symmetric_doubly_stochastic(graph: nx.Graph) -> None:
+    w = mixing_matrix(graph)
+    assert np.allclose(w, w.T)
+    assert np.allclose(w.sum(axis=1), 1.0)
+    assert np.all(w >= 0)
+    deg = dict(graph.degree)
+    for u, v in graph.edges:
+        assert w[u, v] == pytest.approx(1 / (1 + max(deg[u], deg[v])))
+    ws = mixing_matrix_sparse(graph)
+    assert sp.issparse(ws) and np.allclose(ws.toarray(), w)
+
+
+def test_edge_file_weights_by_hand() -> None:
+    w = mixing_matrix(build_graph(str(TOPOLOGIES / "edges_4.toml"), 4))
+    # degrees 3, 2, 3, 2: every edge touches a degree-3 node -> 1/4; diagonals 1/4 and 1/2
+    expected = np.array(
+        [[0.25, 0.25, 0.25, 0.25], [0.25, 0.5, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25], [0.25, 0.0, 0.25, 0.5]]
+    )
+    assert np.allclose(w, expected)
+
+
+@pytest.mark.parametrize(
+    "name, n, gap",
+    [
+        ("ring", 16, 0.051),
+        ("ring", 64, 0.0032),
+        ("torus", 16, 0.40),
+        ("torus", 64, 0.117),
+        ("exponential", 16, 0.50),
+        ("exponential", 64, 0.33),
+        ("full", 16, 1.0),
+        ("full", 64, 1.0),
+    ],
+)
+def test_spectral_gap_known_values(name: str, n: int, gap: float) -> None:
+    g = build_graph(name, n)
+    assert spectral_gap(mixing_matrix(g)) == pytest.approx(gap, rel=0.05)
+    assert spectral_gap(mixing_matrix_sparse(g)) == pytest.approx(gap, rel=0.05)
+
+
+def test_spectral_gap_random_regular_and_edge_cases() -> None:
+    gaps = [spectral_gap(mixing_matrix(build_graph("random-regular", 16, seed=s))) for s in range(10)]
+    assert 0.15 < float(np.mean(gaps)) < 0.35
+    assert spectral_gap(np.ones((1, 1))) == 1.0
+    disconnected = nx.Graph([(0, 1), (2, 3)])
+    assert spectral_gap(mixing_matrix(disconnected)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_spectral_gap_sparse_large_graph() -> None:
+    g = build_graph("torus", 2500)  # 50 x 50 torus: MH W = (I + A) / 5, lambda_2 = (3 + 2 cos(2 pi / 50)) / 5
+    expected = 1 - (3 + 2 * np.cos(2 * np.pi / 50)) / 5
+    assert spectral_gap(mixing_matrix_sparse(g)) == pytest.approx(expected, rel=1e-3)
+
+
+def test_consensus_decays_with_the_gap() -> None:
+    w = mixing_matrix(build_graph("torus", 16))
+    gap = spectral_gap(w)
+    x = np.random.default_rng(0).normal(size=(16, 5))
+    dist0 = np.mean((x - x.mean(axis=0)) ** 2)
+    for _ in range(20):
+        x = w @ x
+    assert np.mean((x - x.mean(axis=0)) ** 2) <= dist0 * (1 - gap) ** 40 * 1.0001

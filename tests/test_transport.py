@@ -1,0 +1,628 @@
+"""Transport: chunk reassembly (pure) and a real amqtt outbox with real aiomqtt links on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from aiomqtt.exceptions import MqttConnectError
+
+from p2pfl.envelope import ReplayGuard, UpdateMeta, open_envelope, seal
+from p2pfl.errors import Reason, Rejected
+from p2pfl.federation import Certificate, FederationAuthority, FederationRoot, make_token, verify_token
+from p2pfl.identity import Identity
+from p2pfl.transport import (
+    PART_HEADER_BYTES,
+    Outbox,
+    PeerLink,
+    Reassembler,
+    cert_topic,
+    split_message,
+    update_topic,
+)
+
+HOST = "127.0.0.1"
+MAX_MESSAGE = 64 << 20
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Reassembler / split_message (pure)
+
+
+def _parts(message: bytes, chunk: int, mid: bytes | None = None) -> list[bytes]:
+    return split_message(message, chunk, mid)
+
+
+@pytest.mark.parametrize("total,chunk", [(1, 1024), (1000, 1024), (1024, 1024), (1025, 1024),
+                                         (10_000, 1024), (9, 4), (4097, 100)])
+def test_split_and_reassemble_roundtrip(total: int, chunk: int) -> None:
+    message = os.urandom(total)
+    parts = _parts(message, chunk)
+    assert len(parts) == -(-total // chunk)
+    assert all(len(p) - PART_HEADER_BYTES <= chunk for p in parts)
+    r = Reassembler(MAX_MESSAGE)
+    out = None
+    for i, p in enumerate(reversed(parts)):  # order must not matter
+        out = r.add("a", p, len(parts) - 1 - i)
+        if i < len(parts) - 1:
+            assert out is None
+    assert out == message
+    assert r.pending() == 0
+
+
+def test_reassembler_duplicates_and_completed_replays_are_ignored() -> None:
+    message = os.urandom(5000)
+    parts = _parts(message, 1000)
+    r = Reassembler(MAX_MESSAGE)
+    assert r.add("a", parts[0]) is None
+    assert r.add("a", parts[0]) is None  # duplicate part
+    outs = [r.add("a", p) for p in parts[1:]]
+    assert outs[-1] == message
+    # the same message delivered again (retained + live) does not start a new one or re-emit
+    assert all(r.add("a", p) is None for p in parts)
+    assert r.pending() == 0
+    single = _parts(b"xyz", 1000)
+    assert r.add("a", single[0]) == b"xyz"
+    assert r.add("a", single[0]) is None
+
+
+def test_reassembler_publishers_are_separate() -> None:
+    m1, m2 = os.urandom(3000), os.urandom(3000)
+    p1, p2 = _parts(m1, 1000), _parts(m2, 1000)
+    r = Reassembler(MAX_MESSAGE)
+    assert r.add("a", p1[0]) is None
+    assert r.add("b", p2[0]) is None
+    assert r.add("a", p1[1]) is None
+    assert r.add("b", p2[1]) is None
+    assert r.add("b", p2[2]) == m2
+    assert r.add("a", p1[2]) == m1
+
+
+def test_reassembler_keeps_at_most_two_incomplete_per_publisher() -> None:
+    msgs = [os.urandom(2000) for _ in range(3)]
+    parts = [_parts(m, 1000) for m in msgs]
+    r = Reassembler(MAX_MESSAGE)
+    for p in parts:
+        assert r.add("a", p[0]) is None
+    assert r.pending("a") == 2  # the oldest (msgs[0]) was dropped
+    assert r.add("a", parts[0][1]) is None  # restarts msgs[0], evicting msgs[1]
+    assert r.pending("a") == 2
+    assert r.add("a", parts[2][1]) == msgs[2]
+    assert r.pending_bytes() <= 2 * 1000
+
+
+def test_reassembler_bounds_publishers() -> None:
+    r = Reassembler(MAX_MESSAGE, max_publishers=3)
+    for i in range(10):
+        r.add(f"p{i}", _parts(os.urandom(2000), 1000)[0])
+    assert r.pending() == 3
+
+
+def test_reassembler_rejects_short_and_bad_magic() -> None:
+    r = Reassembler(MAX_MESSAGE)
+    with pytest.raises(Rejected) as e:
+        r.add("a", b"\x00" * (PART_HEADER_BYTES - 1))
+    assert e.value.reason is Reason.MALFORMED
+    part = bytearray(_parts(b"hello", 100)[0])
+    part[0] ^= 0xFF
+    with pytest.raises(Rejected) as e:
+        r.add("a", bytes(part))
+    assert e.value.reason is Reason.MALFORMED
+
+
+def _forge(mid: bytes, index: int, count: int, total: int, body: bytes) -> bytes:
+    import struct
+
+    return struct.pack(">4s16sIIQ", b"P2U1", mid, index, count, total) + body
+
+
+def test_reassembler_rejects_oversize_before_buffering() -> None:
+    r = Reassembler(1000)
+    with pytest.raises(Rejected) as e:
+        r.add("a", _forge(b"m" * 16, 0, 2, 1001, b"x" * 501))
+    assert e.value.reason is Reason.OVERSIZE
+    with pytest.raises(Rejected) as e:  # a real split of an oversize message
+        r.add("a", _parts(os.urandom(2000), 1000)[0])
+    assert e.value.reason is Reason.OVERSIZE
+    assert r.pending() == 0
+
+
+@pytest.mark.parametrize("index,count,total,body_len", [
+    (0, 0, 10, 10),      # zero parts
+    (2, 2, 10, 5),       # index beyond count
+    (0, 11, 10, 1),      # more parts than bytes
+    (0, 1, 0, 0),        # empty message
+    (0, 2, 10, 4),       # wrong part length (expected 5)
+    (1, 3, 10, 3),       # wrong part length (expected 4)
+    (2, 3, 10, 4),       # wrong last part length (expected 2)
+    (0, 4, 5, 2),        # count inconsistent with total (last part would be empty)
+    (0, 1 << 20, 1 << 20, 1),  # absurd part count
+])
+def test_reassembler_rejects_inconsistent_numbering(index: int, count: int, total: int, body_len: int) -> None:
+    r = Reassembler(MAX_MESSAGE)
+    with pytest.raises(Rejected) as e:
+        r.add("a", _forge(b"m" * 16, index, count, total, b"x" * body_len))
+    assert e.value.reason is Reason.MALFORMED
+
+
+def test_reassembler_rejects_parts_that_disagree_and_topic_mismatch() -> None:
+    r = Reassembler(MAX_MESSAGE)
+    mid = b"k" * 16
+    assert r.add("a", _forge(mid, 0, 2, 10, b"x" * 5)) is None
+    with pytest.raises(Rejected) as e:  # same id, different shape
+        r.add("a", _forge(mid, 1, 3, 12, b"x" * 4))
+    assert e.value.reason is Reason.MALFORMED
+    with pytest.raises(Rejected) as e:  # header says part 1, topic said part 0
+        r.add("a", _forge(mid, 1, 2, 10, b"x" * 5), index=0)
+    assert e.value.reason is Reason.MALFORMED
+    assert r.add("a", _forge(mid, 1, 2, 10, b"y" * 5), index=1) == b"x" * 5 + b"y" * 5
+
+
+def test_broker_broadcast_records_have_a_short_repr() -> None:
+    from p2pfl.transport import _Broadcast
+
+    record = _Broadcast(session=None, topic="p2pfl/f/n/update/0", data=b"x" * (8 << 20))
+    assert len(repr(record)) < 100 and len(f"{record}") < 100 and "8388608" in repr(record)
+    assert record["data"] is not None and isinstance(record, dict)
+
+
+def test_split_rejects_empty() -> None:
+    with pytest.raises(ValueError):
+        split_message(b"", 1024)
+
+
+# ---------------------------------------------------------------------------------------------
+# live broker helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Member:
+    identity: Identity
+    cert: Certificate
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    def credentials(self) -> tuple[str, str]:
+        return self.identity.node_id, make_token(self.identity, self.cert)
+
+
+@dataclass
+class Federation:
+    authority: FederationAuthority
+    members: list[Member]
+
+    @property
+    def root(self) -> FederationRoot:
+        return self.authority.root
+
+    @property
+    def fid(self) -> str:
+        return self.root.federation_id
+
+    def authenticate(self, username: str, password: str) -> str:
+        return verify_token(self.root, username, password).node_id
+
+
+def make_federation(directory: Path, n: int) -> Federation:
+    authority = FederationAuthority.create(directory)
+    members = []
+    for i in range(n):
+        ident = Identity.generate()
+        cert = authority.issue(f"n{i}", ident.verify_key_bytes, ident.box_public_bytes, 3600)
+        members.append(Member(ident, cert))
+    return Federation(authority, members)
+
+
+@dataclass
+class Sink:
+    certs: list[tuple[str, bytes]] = field(default_factory=list)
+    updates: list[tuple[str, bytes]] = field(default_factory=list)
+    rejects: list[tuple[Reason, str]] = field(default_factory=list)
+    arrived: dict[int, float] = field(default_factory=dict)
+
+    def on_certificate(self, node: str, data: bytes) -> None:
+        self.certs.append((node, data))
+
+    async def on_update(self, node: str, message: bytes) -> None:
+        self.arrived[len(self.updates)] = time.perf_counter()
+        self.updates.append((node, message))
+
+    def on_reject(self, reason: Reason, detail: str) -> None:
+        self.rejects.append((reason, detail))
+
+
+def make_link(port: int, fid: str, credentials: Callable[[], tuple[str, str]], sink: Sink) -> PeerLink:
+    return PeerLink(HOST, port, fid, credentials, sink.on_certificate, sink.on_update, sink.on_reject, MAX_MESSAGE)
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def run(coro_fn: Callable[[], object], timeout: float = 60.0) -> None:
+    async def main() -> None:
+        await asyncio.wait_for(coro_fn(), timeout)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+
+
+def sealed_update(fed: Federation, sender: Member, recipients: list[Member], size: int) -> tuple[bytes, bytes]:
+    """(payload, real sealed envelope of it for `recipients`)."""
+    payload = os.urandom(size)
+    meta = UpdateMeta(sender=sender.node_id, federation=fed.fid, round=1, seq=1, timestamp=time.time(),
+                      epoch="e0", samples=10, degree=len(recipients))
+    return payload, seal(payload, meta, sender.identity, {m.node_id: m.identity.box_public_bytes for m in recipients})
+
+
+def open_update(fed: Federation, me: Member, message: bytes) -> bytes:
+    certs = {m.node_id: m.cert for m in fed.members}
+    meta, payload = open_envelope(message, me.identity, fed.root, certs.get, ReplayGuard(), MAX_MESSAGE)
+    assert meta.round == 1 and meta.sender == fed.members[0].node_id
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------
+# live broker tests
+
+
+@pytest.mark.timeout(120)
+def test_two_certified_clients_receive_10mb_update(tmp_path: Path) -> None:
+    fed = make_federation(tmp_path / "fed", 3)
+    owner, a, b = fed.members
+    rejects: list[tuple[Reason, str]] = []
+
+    async def main() -> None:
+        outbox = Outbox(HOST, 0, fed.fid, owner.node_id, fed.authenticate, lambda r, d: rejects.append((r, d)))
+        await outbox.start()
+        assert outbox.port > 0
+        sinks = [Sink(), Sink()]
+        links = [make_link(outbox.port, fed.fid, m.credentials, s) for m, s in zip((a, b), sinks, strict=True)]
+        try:
+            for link in links:
+                await link.start()
+                await link.follow_updates(True)
+            await wait_until(lambda: all(link.connected for link in links), what="links to connect")
+            await outbox.publish_certificate(owner.cert.to_bytes())
+            await wait_until(lambda: all(s.certs for s in sinks), what="certificates")
+            payload, message = sealed_update(fed, owner, [a, b], 10 << 20)
+            assert len(message) > 10 << 20
+            parts = await outbox.publish_update(message)
+            assert parts == -(-len(message) // outbox.chunk_bytes) >= 3
+            await wait_until(lambda: all(s.updates for s in sinks), timeout=30, what="10 MB update")
+            for member, sink in zip((a, b), sinks, strict=True):
+                assert sink.certs[0] == (owner.node_id, owner.cert.to_bytes())
+                assert Certificate.from_bytes(sink.certs[0][1]).node_id == owner.node_id
+                assert len(sink.updates) == 1
+                node, got = sink.updates[0]
+                assert node == owner.node_id
+                assert got == message
+                assert open_update(fed, member, got) == payload
+                assert sink.rejects == []
+            assert all(link.bytes_in >= len(message) for link in links)
+            assert rejects == []
+        finally:
+            for link in links:
+                await link.stop()
+            await outbox.stop()
+
+    run(main, 100)
+
+
+@pytest.mark.timeout(60)
+def test_anonymous_and_foreign_clients_are_refused(tmp_path: Path) -> None:
+    fed = make_federation(tmp_path / "fed", 2)
+    other = make_federation(tmp_path / "other", 1)
+    owner, a = fed.members
+    stranger = other.members[0]
+    rejects: list[tuple[Reason, str]] = []
+
+    async def main() -> None:
+        outbox = Outbox(HOST, free_port(), fed.fid, owner.node_id, fed.authenticate,
+                        lambda r, d: rejects.append((r, d)))
+        await outbox.start()
+        try:
+            # no username / password at all
+            with pytest.raises(aiomqtt.MqttError) as e:
+                async with aiomqtt.Client(HOST, outbox.port, identifier="anon-1", timeout=5):
+                    pass
+            assert isinstance(e.value, MqttConnectError)
+            # a username without a password
+            with pytest.raises(MqttConnectError):
+                async with aiomqtt.Client(HOST, outbox.port, username=a.node_id, identifier="anon-2", timeout=5):
+                    pass
+            # garbage token
+            with pytest.raises(MqttConnectError):
+                async with aiomqtt.Client(HOST, outbox.port, username=a.node_id, password="bm9wZQ==",
+                                          identifier="anon-3", timeout=5):
+                    pass
+            # a valid token of another federation
+            user, token = stranger.credentials()
+            with pytest.raises(MqttConnectError):
+                async with aiomqtt.Client(HOST, outbox.port, username=user, password=token,
+                                          identifier="foreign", timeout=5):
+                    pass
+            assert len(rejects) == 4 and all(r is Reason.AUTH_FAILED for r, _ in rejects)
+            assert any("anonymous" in d for _, d in rejects)
+            # refused sessions are not kept by the broker
+            assert outbox._broker is not None and len(outbox._broker.sessions) == 0
+
+            # a PeerLink with foreign credentials keeps retrying but reports the refusal once
+            sink = Sink()
+            link = make_link(outbox.port, fed.fid, stranger.credentials, sink)
+            await link.start()
+            before = len(rejects)
+            await wait_until(lambda: len(rejects) - before >= 3, what="several refused attempts")
+            assert not link.connected
+            assert [r for r, _ in sink.rejects] == [Reason.AUTH_FAILED]
+            await link.stop()
+            # a certified member still gets in
+            async with aiomqtt.Client(HOST, outbox.port, username=a.node_id, password=a.credentials()[1],
+                                      identifier="member", timeout=5):
+                pass
+        finally:
+            await outbox.stop()
+
+    run(main, 50)
+
+
+@pytest.mark.timeout(60)
+def test_clients_cannot_publish_or_subscribe_outside_owner_namespace(tmp_path: Path) -> None:
+    fed = make_federation(tmp_path / "fed", 3)
+    owner, a, b = fed.members
+
+    async def main() -> None:
+        outbox = Outbox(HOST, 0, fed.fid, owner.node_id, fed.authenticate, lambda r, d: None)
+        await outbox.start()
+        sink = Sink()
+        link = make_link(outbox.port, fed.fid, a.credentials, sink)
+        try:
+            await outbox.publish_certificate(owner.cert.to_bytes())
+            await link.start()
+            await link.follow_updates(True)
+            await wait_until(lambda: link.connected and len(sink.certs) == 1, what="link")
+            user, token = b.credentials()
+            async with aiomqtt.Client(HOST, outbox.port, username=user, password=token,
+                                      identifier="intruder", timeout=5) as c:
+                refused = ["#", "+/#", f"p2pfl/{fed.fid}/{a.node_id}/#", "p2pfl/otherfed/+/cert",
+                           "$SYS/#", f"p2pfl/{fed.fid}/#", f"p2pfl/{fed.fid}/+"]
+                granted = await c.subscribe([(t, 1) for t in refused])
+                assert [getattr(g, "value", g) for g in granted] == [0x80] * len(refused)
+                # injection attempts on the owner's own topics, on the intruder's, and elsewhere
+                forged_parts = split_message(b"forged update", 1024)
+                await c.publish(update_topic(fed.fid, owner.node_id, 0), forged_parts[0], qos=1, retain=True)
+                await c.publish(cert_topic(fed.fid, owner.node_id), b"forged cert", qos=1, retain=True)
+                await c.publish(cert_topic(fed.fid, b.node_id), b"forged cert", qos=1, retain=True)
+                await c.publish(update_topic(fed.fid, b.node_id, 0), forged_parts[0], qos=0)
+                await c.publish("anything/else", b"x", qos=1)
+                await asyncio.sleep(1.0)
+                assert len(c.messages) == 0  # nothing at all reached the intruder's refused filters
+                # an allowed filter on the owner's namespace works and shows the real certificate
+                ok = await c.subscribe(cert_topic(fed.fid, owner.node_id), qos=1)
+                assert getattr(ok[0], "value", ok[0]) == 1
+                msg = await asyncio.wait_for(anext(aiter(c.messages)), 5)
+                assert msg.payload == owner.cert.to_bytes()
+            assert sink.updates == []
+            assert sink.certs == [(owner.node_id, owner.cert.to_bytes())]
+            # nothing forged was retained either: a late link sees only the genuine certificate
+            late = Sink()
+            late_link = make_link(outbox.port, fed.fid, b.credentials, late)
+            await late_link.start()
+            await late_link.follow_updates(True)
+            await wait_until(lambda: late_link.connected and late.certs, what="late link")
+            await asyncio.sleep(0.3)
+            assert late.certs == [(owner.node_id, owner.cert.to_bytes())] and late.updates == []
+            await late_link.stop()
+        finally:
+            await link.stop()
+            await outbox.stop()
+
+    run(main, 50)
+
+
+@pytest.mark.timeout(60)
+def test_late_subscriber_gets_latest_retained_update_only(tmp_path: Path) -> None:
+    fed = make_federation(tmp_path / "fed", 3)
+    owner, a, b = fed.members
+
+    async def main() -> None:
+        outbox = Outbox(HOST, 0, fed.fid, owner.node_id, fed.authenticate, lambda r, d: None,
+                        chunk_bytes=64 << 10)
+        await outbox.start()
+        cert_only = Sink()
+        watcher = make_link(outbox.port, fed.fid, a.credentials, cert_only)
+        try:
+            await outbox.publish_certificate(owner.cert.to_bytes())
+            big, small = os.urandom(1 << 20), os.urandom(100_000)
+            assert await outbox.publish_update(big) == 16
+            assert await outbox.publish_update(small) == 2  # parts 2..15 of `big` are cleared
+            retained = [t for t in outbox._broker.retained_messages if "/update/" in t]  # type: ignore[union-attr]
+            assert sorted(retained) == [update_topic(fed.fid, owner.node_id, i) for i in range(2)]
+            # a link that does not follow updates gets the certificate only, even after another
+            # client follows (stock amqtt would replay every retained topic to each new client)
+            sink = Sink()
+            link = make_link(outbox.port, fed.fid, b.credentials, sink)
+            await link.start()
+            await link.follow_updates(True)
+            await wait_until(lambda: len(sink.updates) == 1, what="retained update")
+            assert sink.updates[0] == (owner.node_id, small)
+            await watcher.start()
+            await wait_until(lambda: cert_only.certs, what="watcher cert")
+            await asyncio.sleep(0.3)
+            assert cert_only.updates == [] and watcher.bytes_in < 10_000
+            # follow later: the retained update arrives then
+            await watcher.follow_updates(True)
+            await wait_until(lambda: cert_only.updates, what="watcher update")
+            assert cert_only.updates == [(owner.node_id, small)]
+            # a new update reaches both exactly once
+            newer = os.urandom(300_000)
+            await outbox.publish_update(newer)
+            await wait_until(lambda: len(sink.updates) == 2 and len(cert_only.updates) == 2, what="newer")
+            await asyncio.sleep(0.2)
+            assert sink.updates[1] == (owner.node_id, newer) and len(sink.updates) == 2
+            # unfollow: further updates are not delivered
+            await watcher.follow_updates(False)
+            third = os.urandom(1000)
+            await outbox.publish_update(third)
+            await wait_until(lambda: len(sink.updates) == 3, what="third update")
+            await asyncio.sleep(0.2)
+            assert len(cert_only.updates) == 2
+            # following again delivers the retained update it missed, once; a second re-follow
+            # replays the same retained parts, which are recognised and not handed out again
+            await watcher.follow_updates(True)
+            await wait_until(lambda: len(cert_only.updates) == 3, what="missed update")
+            assert cert_only.updates[2] == (owner.node_id, third)
+            await watcher.follow_updates(False)
+            await watcher.follow_updates(True)
+            await asyncio.sleep(0.3)
+            assert len(cert_only.updates) == 3 and cert_only.rejects == []
+            await link.stop()
+        finally:
+            await watcher.stop()
+            await outbox.stop()
+
+    run(main, 50)
+
+
+@pytest.mark.timeout(60)
+def test_peerlink_reconnects_after_broker_restart(tmp_path: Path) -> None:
+    fed = make_federation(tmp_path / "fed", 2)
+    owner, a = fed.members
+    port = free_port()
+
+    async def main() -> None:
+        outbox = Outbox(HOST, port, fed.fid, owner.node_id, fed.authenticate, lambda r, d: None)
+        await outbox.start()
+        sink = Sink()
+        link = make_link(port, fed.fid, a.credentials, sink)
+        try:
+            await link.start()
+            await link.follow_updates(True)
+            await wait_until(lambda: link.connected, what="first connect")
+            first = os.urandom(50_000)
+            await outbox.publish_update(first)
+            await wait_until(lambda: len(sink.updates) == 1, what="first update")
+            await outbox.stop()
+            await wait_until(lambda: not link.connected, what="disconnect")
+            await asyncio.sleep(0.5)  # a few refused reconnects while the broker is down
+            outbox = Outbox(HOST, port, fed.fid, owner.node_id, fed.authenticate, lambda r, d: None)
+            await outbox.start()
+            await wait_until(lambda: link.connected, timeout=15, what="reconnect")
+            second = os.urandom(70_000)
+            await outbox.publish_update(second)
+            await wait_until(lambda: len(sink.updates) == 2, what="second update")
+            assert sink.updates[1] == (owner.node_id, second)
+            assert sink.rejects == []
+        finally:
+            await link.stop()
+            await outbox.stop()
+
+    run(main, 50)
+
+
+@pytest.mark.timeout(180)
+def test_measure_45mb_to_four_subscribers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Owner -> 4 subscribed links on loopback; prints the figure, asserts only correctness."""
+    fed = make_federation(tmp_path / "fed", 5)
+    owner, *subs = fed.members
+    size = 45 << 20
+    results: list[str] = []
+
+    async def main() -> None:
+        outbox = Outbox(HOST, 0, fed.fid, owner.node_id, fed.authenticate, lambda r, d: None)
+        await outbox.start()
+        sinks = [Sink() for _ in subs]
+        links = [make_link(outbox.port, fed.fid, m.credentials, s) for m, s in zip(subs, sinks, strict=True)]
+        try:
+            for link in links:
+                await link.start()
+                await link.follow_updates(True)
+            await wait_until(lambda: all(link.connected for link in links), what="links")
+            await asyncio.sleep(0.3)  # let the subscriptions settle
+            for rep in range(3):
+                message = os.urandom(size)
+                t0 = time.perf_counter()
+                parts = await outbox.publish_update(message)
+                await wait_until(lambda rep=rep: all(len(s.updates) == rep + 1 for s in sinks), timeout=60,
+                                 what="45 MB to 4 links")
+                t_all = max(s.arrived[rep] for s in sinks) - t0
+                assert all(s.updates[rep][1] == message for s in sinks)
+                results.append(f"45 MB -> 4 subscribers: {t_all:.3f} s ({parts} parts of <= "
+                               f"{outbox.chunk_bytes >> 20} MiB), rep {rep}")
+        finally:
+            for link in links:
+                await link.stop()
+            await outbox.stop()
+
+    run(main, 170)
+    with capsys.disabled():
+        print()
+        for line in results:
+            print(line)
+
+
+def test_amqtt_warnings_do_not_format_whole_payloads() -> None:
+    import logging
+
+    from amqtt.mqtt.publish import PublishPacket
+
+    from p2pfl.transport import _tame_amqtt_logging
+
+    _tame_amqtt_logging()
+    logger = logging.getLogger("amqtt.mqtt.protocol.handler")
+    seen: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    grab = Grab()
+    logger.addHandler(grab)
+    try:
+        packet = PublishPacket.build("t/x", b"x" * (4 << 20), 1, True, 0, False)
+        logger.warning("DUP flag must set to 0 for QOS 0 message. Message ignored: %r", packet)
+    finally:
+        logger.removeHandler(grab)
+    assert seen and len(seen[0]) < 200
+    assert logging.getLogger("amqtt").getEffectiveLevel() >= logging.WARNING
+
+
+@pytest.mark.timeout(30)
+def test_silent_tcp_client_is_dropped_without_connect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import p2pfl.transport as transport
+
+    monkeypatch.setattr(transport, "CONNECT_TIMEOUT_S", 0.5)
+    fed = make_federation(tmp_path / "fed", 1)
+
+    async def main() -> None:
+        outbox = Outbox(HOST, 0, fed.fid, fed.members[0].node_id, fed.authenticate, lambda r, d: None)
+        await outbox.start()
+        try:
+            reader, writer = await asyncio.open_connection(HOST, outbox.port)
+            t0 = time.monotonic()
+            assert await asyncio.wait_for(reader.read(1), 5) == b""  # the broker hung up on us
+            assert time.monotonic() - t0 < 3
+            writer.close()
+        finally:
+            await outbox.stop()
+
+    run(main, 20)
