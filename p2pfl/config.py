@@ -43,7 +43,7 @@ class TrainingSection:
     seed: int = 0
     local_epochs: int = 1
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.3
     rounds: int = 20
     threads: int = 1  # torch intra-op threads; several nodes often share one machine
 

@@ -218,6 +218,11 @@ def seal(payload: bytes, meta: UpdateMeta, identity: Identity, recipients: Mappi
         raise ValueError(f"invalid UpdateMeta: {problem}")
     if len(recipients) > MAX_RECIPIENTS:
         raise ValueError(f"at most {MAX_RECIPIENTS} recipients")
+    boxes: dict[str, nacl.public.SealedBox] = {}
+    for node_id, public in recipients.items():  # validate before any work starts
+        if not isinstance(node_id, str) or not 0 < len(node_id) <= _MAX_ID:
+            raise ValueError(f"recipient id {node_id!r} must be a short string")
+        boxes[node_id] = nacl.public.SealedBox(nacl.public.PublicKey(bytes(public)))
     aead = DEFAULT_AEAD
     src = memoryview(payload)
     if src.ndim != 1 or src.itemsize != 1:
@@ -234,11 +239,7 @@ def seal(payload: bytes, meta: UpdateMeta, identity: Identity, recipients: Mappi
 
     # Start the chunks in the pool, wrap the key for each recipient meanwhile.
     futures = [_pool().submit(work, i) for i in range(count)] if count > 1 else None
-    wrapped: dict[str, bytes] = {}
-    for node_id, public in recipients.items():
-        if not isinstance(node_id, str) or not 0 < len(node_id) <= _MAX_ID:
-            raise ValueError(f"recipient id {node_id!r} must be a short string")
-        wrapped[node_id] = nacl.public.SealedBox(nacl.public.PublicKey(bytes(public))).encrypt(key)
+    wrapped = {node_id: box.encrypt(key) for node_id, box in boxes.items()}
     results = [f.result() for f in futures] if futures is not None else [work(0)]
 
     header = msgpack.packb(

@@ -370,8 +370,9 @@ def test_fuzz_only_rejected(fed: Fed, small_chunks) -> None:
         except Exception as exc:  # pragma: no cover
             pytest.fail(f"open_envelope raised {type(exc).__name__} on {data!r:.60}")
         else:
+            assert bytes(data) == message  # only unmodified copies open (a "mutation" may be a no-op)
             opened += 1
-    assert opened == 2  # only the unmodified bytearray / memoryview copies open
+    assert opened >= 2  # the bytearray and memoryview copies
 
 
 def test_real_clock_defaults(fed: Fed) -> None:
