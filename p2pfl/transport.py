@@ -4,7 +4,9 @@ Why this shape: every edge of the topology is carried by one of its two endpoint
 process sees traffic that is not its own. The broker is configured explicitly (one TCP listener on
 the given address, only our auth and topic plugins) and patched in a few places where stock amqtt
 is slow or too permissive (see `_OutboxBroker`). Updates travel as retained, chunked parts so late
-subscribers get the latest one and no single MQTT packet is huge.
+subscribers get the latest one and no single MQTT packet is huge. Each update is addressed: its parts
+are published once per recipient under `.../to/{recipient}/...`, and the broker's ACL lets a client
+subscribe to (and receive) only its own inbox, so only the addressed neighbour ever gets a copy.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import secrets
 import struct
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,8 +62,13 @@ _SESSION_NODE = "p2pfl.node_id"  # Session.attributes key set once a client auth
 # topics
 
 
+def _is_level(value: object) -> bool:
+    return (isinstance(value, str) and bool(value) and not any(c in value for c in "/+#\x00")
+            and not value.startswith("$"))
+
+
 def _check_level(value: str, what: str) -> str:
-    if not value or any(c in value for c in "/+#\x00") or value.startswith("$"):
+    if not _is_level(value):
         raise ConfigError(f"{what} {value!r} cannot be used as an MQTT topic level")
     return value
 
@@ -75,8 +82,14 @@ def cert_topic(federation_id: str, node_id: str) -> str:
     return f"p2pfl/{federation_id}/{node_id}/cert"
 
 
-def update_topic(federation_id: str, node_id: str, index: int) -> str:
-    return f"p2pfl/{federation_id}/{node_id}/update/{index}"
+def inbox_prefix(federation_id: str, node_id: str, recipient: str) -> str:
+    """Everything `node_id` addresses to `recipient` lives under this prefix (ends with '/')."""
+    return f"p2pfl/{federation_id}/{node_id}/to/{recipient}/"
+
+
+def update_topic(federation_id: str, node_id: str, recipient: str, index: int) -> str:
+    """Topic of part `index` of the update `node_id` addresses to `recipient`."""
+    return f"p2pfl/{federation_id}/{node_id}/to/{recipient}/{index}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +264,8 @@ class OutboxAuthPlugin(BaseAuthPlugin):
 
 
 class OutboxTopicPlugin(BaseTopicPlugin):
-    """Clients may only subscribe to / receive the owner's namespace, and may never publish."""
+    """Clients may only subscribe to / receive the owner's certificate and their own inbox, and may
+    never publish."""
 
     @dataclass
     class Config:
@@ -381,7 +395,8 @@ class Outbox:
         self._token = secrets.token_hex(16)
         self._broker: _OutboxBroker | None = None
         self._bound_port: int | None = None
-        self._retained_parts = 0
+        self._retained: dict[str, int] = {}  # recipient -> retained part count
+        self._recipients: frozenset[str] = frozenset()  # recipients of the latest update
         self._publish_lock = asyncio.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -420,7 +435,8 @@ class Outbox:
             raise TransportError(f"cannot start broker on {bind}: {exc.__cause__ or exc}") from exc
         self._broker = broker
         self._bound_port = self._find_bound_port(broker)
-        self._retained_parts = 0
+        self._retained = {}
+        self._recipients = frozenset()
         log.info("outbox broker listening on %s:%s", self._host, self.port)
 
     @staticmethod
@@ -440,7 +456,8 @@ class Outbox:
                 log.warning("outbox broker shutdown was not clean", exc_info=True)
         _OUTBOXES.pop(self._token, None)
         self._bound_port = None
-        self._retained_parts = 0
+        self._retained = {}
+        self._recipients = frozenset()
 
     # -- publishing ------------------------------------------------------------------------------
 
@@ -456,19 +473,41 @@ class Outbox:
         await broker.retain_message(None, topic, data, QOS)
         await broker.internal_message_broadcast(topic, data, QOS)
 
-    async def publish_update(self, message: bytes) -> int:
-        """Publish the latest sealed update as retained parts; returns the number of parts."""
+    async def publish_update(self, message: bytes, recipients: Sequence[str]) -> int:
+        """Publish the latest sealed update to each recipient's inbox as retained parts.
+
+        The message is split once; every recipient's topics carry the same part objects (no
+        copies). Retained parts left over from an earlier, larger message are cleared, and so is
+        everything retained for recipients of the previous call that are not recipients now (an
+        ex-neighbour must not keep getting an old model). Returns the number of parts per
+        recipient (0 for no recipients: then the call only clears).
+        """
+        if isinstance(recipients, (str, bytes)):
+            raise TypeError("recipients must be a sequence of node ids, not a single string")
+        targets = list(dict.fromkeys(_check_level(r, "recipient id") for r in recipients))
         broker = self._require_broker()
-        parts = split_message(message, self.chunk_bytes)
+        parts = split_message(message, self.chunk_bytes) if targets else []
         fed, node = self.federation_id, self.node_id
         async with self._publish_lock:
+            # From now on only these receive live parts (also ones still queued in the broker).
+            self._recipients = frozenset(targets)
+            retained = self._retained  # counts stay an upper bound throughout, even if cancelled
+            for recipient in targets:
+                before = retained.get(recipient, 0)
+                retained[recipient] = max(before, len(parts))
+                for index, part in enumerate(parts):
+                    await broker.retain_message(None, update_topic(fed, node, recipient, index), part, QOS)
+                for index in range(len(parts), before):
+                    await broker.retain_message(None, update_topic(fed, node, recipient, index), b"", None)
+                retained[recipient] = len(parts)
+            for recipient in [r for r in retained if r not in self._recipients]:
+                for index in range(retained[recipient]):
+                    await broker.retain_message(None, update_topic(fed, node, recipient, index), b"", None)
+                del retained[recipient]
+            # part-major order, so every recipient progresses at the same pace
             for index, part in enumerate(parts):
-                await broker.retain_message(None, update_topic(fed, node, index), part, QOS)
-            for index in range(len(parts), self._retained_parts):
-                await broker.retain_message(None, update_topic(fed, node, index), b"", None)  # clears
-            self._retained_parts = len(parts)
-            for index, part in enumerate(parts):
-                await broker.internal_message_broadcast(update_topic(fed, node, index), part, QOS)
+                for recipient in targets:
+                    await broker.internal_message_broadcast(update_topic(fed, node, recipient, index), part, QOS)
         return len(parts)
 
     # -- plugin callbacks ------------------------------------------------------------------------
@@ -499,16 +538,27 @@ class Outbox:
             log.warning("on_reject callback raised", exc_info=True)
 
     def _topic_allowed(self, session: Session | None, topic: str | None, action: Action | None) -> bool:
-        if session is None or topic is None or _SESSION_NODE not in session.attributes:
+        if session is None or topic is None:
             return False
+        me = session.attributes.get(_SESSION_NODE)
+        if not _is_level(me):
+            return False  # not authenticated, or an id that cannot be an exact topic level
         if action == Action.RECEIVE:
-            return topic.startswith(self._prefix)
+            # Live parts only reach a current recipient: a broadcast still queued in the broker
+            # when its recipient was dropped (or had not yet subscribed) is not delivered.
+            return (topic == cert_topic(self.federation_id, self.node_id)
+                    or (topic.startswith(f"{self._prefix}to/{me}/") and me in self._recipients))
         if action == Action.SUBSCRIBE:
-            # '+' is allowed in the publisher slot: subscribers need not know our id. Delivery is
-            # still checked per concrete topic (RECEIVE), and only we publish here.
+            # Only two filter shapes: the certificate and the client's own inbox. '+' is allowed in
+            # the publisher slot (subscribers need not know our id), never in the recipient slot:
+            # retained parts are replayed on subscribe without a per-topic RECEIVE check.
             levels = topic.split("/")
-            return (len(levels) >= 4 and levels[0] == "p2pfl" and levels[1] == self.federation_id
-                    and levels[2] in (self.node_id, "+") and all(levels[3:]))
+            if len(levels) < 4 or levels[0] != "p2pfl" or levels[1] != self.federation_id:
+                return False
+            if levels[2] not in (self.node_id, "+"):
+                return False
+            rest = levels[3:]
+            return rest == ["cert"] or rest in (["to", me, "+"], ["to", me, "#"])
         return False  # PUBLISH: the owner publishes internally, never through a client
 
 
@@ -539,14 +589,13 @@ class PeerLink:
         self.max_message_bytes = max_message_bytes
         self.bytes_in = 0
         self._reassembler = Reassembler(max_message_bytes)
-        self._follow = False
+        self._me: str | None = None  # our node id (username) on the current session
         self._client: aiomqtt.Client | None = None
         self._ready = False  # connected and initial subscriptions granted
         self._session_began: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._state = "idle"
         self._cert_filter = f"p2pfl/{federation_id}/+/cert"
-        self._update_filter = f"p2pfl/{federation_id}/+/update/+"
 
     @property
     def connected(self) -> bool:
@@ -574,24 +623,6 @@ class PeerLink:
             log.warning("link %s ended with %r", self.name, task.exception())
         self._client = None
         self._ready = False
-
-    async def follow_updates(self, on: bool) -> None:
-        """Subscribe to (or drop) the neighbour's update topics; applied on every (re)connect."""
-        if on == self._follow:
-            return
-        self._follow = on
-        if not on:
-            self._reassembler.drop_incomplete()
-        client = self._client
-        if client is None:
-            return
-        try:
-            if on:
-                await self._subscribe(client, [self._update_filter])
-            else:
-                await client.unsubscribe(self._update_filter)
-        except aiomqtt.MqttError as exc:
-            log.debug("link %s: (un)subscribe failed, reconnect will apply it: %s", self.name, exc)
 
     # -- connection loop ---------------------------------------------------------------------------
 
@@ -639,8 +670,9 @@ class PeerLink:
             delay = min(delay * 2, BACKOFF_MAX_S)
 
     async def _session(self) -> None:
-        """One connection: connect, subscribe, dispatch until it drops."""
+        """One connection: connect, subscribe (certificates and our own inbox), dispatch until it drops."""
         username, password = self._credentials()
+        me = _check_level(username, "node id (username)")
         client = aiomqtt.Client(
             self.host, self.port, username=username, password=password,
             identifier=f"p2pfl-{secrets.token_hex(8)}", clean_session=True,
@@ -652,8 +684,8 @@ class PeerLink:
             self._session_began = asyncio.get_running_loop().time()
             self._client = client
             self._reassembler.drop_incomplete()
-            filters = [self._cert_filter] + ([self._update_filter] if self._follow else [])
-            await self._subscribe(client, filters)
+            self._me = me
+            await self._subscribe(client, [self._cert_filter, f"p2pfl/{self.federation_id}/+/to/{me}/+"])
             self._ready = True
             self._set_state("connected", "")
             async for message in client.messages:
@@ -692,10 +724,10 @@ class PeerLink:
                 if size > MAX_CERT_BYTES:
                     raise Rejected(Reason.OVERSIZE, f"certificate of {size} bytes from {publisher}")
                 self._on_certificate(publisher, bytes(payload))
-            elif kind == "update" and len(levels) == 5:
-                if not self._follow or size == 0:
-                    return
-                index_text = levels[4]
+            elif kind == "to" and len(levels) == 6:
+                if levels[4] != self._me or size == 0:
+                    return  # not addressed to us (never granted by the broker), or a cleared part
+                index_text = levels[5]
                 if not (index_text.isascii() and index_text.isdigit()) or len(index_text) > 6:
                     raise Rejected(Reason.MALFORMED, f"bad part index {index_text[:16]!r}")
                 message = self._reassembler.add(publisher, payload, int(index_text))

@@ -13,12 +13,15 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from aiomqtt.exceptions import MqttConnectError
+from amqtt.contexts import Action
+from amqtt.session import Session
 
 from p2pfl.envelope import ReplayGuard, UpdateMeta, open_envelope, seal
-from p2pfl.errors import Reason, Rejected
+from p2pfl.errors import ConfigError, Reason, Rejected
 from p2pfl.federation import Certificate, FederationAuthority, FederationRoot, make_token, verify_token
 from p2pfl.identity import Identity
 from p2pfl.transport import (
+    _SESSION_NODE,
     PART_HEADER_BYTES,
     Outbox,
     PeerLink,
@@ -169,7 +172,7 @@ def test_reassembler_rejects_parts_that_disagree_and_topic_mismatch() -> None:
 def test_broker_broadcast_records_have_a_short_repr() -> None:
     from p2pfl.transport import _Broadcast
 
-    record = _Broadcast(session=None, topic="p2pfl/f/n/update/0", data=b"x" * (8 << 20))
+    record = _Broadcast(session=None, topic="p2pfl/f/n/to/r/0", data=b"x" * (8 << 20))
     assert len(repr(record)) < 100 and len(f"{record}") < 100 and "8388608" in repr(record)
     assert record["data"] is not None and isinstance(record, dict)
 
@@ -177,6 +180,107 @@ def test_broker_broadcast_records_have_a_short_repr() -> None:
 def test_split_rejects_empty() -> None:
     with pytest.raises(ValueError):
         split_message(b"", 1024)
+
+
+def test_update_topic_is_per_recipient() -> None:
+    assert update_topic("f", "o", "r", 3) == "p2pfl/f/o/to/r/3"
+    assert cert_topic("f", "o") == "p2pfl/f/o/cert"
+
+
+def _acl_outbox() -> Outbox:
+    return Outbox(HOST, 0, "fed", "own", lambda u, p: u, lambda r, d: None)
+
+
+def _session(node: str | None) -> Session:
+    session = Session()
+    if node is not None:
+        session.attributes[_SESSION_NODE] = node
+    return session
+
+
+@pytest.mark.parametrize("topic,allowed", [
+    ("p2pfl/fed/own/cert", True),
+    ("p2pfl/fed/+/cert", True),
+    ("p2pfl/fed/own/to/me/+", True),
+    ("p2pfl/fed/+/to/me/+", True),
+    ("p2pfl/fed/own/to/me/#", True),
+    ("p2pfl/fed/+/to/me/#", True),
+    ("p2pfl/fed/own/to/other/+", False),   # another recipient's inbox
+    ("p2pfl/fed/own/to/+/+", False),       # wildcard recipient
+    ("p2pfl/fed/own/to/#", False),
+    ("p2pfl/fed/own/to/+/#", False),
+    ("p2pfl/fed/own/to/me", False),
+    ("p2pfl/fed/own/to/me/+/x", False),
+    ("p2pfl/fed/own/to/me/0", False),      # only '+' or '#' after the recipient
+    ("p2pfl/fed/own/#", False),
+    ("p2pfl/fed/own/+", False),
+    ("p2pfl/fed/own/+/me/+", False),
+    ("p2pfl/fed/own/cert/#", False),
+    ("p2pfl/fed/own/update/+", False),
+    ("p2pfl/fed/other/cert", False),       # another publisher
+    ("p2pfl/fed/other/to/me/+", False),
+    ("p2pfl/fed/#", False),
+    ("p2pfl/+/own/cert", False),
+    ("p2pfl/otherfed/own/cert", False),
+    ("#", False),
+    ("+/+/+/cert", False),
+    ("$SYS/#", False),
+])
+def test_acl_subscribe(topic: str, allowed: bool) -> None:
+    assert _acl_outbox()._topic_allowed(_session("me"), topic, Action.SUBSCRIBE) is allowed
+
+
+def test_acl_receive_publish_and_unauthenticated() -> None:
+    outbox = _acl_outbox()
+    me = _session("me")
+    assert outbox._topic_allowed(me, "p2pfl/fed/own/cert", Action.RECEIVE)
+    # inbox parts are delivered live only while the session's node is a current recipient
+    assert not outbox._topic_allowed(me, "p2pfl/fed/own/to/me/0", Action.RECEIVE)
+    outbox._recipients = frozenset({"me", "other"})
+    assert outbox._topic_allowed(me, "p2pfl/fed/own/to/me/0", Action.RECEIVE)
+    for topic in ("p2pfl/fed/own/to/other/0", "p2pfl/fed/own/to/mex/0", "p2pfl/fed/own/to/me",
+                  "p2pfl/fed/other/cert", "p2pfl/fed/other/to/me/0", "p2pfl/fed/own/update/0",
+                  "p2pfl/fed/own/cert/x"):
+        assert not outbox._topic_allowed(me, topic, Action.RECEIVE), topic
+    for topic in ("p2pfl/fed/own/cert", "p2pfl/fed/own/to/me/0"):
+        assert not outbox._topic_allowed(me, topic, Action.PUBLISH)
+        assert not outbox._topic_allowed(_session(None), topic, Action.RECEIVE)
+        assert not outbox._topic_allowed(_session(None), "p2pfl/fed/+/cert", Action.SUBSCRIBE)
+        assert not outbox._topic_allowed(None, topic, Action.RECEIVE)
+    # an authenticated id that is itself a wildcard cannot widen its inbox
+    for odd in ("+", "#", ""):
+        assert not outbox._topic_allowed(_session(odd), "p2pfl/fed/own/to/+/+", Action.SUBSCRIBE)
+        assert not outbox._topic_allowed(_session(odd), "p2pfl/fed/own/cert", Action.SUBSCRIBE)
+
+
+def test_peerlink_dispatch_accepts_only_its_own_inbox() -> None:
+    sink = Sink()
+    link = make_link(1, "fed", lambda: ("me", "x"), sink)
+    link._me = "me"  # set by _session on connect
+    message = os.urandom(5000)
+    parts = split_message(message, 2000)
+
+    async def main() -> None:
+        for index, part in enumerate(parts):  # addressed to someone else / bad shapes: ignored
+            await link._dispatch(f"p2pfl/fed/own/to/other/{index}", part)
+            await link._dispatch(f"p2pfl/fed/own/to/me/{index}/x", part)
+            await link._dispatch(f"p2pfl/fed/own/update/{index}", part)
+            await link._dispatch(f"p2pfl/otherfed/own/to/me/{index}", part)
+        assert sink.updates == [] and link._reassembler.pending() == 0
+        for index, part in enumerate(parts):
+            await link._dispatch(f"p2pfl/fed/own/to/me/{index}", part)
+        assert sink.updates == [("own", message)]
+        # the same parts again (retained replay after a reconnect) are not handed out twice
+        link._reassembler.drop_incomplete()
+        for index, part in enumerate(parts):
+            await link._dispatch(f"p2pfl/fed/own/to/me/{index}", part)
+        assert len(sink.updates) == 1
+        await link._dispatch("p2pfl/fed/own/to/me/0", b"")  # a cleared retained part
+        await link._dispatch("p2pfl/fed/own/to/me/1x", parts[1])
+        assert [r for r, _ in sink.rejects] == [Reason.MALFORMED]
+        assert len(sink.updates) == 1
+
+    asyncio.run(main())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,13 +404,12 @@ def test_two_certified_clients_receive_10mb_update(tmp_path: Path) -> None:
         try:
             for link in links:
                 await link.start()
-                await link.follow_updates(True)
             await wait_until(lambda: all(link.connected for link in links), what="links to connect")
             await outbox.publish_certificate(owner.cert.to_bytes())
             await wait_until(lambda: all(s.certs for s in sinks), what="certificates")
             payload, message = sealed_update(fed, owner, [a, b], 10 << 20)
             assert len(message) > 10 << 20
-            parts = await outbox.publish_update(message)
+            parts = await outbox.publish_update(message, [a.node_id, b.node_id])
             assert parts == -(-len(message) // outbox.chunk_bytes) >= 3
             await wait_until(lambda: all(s.updates for s in sinks), timeout=30, what="10 MB update")
             for member, sink in zip((a, b), sinks, strict=True):
@@ -398,21 +501,25 @@ def test_clients_cannot_publish_or_subscribe_outside_owner_namespace(tmp_path: P
         try:
             await outbox.publish_certificate(owner.cert.to_bytes())
             await link.start()
-            await link.follow_updates(True)
             await wait_until(lambda: link.connected and len(sink.certs) == 1, what="link")
             user, token = b.credentials()
             async with aiomqtt.Client(HOST, outbox.port, username=user, password=token,
                                       identifier="intruder", timeout=5) as c:
                 refused = ["#", "+/#", f"p2pfl/{fed.fid}/{a.node_id}/#", "p2pfl/otherfed/+/cert",
-                           "$SYS/#", f"p2pfl/{fed.fid}/#", f"p2pfl/{fed.fid}/+"]
+                           "$SYS/#", f"p2pfl/{fed.fid}/#", f"p2pfl/{fed.fid}/+",
+                           f"p2pfl/{fed.fid}/{owner.node_id}/#", f"p2pfl/{fed.fid}/+/to/+/+",
+                           f"p2pfl/{fed.fid}/+/to/{a.node_id}/+", f"p2pfl/{fed.fid}/{owner.node_id}/to/#"]
                 granted = await c.subscribe([(t, 1) for t in refused])
                 assert [getattr(g, "value", g) for g in granted] == [0x80] * len(refused)
                 # injection attempts on the owner's own topics, on the intruder's, and elsewhere
                 forged_parts = split_message(b"forged update", 1024)
-                await c.publish(update_topic(fed.fid, owner.node_id, 0), forged_parts[0], qos=1, retain=True)
+                await c.publish(update_topic(fed.fid, owner.node_id, a.node_id, 0), forged_parts[0], qos=1,
+                                retain=True)
+                await c.publish(update_topic(fed.fid, owner.node_id, b.node_id, 0), forged_parts[0], qos=1,
+                                retain=True)
                 await c.publish(cert_topic(fed.fid, owner.node_id), b"forged cert", qos=1, retain=True)
                 await c.publish(cert_topic(fed.fid, b.node_id), b"forged cert", qos=1, retain=True)
-                await c.publish(update_topic(fed.fid, b.node_id, 0), forged_parts[0], qos=0)
+                await c.publish(update_topic(fed.fid, b.node_id, a.node_id, 0), forged_parts[0], qos=0)
                 await c.publish("anything/else", b"x", qos=1)
                 await asyncio.sleep(1.0)
                 assert len(c.messages) == 0  # nothing at all reached the intruder's refused filters
@@ -427,10 +534,11 @@ def test_clients_cannot_publish_or_subscribe_outside_owner_namespace(tmp_path: P
             late = Sink()
             late_link = make_link(outbox.port, fed.fid, b.credentials, late)
             await late_link.start()
-            await late_link.follow_updates(True)
             await wait_until(lambda: late_link.connected and late.certs, what="late link")
             await asyncio.sleep(0.3)
             assert late.certs == [(owner.node_id, owner.cert.to_bytes())] and late.updates == []
+            assert late.rejects == [] and sink.rejects == []
+            assert list(outbox._broker.retained_messages) == [cert_topic(fed.fid, owner.node_id)]  # type: ignore[union-attr]
             await late_link.stop()
         finally:
             await link.stop()
@@ -439,8 +547,74 @@ def test_clients_cannot_publish_or_subscribe_outside_owner_namespace(tmp_path: P
     run(main, 50)
 
 
+def _retained_updates(outbox: Outbox) -> list[str]:
+    assert outbox._broker is not None
+    return sorted(t for t in outbox._broker.retained_messages if "/to/" in t)
+
+
 @pytest.mark.timeout(60)
-def test_late_subscriber_gets_latest_retained_update_only(tmp_path: Path) -> None:
+def test_update_reaches_only_its_recipients(tmp_path: Path) -> None:
+    fed = make_federation(tmp_path / "fed", 4)
+    owner, a, b, c = fed.members
+
+    async def main() -> None:
+        outbox = Outbox(HOST, 0, fed.fid, owner.node_id, fed.authenticate, lambda r, d: None,
+                        chunk_bytes=64 << 10)
+        await outbox.start()
+        sinks = {m.node_id: Sink() for m in (a, b, c)}
+        links = {m.node_id: make_link(outbox.port, fed.fid, m.credentials, sinks[m.node_id]) for m in (a, b, c)}
+        try:
+            await outbox.publish_certificate(owner.cert.to_bytes())
+            for link in links.values():
+                await link.start()
+            await wait_until(lambda: all(link.connected for link in links.values())
+                             and all(s.certs for s in sinks.values()), what="links and certificates")
+            message = os.urandom(300_000)
+            assert await outbox.publish_update(message, [a.node_id, b.node_id]) == 5
+            await wait_until(lambda: sinks[a.node_id].updates and sinks[b.node_id].updates, what="update")
+            await asyncio.sleep(0.3)
+            assert sinks[a.node_id].updates == [(owner.node_id, message)]
+            assert sinks[b.node_id].updates == [(owner.node_id, message)]
+            # c is certified and connected to the same broker, but was not addressed
+            assert sinks[c.node_id].updates == [] and links[c.node_id].bytes_in < 10_000
+            # c cannot ask for a's (or anyone's) inbox explicitly with its own valid token
+            user, token = c.credentials()
+            async with aiomqtt.Client(HOST, outbox.port, username=user, password=token,
+                                      identifier="snoop", timeout=5) as snoop:
+                prefix = f"p2pfl/{fed.fid}"
+                refused = [f"{prefix}/{owner.node_id}/to/{a.node_id}/+", f"{prefix}/{owner.node_id}/to/+/+",
+                           f"{prefix}/+/to/+/+", f"{prefix}/+/to/{a.node_id}/#", f"{prefix}/{owner.node_id}/to/#",
+                           f"{prefix}/{owner.node_id}/#"]
+                granted = await snoop.subscribe([(t, 1) for t in refused])
+                assert [getattr(g, "value", g) for g in granted] == [0x80] * len(refused)
+                await outbox.publish_update(os.urandom(100_000), [a.node_id, b.node_id])
+                await wait_until(lambda: len(sinks[a.node_id].updates) == 2, what="second update")
+                await asyncio.sleep(0.3)
+                assert len(snoop.messages) == 0  # neither the retained nor the live parts
+                # its own inbox is granted, and gets exactly what is addressed to c
+                own = await snoop.subscribe(f"{prefix}/+/to/{c.node_id}/+", qos=1)
+                assert getattr(own[0], "value", own[0]) == 1
+                await asyncio.sleep(0.2)
+                assert len(snoop.messages) == 0
+                third = os.urandom(1000)
+                await outbox.publish_update(third, [a.node_id, c.node_id])
+                msg = await asyncio.wait_for(anext(aiter(snoop.messages)), 5)
+                assert msg.topic.value == update_topic(fed.fid, owner.node_id, c.node_id, 0)
+                assert split_message(third, 1024, bytes(msg.payload)[4:20])[0] == msg.payload
+            await wait_until(lambda: sinks[c.node_id].updates, what="c addressed")
+            assert sinks[c.node_id].updates == [(owner.node_id, third)]
+            assert sinks[a.node_id].updates[-1] == (owner.node_id, third) and len(sinks[b.node_id].updates) == 2
+            assert all(s.rejects == [] for s in sinks.values())
+        finally:
+            for link in links.values():
+                await link.stop()
+            await outbox.stop()
+
+    run(main, 50)
+
+
+@pytest.mark.timeout(60)
+def test_retained_updates_follow_the_recipient_list(tmp_path: Path) -> None:
     fed = make_federation(tmp_path / "fed", 3)
     owner, a, b = fed.members
 
@@ -448,56 +622,60 @@ def test_late_subscriber_gets_latest_retained_update_only(tmp_path: Path) -> Non
         outbox = Outbox(HOST, 0, fed.fid, owner.node_id, fed.authenticate, lambda r, d: None,
                         chunk_bytes=64 << 10)
         await outbox.start()
-        cert_only = Sink()
-        watcher = make_link(outbox.port, fed.fid, a.credentials, cert_only)
+        started: list[PeerLink] = []
+
+        async def late(member: Member) -> tuple[PeerLink, Sink]:
+            sink = Sink()
+            link = make_link(outbox.port, fed.fid, member.credentials, sink)
+            started.append(link)
+            await link.start()
+            await wait_until(lambda: link.connected and sink.certs, what="late link")
+            return link, sink
+
+        def topics(recipient: Member, count: int) -> list[str]:
+            return sorted(update_topic(fed.fid, owner.node_id, recipient.node_id, i) for i in range(count))
+
         try:
             await outbox.publish_certificate(owner.cert.to_bytes())
             big, small = os.urandom(1 << 20), os.urandom(100_000)
-            assert await outbox.publish_update(big) == 16
-            assert await outbox.publish_update(small) == 2  # parts 2..15 of `big` are cleared
-            retained = [t for t in outbox._broker.retained_messages if "/update/" in t]  # type: ignore[union-attr]
-            assert sorted(retained) == [update_topic(fed.fid, owner.node_id, i) for i in range(2)]
-            # a link that does not follow updates gets the certificate only, even after another
-            # client follows (stock amqtt would replay every retained topic to each new client)
-            sink = Sink()
-            link = make_link(outbox.port, fed.fid, b.credentials, sink)
-            await link.start()
-            await link.follow_updates(True)
-            await wait_until(lambda: len(sink.updates) == 1, what="retained update")
-            assert sink.updates[0] == (owner.node_id, small)
-            await watcher.start()
-            await wait_until(lambda: cert_only.certs, what="watcher cert")
+            assert await outbox.publish_update(big, [a.node_id, b.node_id]) == 16
+            assert _retained_updates(outbox) == sorted(topics(a, 16) + topics(b, 16))
+            # b is no longer a recipient: all its parts go; a's stale parts 2..15 go too
+            assert await outbox.publish_update(small, [a.node_id]) == 2
+            assert _retained_updates(outbox) == topics(a, 2)
+            # a late subscriber as b gets nothing retained; as a, the latest update only
+            b_link, b_sink = await late(b)
+            a_link, a_sink = await late(a)
+            await wait_until(lambda: a_sink.updates, what="retained update for a")
             await asyncio.sleep(0.3)
-            assert cert_only.updates == [] and watcher.bytes_in < 10_000
-            # follow later: the retained update arrives then
-            await watcher.follow_updates(True)
-            await wait_until(lambda: cert_only.updates, what="watcher update")
-            assert cert_only.updates == [(owner.node_id, small)]
-            # a new update reaches both exactly once
+            assert a_sink.updates == [(owner.node_id, small)]
+            assert b_sink.updates == [] and b_link.bytes_in < 10_000
+            # a new update to both reaches both exactly once, and is retained for both
             newer = os.urandom(300_000)
-            await outbox.publish_update(newer)
-            await wait_until(lambda: len(sink.updates) == 2 and len(cert_only.updates) == 2, what="newer")
+            assert await outbox.publish_update(newer, [b.node_id, a.node_id, b.node_id]) == 5
+            await wait_until(lambda: len(a_sink.updates) == 2 and len(b_sink.updates) == 1, what="newer")
             await asyncio.sleep(0.2)
-            assert sink.updates[1] == (owner.node_id, newer) and len(sink.updates) == 2
-            # unfollow: further updates are not delivered
-            await watcher.follow_updates(False)
-            third = os.urandom(1000)
-            await outbox.publish_update(third)
-            await wait_until(lambda: len(sink.updates) == 3, what="third update")
-            await asyncio.sleep(0.2)
-            assert len(cert_only.updates) == 2
-            # following again delivers the retained update it missed, once; a second re-follow
-            # replays the same retained parts, which are recognised and not handed out again
-            await watcher.follow_updates(True)
-            await wait_until(lambda: len(cert_only.updates) == 3, what="missed update")
-            assert cert_only.updates[2] == (owner.node_id, third)
-            await watcher.follow_updates(False)
-            await watcher.follow_updates(True)
+            assert a_sink.updates[1] == b_sink.updates[0] == (owner.node_id, newer)
+            assert len(a_sink.updates) == 2 and len(b_sink.updates) == 1
+            assert _retained_updates(outbox) == sorted(topics(a, 5) + topics(b, 5))
+            # a second late subscriber as a replays the latest retained parts
+            _, a2_sink = await late(a)
+            await wait_until(lambda: a2_sink.updates, what="retained for second a")
+            assert a2_sink.updates == [(owner.node_id, newer)]
+            # no recipients: everything is cleared and nothing is sent
+            assert await outbox.publish_update(b"ignored", []) == 0
+            assert _retained_updates(outbox) == []
+            _, b2_sink = await late(b)
             await asyncio.sleep(0.3)
-            assert len(cert_only.updates) == 3 and cert_only.rejects == []
-            await link.stop()
+            assert b2_sink.updates == [] and len(a_sink.updates) == 2
+            assert all(s.rejects == [] for s in (a_sink, b_sink, a2_sink, b2_sink))
+            with pytest.raises(TypeError):
+                await outbox.publish_update(small, a.node_id)
+            with pytest.raises(ConfigError):
+                await outbox.publish_update(small, ["bad/id"])
         finally:
-            await watcher.stop()
+            for link in started:
+                await link.stop()
             await outbox.stop()
 
     run(main, 50)
@@ -516,10 +694,9 @@ def test_peerlink_reconnects_after_broker_restart(tmp_path: Path) -> None:
         link = make_link(port, fed.fid, a.credentials, sink)
         try:
             await link.start()
-            await link.follow_updates(True)
             await wait_until(lambda: link.connected, what="first connect")
             first = os.urandom(50_000)
-            await outbox.publish_update(first)
+            await outbox.publish_update(first, [a.node_id])
             await wait_until(lambda: len(sink.updates) == 1, what="first update")
             await outbox.stop()
             await wait_until(lambda: not link.connected, what="disconnect")
@@ -528,7 +705,7 @@ def test_peerlink_reconnects_after_broker_restart(tmp_path: Path) -> None:
             await outbox.start()
             await wait_until(lambda: link.connected, timeout=15, what="reconnect")
             second = os.urandom(70_000)
-            await outbox.publish_update(second)
+            await outbox.publish_update(second, [a.node_id])
             await wait_until(lambda: len(sink.updates) == 2, what="second update")
             assert sink.updates[1] == (owner.node_id, second)
             assert sink.rejects == []
@@ -555,13 +732,12 @@ def test_measure_45mb_to_four_subscribers(tmp_path: Path, capsys: pytest.Capture
         try:
             for link in links:
                 await link.start()
-                await link.follow_updates(True)
             await wait_until(lambda: all(link.connected for link in links), what="links")
             await asyncio.sleep(0.3)  # let the subscriptions settle
             for rep in range(3):
                 message = os.urandom(size)
                 t0 = time.perf_counter()
-                parts = await outbox.publish_update(message)
+                parts = await outbox.publish_update(message, [m.node_id for m in subs])
                 await wait_until(lambda rep=rep: all(len(s.updates) == rep + 1 for s in sinks), timeout=60,
                                  what="45 MB to 4 links")
                 t_all = max(s.arrived[rep] for s in sinks) - t0

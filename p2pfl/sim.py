@@ -1,0 +1,618 @@
+"""Many virtual nodes in one process: the node's round (train, gossip, evaluate) for topology experiments.
+
+Each virtual node i is set up exactly as a real node with `task.shard = i`, `task.num_shards = N`:
+`load_task(TaskSpec(name, shard=i, num_shards=N, partition, alpha, seed, ...))`, its initial model
+from `task.build_model()`, its neighbours from `topology` over the same member order, and every round
+
+    train locally (task.train)  ->  mix with the neighbours' trained models (aggregation rule)  ->  evaluate
+
+as `p2pfl.node.Node._round` does. The topology and aggregation code is the real node's:
+`topology.parse_topology(...).graph(...)` and `aggregation.mix_many`, which computes at every node
+exactly what `aggregation.mix` computes at one (tests check it); `vectorised=False` runs the plain
+per-node loop instead (task.train, aggregation.mix and task.evaluate node by node), which is the
+reference and the benchmark baseline.
+
+The fast path keeps all models as one N x P float32 matrix (rows = `learning.flatten` of each node's
+state_dict) and, for the in-memory built-in tasks (`learning.TensorTask`), trains all nodes at once
+with torch.func (vmap of the gradient of the task's own model and loss), drawing each node's
+minibatch order from that node's own task generator, so it takes the same SGD steps as task.train.
+Evaluation runs every model on the shared test split in one batched call. Any other Task falls back
+to the per-node loop for training and evaluation (mixing stays vectorised).
+
+Deterministic under the seed: the data partition, initial model, minibatch orders, random graphs
+and dropped updates are all drawn from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from p2pfl import learning
+from p2pfl.aggregation import RULES, Neighbour, mix, mix_many
+from p2pfl.errors import ConfigError
+from p2pfl.learning import TaskSpec, TensorTask, flatten, get_params, load_task, set_params, unflatten
+from p2pfl.topology import Topology, edge_arrays, parse_topology, topology_gap
+
+DIGITS_LOGREG = "p2pfl.sim:digits_logreg"
+TASK_ALIASES = {"digits-logreg": DIGITS_LOGREG}
+EVAL_FLOATS_PER_CHUNK = 1 << 24  # activations (float32) of one batched evaluation call: 64 MiB
+HEADER_ESTIMATE = 512  # bytes, used only when a real envelope cannot be sealed for the estimate
+
+
+def digits_logreg(spec: TaskSpec) -> TensorTask:
+    """Multinomial logistic regression (one nn.Linear) on sklearn digits, or on spec.data's .npz.
+
+    A Task like the built-ins (same split, partition and training), usable by a real node too as
+    task = "p2pfl.sim:digits_logreg".
+    """
+    if spec.data:
+        x, y, classes = learning.load_npz(spec.data)
+    else:
+        x, y = learning._digits()
+        classes = 10
+    features = x.shape[1]
+    return learning._tensor_task(spec, x, y, lambda: nn.Linear(features, classes), classes)
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration and results
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated federation. Field names follow the node's [training] / [gossip] sections.
+
+    ids / names optionally give each virtual node (shard i) the node id and human name a real node
+    would have: the topology then numbers nodes by sorted id, as real nodes do, and edge-list files
+    see the names. By default node i has id and name "node-i" (zero-padded ids, so graph position
+    = shard). drop is the probability that one update does not reach one neighbour in a round
+    (its weight stays home, as in the node's round timeout).
+    """
+
+    task: str = "digits-logreg"
+    nodes: int = 16
+    rounds: int = 20
+    topology: str = "ring"
+    rule: str = "mean"
+    radius: float | None = None  # "clipped": None = adaptive
+    partition: str = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.3
+    data: str = ""
+    train: bool = True  # False: averaging only
+    eval_every: int = 1
+    vectorised: bool = True  # False: per-node loop (the reference / baseline)
+    drop: float = 0.0
+    ids: tuple[str, ...] | None = None
+    names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nodes, int) or self.nodes < 1:
+            raise ConfigError(f"nodes must be an integer >= 1, got {self.nodes!r}")
+        if not isinstance(self.rounds, int) or self.rounds < 0:
+            raise ConfigError(f"rounds must be an integer >= 0, got {self.rounds!r}")
+        if self.rule not in RULES:
+            raise ConfigError(f"unknown aggregation rule {self.rule!r}; known: {', '.join(RULES)}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 1:
+            raise ConfigError(f"eval_every must be an integer >= 1, got {self.eval_every!r}")
+        if not 0.0 <= self.drop < 1.0:
+            raise ConfigError(f"drop must be in [0, 1), got {self.drop!r}")
+        for what, seq in (("ids", self.ids), ("names", self.names)):
+            if seq is not None and len(seq) != self.nodes:
+                raise ConfigError(f"{what}: {len(seq)} entries for {self.nodes} nodes")
+        if self.ids is not None and len(set(self.ids)) != len(self.ids):
+            raise ConfigError("ids must be distinct")
+
+    def task_spec(self, shard: int) -> TaskSpec:
+        """What a real node with `shard` loads (learning.TaskSpec, as NodeConfig.task_spec builds it)."""
+        return TaskSpec(
+            name=TASK_ALIASES.get(self.task, self.task), shard=shard, num_shards=self.nodes,
+            partition=self.partition, alpha=self.alpha, seed=self.seed, local_epochs=self.local_epochs,
+            batch_size=self.batch_size, lr=self.lr, data=self.data,
+        )
+
+
+@dataclass
+class RoundStats:
+    """One round across all nodes; accuracy / test_loss are None in rounds that were not evaluated."""
+
+    round: int
+    train_loss: np.ndarray
+    accuracy: np.ndarray | None
+    test_loss: np.ndarray | None
+    consensus: float  # mean over nodes of ||x_i - mean_j x_j||^2
+    bytes_per_node: float  # cumulative mean bytes sent per node, as the node's metrics count them
+    seconds: float
+
+    @property
+    def mean_accuracy(self) -> float | None:
+        return None if self.accuracy is None else float(self.accuracy.mean())
+
+    @property
+    def min_accuracy(self) -> float | None:
+        return None if self.accuracy is None else float(self.accuracy.min())
+
+    def row(self) -> dict:
+        return {
+            "round": self.round, "mean_accuracy": self.mean_accuracy, "min_accuracy": self.min_accuracy,
+            "mean_train_loss": float(self.train_loss.mean()) if self.train_loss.size else None,
+            "mean_test_loss": None if self.test_loss is None else float(self.test_loss.mean()),
+            "consensus": self.consensus, "bytes_per_node": self.bytes_per_node, "seconds": self.seconds,
+        }
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    rounds: list[RoundStats]
+    spectral_gap: float
+    params: int
+    samples: np.ndarray
+    vectors: np.ndarray  # final N x P models
+    timings: dict[str, float] = field(default_factory=dict)
+    mass: np.ndarray | None = None  # push-sum masses at the end
+
+    def rounds_to(self, target: float) -> int | None:
+        """First round whose mean accuracy across nodes reaches `target` (None: never)."""
+        for r in self.rounds:
+            if r.mean_accuracy is not None and r.mean_accuracy >= target:
+                return r.round
+        return None
+
+    @property
+    def final(self) -> RoundStats | None:
+        evaluated = [r for r in self.rounds if r.accuracy is not None]
+        return evaluated[-1] if evaluated else None
+
+
+# --------------------------------------------------------------------------------------------------
+# topology over the virtual nodes
+
+
+class Network:
+    """The topology as the nodes see it: graph per round (cached unless time-varying), in shard order."""
+
+    def __init__(self, topology: str | Topology, n: int, seed: int = 0,
+                 ids: Sequence[str] | None = None, names: Sequence[str] | None = None) -> None:
+        self.topology = parse_topology(topology) if isinstance(topology, str) else topology
+        self.n, self.seed = n, seed
+        width = len(str(max(n - 1, 0)))
+        ids = list(ids) if ids is not None else [f"node-{i:0{width}d}" for i in range(n)]
+        names = list(names) if names is not None else [f"node-{i}" for i in range(n)]
+        order = sorted(range(n), key=lambda i: ids[i])  # graph position k holds shard order[k]
+        self.shard_at = np.array(order, dtype=np.int64)
+        self.labels = [names[i] for i in order]
+        self._cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def edges(self, round: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, cols, degrees) in shard indices: rows[k] receives from cols[k] this round."""
+        if self._cache is not None and not self.topology.time_varying:
+            return self._cache
+        g = self.topology.graph(self.n, seed=self.seed, round=round, labels=self.labels)
+        rows, cols, deg = edge_arrays(g)
+        rows, cols = self.shard_at[rows], self.shard_at[cols]
+        order = np.lexsort((cols, rows))
+        degrees = np.zeros(self.n, dtype=np.int64)
+        degrees[self.shard_at] = deg
+        self._cache = (rows[order], cols[order], degrees)
+        return self._cache
+
+    def gap(self, samples: np.ndarray | None = None) -> float:
+        s = None if samples is None else np.asarray(samples)[self.shard_at]
+        return topology_gap(self.topology.source or self.topology.kind, self.n, self.seed, samples=s,
+                            labels=self.labels) if self.n <= 4096 else float("nan")
+
+
+def consensus_distance(x: np.ndarray) -> float:
+    """Mean over nodes of ||x_i - mean||^2 (float64)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    return float(np.mean(np.sum((x64 - x64.mean(axis=0)) ** 2, axis=1)))
+
+
+def gossip(
+    x0: np.ndarray,
+    topology: str,
+    rounds: int,
+    rule: str = "mean",
+    seed: int = 0,
+    samples: np.ndarray | None = None,
+    radius: float | None = None,
+) -> tuple[np.ndarray, list[float], np.ndarray | None]:
+    """Averaging only: `rounds` gossip steps from x0 (N x P). Returns (x, consensus per round
+    including round 0, push-sum masses or None)."""
+    x = np.array(x0, dtype=np.float32)
+    net = Network(topology, x.shape[0], seed)
+    mass = None if samples is None else np.asarray(samples, dtype=np.float64).copy()
+    dist = [consensus_distance(x)]
+    for t in range(1, rounds + 1):
+        rows, cols, deg = net.edges(t)
+        res = mix_many(x, rows, cols, deg, rule, radius, samples=samples, mass=mass)
+        x, mass = res.vectors, res.mass if res.mass is not None else mass
+        dist.append(consensus_distance(x))
+    return x, dist, (mass if rule == "push-sum" else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# message size (what the node's bytes_out counts)
+
+
+@functools.lru_cache(maxsize=64)
+def _sealed_size(spec_key: tuple, recipients: int) -> int:
+    from p2pfl import codec
+    from p2pfl.envelope import UpdateMeta, seal
+    from p2pfl.identity import Identity
+
+    params = {name: np.zeros(shape, dtype=np.dtype(dt)) for name, shape, dt in spec_key}
+    payload = codec.encode(params)
+    me = Identity.generate()
+    peers = {f"{k:016x}": Identity.generate().box_public_bytes for k in range(recipients)}
+    meta = UpdateMeta(sender=me.node_id, federation="0" * 16, round=1, seq=time.time_ns() // 1000,
+                      timestamp=time.time(), epoch="0" * 16, samples=100, degree=recipients)
+    return len(seal(payload, meta, me, peers))
+
+
+def message_bytes(params: dict[str, np.ndarray], recipients: int) -> int:
+    """Bytes of one sealed update of `params` for `recipients` neighbours (codec frame + envelope).
+
+    Measured by sealing a real envelope for 1 and 2 recipients and extrapolating linearly (each
+    recipient adds one wrapped key), so it costs two seals whatever the degree.
+    """
+    key = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in params.items())
+    try:
+        one, two = _sealed_size(key, 1), _sealed_size(key, 2)
+    except Exception:  # pragma: no cover - no crypto available: the issue's approximation
+        size = sum(int(np.prod(s)) * 4 for _, s, _ in key)
+        return size + HEADER_ESTIMATE
+    return one + (two - one) * (max(recipients, 1) - 1) if recipients > 0 else one - (two - one)
+
+
+# --------------------------------------------------------------------------------------------------
+# batched training and evaluation of TensorTasks
+
+
+@contextlib.contextmanager
+def _memo_partitions() -> Iterator[None]:
+    """Compute learning.partition_indices once for N load_task calls (it is pure; N shards of a
+    Dirichlet split cost about a second each at N = 1024), then restore it."""
+    original = learning.partition_indices
+
+    @functools.wraps(original)
+    def memo(labels, num_shards, scheme="iid", alpha=0.5, seed=0):
+        key = (np.asarray(labels).tobytes(), num_shards, scheme, float(alpha), seed)
+        if key not in cache:
+            cache[key] = original(labels, num_shards, scheme, alpha, seed)
+        return [s.copy() for s in cache[key]]
+
+    cache: dict = {}
+    learning.partition_indices = memo
+    try:
+        yield
+    finally:
+        learning.partition_indices = original
+
+
+def batchable(tasks: Sequence[object], model: nn.Module) -> bool:
+    """True when every task is a TensorTask with the same hyper-parameters and test split, and the
+    model's state is exactly its trainable parameters (no buffers such as batch-norm statistics)."""
+    if not tasks or not all(type(t) is TensorTask for t in tasks):
+        return False
+    state, params = model.state_dict(), dict(model.named_parameters())
+    if list(state) != list(params) or not all(p.requires_grad for p in params.values()):
+        return False
+    first = tasks[0]
+    key = (first.spec.lr, first.spec.batch_size, first.spec.local_epochs)
+    for t in tasks:
+        if (t.spec.lr, t.spec.batch_size, t.spec.local_epochs) != key:
+            return False
+        if t._x_test.shape != first._x_test.shape or not torch.equal(t._x_test, first._x_test):
+            return False
+        if not torch.equal(t._y_test, first._y_test):
+            return False
+    return True
+
+
+class BatchedTrainer:
+    """task.train and task.evaluate for N TensorTasks at once, on the rows of an N x P matrix.
+
+    Same SGD as TensorTask.train: per epoch each node draws torch.randperm(n_i) from its own task
+    generator and steps through minibatches of batch_size with the mean cross-entropy; nodes with
+    fewer batches simply stop stepping. The gradient of the task's own model is vmapped over nodes.
+    """
+
+    def __init__(self, tasks: Sequence[TensorTask], model: nn.Module) -> None:
+        from torch.func import functional_call, grad_and_value, vmap
+
+        self.tasks = list(tasks)
+        self.model = model
+        self.layout = [(name, tuple(p.shape), p.numel()) for name, p in model.named_parameters()]
+        self.sizes = torch.tensor([t.num_samples for t in tasks], dtype=torch.int64)
+        self.offsets = torch.cumsum(self.sizes, 0) - self.sizes
+        self.x = torch.cat([t._x for t in tasks])
+        self.y = torch.cat([t._y for t in tasks])
+        self.x_test, self.y_test = tasks[0]._x_test, tasks[0]._y_test
+        spec = tasks[0].spec
+        self.lr, self.bs, self.epochs = float(spec.lr), int(spec.batch_size), int(spec.local_epochs)
+
+        def loss(params, xb, yb, mask):
+            out = functional_call(model, params, (xb,))
+            ce = F.cross_entropy(out, yb, reduction="none")
+            return (ce * mask).sum() / mask.sum().clamp(min=1.0)
+
+        self._step = vmap(grad_and_value(loss))
+
+        def forward(params, xb):
+            return functional_call(model, params, (xb,))
+
+        self._forward = vmap(forward, in_dims=(0, None))
+        self._chunk: int | None = None
+
+    def _params(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, off = {}, 0
+        for name, shape, size in self.layout:
+            out[name] = rows[:, off : off + size].reshape(rows.shape[0], *shape)
+            off += size
+        return out
+
+    def _flat(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([grads[name].reshape(grads[name].shape[0], -1) for name, _, _ in self.layout], 1)
+
+    def train(self, x: np.ndarray) -> np.ndarray:
+        """Train every row of x in place (x is N x P float32); returns each node's mean training loss."""
+        xt = torch.from_numpy(x)
+        n = len(self.tasks)
+        sizes = self.sizes.tolist()
+        total = torch.zeros(n, dtype=torch.float64)
+        count = torch.zeros(n, dtype=torch.float64)
+        longest = max(sizes)
+        steps = -(-longest // self.bs)
+        model = self.model
+        model.train()
+        for _ in range(self.epochs):
+            idx = torch.full((n, steps * self.bs), -1, dtype=torch.int64)
+            for i, task in enumerate(self.tasks):
+                idx[i, : sizes[i]] = torch.randperm(sizes[i], generator=task._gen) + int(self.offsets[i])
+            for s in range(steps):
+                cols = idx[:, s * self.bs : (s + 1) * self.bs]
+                mask = cols >= 0
+                active = mask[:, 0]
+                if not bool(active.any()):
+                    break
+                everyone = bool(active.all())
+                sel = None if everyone else torch.nonzero(active).squeeze(1)
+                cols, mask = (cols, mask) if everyone else (cols[sel], mask[sel])
+                rows = xt if everyone else xt[sel]
+                xb, yb = self.x[cols.clamp(min=0)], self.y[cols.clamp(min=0)]
+                m = mask.to(torch.float32)
+                with torch.no_grad():
+                    grads, losses = self._step(self._params(rows), xb, yb, m)
+                    g = self._flat(grads)
+                    k = m.sum(1).to(torch.float64)
+                    if everyone:
+                        xt.sub_(g, alpha=self.lr)
+                        total += losses.detach().to(torch.float64) * k
+                        count += k
+                    else:
+                        xt[sel] = xt[sel] - self.lr * g
+                        total[sel] += losses.detach().to(torch.float64) * k
+                        count[sel] += k
+        return (total / count.clamp(min=1)).numpy()
+
+    @torch.no_grad()
+    def _activations_per_sample(self) -> int:
+        """Floats every module outputs for one sample (sizes the evaluation chunks)."""
+        total = 0
+
+        def hook(_module, _inputs, output):
+            nonlocal total
+            if isinstance(output, torch.Tensor):
+                total += output.numel()
+
+        handles = [m.register_forward_hook(hook) for m in self.model.modules()]
+        try:
+            self.model(self.x_test[:1])
+        finally:
+            for h in handles:
+                h.remove()
+        return max(total, 1)
+
+    @torch.no_grad()
+    def evaluate(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(accuracy, mean test loss) of every row of x on the shared test split (as task.evaluate)."""
+        xt = torch.from_numpy(x)
+        n, t = xt.shape[0], len(self.y_test)
+        if self._chunk is None:
+            self._chunk = max(1, EVAL_FLOATS_PER_CHUNK // (t * self._activations_per_sample()))
+        self.model.eval()
+        acc, loss = np.empty(n), np.empty(n)
+        target = self.y_test.view(1, 1, -1)
+        for a in range(0, n, self._chunk):
+            out = self._forward(self._params(xt[a : a + self._chunk]), self.x_test)  # (c, T, C)
+            c = out.shape[0]
+            out = out.permute(2, 0, 1).contiguous()  # (C, c, T): reductions over classes run ~4x faster
+            picked = out.gather(0, target.expand(1, c, -1)).squeeze(0)
+            ce = torch.logsumexp(out, 0) - picked  # = cross_entropy(reduction="none")
+            loss[a : a + c] = ce.to(torch.float64).mean(1).numpy()
+            acc[a : a + c] = (out.max(0).indices == self.y_test).to(torch.float64).mean(1).numpy()
+        self.model.train()
+        return acc, loss
+
+
+# --------------------------------------------------------------------------------------------------
+# the simulation
+
+
+class Simulation:
+    """N virtual nodes; `run()` plays cfg.rounds rounds and returns a SimResult."""
+
+    def __init__(self, cfg: SimConfig, x0: np.ndarray | None = None) -> None:
+        started = time.perf_counter()
+        self.cfg = cfg
+        n = cfg.nodes
+        self.net = Network(cfg.topology, n, cfg.seed, ids=cfg.ids, names=cfg.names)
+        with _memo_partitions():
+            self.tasks = [load_task(cfg.task_spec(i)) for i in range(n)]
+        # every node builds its own initial model, as the real node does
+        self.models = [t.build_model() for t in self.tasks]
+        params0 = get_params(self.models[0])
+        self.spec = {k: (tuple(v.shape), v.dtype) for k, v in params0.items()}
+        self.x = np.stack([flatten(get_params(m)) for m in self.models]) if x0 is None else (
+            np.array(x0, dtype=np.float32))
+        if self.x.shape != (n, sum(v.size for v in params0.values())):
+            raise ValueError(f"x0 must be {n} x P, got {self.x.shape}")
+        self.samples = np.array([t.num_samples for t in self.tasks], dtype=np.int64)
+        self.mass = self.samples.astype(np.float64)  # push-sum masses start at the sample counts
+        self.trainer: BatchedTrainer | None = None
+        if cfg.vectorised and batchable(self.tasks, self.models[0]):
+            self.trainer = BatchedTrainer(self.tasks, self.models[0])
+            self.models = self.models[:1]  # only the template is needed; frees N-1 modules
+        self._params0 = params0
+        self._bytes: dict[int, int] = {}
+        self.sent = np.zeros(n, dtype=np.float64)
+        self.timings = {"setup": time.perf_counter() - started, "train": 0.0, "mix": 0.0, "eval": 0.0}
+
+    # -- the three phases of a round ------------------------------------------------------------
+
+    def _train(self) -> np.ndarray:
+        if not self.cfg.train:
+            return np.zeros(0)
+        if self.trainer is not None:
+            return self.trainer.train(self.x)
+        losses = np.empty(self.cfg.nodes)
+        for i, (task, model) in enumerate(zip(self.tasks, self.models, strict=True)):
+            set_params(model, unflatten(self.x[i], self.spec))
+            losses[i] = task.train(model)
+            self.x[i] = flatten(get_params(model))
+        return losses
+
+    def _mix(self, round: int) -> None:
+        cfg = self.cfg
+        rows, cols, deg = self.net.edges(round)
+        if cfg.drop > 0 and len(rows):
+            keep = np.random.default_rng([cfg.seed, round, 7]).random(len(rows)) >= cfg.drop
+            rows, cols = rows[keep], cols[keep]
+        for i, d in enumerate(deg.tolist()):  # every node sends one update sealed for its d neighbours
+            if d:
+                self.sent[i] += self._message(d) * d
+        if cfg.vectorised:
+            res = mix_many(self.x, rows, cols, deg, cfg.rule, cfg.radius, samples=self.samples, mass=self.mass)
+            self.x = res.vectors
+            if res.mass is not None:
+                self.mass = res.mass
+            return
+        new = np.empty_like(self.x)
+        new_mass = self.mass.copy()
+        starts = np.searchsorted(rows, np.arange(cfg.nodes + 1))
+        for i in range(cfg.nodes):
+            got = [Neighbour(str(j), self.x[j], int(deg[j]), int(self.samples[j]), float(self.mass[j]))
+                   for j in cols[starts[i] : starts[i + 1]].tolist()]
+            res = mix(self.x[i], int(deg[i]), got, cfg.rule, cfg.radius,
+                      own_samples=int(self.samples[i]), own_mass=float(self.mass[i]))
+            new[i] = res.vector
+            if res.mass is not None:
+                new_mass[i] = res.mass
+        self.x, self.mass = new, new_mass
+
+    def _message(self, degree: int) -> int:
+        if degree not in self._bytes:
+            self._bytes[degree] = message_bytes(self._params0, degree)
+        return self._bytes[degree]
+
+    def _evaluate(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.trainer is not None:
+            return self.trainer.evaluate(self.x)
+        acc, loss = np.empty(self.cfg.nodes), np.empty(self.cfg.nodes)
+        for i, (task, model) in enumerate(zip(self.tasks, self.models, strict=True)):
+            set_params(model, unflatten(self.x[i], self.spec))
+            acc[i], loss[i] = task.evaluate(model)
+        return acc, loss
+
+    # -- rounds -----------------------------------------------------------------------------------
+
+    def step(self, round: int) -> RoundStats:
+        """One round, numbered like the node's (1, 2, ...)."""
+        t0 = time.perf_counter()
+        losses = self._train()
+        t1 = time.perf_counter()
+        self._mix(round)
+        t2 = time.perf_counter()
+        acc = test_loss = None
+        if round % self.cfg.eval_every == 0 or round == self.cfg.rounds:
+            acc, test_loss = self._evaluate()
+        t3 = time.perf_counter()
+        self.timings["train"] += t1 - t0
+        self.timings["mix"] += t2 - t1
+        self.timings["eval"] += t3 - t2
+        return RoundStats(round, losses, acc, test_loss, consensus_distance(self.x),
+                          float(self.sent.mean()), t3 - t0)
+
+    def run(self, on_round: Callable[[RoundStats], None] | None = None, gap: bool = True) -> SimResult:
+        history = []
+        for r in range(1, self.cfg.rounds + 1):
+            stats = self.step(r)
+            history.append(stats)
+            if on_round is not None:
+                on_round(stats)
+        g = float("nan")
+        if gap:
+            t0 = time.perf_counter()
+            g = self.net.gap(self.samples if self.cfg.rule == "weighted" else None)
+            self.timings["gap"] = time.perf_counter() - t0
+        return SimResult(self.cfg, history, g, self.x.shape[1], self.samples, self.x, dict(self.timings),
+                         self.mass if self.cfg.rule == "push-sum" else None)
+
+
+def simulate(cfg: SimConfig, on_round: Callable[[RoundStats], None] | None = None) -> SimResult:
+    """Build and run one simulation."""
+    return Simulation(cfg).run(on_round)
+
+
+# --------------------------------------------------------------------------------------------------
+# command line: python -m p2pfl.sim --nodes 64 --topology exponential --rounds 50
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m p2pfl.sim", description=__doc__.split("\n")[0])
+    p.add_argument("--task", default="digits-logreg", help="digits-logreg, digits-mlp, ... or module:function")
+    p.add_argument("--nodes", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--topology", default="ring", help="a built-in name or a topology file")
+    p.add_argument("--rule", default="mean", choices=RULES)
+    p.add_argument("--radius", type=float, default=None)
+    p.add_argument("--partition", default="iid", choices=learning.PARTITION_SCHEMES)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--drop", type=float, default=0.0)
+    p.add_argument("--loop", action="store_true", help="per-node loop instead of the vectorised path")
+    a = p.parse_args(argv)
+    cfg = SimConfig(task=a.task, nodes=a.nodes, rounds=a.rounds, topology=a.topology, rule=a.rule,
+                    radius=a.radius, partition=a.partition, alpha=a.alpha, seed=a.seed, lr=a.lr,
+                    batch_size=a.batch_size, local_epochs=a.local_epochs, drop=a.drop, vectorised=not a.loop)
+    res = simulate(cfg, lambda s: print(json.dumps(s.row())))
+    final = res.final
+    print(json.dumps({"config": asdict(cfg), "spectral_gap": res.spectral_gap, "params": res.params,
+                      "final_mean_accuracy": final.mean_accuracy if final else None,
+                      "final_min_accuracy": final.min_accuracy if final else None,
+                      "timings": res.timings}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
