@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -12,6 +13,7 @@ from p2pfl import config as config_mod
 from p2pfl.errors import P2PFLError
 
 DAY = 86400.0
+PUBLIC_KEYS = "node.pub"
 
 
 def _node(args: argparse.Namespace) -> None:
@@ -31,14 +33,37 @@ def _federation_init(args: argparse.Namespace) -> None:
     print(f"keep {directory / 'root.key'} offline; give {directory / 'federation.pub'} to every node")
 
 
+def _keys(args: argparse.Namespace) -> None:
+    from p2pfl.identity import load_or_create
+
+    identity = load_or_create(Path(args.data_dir))
+    path = Path(args.data_dir) / PUBLIC_KEYS
+    path.write_text(json.dumps({"node_id": identity.node_id, "sign_key": identity.verify_key_bytes.hex(),
+                                "box_key": identity.box_public_bytes.hex()}, indent=1))
+    print(f"node {identity.node_id}: public keys in {path}; send that file (only) to the federation admin")
+
+
+def _public_keys(node_dir: Path) -> tuple[bytes, bytes]:
+    """The node's public keys: from node.pub when only that was handed over, else from (new) key files."""
+    from p2pfl.identity import load_or_create
+
+    if (node_dir / PUBLIC_KEYS).exists() and not (node_dir / "signing.key").exists():
+        try:
+            keys = json.loads((node_dir / PUBLIC_KEYS).read_text())
+            return bytes.fromhex(keys["sign_key"]), bytes.fromhex(keys["box_key"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise P2PFLError(f"{node_dir / PUBLIC_KEYS} is not a `p2pfl keys` file: {exc}") from exc
+    identity = load_or_create(node_dir)
+    return identity.verify_key_bytes, identity.box_public_bytes
+
+
 def _federation_issue(args: argparse.Namespace) -> None:
     from p2pfl.federation import FederationAuthority
-    from p2pfl.identity import load_or_create
 
     authority = FederationAuthority.load(Path(args.dir))
     node_dir = Path(args.node_dir)
-    identity = load_or_create(node_dir)  # the node's private keys stay in node_dir
-    cert = authority.issue(args.name, identity.verify_key_bytes, identity.box_public_bytes, args.ttl_days * DAY)
+    sign_key, box_key = _public_keys(node_dir)
+    cert = authority.issue(args.name, sign_key, box_key, args.ttl_days * DAY)
     (node_dir / "certificate").write_bytes(cert.to_bytes())
     shutil.copyfile(Path(args.dir) / "federation.pub", node_dir / "federation.pub")
     print(f"issued {args.name} ({cert.node_id}), valid {args.ttl_days:g} days, into {node_dir}")
@@ -75,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     init = fed.add_parser("init", help="create a federation root key")
     init.add_argument("--dir", required=True, help="where root.key and federation.pub go")
     init.set_defaults(func=_federation_init)
-    issue = fed.add_parser("issue", help="certify a node (creates its keys in --node-dir if missing)")
+    issue = fed.add_parser(
+        "issue", help="certify a node: from --node-dir/node.pub (see `p2pfl keys`), else its keys (created if missing)")
     issue.add_argument("name", help="human-readable node name, unique in the federation")
     issue.add_argument("--dir", required=True, help="the federation directory from `federation init`")
     issue.add_argument("--node-dir", required=True, help="the node's data_dir")
@@ -85,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("node_id")
     revoke.add_argument("--dir", required=True)
     revoke.set_defaults(func=_federation_revoke)
+
+    keys = sub.add_parser("keys", help="create this node's keys (if missing) and export its public keys")
+    keys.add_argument("--data-dir", required=True, help="the node's data_dir")
+    keys.set_defaults(func=_keys)
 
     cfg = sub.add_parser("config", help="print the default node configuration as TOML")
     cfg.set_defaults(func=_config)

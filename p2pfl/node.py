@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +164,7 @@ class Node:
         assert self.discovery is not None
         ads = self.discovery.peers()
         advertised = {f"{a.host}:{a.port}": a for a in ads.values()}
-        for address, ad in advertised.items():
+        for ad in advertised.values():
             self._add_link(ad.host, ad.port, ad.fingerprint)
         for address in list(self.peers):
             if address not in advertised and address not in self.cfg.discovery.static_peers:
@@ -308,7 +309,8 @@ class Node:
         await self.start()
         try:
             await self._wait_for_peers()
-            for self.round in range(1, self.cfg.training.rounds + 1):
+            for round_ in range(1, self.cfg.training.rounds + 1):
+                self.round = round_
                 await self._round()
             await asyncio.sleep(self.cfg.gossip.linger_s)
         finally:
@@ -316,4 +318,14 @@ class Node:
 
 
 def run_node(cfg: NodeConfig) -> None:
-    asyncio.run(Node(cfg).run())
+    """Run a node to completion; SIGTERM and Ctrl-C both stop it cleanly (broker, links, mDNS goodbye)."""
+
+    async def main() -> None:
+        node = Node(cfg)
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        await node.run()
+
+    with contextlib.suppress(asyncio.CancelledError):
+        asyncio.run(main())

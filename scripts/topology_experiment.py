@@ -1,0 +1,347 @@
+#!/usr/bin/env python
+"""Topology experiment: a grid of simulated federations (topologies x sizes x partitions x rules).
+
+Every run is `p2pfl.sim` (the node's task, topology and aggregation code on N virtual nodes). Writes
+to --out (default runs/topology):
+
+  rounds.csv        one row per run and round (mean / min accuracy, consensus distance, bytes per node)
+  summary.csv       one row per run
+  summary.md        the markdown table: spectral gap, rounds to the target accuracy, final mean and
+                    minimum accuracy across nodes, final consensus distance, bytes sent per node
+  accuracy_vs_round.png, consensus_vs_round.png (log scale), accuracy_vs_bytes.png, rules.png
+
+The rules other than "mean" (sample-weighted gossip, push-sum) run only on the partitions named
+by --compare-on (default: dirichlet, where shard sizes differ).
+
+    python scripts/topology_experiment.py                      # the default grid (a few minutes)
+    python scripts/topology_experiment.py --quick              # a smoke test (seconds)
+    python scripts/topology_experiment.py --topologies ring,exponential --sizes 64 --rounds 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from p2pfl.aggregation import RULES  # noqa: E402
+from p2pfl.sim import SimConfig, SimResult, Simulation  # noqa: E402
+from p2pfl.topology import parse_topology  # noqa: E402
+
+DEFAULT_TOPOLOGIES = (
+    "ring", "torus", "exponential", "one-peer-exponential", "random-regular", "erdos-renyi",
+    "small-world", "star", "full",
+)
+DEFAULT_SIZES = (16, 64, 256)
+DEFAULT_PARTITIONS = ("iid", "dirichlet")
+DEFAULT_RULES = ("mean", "weighted", "push-sum")
+
+
+@dataclass
+class Run:
+    topology: str
+    nodes: int
+    partition: str
+    rule: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.topology} n={self.nodes} {self.partition} {self.rule}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--topologies", default=",".join(DEFAULT_TOPOLOGIES),
+                   help="comma-separated built-in names (with :params) or topology files")
+    p.add_argument("--topology", default=None, help="a single topology (name or file); overrides --topologies")
+    p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
+    p.add_argument("--partitions", default=",".join(DEFAULT_PARTITIONS))
+    p.add_argument("--rules", default=",".join(DEFAULT_RULES), help=f"comma-separated, of {', '.join(RULES)}")
+    p.add_argument("--compare-on", default="dirichlet",
+                   help="partitions on which rules other than 'mean' run ('all' for every partition)")
+    p.add_argument("--rounds", type=int, default=100)
+    p.add_argument("--target", type=float, default=0.85, help="target mean accuracy across nodes")
+    p.add_argument("--task", default="digits-logreg")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skew)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--drop", type=float, default=0.0, help="probability that one update is lost")
+    p.add_argument("--out", default="runs/topology")
+    p.add_argument("--quick", action="store_true", help="ring/exponential/full, n=16, 20 rounds")
+    p.add_argument("--no-plots", action="store_true")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.topologies, a.sizes, a.rounds = "ring,exponential,full", "16", 20
+    if a.topology:
+        a.topologies = a.topology
+    return a
+
+
+def grid(a: argparse.Namespace) -> list[Run]:
+    tops = [t.strip() for t in a.topologies.split(",") if t.strip()]
+    for t in tops:
+        parse_topology(t)  # fail before the first run on a typo
+    sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
+    parts = [s.strip() for s in a.partitions.split(",") if s.strip()]
+    rules = [s.strip() for s in a.rules.split(",") if s.strip()]
+    bad = [r for r in rules if r not in RULES]
+    if bad:
+        raise SystemExit(f"unknown rule(s) {bad}; known: {', '.join(RULES)}")
+    compare = parts if a.compare_on == "all" else [s.strip() for s in a.compare_on.split(",")]
+    runs = []
+    for part in parts:
+        for rule in rules:
+            if rule != "mean" and part not in compare:
+                continue
+            for n in sizes:
+                for top in tops:
+                    runs.append(Run(top, n, part, rule))
+    return runs
+
+
+def summarise(run: Run, res: SimResult, target: float, seconds: float) -> dict:
+    final = res.final
+    hit = res.rounds_to(target)
+    bytes_at = {r.round: r.bytes_per_node for r in res.rounds}
+    return {
+        "topology": run.topology, "nodes": run.nodes, "partition": run.partition, "rule": run.rule,
+        "spectral_gap": res.spectral_gap, "rounds_to_target": hit,
+        "final_mean_accuracy": final.mean_accuracy if final else None,
+        "final_min_accuracy": final.min_accuracy if final else None,
+        "final_consensus": res.rounds[-1].consensus if res.rounds else None,
+        "bytes_per_node": res.rounds[-1].bytes_per_node if res.rounds else 0.0,
+        "bytes_to_target": bytes_at.get(hit) if hit else None,
+        "mean_degree": float(np.mean(_degrees(res))), "params": res.params,
+        "min_samples": int(res.samples.min()), "max_samples": int(res.samples.max()), "seconds": seconds,
+    }
+
+
+def _degrees(res: SimResult) -> np.ndarray:
+    top = parse_topology(res.config.topology)
+    n = res.config.nodes
+    if top.time_varying:
+        return np.array([sum(dict(top.graph(n, res.config.seed, t).degree).values()) / n for t in range(1, 9)])
+    return np.array([d for _, d in top.graph(n, res.config.seed).degree])
+
+
+def _fmt(v, spec: str = ".3f", none: str = "-") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return none
+    return format(v, spec)
+
+
+def _mb(v) -> str:
+    return "-" if v is None else f"{v / 1e6:.2f}"
+
+
+def markdown(rows: list[dict], a: argparse.Namespace, wall: float) -> str:
+    lines = [
+        f"Task `{a.task}`, {a.rounds} rounds, 1 local epoch per round (lr {a.lr}, batch {a.batch_size}), "
+        f"Dirichlet alpha {a.alpha}, seed {a.seed}; target = mean accuracy across nodes >= {a.target}. "
+        f"Gap = spectral gap of the mixing matrix (per-round rate over one period for one-peer "
+        f"exponential; of the sample-weighted matrix for rule `weighted`). Consensus = mean over nodes "
+        f"of ||x_i - mean||^2 after the last round. MB/node = bytes each node sent in all rounds "
+        f"(sealed update x degree). Wall time {wall:.0f} s.",
+        "",
+        "| topology | n | partition | rule | gap | rounds to target | MB/node to target | final mean acc "
+        "| final min acc | consensus | MB/node |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['topology']} | {r['nodes']} | {r['partition']} | {r['rule']} | {_fmt(r['spectral_gap'], '.4f')} "
+            f"| {_fmt(r['rounds_to_target'], 'd', f'>{a.rounds}')} | {_mb(r['bytes_to_target'])} "
+            f"| {_fmt(r['final_mean_accuracy'])} | {_fmt(r['final_min_accuracy'])} "
+            f"| {_fmt(r['final_consensus'], '.2e')} | {_mb(r['bytes_per_node'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def checks(rows: list[dict], a: argparse.Namespace) -> list[str]:
+    """The issue's acceptance check: at n=64 the exponential graph needs fewer rounds than the ring."""
+    out = []
+    for part in sorted({r["partition"] for r in rows}):
+        pick = {r["topology"]: r for r in rows if r["nodes"] == 64 and r["partition"] == part and r["rule"] == "mean"}
+        if "exponential" in pick and "ring" in pick:
+            e, g = pick["exponential"]["rounds_to_target"], pick["ring"]["rounds_to_target"]
+            ok = e is not None and (g is None or e < g)
+            out.append(f"n=64 {part}: exponential reaches {a.target} in {_fmt(e, 'd', f'>{a.rounds}')} rounds, "
+                       f"ring in {_fmt(g, 'd', f'>{a.rounds}')}: {'OK' if ok else 'NOT MET'}")
+    return out
+
+
+def plots(out: Path, results: dict[str, tuple[Run, SimResult]], a: argparse.Namespace) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean_runs = [(run, res) for run, res in results.values() if run.rule == "mean"]
+    parts = sorted({run.partition for run, _ in mean_runs}, key=lambda p: (p != "iid", p))
+    sizes = sorted({run.nodes for run, _ in mean_runs})
+    tops = list(dict.fromkeys(run.topology for run, _ in mean_runs))
+    colors = {t: plt.cm.tab10(i % 10) for i, t in enumerate(tops)}
+    written = []
+
+    def panel_grid(title: str, ylabel: str, xlabel: str, draw, name: str, logy=False, logx=False):
+        if not parts or not sizes:
+            return
+        fig, axes = plt.subplots(len(parts), len(sizes), figsize=(4.2 * len(sizes), 3.3 * len(parts)),
+                                 squeeze=False, sharey=True)
+        for i, part in enumerate(parts):
+            for j, n in enumerate(sizes):
+                ax = axes[i][j]
+                for run, res in mean_runs:
+                    if run.partition == part and run.nodes == n:
+                        draw(ax, run, res, colors[run.topology])
+                ax.set_title(f"n = {n}, {part}", fontsize=10)
+                if logy:
+                    ax.set_yscale("log")
+                if logx:
+                    ax.set_xscale("log")
+                ax.grid(alpha=0.3)
+                if i == len(parts) - 1:
+                    ax.set_xlabel(xlabel)
+                if j == 0:
+                    ax.set_ylabel(ylabel)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=9, frameon=False)
+        fig.suptitle(title)
+        fig.tight_layout(rect=(0, 0.07 if len(labels) > 5 else 0.04, 1, 1))
+        path = out / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    def acc_round(ax, run, res, c):
+        rs = [r for r in res.rounds if r.accuracy is not None]
+        ax.plot([r.round for r in rs], [r.mean_accuracy for r in rs], color=c, label=run.topology, lw=1.4)
+        ax.axhline(a.target, color="gray", ls=":", lw=0.8)
+
+    def cons_round(ax, run, res, c):
+        ax.plot([r.round for r in res.rounds], [max(r.consensus, 1e-12) for r in res.rounds], color=c,
+                label=run.topology, lw=1.4)
+
+    def acc_bytes(ax, run, res, c):
+        rs = [r for r in res.rounds if r.accuracy is not None]
+        ax.plot([r.bytes_per_node / 1e6 for r in rs], [r.mean_accuracy for r in rs], color=c,
+                label=run.topology, lw=1.4)
+        ax.axhline(a.target, color="gray", ls=":", lw=0.8)
+
+    panel_grid("Mean test accuracy across nodes (rule mean)", "accuracy", "round", acc_round,
+               "accuracy_vs_round.png")
+    panel_grid("Consensus distance: mean ||x_i - mean||^2", "consensus distance", "round", cons_round,
+               "consensus_vs_round.png", logy=True)
+    panel_grid("Accuracy vs megabytes sent per node", "accuracy", "MB sent per node", acc_bytes,
+               "accuracy_vs_bytes.png", logx=True)
+
+    rule_runs = [(run, res) for run, res in results.values() if run.partition in
+                 {r.partition for r, _ in results.values() if r.rule != "mean"}]
+    rules = list(dict.fromkeys(run.rule for run, _ in rule_runs))
+    if len(rules) > 1:
+        rsizes = sorted({run.nodes for run, _ in rule_runs})
+        fig, axes = plt.subplots(1, len(rsizes), figsize=(5.5 * len(rsizes), 3.6), squeeze=False, sharey=True)
+        width = 0.8 / len(rules)
+        for j, n in enumerate(rsizes):
+            ax = axes[0][j]
+            rtops = list(dict.fromkeys(run.topology for run, _ in rule_runs if run.nodes == n))
+            for k, rule in enumerate(rules):
+                vals = []
+                for t in rtops:
+                    match = [res for run, res in rule_runs if run.nodes == n and run.topology == t and run.rule == rule]
+                    vals.append(match[0].final.mean_accuracy if match and match[0].final else np.nan)
+                ax.bar(np.arange(len(rtops)) + (k - (len(rules) - 1) / 2) * width, vals, width, label=rule)
+            ax.set_xticks(np.arange(len(rtops)), rtops, rotation=45, ha="right", fontsize=8)
+            ax.set_title(f"n = {n}, {rule_runs[0][0].partition}", fontsize=10)
+            ax.set_ylim(0, 1)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][0].set_ylabel(f"final mean accuracy (round {a.rounds})")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle("Aggregation rules on a skewed partition")
+        fig.tight_layout()
+        path = out / "rules.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    runs = grid(a)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console = Console(stderr=True, width=150)  # piped to a log: keep one line per run
+    console.print(f"[bold]{len(runs)} runs[/] x {a.rounds} rounds -> {out}")
+    results: dict[str, tuple[Run, SimResult]] = {}
+    rows: list[dict] = []
+    started = time.perf_counter()
+    with open(out / "rounds.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["topology", "nodes", "partition", "rule", "round", "mean_accuracy", "min_accuracy",
+                         "mean_train_loss", "consensus", "bytes_per_node"])
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            overall = progress.add_task("grid", total=len(runs))
+            current = progress.add_task("", total=a.rounds)
+            for run in runs:
+                progress.update(current, description=run.key, completed=0)
+                t0 = time.perf_counter()
+                cfg = SimConfig(task=a.task, nodes=run.nodes, rounds=a.rounds, topology=run.topology,
+                                rule=run.rule, partition=run.partition, alpha=a.alpha, seed=a.seed, lr=a.lr,
+                                batch_size=a.batch_size, local_epochs=a.local_epochs, eval_every=a.eval_every,
+                                drop=a.drop)
+                res = Simulation(cfg).run(lambda s: progress.advance(current))
+                seconds = time.perf_counter() - t0
+                results[run.key] = (run, res)
+                row = summarise(run, res, a.target, seconds)
+                rows.append(row)
+                for r in res.rounds:
+                    d = r.row()
+                    writer.writerow([run.topology, run.nodes, run.partition, run.rule, r.round,
+                                     d["mean_accuracy"], d["min_accuracy"], d["mean_train_loss"],
+                                     d["consensus"], d["bytes_per_node"]])
+                progress.console.print(
+                    f"{run.key:<48} gap {_fmt(row['spectral_gap'], '.4f'):>7}  "
+                    f"target@{_fmt(row['rounds_to_target'], 'd', '-'):>4}  acc {_fmt(row['final_mean_accuracy'])} "
+                    f"(min {_fmt(row['final_min_accuracy'])})  {seconds:.1f} s")
+                progress.advance(overall)
+    wall = time.perf_counter() - started
+    with open(out / "summary.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = checks(rows, a)
+    md = markdown(rows, a, wall)
+    if lines:
+        md += "\n" + "\n".join(f"- {line}" for line in lines) + "\n"
+    (out / "summary.md").write_text(md)
+    figures = [] if a.no_plots else plots(out, results, a)
+    for line in lines:
+        console.print(line)
+    console.print(f"wrote {out / 'rounds.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}"
+                  + "".join(f", {p}" for p in figures) + f" in {wall:.0f} s")
+    print(json.dumps({"runs": len(rows), "wall_s": round(wall, 1), "out": str(out), "checks": lines}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
