@@ -18,11 +18,14 @@ Weighting by data size (s_i = the node's sample count, carried in every update h
   s_i p_ij = s_j p_ji, so sum_i s_i x_i is conserved and plain averaging converges to the
   sample-weighted average sum_i s_i x_i / sum_i s_i. It is stateless (needs only the s_j and degrees
   already in the headers), it keeps weighting every round's local training by s_i, and a neighbour
-  cannot pull harder than plain MH whatever sample count it claims (min(1, .) caps it).
+  cannot pull harder than plain MH whatever sample count it claims (min(1, .) caps it). The price:
+  a node with much more data than its neighbours moves slowly (s_i p_ij <= s_j w_ij), so the
+  spectral gap shrinks as sizes get more skewed (topology.mixing_matrix(graph, samples) shows it).
 - "push-sum" (weighted gossip, Kempe et al. 2003) starts each node's scalar mass m_i at s_i and mixes
   numerators m_i x_i and masses with the symmetric MH weights: x_i' is again a convex combination and
   its fixed point is the sample-weighted average. The node must keep m_i between rounds and send it
-  with every update; masses tend to the mean sample count, so later training steps count equally.
+  with every update; it mixes as fast as plain MH, but masses tend to the mean sample count, so
+  later training steps count equally.
   A neighbour lying about its mass can dominate the mix: use it only among trusted nodes.
 
 `mix` runs one node's step (the real node); `mix_many` runs every node's step at once on an N x P
@@ -202,7 +205,8 @@ def mix(
             weights[nb.node_id] *= sample_accept(float(own_samples), nb.samples)  # type: ignore[arg-type]
     elif rule == "push-sum":
         keep = 1.0 - sum(weights[nb.node_id] for nb in usable)  # missing neighbours' weight stays home
-        new_mass = keep * float(own_mass) + sum(weights[nb.node_id] * _mass_of(nb) for nb in usable)  # type: ignore[arg-type]
+        incoming = sum(weights[nb.node_id] * _mass_of(nb) for nb in usable)
+        new_mass = keep * float(own_mass) + incoming  # type: ignore[arg-type]
         for nb in usable:
             weights[nb.node_id] = weights[nb.node_id] * _mass_of(nb) / new_mass if new_mass > 0 else 0.0
 
@@ -316,7 +320,8 @@ def mix_many(
     coef = np.where(usable, w, 0.0)
     shown = coef.copy()  # the weights mix() reports (clipping scale not included)
     if rule == "clipped":
-        tau = np.full(n, float(radius)) if radius is not None else _adaptive_radii(n, rows, d)  # type: ignore[arg-type]
+        assert d is not None
+        tau = np.full(n, float(radius)) if radius is not None else _adaptive_radii(n, rows, d)
         t = tau[rows]
         with np.errstate(divide="ignore", invalid="ignore"):
             scale = np.where(d > t, t / d, 1.0)  # type: ignore[operator]

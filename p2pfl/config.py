@@ -12,7 +12,6 @@ from p2pfl.errors import ConfigError
 from p2pfl.learning import TaskSpec
 
 RULES = ("clipped", "mean")
-PARTITIONS = ("iid", "dirichlet")
 
 
 @dataclass
@@ -34,16 +33,6 @@ class DiscoverySection:
 
 @dataclass
 class TrainingSection:
-    task: str = "digits-mlp"
-    data: str = ""  # optional .npz with X, y for your own data
-    shard: int = 0
-    num_shards: int = 1
-    partition: str = "iid"
-    alpha: float = 0.5
-    seed: int = 0
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.3
     rounds: int = 20
     threads: int = 1  # torch intra-op threads; several nodes often share one machine
 
@@ -73,6 +62,7 @@ class MetricsSection:
 class NodeConfig:
     node: NodeSection = field(default_factory=NodeSection)
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
+    task: TaskSpec = field(default_factory=TaskSpec)  # what to learn; validated by TaskSpec itself
     training: TrainingSection = field(default_factory=TrainingSection)
     gossip: GossipSection = field(default_factory=GossipSection)
     security: SecuritySection = field(default_factory=SecuritySection)
@@ -85,13 +75,6 @@ class NodeConfig:
     @property
     def metrics_path(self) -> Path:
         return Path(self.metrics.path) if self.metrics.path else self.data_dir / "metrics.jsonl"
-
-    def task_spec(self) -> TaskSpec:
-        t = self.training
-        return TaskSpec(
-            name=t.task, shard=t.shard, num_shards=t.num_shards, partition=t.partition, alpha=t.alpha,
-            seed=t.seed, local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, data=t.data,
-        )
 
 
 def _coerce(section: str, key: str, value: Any, expected: Any) -> Any:
@@ -123,11 +106,6 @@ def validate(cfg: NodeConfig) -> NodeConfig:
     checks = [
         (1 <= cfg.node.port <= 65535, "[node] port must be 1..65535"),
         (cfg.training.rounds >= 1, "[training] rounds must be >= 1"),
-        (cfg.training.num_shards >= 1, "[training] num_shards must be >= 1"),
-        (0 <= cfg.training.shard < cfg.training.num_shards, "[training] shard must be in 0..num_shards-1"),
-        (cfg.training.partition in PARTITIONS, f"[training] partition must be one of {PARTITIONS}"),
-        (cfg.training.alpha > 0, "[training] alpha must be > 0"),
-        (cfg.training.lr > 0, "[training] lr must be > 0"),
         (cfg.training.threads >= 1, "[training] threads must be >= 1"),
         (cfg.gossip.rule in RULES, f"[gossip] rule must be one of {RULES}"),
         (cfg.gossip.round_timeout_s > 0, "[gossip] round_timeout_s must be > 0"),

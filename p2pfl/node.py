@@ -96,7 +96,7 @@ class Node:
         self.node_id = self.identity.node_id
         self.fed = self.root.federation_id
         self.metrics = Metrics(cfg.metrics_path)
-        self.task = load_task(cfg.task_spec())
+        self.task = load_task(cfg.task)
         torch.set_num_threads(cfg.training.threads)
         self.model = self.task.build_model()
         self.spec = codec.spec_of(get_params(self.model))
@@ -211,7 +211,7 @@ class Node:
         epoch = hashlib.blake2b("\n".join(ids).encode(), digest_size=8).hexdigest()
         names = {nid: c.name for nid, c in members.items()}
         nbrs = topology.neighbours(self.cfg.gossip.topology, ids, self.node_id, self.round,
-                                   seed=self.cfg.training.seed, names=names)
+                                   seed=self.cfg.task.seed, names=names)
         return members, nbrs, epoch
 
     def _seal(self, vector_params: dict[str, np.ndarray], members: dict[str, Certificate],

@@ -26,6 +26,7 @@ from rich.table import Table
 from p2pfl import config as config_mod
 from p2pfl.federation import FederationAuthority
 from p2pfl.identity import load_or_create
+from p2pfl.learning import PARTITION_SCHEMES, TaskSpec
 from p2pfl.metrics import read_jsonl
 
 HOST = "127.0.0.1"
@@ -54,9 +55,9 @@ def node_config(args: argparse.Namespace, index: int, directory: Path) -> config
     cfg.node.name, cfg.node.data_dir, cfg.node.host, cfg.node.port = f"node-{index}", str(directory), HOST, free_port()
     cfg.discovery.interfaces, cfg.discovery.expect_peers = [HOST], args.nodes - 1
     cfg.discovery.wait_s = args.wait
-    t = cfg.training
-    t.task, t.shard, t.num_shards, t.partition, t.alpha = args.task, index, args.nodes, args.partition, args.alpha
-    t.rounds, t.seed = args.rounds, args.seed
+    cfg.task = TaskSpec(name=args.task, shard=index, num_shards=args.nodes, partition=args.partition,
+                        alpha=args.alpha, seed=args.seed)
+    cfg.training.rounds = args.rounds
     cfg.gossip.topology, cfg.gossip.rule, cfg.gossip.round_timeout_s = args.topology, args.rule, args.round_timeout
     cfg.metrics.save_models = True
     return config_mod.validate(cfg)
@@ -203,7 +204,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--topology", default="ring", help="ring, full, or a topology file path")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--task", default="digits-mlp")
-    p.add_argument("--partition", default="iid", choices=config_mod.PARTITIONS)
+    p.add_argument("--partition", default="iid", choices=PARTITION_SCHEMES)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition dirichlet")
     p.add_argument("--rule", default="clipped", choices=config_mod.RULES)
     p.add_argument("--seed", type=int, default=0)

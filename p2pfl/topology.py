@@ -107,7 +107,7 @@ class Topology:
     params: Mapping[str, Any] = field(default_factory=dict)
     seed: int | None = None
     edges: tuple[tuple[str | int, str | int], ...] = ()
-    source: str = ""
+    source: str = field(default="", compare=False)
 
     @property
     def time_varying(self) -> bool:
@@ -363,7 +363,9 @@ def _from_file(path: Path) -> Topology:
         raise ConfigError(f"topology file {where!r}: seed must be an integer")
     if kind != "edges":
         if kind not in BUILTIN_TOPOLOGIES:
-            raise ConfigError(f"topology file {where!r}: unknown kind {raw_kind!r}; known: {', '.join(FILE_KINDS)}")
+            raise ConfigError(
+                f"topology file {where!r}: unknown kind {raw_kind!r}; known: {', '.join(FILE_KINDS)}"
+            )
         allowed = set(_PARAMS.get(kind, ())) | {"connected"}
         params = {k: table[k] for k in ("degree", "p", "k", "connected") if k in table}
         extra = sorted(set(params) - allowed)
@@ -376,7 +378,9 @@ def _from_file(path: Path) -> Topology:
     pairs = []
     for k, e in enumerate(edges):
         if not (isinstance(e, list) and len(e) == 2 and all(isinstance(v, str | int) for v in e)):
-            raise ConfigError(f"topology file {where!r}: edge #{k} must be a pair of names or indices, got {e!r}")
+            raise ConfigError(
+                f"topology file {where!r}: edge #{k} must be a pair of names or indices, got {e!r}"
+            )
         pairs.append((e[0], e[1]))
     return Topology("edges", edges=tuple(pairs), seed=seed, source=where)
 
@@ -392,7 +396,9 @@ def _read_edge_list(path: Path) -> list[tuple[str, str]]:
         if not fields:
             continue
         if len(fields) != 2:
-            raise ConfigError(f"topology file {str(path)!r} line {lineno}: expected 'a b', got {line.strip()!r}")
+            raise ConfigError(
+                f"topology file {str(path)!r} line {lineno}: expected 'a b', got {line.strip()!r}"
+            )
         pairs.append((fields[0], fields[1]))
     return pairs
 

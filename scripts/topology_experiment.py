@@ -38,8 +38,15 @@ from p2pfl.sim import SimConfig, SimResult, Simulation  # noqa: E402
 from p2pfl.topology import parse_topology  # noqa: E402
 
 DEFAULT_TOPOLOGIES = (
-    "ring", "torus", "exponential", "one-peer-exponential", "random-regular", "erdos-renyi",
-    "small-world", "star", "full",
+    "ring",
+    "torus",
+    "exponential",
+    "one-peer-exponential",
+    "random-regular",
+    "erdos-renyi",
+    "small-world",
+    "star",
+    "full",
 )
 DEFAULT_SIZES = (16, 64, 256)
 DEFAULT_PARTITIONS = ("iid", "dirichlet")
@@ -59,16 +66,27 @@ class Run:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--topologies", default=",".join(DEFAULT_TOPOLOGIES),
-                   help="comma-separated built-in names (with :params) or topology files")
-    p.add_argument("--topology", default=None, help="a single topology (name or file); overrides --topologies")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument(
+        "--topologies",
+        default=",".join(DEFAULT_TOPOLOGIES),
+        help="comma-separated built-in names (with :params) or topology files",
+    )
+    p.add_argument(
+        "--topology", default=None, help="a single topology (name or file); overrides --topologies"
+    )
     p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
     p.add_argument("--partitions", default=",".join(DEFAULT_PARTITIONS))
     p.add_argument("--rules", default=",".join(DEFAULT_RULES), help=f"comma-separated, of {', '.join(RULES)}")
-    p.add_argument("--compare-on", default="dirichlet",
-                   help="partitions on which rules other than 'mean' run ('all' for every partition)")
+    p.add_argument(
+        "--compare-on",
+        default="dirichlet",
+        help="partitions on which rules other than 'mean' run ('all' for every partition)",
+    )
     p.add_argument("--rounds", type=int, default=100)
     p.add_argument("--target", type=float, default=0.85, help="target mean accuracy across nodes")
     p.add_argument("--task", default="digits-logreg")
@@ -117,15 +135,22 @@ def summarise(run: Run, res: SimResult, target: float, seconds: float) -> dict:
     hit = res.rounds_to(target)
     bytes_at = {r.round: r.bytes_per_node for r in res.rounds}
     return {
-        "topology": run.topology, "nodes": run.nodes, "partition": run.partition, "rule": run.rule,
-        "spectral_gap": res.spectral_gap, "rounds_to_target": hit,
+        "topology": run.topology,
+        "nodes": run.nodes,
+        "partition": run.partition,
+        "rule": run.rule,
+        "spectral_gap": res.spectral_gap,
+        "rounds_to_target": hit,
         "final_mean_accuracy": final.mean_accuracy if final else None,
         "final_min_accuracy": final.min_accuracy if final else None,
         "final_consensus": res.rounds[-1].consensus if res.rounds else None,
         "bytes_per_node": res.rounds[-1].bytes_per_node if res.rounds else 0.0,
         "bytes_to_target": bytes_at.get(hit) if hit else None,
-        "mean_degree": float(np.mean(_degrees(res))), "params": res.params,
-        "min_samples": int(res.samples.min()), "max_samples": int(res.samples.max()), "seconds": seconds,
+        "mean_degree": float(np.mean(_degrees(res))),
+        "params": res.params,
+        "min_samples": int(res.samples.min()),
+        "max_samples": int(res.samples.max()),
+        "seconds": seconds,
     }
 
 
@@ -133,7 +158,9 @@ def _degrees(res: SimResult) -> np.ndarray:
     top = parse_topology(res.config.topology)
     n = res.config.nodes
     if top.time_varying:
-        return np.array([sum(dict(top.graph(n, res.config.seed, t).degree).values()) / n for t in range(1, 9)])
+        return np.array(
+            [sum(dict(top.graph(n, res.config.seed, t).degree).values()) / n for t in range(1, 9)]
+        )
     return np.array([d for _, d in top.graph(n, res.config.seed).degree])
 
 
@@ -170,16 +197,51 @@ def markdown(rows: list[dict], a: argparse.Namespace, wall: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pivot(rows: list[dict], a: argparse.Namespace) -> str:
+    """Rounds to the target per topology (rows) and partition / size / rule (columns)."""
+    cols = list(dict.fromkeys((r["partition"], r["nodes"], r["rule"]) for r in rows))
+    tops = list(dict.fromkeys(r["topology"] for r in rows))
+    cell = {(r["topology"], r["partition"], r["nodes"], r["rule"]): r for r in rows}
+    head = "| topology | " + " | ".join(
+        f"{p} n={n}" + ("" if rule == "mean" else f" {rule}") for p, n, rule in cols
+    )
+    lines = [
+        f"Rounds to mean accuracy >= {a.target} (>{a.rounds}: not reached; gap in brackets for rule mean):",
+        "",
+        head + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for t in tops:
+        vals = []
+        for p, n, rule in cols:
+            r = cell.get((t, p, n, rule))
+            if r is None:
+                vals.append("")
+                continue
+            v = _fmt(r["rounds_to_target"], "d", f">{a.rounds}")
+            vals.append(
+                v + (f" ({_fmt(r['spectral_gap'], '.3f')})" if rule == "mean" and p == cols[0][0] else "")
+            )
+        lines.append(f"| {t} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def checks(rows: list[dict], a: argparse.Namespace) -> list[str]:
     """The issue's acceptance check: at n=64 the exponential graph needs fewer rounds than the ring."""
     out = []
     for part in sorted({r["partition"] for r in rows}):
-        pick = {r["topology"]: r for r in rows if r["nodes"] == 64 and r["partition"] == part and r["rule"] == "mean"}
+        pick = {
+            r["topology"]: r
+            for r in rows
+            if r["nodes"] == 64 and r["partition"] == part and r["rule"] == "mean"
+        }
         if "exponential" in pick and "ring" in pick:
             e, g = pick["exponential"]["rounds_to_target"], pick["ring"]["rounds_to_target"]
             ok = e is not None and (g is None or e < g)
-            out.append(f"n=64 {part}: exponential reaches {a.target} in {_fmt(e, 'd', f'>{a.rounds}')} rounds, "
-                       f"ring in {_fmt(g, 'd', f'>{a.rounds}')}: {'OK' if ok else 'NOT MET'}")
+            out.append(
+                f"n=64 {part}: exponential reaches {a.target} in {_fmt(e, 'd', f'>{a.rounds}')} rounds, "
+                f"ring in {_fmt(g, 'd', f'>{a.rounds}')}: {'OK' if ok else 'NOT MET'}"
+            )
     return out
 
 
@@ -199,8 +261,9 @@ def plots(out: Path, results: dict[str, tuple[Run, SimResult]], a: argparse.Name
     def panel_grid(title: str, ylabel: str, xlabel: str, draw, name: str, logy=False, logx=False):
         if not parts or not sizes:
             return
-        fig, axes = plt.subplots(len(parts), len(sizes), figsize=(4.2 * len(sizes), 3.3 * len(parts)),
-                                 squeeze=False, sharey=True)
+        fig, axes = plt.subplots(
+            len(parts), len(sizes), figsize=(4.2 * len(sizes), 3.3 * len(parts)), squeeze=False, sharey=True
+        )
         for i, part in enumerate(parts):
             for j, n in enumerate(sizes):
                 ax = axes[i][j]
@@ -232,46 +295,79 @@ def plots(out: Path, results: dict[str, tuple[Run, SimResult]], a: argparse.Name
         ax.axhline(a.target, color="gray", ls=":", lw=0.8)
 
     def cons_round(ax, run, res, c):
-        ax.plot([r.round for r in res.rounds], [max(r.consensus, 1e-12) for r in res.rounds], color=c,
-                label=run.topology, lw=1.4)
+        # exact consensus (full graph: W = J/n) is 0, which a log axis cannot show: leave it out
+        ax.plot(
+            [r.round for r in res.rounds],
+            [r.consensus if r.consensus > 1e-9 else np.nan for r in res.rounds],
+            color=c,
+            label=run.topology,
+            lw=1.4,
+        )
 
     def acc_bytes(ax, run, res, c):
         rs = [r for r in res.rounds if r.accuracy is not None]
-        ax.plot([r.bytes_per_node / 1e6 for r in rs], [r.mean_accuracy for r in rs], color=c,
-                label=run.topology, lw=1.4)
+        ax.plot(
+            [r.bytes_per_node / 1e6 for r in rs],
+            [r.mean_accuracy for r in rs],
+            color=c,
+            label=run.topology,
+            lw=1.4,
+        )
         ax.axhline(a.target, color="gray", ls=":", lw=0.8)
 
-    panel_grid("Mean test accuracy across nodes (rule mean)", "accuracy", "round", acc_round,
-               "accuracy_vs_round.png")
-    panel_grid("Consensus distance: mean ||x_i - mean||^2", "consensus distance", "round", cons_round,
-               "consensus_vs_round.png", logy=True)
-    panel_grid("Accuracy vs megabytes sent per node", "accuracy", "MB sent per node", acc_bytes,
-               "accuracy_vs_bytes.png", logx=True)
+    panel_grid(
+        "Mean test accuracy across nodes (rule mean)", "accuracy", "round", acc_round, "accuracy_vs_round.png"
+    )
+    panel_grid(
+        "Consensus distance: mean ||x_i - mean||^2 (full graph: exactly 0, not drawn)",
+        "consensus distance",
+        "round",
+        cons_round,
+        "consensus_vs_round.png",
+        logy=True,
+    )
+    panel_grid(
+        "Accuracy vs megabytes sent per node",
+        "accuracy",
+        "MB sent per node",
+        acc_bytes,
+        "accuracy_vs_bytes.png",
+        logx=True,
+    )
 
-    rule_runs = [(run, res) for run, res in results.values() if run.partition in
-                 {r.partition for r, _ in results.values() if r.rule != "mean"}]
+    compared = {r.partition for r, _ in results.values() if r.rule != "mean"}
+    rule_runs = [(run, res) for run, res in results.values() if run.partition in compared]
     rules = list(dict.fromkeys(run.rule for run, _ in rule_runs))
     if len(rules) > 1:
+        styles = dict(zip(rules, ["-", "--", ":", "-."], strict=False))
+        present = list(dict.fromkeys(run.topology for run, _ in rule_runs))
+        shown = [t for t in ("ring", "torus", "exponential", "erdos-renyi") if t in present] or present[:4]
         rsizes = sorted({run.nodes for run, _ in rule_runs})
-        fig, axes = plt.subplots(1, len(rsizes), figsize=(5.5 * len(rsizes), 3.6), squeeze=False, sharey=True)
-        width = 0.8 / len(rules)
+        fig, axes = plt.subplots(1, len(rsizes), figsize=(4.6 * len(rsizes), 3.8), squeeze=False, sharey=True)
         for j, n in enumerate(rsizes):
             ax = axes[0][j]
-            rtops = list(dict.fromkeys(run.topology for run, _ in rule_runs if run.nodes == n))
-            for k, rule in enumerate(rules):
-                vals = []
-                for t in rtops:
-                    match = [res for run, res in rule_runs if run.nodes == n and run.topology == t and run.rule == rule]
-                    vals.append(match[0].final.mean_accuracy if match and match[0].final else np.nan)
-                ax.bar(np.arange(len(rtops)) + (k - (len(rules) - 1) / 2) * width, vals, width, label=rule)
-            ax.set_xticks(np.arange(len(rtops)), rtops, rotation=45, ha="right", fontsize=8)
-            ax.set_title(f"n = {n}, {rule_runs[0][0].partition}", fontsize=10)
-            ax.set_ylim(0, 1)
-            ax.grid(axis="y", alpha=0.3)
-        axes[0][0].set_ylabel(f"final mean accuracy (round {a.rounds})")
-        axes[0][0].legend(fontsize=8)
-        fig.suptitle("Aggregation rules on a skewed partition")
-        fig.tight_layout()
+            for run, res in rule_runs:
+                if run.nodes == n and run.topology in shown:
+                    rs = [r for r in res.rounds if r.accuracy is not None]
+                    ax.plot(
+                        [r.round for r in rs],
+                        [r.mean_accuracy for r in rs],
+                        ls=styles[run.rule],
+                        color=colors.get(run.topology, "k"),
+                        lw=1.3,
+                        label=f"{run.topology}, {run.rule}",
+                    )
+            ax.axhline(a.target, color="gray", ls=":", lw=0.8)
+            ax.set_title(f"n = {n}, {sorted(compared)[0]}", fontsize=10)
+            ax.set_xlabel("round")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("mean accuracy")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(rules), fontsize=8, frameon=False)
+        fig.suptitle(
+            "Aggregation rules on a skewed partition (solid: mean, dashed: weighted, dotted: push-sum)"
+        )
+        fig.tight_layout(rect=(0, 0.05 + 0.035 * math.ceil(len(labels) / len(rules)), 1, 1))
         path = out / "rules.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -296,19 +392,47 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with open(out / "rounds.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["topology", "nodes", "partition", "rule", "round", "mean_accuracy", "min_accuracy",
-                         "mean_train_loss", "consensus", "bytes_per_node"])
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as progress:
+        writer.writerow(
+            [
+                "topology",
+                "nodes",
+                "partition",
+                "rule",
+                "round",
+                "mean_accuracy",
+                "min_accuracy",
+                "mean_train_loss",
+                "consensus",
+                "bytes_per_node",
+            ]
+        )
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
             overall = progress.add_task("grid", total=len(runs))
             current = progress.add_task("", total=a.rounds)
             for run in runs:
                 progress.update(current, description=run.key, completed=0)
                 t0 = time.perf_counter()
-                cfg = SimConfig(task=a.task, nodes=run.nodes, rounds=a.rounds, topology=run.topology,
-                                rule=run.rule, partition=run.partition, alpha=a.alpha, seed=a.seed, lr=a.lr,
-                                batch_size=a.batch_size, local_epochs=a.local_epochs, eval_every=a.eval_every,
-                                drop=a.drop)
+                cfg = SimConfig(
+                    task=a.task,
+                    nodes=run.nodes,
+                    rounds=a.rounds,
+                    topology=run.topology,
+                    rule=run.rule,
+                    partition=run.partition,
+                    alpha=a.alpha,
+                    seed=a.seed,
+                    lr=a.lr,
+                    batch_size=a.batch_size,
+                    local_epochs=a.local_epochs,
+                    eval_every=a.eval_every,
+                    drop=a.drop,
+                )
                 res = Simulation(cfg).run(lambda s: progress.advance(current))
                 seconds = time.perf_counter() - t0
                 results[run.key] = (run, res)
@@ -316,13 +440,25 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 for r in res.rounds:
                     d = r.row()
-                    writer.writerow([run.topology, run.nodes, run.partition, run.rule, r.round,
-                                     d["mean_accuracy"], d["min_accuracy"], d["mean_train_loss"],
-                                     d["consensus"], d["bytes_per_node"]])
+                    writer.writerow(
+                        [
+                            run.topology,
+                            run.nodes,
+                            run.partition,
+                            run.rule,
+                            r.round,
+                            d["mean_accuracy"],
+                            d["min_accuracy"],
+                            d["mean_train_loss"],
+                            d["consensus"],
+                            d["bytes_per_node"],
+                        ]
+                    )
                 progress.console.print(
                     f"{run.key:<48} gap {_fmt(row['spectral_gap'], '.4f'):>7}  "
                     f"target@{_fmt(row['rounds_to_target'], 'd', '-'):>4}  acc {_fmt(row['final_mean_accuracy'])} "
-                    f"(min {_fmt(row['final_min_accuracy'])})  {seconds:.1f} s")
+                    f"(min {_fmt(row['final_min_accuracy'])})  {seconds:.1f} s"
+                )
                 progress.advance(overall)
     wall = time.perf_counter() - started
     with open(out / "summary.csv", "w", newline="") as fh:
@@ -330,15 +466,18 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     lines = checks(rows, a)
-    md = markdown(rows, a, wall)
+    md = pivot(rows, a) + "\n" + markdown(rows, a, wall)
     if lines:
         md += "\n" + "\n".join(f"- {line}" for line in lines) + "\n"
     (out / "summary.md").write_text(md)
     figures = [] if a.no_plots else plots(out, results, a)
     for line in lines:
         console.print(line)
-    console.print(f"wrote {out / 'rounds.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}"
-                  + "".join(f", {p}" for p in figures) + f" in {wall:.0f} s")
+    console.print(
+        f"wrote {out / 'rounds.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}"
+        + "".join(f", {p}" for p in figures)
+        + f" in {wall:.0f} s"
+    )
     print(json.dumps({"runs": len(rows), "wall_s": round(wall, 1), "out": str(out), "checks": lines}))
     return 0
 

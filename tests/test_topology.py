@@ -12,11 +12,18 @@ import scipy.sparse as sp
 from p2pfl.errors import ConfigError
 from p2pfl.topology import (
     BUILTIN_TOPOLOGIES,
+    TIME_VARYING,
     build_graph,
+    edge_arrays,
+    epoch_id,
+    is_time_varying,
     mixing_matrix,
     mixing_matrix_sparse,
     neighbours,
+    parse_topology,
     spectral_gap,
+    topology_gap,
+    view,
 )
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
@@ -43,11 +50,15 @@ def test_ring_small_cases() -> None:
 def test_full_and_others_are_simple_connected_graphs() -> None:
     assert edges(build_graph("full", 4)) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
     for name in BUILTIN_TOPOLOGIES:
-        for n in (2, 3, 5, 16, 17):
+        for n in (2, 3, 5, 16, 17, 64):
             g = build_graph(name, n, seed=3)
             assert list(g.nodes) == list(range(n))
             assert nx.number_of_selfloops(g) == 0
-            assert nx.is_connected(g), (name, n)
+            if name in TIME_VARYING:  # connected over one period, not in every round
+                union = nx.compose_all([build_graph(name, n, seed=3, round=t) for t in range(8)])
+                assert nx.is_connected(union), (name, n)
+            else:
+                assert nx.is_connected(g), (name, n)
     assert all(d == 4 for _, d in build_graph("random-regular", 16, seed=1).degree)
     assert all(d == 3 for _, d in build_graph("random-regular:3", 16, seed=1).degree)
     assert edges(build_graph("random-regular", 16, seed=1)) == edges(
@@ -98,7 +109,12 @@ def test_toml_variants_and_errors(tmp_path) -> None:
     reg.write_text('[topology]\nkind = "random-regular"\ndegree = 3\nseed = 9\n')
     assert edges(build_graph(str(reg), 10, seed=0)) == edges(build_graph("random-regular:3", 10, seed=9))
     for text in (
-        '[topology]\nkind = "star"\n',
+        '[topology]\nkind = "hypercube"\n',
+        '[topology]\nkind = "ring"\ndegree = 3\n',
+        '[topology]\nkind = "random-regular"\ndegree = 0\n',
+        '[topology]\nkind = "erdos-renyi"\np = 1.5\n',
+        '[topology]\nkind = "ring"\nseed = "x"\n',
+        '[topology]\nkind = "ring"\ntypo = 1\n',
         '[topology]\nkind = "edges"\n',
         '[topology]\nkind = "edges"\nedges = [["a"]]\n',
         "[topology\n",
@@ -230,3 +246,153 @@ def test_consensus_decays_with_the_gap() -> None:
     for _ in range(20):
         x = w @ x
     assert np.mean((x - x.mean(axis=0)) ** 2) <= dist0 * (1 - gap) ** 40 * 1.0001
+
+
+# ---------------------------------------------------------------------------------------- families
+
+
+def test_star_torus_and_exponential_shapes() -> None:
+    star = build_graph("star", 6)
+    assert dict(star.degree) == {0: 5, 1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
+    torus = build_graph("torus", 12)  # 3 x 4 grid with wrap-around
+    assert all(d == 4 for _, d in torus.degree) and torus.number_of_edges() == 24
+    assert edges(build_graph("torus", 7)) == edges(build_graph("ring", 7)), "prime n: a 1 x n torus is a ring"
+    exp = build_graph("exponential", 16)  # hops 1, 2, 4, 8 (8 = n/2 counted once)
+    assert all(d == 7 for _, d in exp.degree)
+    assert sorted(exp.neighbors(0)) == [1, 2, 4, 8, 12, 14, 15]
+
+
+def test_one_peer_exponential_is_a_matching_that_changes_every_round() -> None:
+    assert is_time_varying("one-peer-exponential") and not is_time_varying("ring")
+    seen = []
+    for t in range(4):
+        g = build_graph("one-peer-exponential", 16, round=t)
+        assert all(d == 1 for _, d in g.degree), "a perfect matching for n a power of two"
+        seen.append(sorted(g.neighbors(0)))
+    assert seen == [[1], [2], [4], [8]]
+    assert edges(build_graph("one-peer-exponential", 16, round=4)) == edges(
+        build_graph("one-peer-exponential", 16, round=0)
+    ), "period ceil(log2 n)"
+    g = build_graph("one-peer-exponential", 6, round=2)  # partner i ^ 4 exists only for i = 0, 1
+    assert edges(g) == [(0, 4), (1, 5)]
+    members = [f"id{k:02d}" for k in range(16)]
+    assert neighbours("one-peer-exponential", members, "id00", round=1) == ["id02"]
+    assert neighbours("one-peer-exponential", members, "id00", round=2) == ["id04"]
+
+
+def test_random_families_are_seeded_connected_and_parametrised() -> None:
+    for name in ("random-regular", "erdos-renyi", "small-world", "erdos-renyi:0.2", "small-world:6:0.3"):
+        a, b = build_graph(name, 40, seed=5), build_graph(name, 40, seed=5)
+        assert edges(a) == edges(b), f"{name}: every node must draw the same graph"
+        assert nx.is_connected(a)
+        assert edges(build_graph(name, 40, seed=6)) != edges(a), f"{name}: the seed matters"
+    ws = build_graph("small-world:6:0.0", 20)  # no rewiring: the ring lattice with 6 neighbours
+    assert all(d == 6 for _, d in ws.degree)
+    full_er = build_graph("erdos-renyi:1", 10)
+    assert full_er.number_of_edges() == 45
+    # p below the connectivity threshold: redrawn until connected, unless connected = false
+    assert nx.is_connected(build_graph("erdos-renyi:0.15", 30, seed=1))
+    assert build_graph("small-world:8", 5).number_of_edges() == 10, "k >= n - 1: everyone"
+    for bad in ("erdos-renyi:2", "erdos-renyi:x", "small-world:4:0.1:9", "random-regular:0", "ring:3"):
+        with pytest.raises(ConfigError):
+            build_graph(bad, 10)
+
+
+def test_aliases_and_labels() -> None:
+    assert parse_topology("ws:6:0.2") == parse_topology("small-world:6:0.2")
+    assert parse_topology("er").kind == "erdos-renyi" and parse_topology("exp").kind == "exponential"
+    assert parse_topology("small-world:6:0.2").label == "small-world:6:0.2"
+    assert parse_topology(str(TOPOLOGIES / "edges_4.toml")).label == "edges_4"
+    assert parse_topology("ring.toml").kind == "ring", "bare file names resolve in topologies/"
+    assert parse_topology("edges_4").kind == "edges"
+
+
+def test_one_file_per_family_and_files_match_the_builtins() -> None:
+    files = {parse_topology(str(p)).kind: p for p in sorted(TOPOLOGIES.glob("*.toml"))}
+    assert set(BUILTIN_TOPOLOGIES) | {"edges"} <= set(files)
+    same_as = {
+        "random-regular": ("random-regular:4", 0),
+        "erdos-renyi": ("erdos-renyi:0.3", 0),
+        "small-world": ("small-world:4:0.1", 0),
+    }
+    for kind, path in files.items():
+        if kind == "edges":
+            continue
+        name, seed = same_as.get(kind, (kind, 7))
+        for n in (4, 9, 16):
+            for t in (0, 1, 2):
+                assert edges(build_graph(str(path), n, seed=7, round=t)) == edges(
+                    build_graph(name, n, seed=seed, round=t)
+                ), (kind, n, t)
+
+
+# ---------------------------------------------------------------------------------------- agreement
+
+
+@pytest.mark.parametrize("name", [*BUILTIN_TOPOLOGIES, "edges_4.toml"])
+def test_every_node_derives_the_same_graph_without_a_coordinator(name: str) -> None:
+    rng = np.random.default_rng(1)
+    ids = [f"{int(v):016x}" for v in rng.integers(0, 2**62, size=11)]
+    names = {nid: f"node-{k}" for k, nid in enumerate(ids)}
+    for rnd in (1, 2, 3):
+        views = {}
+        for me in ids:
+            seen_by_me = list(rng.permutation(ids))  # each node learns the members in its own order
+            views[me] = view(name, seen_by_me, me, rnd, seed=4, names=names)
+        assert len({v.epoch for v in views.values()}) == 1
+        for me, v in views.items():
+            assert v.degree == len(v.neighbours) and me not in v.neighbours
+            for other in v.neighbours:
+                assert me in views[other].neighbours, f"{name}: edge {me}-{other} seen from one side only"
+        # the header degrees make every node compute the same MH weight for a shared edge
+        order = sorted(ids)
+        g = nx.empty_graph(len(ids))
+        g.add_edges_from((order.index(a), order.index(b)) for a, v in views.items() for b in v.neighbours)
+        w = mixing_matrix(g)
+        assert np.allclose(w, w.T) and np.allclose(w.sum(axis=1), 1.0)
+
+
+def test_membership_change_moves_to_a_new_epoch() -> None:
+    ids = [f"n{k}" for k in range(8)]
+    before = view("ring", ids, "n0", 5)
+    after = view("ring", ids[:-1], "n0", 5)  # n7 left
+    assert before.epoch == epoch_id(ids) == epoch_id(reversed(ids))
+    assert after.epoch == epoch_id(ids[:-1]) != before.epoch
+    assert before.neighbours == ["n1", "n7"] and after.neighbours == ["n1", "n6"]
+    assert (before.n, after.n, before.index) == (8, 7, 0)
+    # the node's former formula for the epoch: blake2b of the sorted ids
+    import hashlib
+
+    assert epoch_id(ids) == hashlib.blake2b("\n".join(sorted(ids)).encode(), digest_size=8).hexdigest()
+
+
+def test_edge_arrays_are_both_directions_sorted_by_row() -> None:
+    g = build_graph("ring", 5)
+    rows, cols, deg = edge_arrays(g)
+    assert list(deg) == [2] * 5 and len(rows) == 10
+    assert list(rows) == sorted(rows)
+    assert set(zip(rows.tolist(), cols.tolist(), strict=True)) == {
+        (u, v) for a, b in g.edges for u, v in ((a, b), (b, a))
+    }
+
+
+# ---------------------------------------------------------------------------------------- gaps
+
+
+def test_topology_gap_for_static_time_varying_and_weighted() -> None:
+    assert topology_gap("ring", 16) == pytest.approx(0.051, rel=0.05)
+    assert topology_gap("one-peer-exponential", 16) == 1.0, "log2(n) rounds average exactly"
+    g6 = topology_gap("one-peer-exponential", 12)
+    assert 0 < g6 < 1
+    assert topology_gap("star", 16) == pytest.approx(spectral_gap(mixing_matrix(build_graph("star", 16))))
+    s = np.arange(1, 17)
+    w = mixing_matrix(build_graph("exponential", 16), samples=s)
+    assert np.allclose(w.sum(axis=1), 1.0) and np.all(w >= 0)
+    flow = s[:, None] * w
+    assert np.allclose(flow, flow.T), "reversible w.r.t. the sample counts"
+    assert np.allclose(s @ w, s), "the sample-weighted average is conserved"
+    assert topology_gap("exponential", 16, samples=s) == pytest.approx(spectral_gap(w))
+    assert np.allclose(mixing_matrix_sparse(build_graph("exponential", 16), samples=s).toarray(), w)
+    assert np.allclose(
+        mixing_matrix(build_graph("ring", 8), samples=np.full(8, 5.0)), mixing_matrix(build_graph("ring", 8))
+    )

@@ -1,0 +1,188 @@
+"""The simulator: same task setup as the node, vectorised path == per-node loop, deterministic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from p2pfl import topology
+from p2pfl.aggregation import RULES
+from p2pfl.errors import ConfigError
+from p2pfl.learning import TaskSpec, TensorTask, flatten, get_params, load_task, set_params, unflatten
+from p2pfl.sim import (
+    BatchedTrainer,
+    Network,
+    SimConfig,
+    Simulation,
+    batchable,
+    consensus_distance,
+    gossip,
+    message_bytes,
+    simulate,
+)
+
+
+class WrappedTask(TensorTask):
+    """A Task the simulator cannot batch (not exactly a TensorTask): it must use the per-node loop."""
+
+
+def wrapped_task(spec: TaskSpec) -> WrappedTask:
+    task = load_task(TaskSpec(**{**spec.__dict__, "name": "synthetic-logreg"}))
+    task.__class__ = WrappedTask
+    return task
+
+
+def test_virtual_nodes_are_set_up_like_real_nodes() -> None:
+    cfg = SimConfig(nodes=6, rounds=0, partition="dirichlet", alpha=0.3, seed=4, lr=0.1)
+    sim = Simulation(cfg)
+    for i, task in enumerate(sim.tasks):
+        spec = TaskSpec(
+            "p2pfl.sim:digits_logreg", shard=i, num_shards=6, partition="dirichlet", alpha=0.3, seed=4, lr=0.1
+        )
+        assert task.spec == spec
+        real = load_task(spec)  # what a node with task.shard = i loads
+        assert torch.equal(task._x, real._x) and task.num_samples == real.num_samples
+        assert np.array_equal(sim.x[i], flatten(get_params(real.build_model())))
+    assert list(sim.samples) == [t.num_samples for t in sim.tasks]
+    assert sim.samples.sum() == sum(load_task(cfg.task_spec(i)).num_samples for i in range(6))
+
+
+def test_batched_training_and_evaluation_equal_task_train_and_evaluate() -> None:
+    for name in ("digits-logreg", "digits-mlp"):
+        cfg = SimConfig(task=name, nodes=5, partition="dirichlet", alpha=0.5, local_epochs=2, batch_size=16)
+        tasks = [load_task(cfg.task_spec(i)) for i in range(5)]
+        twins = [load_task(cfg.task_spec(i)) for i in range(5)]  # same generators, same seeds
+        model = tasks[0].build_model()
+        assert batchable(tasks, model)
+        spec = {k: (v.shape, v.dtype) for k, v in get_params(model).items()}
+        rng = np.random.default_rng(0)
+        x = np.stack(
+            [
+                flatten(get_params(model))
+                + 0.1 * rng.normal(size=sum(v.size for v in get_params(model).values()))
+                for _ in range(5)
+            ]
+        ).astype(np.float32)
+        reference = x.copy()
+        trainer = BatchedTrainer(tasks, model)
+        losses = trainer.train(x)
+        acc, test_loss = trainer.evaluate(x)
+        for i, task in enumerate(twins):
+            m = task.build_model()
+            set_params(m, unflatten(reference[i], spec))
+            loss = task.train(m)
+            assert np.allclose(flatten(get_params(m)), x[i], atol=2e-5), (name, i)
+            assert loss == pytest.approx(losses[i], rel=1e-4)
+            a, l_ = task.evaluate(m)
+            assert a == pytest.approx(acc[i], abs=1 / task.num_test + 1e-9) and l_ == pytest.approx(
+                test_loss[i], rel=1e-4
+            )
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_vectorised_run_equals_the_per_node_loop(rule: str) -> None:
+    base = dict(
+        nodes=7,
+        rounds=3,
+        topology="random-regular:3",
+        rule=rule,
+        partition="dirichlet",
+        seed=2,
+        batch_size=16,
+        drop=0.1,
+    )
+    fast = simulate(SimConfig(**base))
+    slow = simulate(SimConfig(**base, vectorised=False))
+    assert np.allclose(fast.vectors, slow.vectors, atol=1e-4)
+    for a, b in zip(fast.rounds, slow.rounds, strict=True):
+        assert np.allclose(a.accuracy, b.accuracy, atol=3 / 450)
+        assert np.allclose(a.train_loss, b.train_loss, rtol=1e-3)
+        assert a.consensus == pytest.approx(b.consensus, rel=1e-3)
+        assert a.bytes_per_node == b.bytes_per_node
+    if rule == "push-sum":
+        assert np.allclose(fast.mass, slow.mass) and fast.mass.sum() <= fast.samples.sum() + 1e-6
+
+
+def test_unbatchable_tasks_fall_back_to_the_loop_and_time_varying_topologies_work() -> None:
+    cfg = SimConfig(task="test_sim:wrapped_task", nodes=4, rounds=4, topology="one-peer-exponential")
+    sim = Simulation(cfg)
+    assert sim.trainer is None and len(sim.models) == 4
+    res = sim.run()
+    assert res.spectral_gap == 1.0 and res.final.accuracy.shape == (4,)
+    ref = simulate(SimConfig(task="synthetic-logreg", nodes=4, rounds=4, topology="one-peer-exponential"))
+    assert np.allclose(res.vectors, ref.vectors, atol=1e-5)
+
+
+def test_deterministic_under_the_seed() -> None:
+    cfg = SimConfig(
+        nodes=12, rounds=4, topology="erdos-renyi", partition="dirichlet", rule="clipped", seed=3, drop=0.2
+    )
+    a, b = simulate(cfg), simulate(cfg)
+    assert np.array_equal(a.vectors, b.vectors)
+    assert [r.row()["mean_accuracy"] for r in a.rounds] == [r.row()["mean_accuracy"] for r in b.rounds]
+    c = simulate(SimConfig(**{**cfg.__dict__, "seed": 4}))
+    assert not np.array_equal(a.vectors, c.vectors)
+
+
+def test_node_ids_order_the_graph_like_real_nodes() -> None:
+    ids = ("f3", "0a", "9c", "41", "d7", "22")
+    names = tuple(f"node-{i}" for i in range(6))
+    net = Network("ring", 6, ids=ids, names=names)
+    rows, cols, deg = net.edges(1)
+    for i, me in enumerate(ids):
+        expect = topology.neighbours("ring", list(ids), me, 1, names=dict(zip(ids, names, strict=True)))
+        assert sorted(ids[j] for j in cols[rows == i]) == expect
+        assert deg[i] == len(expect)
+    # an edge-list file by names sees the node names
+    net = Network("edges_4.toml", 4, ids=("z", "y", "x", "w"), names=("node-0", "node-1", "node-2", "node-3"))
+    rows, cols, _ = net.edges(1)
+    assert sorted(cols[rows == 1].tolist()) == [0, 2]  # node-1 ~ node-0, node-2
+    with pytest.raises(ConfigError):
+        SimConfig(nodes=3, ids=("a", "a", "b"))
+
+
+def test_message_bytes_match_a_real_sealed_update_and_are_counted_per_neighbour() -> None:
+    from p2pfl import codec
+    from p2pfl.envelope import UpdateMeta, seal
+    from p2pfl.identity import Identity
+
+    params = {"w": np.zeros((10, 64), dtype=np.float32), "b": np.zeros(10, dtype=np.float32)}
+    me = Identity.generate()
+    peers = {Identity.generate().node_id: Identity.generate().box_public_bytes for _ in range(5)}
+    meta = UpdateMeta(me.node_id, "ab" * 8, 3, 17, 1.5e9, "cd" * 8, 120, 5)
+    real = len(seal(codec.encode(params), meta, me, peers))
+    assert abs(message_bytes(params, 5) - real) <= 16  # header integers vary by a few bytes
+    res = simulate(SimConfig(nodes=8, rounds=2, topology="ring"))
+    assert res.rounds[1].bytes_per_node == pytest.approx(
+        2 * 2 * message_bytes(get_params(torch.nn.Linear(64, 10)), 2)
+    )
+
+
+def test_averaging_only_and_consensus_distance() -> None:
+    x0 = np.random.default_rng(0).normal(size=(16, 3))
+    assert consensus_distance(x0) == pytest.approx(np.mean(np.sum((x0 - x0.mean(0)) ** 2, axis=1)))
+    x, dist, _ = gossip(x0, "full", 1)
+    assert dist[-1] < 1e-10 and np.allclose(x, x0.mean(0), atol=1e-6)
+    cfg = SimConfig(nodes=16, rounds=3, topology="exponential", train=False)
+    start = Simulation(cfg).x + np.random.default_rng(1).normal(size=(16, 650)).astype(np.float32)
+    sim = Simulation(cfg, x0=start).run()
+    assert sim.rounds[0].train_loss.size == 0
+    _, expect, _ = gossip(start, "exponential", 3)
+    assert [r.consensus for r in sim.rounds] == pytest.approx(expect[1:], rel=1e-5)
+
+
+def test_many_nodes_smoke() -> None:
+    res = simulate(
+        SimConfig(nodes=300, rounds=2, topology="exponential", partition="dirichlet", eval_every=2)
+    )
+    assert res.rounds[0].accuracy is None and res.final.accuracy.shape == (300,)
+    assert res.samples.sum() == 1348 and res.samples.min() >= 1
+
+
+def test_config_errors() -> None:
+    for bad in (dict(nodes=0), dict(rule="median"), dict(eval_every=0), dict(drop=1.0), dict(names=("a",))):
+        with pytest.raises(ConfigError):
+            SimConfig(**bad)
+    with pytest.raises(ConfigError):
+        Simulation(SimConfig(nodes=2, topology="no-such-topology"))
