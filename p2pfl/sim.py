@@ -671,7 +671,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--drop", type=float, default=0.0)
     p.add_argument("--loop", action="store_true", help="per-node loop instead of the vectorised path")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     a = p.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     cfg = SimConfig(
         task=a.task,
         nodes=a.nodes,

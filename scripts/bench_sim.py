@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=1)
     p.add_argument("--baseline-rounds", type=int, default=3, help="rounds of the per-node loop (0: skip)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -97,6 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=1)
     p.add_argument("--drop", type=float, default=0.0, help="probability that one update is lost")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the batched steps are small, and extra threads only spin "
+        "when other work shares the cores)",
+    )
     p.add_argument("--out", default="runs/topology")
     p.add_argument("--quick", action="store_true", help="ring/exponential/full, n=16, 20 rounds")
     p.add_argument("--no-plots", action="store_true")
@@ -378,6 +385,10 @@ def plots(out: Path, results: dict[str, tuple[Run, SimResult]], a: argparse.Name
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     runs = grid(a)
+    if a.threads > 0:
+        import torch
+
+        torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     from rich.console import Console

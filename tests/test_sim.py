@@ -23,6 +23,15 @@ from p2pfl.sim import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The batched steps are small: extra threads only spin when other work shares the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class WrappedTask(TensorTask):
     """A Task the simulator cannot batch (not exactly a TensorTask): it must use the per-node loop."""
 
