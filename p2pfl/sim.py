@@ -423,21 +423,32 @@ class BatchedTrainer:
         count = torch.zeros(n, dtype=torch.float64)
         longest = max(sizes)
         steps = -(-longest // self.bs)
+        # where each node's permuted sample indices go in an (n, longest) matrix, padded with -1
+        rows_of = torch.repeat_interleave(torch.arange(n), self.sizes)
+        flat_pos = rows_of * longest + (
+            torch.arange(len(rows_of)) - torch.repeat_interleave(self.offsets, self.sizes)
+        )
+        base = torch.repeat_interleave(self.offsets, self.sizes)
         model = self.model
         model.train()
         for _ in range(self.epochs):
-            idx = torch.full((n, steps * self.bs), -1, dtype=torch.int64)
-            for i, task in enumerate(self.tasks):
-                idx[i, : sizes[i]] = torch.randperm(sizes[i], generator=task._gen) + int(self.offsets[i])
+            # each node shuffles with its own task generator, exactly as task.train does
+            perm = torch.cat(
+                [torch.randperm(k, generator=t._gen) for k, t in zip(sizes, self.tasks, strict=True)]
+            )
+            idx = torch.full((n * longest,), -1, dtype=torch.int64)
+            idx[flat_pos] = perm + base
+            idx = idx.view(n, longest)
             for s in range(steps):
-                cols = idx[:, s * self.bs : (s + 1) * self.bs]
+                cols = idx[:, s * self.bs : min((s + 1) * self.bs, longest)]  # no wider than the data
                 mask = cols >= 0
                 active = mask[:, 0]
-                if not bool(active.any()):
-                    break
                 everyone = bool(active.all())
                 sel = None if everyone else torch.nonzero(active).squeeze(1)
-                cols, mask = (cols, mask) if everyone else (cols[sel], mask[sel])
+                if not everyone:
+                    cols, mask = cols[sel], mask[sel]
+                    width = int(mask.sum(1).max())
+                    cols, mask = cols[:, :width], mask[:, :width]
                 rows = xt if everyone else xt[sel]
                 xb, yb = self.x[cols.clamp(min=0)], self.y[cols.clamp(min=0)]
                 m = mask.to(torch.float32)
@@ -473,6 +484,17 @@ class BatchedTrainer:
                 h.remove()
         return max(total, 1) + self.x_test[0].numel()  # vmap broadcasts the shared inputs too
 
+    def _logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """The models' outputs on the test split, classes first: (C, nodes, T)."""
+        if type(self.model) is nn.Linear:  # logistic regression: one GEMM straight into that layout
+            c, (classes, features) = rows.shape[0], self.model.weight.shape
+            w = rows[:, : classes * features].reshape(c, classes, features).transpose(0, 1)
+            out = (w.reshape(classes * c, features) @ self.x_test.T).view(classes, c, -1)
+            if self.model.bias is not None:
+                out += rows[:, classes * features :].T.reshape(classes, c, 1)
+            return out
+        return self._forward(self._params(rows), self.x_test).permute(2, 0, 1).contiguous()
+
     @torch.no_grad()
     def evaluate(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(accuracy, mean test loss) of every row of x on the shared test split (as task.evaluate)."""
@@ -484,9 +506,8 @@ class BatchedTrainer:
         acc, loss = np.empty(n), np.empty(n)
         target = self.y_test.view(1, 1, -1)
         for a in range(0, n, self._chunk):
-            out = self._forward(self._params(xt[a : a + self._chunk]), self.x_test)  # (c, T, C)
-            c = out.shape[0]
-            out = out.permute(2, 0, 1).contiguous()  # (C, c, T): reductions over classes run ~4x faster
+            out = self._logits(xt[a : a + self._chunk])  # (C, c, T): reductions over classes run ~4x
+            c = out.shape[1]  # faster along the outer dimension than along a short inner one
             picked = out.gather(0, target.expand(1, c, -1)).squeeze(0)
             ce = torch.logsumexp(out, 0) - picked  # = cross_entropy(reduction="none")
             loss[a : a + c] = ce.to(torch.float64).mean(1).numpy()

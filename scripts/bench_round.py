@@ -18,6 +18,10 @@ not counted.
 Prints a table with per-phase timings (relative to the common start), then one JSON line (last).
 
     python scripts/bench_round.py [--rounds 4] [--profile] [--chunk-mib 4]
+
+--profile adds one unmeasured MQTT round under cProfile (CPU time of each node's event-loop thread).
+--zero-copy-decode / --switch-interval-ms are experiments that change the workers only (candidate
+fixes, measured without touching p2pfl/); the JSON line records them.
 """
 
 from __future__ import annotations
@@ -45,39 +49,20 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
+from bench_wire import resnet18_shapes  # same model shapes as the wire benchmark
+
+from p2pfl.learning import flatten
+
 N_NODES = 5
 HOST = "127.0.0.1"
 MAX_BYTES = 1 << 30  # the node's default max_update_mb (1024)
-SETUP_TIMEOUT_S = 90.0  # processes up, brokers listening, links connected
-ROUND_TIMEOUT_S = 90.0  # one round, per node
-COMMAND_TIMEOUT_S = 180.0  # a worker waiting for its next command
-TOTAL_BUDGET_S = 240.0  # the whole run (the script must end well under 5 minutes)
+SETUP_TIMEOUT_S = 60.0  # processes up, brokers listening, links connected
+ROUND_TIMEOUT_S = 60.0  # one round, per node (a round takes 2-12 s on a busy 2-core machine)
+COMMAND_TIMEOUT_S = 120.0  # a worker waiting for its next command
+TOTAL_BUDGET_S = 210.0  # no new round starts after this (the script must end well under 5 minutes)
+HARD_LIMIT_S = 250.0  # every wait of the coordinator ends by then; cleanup takes at most ~25 s more
 TARGET_RATIO = 2.0
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-
-
-def resnet18_shapes(num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of torchvision's resnet18 (weights and biases; 11.7M params, 62 tensors)."""
-    shapes: dict[str, tuple[int, ...]] = {"conv1.weight": (64, 3, 7, 7), "bn1.weight": (64,), "bn1.bias": (64,)}
-    cin = 64
-    for layer, cout in enumerate((64, 128, 256, 512), start=1):
-        for block in range(2):
-            p = f"layer{layer}.{block}"
-            first_in = cin if block == 0 else cout
-            shapes[f"{p}.conv1.weight"] = (cout, first_in, 3, 3)
-            shapes[f"{p}.bn1.weight"] = (cout,)
-            shapes[f"{p}.bn1.bias"] = (cout,)
-            shapes[f"{p}.conv2.weight"] = (cout, cout, 3, 3)
-            shapes[f"{p}.bn2.weight"] = (cout,)
-            shapes[f"{p}.bn2.bias"] = (cout,)
-            if block == 0 and first_in != cout:
-                shapes[f"{p}.downsample.0.weight"] = (cout, first_in, 1, 1)
-                shapes[f"{p}.downsample.1.weight"] = (cout,)
-                shapes[f"{p}.downsample.1.bias"] = (cout,)
-        cin = cout
-    shapes["fc.weight"] = (num_classes, 512)
-    shapes["fc.bias"] = (num_classes,)
-    return shapes
 
 
 # =============================================================================================
@@ -479,15 +464,6 @@ class BenchNode:
                         sock.close()
 
 
-def flatten(params: dict[str, Any]) -> Any:
-    """p2pfl.learning.flatten, verbatim (importing p2pfl.learning would pull torch into every worker)."""
-    import numpy as np
-
-    if not params:
-        return np.zeros(0, dtype=np.float32)
-    return np.concatenate([np.asarray(a).ravel() for a in params.values()], dtype=np.float32)
-
-
 def _install_zero_copy_publish_decoder() -> None:
     """Experiment (--zero-copy-decode), in this worker only: a candidate fix for transport.py.
 
@@ -541,7 +517,8 @@ def worker_entry(index: int, conn: Connection, setup: dict[str, Any]) -> None:
 
 
 class Coordinator:
-    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+    def __init__(self, args: argparse.Namespace, tmp: Path, began: float) -> None:
+        self.hard_deadline = began + HARD_LIMIT_S
         self.args = args
         self.tmp = tmp
         self.procs: list[mp.process.BaseProcess] = []
@@ -571,7 +548,7 @@ class Coordinator:
     def collect(self, kind: str, timeout: float) -> list[Any]:
         """One `kind` message from every worker, or raise (worker error, death or timeout)."""
         got: dict[int, Any] = {}
-        deadline = time.monotonic() + timeout
+        deadline = min(time.monotonic() + timeout, self.hard_deadline)
         while len(got) < N_NODES:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -615,21 +592,20 @@ class Coordinator:
         for conn in self.conns:
             with contextlib.suppress(Exception):
                 conn.send(("stop",))
+        self.hard_deadline = time.monotonic() + 10
         with contextlib.suppress(Exception):
-            self.collect("stopped", 15)
+            self.collect("stopped", 10)
         for conn in self.conns:
             with contextlib.suppress(Exception):
                 conn.send(("exit",))
-        deadline = time.monotonic() + 15
-        for proc in self.procs:
-            proc.join(max(0.1, deadline - time.monotonic()))
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(3)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(3)
+        for grace, end in ((8.0, None), (3.0, "terminate"), (2.0, "kill")):
+            alive = [p for p in self.procs if p.is_alive()]
+            if end is not None:
+                for proc in alive:
+                    getattr(proc, end)()
+            deadline = time.monotonic() + grace
+            for proc in alive:
+                proc.join(max(0.05, deadline - time.monotonic()))
         for conn in self.conns:
             conn.close()
 
@@ -702,12 +678,14 @@ def main() -> int:
                     help="experiment: replace paho's copying PUBLISH decoder in every node (see "
                          "_install_zero_copy_publish_decoder)")
     args = ap.parse_args()
+    if not 1 <= args.rounds <= 20:
+        ap.error("--rounds must be 1..20")
     for name in _THREAD_ENV:
         os.environ[name] = "1"  # the spawned workers inherit it before importing numpy
 
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench_round-") as tmpdir:
-        coord = Coordinator(args, Path(tmpdir))
+        coord = Coordinator(args, Path(tmpdir), began)
         try:
             coord.start()
             ports = coord.collect("ports", SETUP_TIMEOUT_S)
@@ -787,7 +765,7 @@ def main() -> int:
           " (wall, concurrent);\n  mean_s: last decode -> averaged vector.")
     cpu_m, cpu_f = phases["mqtt"]["cpu_s"]["all_nodes_sum"], phases["floor"]["cpu_s"]["all_nodes_sum"]
     tr_m, tr_f = phases["mqtt"]["transport_cpu_s"]["all_nodes_sum"], phases["floor"]["transport_cpu_s"]["all_nodes_sum"]
-    print(f"{'CPU s, all nodes':<22}{cpu_m:>10.3f}{'':>10}{cpu_f:>11.3f}")
+    print(f"{'CPU s, all nodes':<22}{cpu_m:>10.3f}{'':>10}{cpu_f:>11.3f}   (ratio {cpu_m / cpu_f:.2f})")
     print(f"{'transport CPU s, all':<22}{tr_m:>10.3f}{'':>10}{tr_f:>11.3f}")
     print("  (transport CPU: MQTT = event-loop thread, i.e. publish_update, broker sends, paho reads,")
     print("   reassembly; floor = send/receive threads, admit excluded. Crypto/codec run in other threads.)")
@@ -813,6 +791,7 @@ def main() -> int:
         "ratio_min": round(min(mq) / min(fl), 3),
         "target_ratio": TARGET_RATIO,
         "within_target": ratio <= TARGET_RATIO,
+        "cpu_ratio": round(cpu_m / cpu_f, 3),  # steadier than the wall ratio on a shared machine
         "cpu_s_all_nodes_mqtt": round(cpu_m, 3),
         "cpu_s_all_nodes_floor": round(cpu_f, 3),
         "transport_cpu_s_all_nodes_mqtt": round(tr_m, 3),
