@@ -8,10 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from p2pfl import aggregation
 from p2pfl.errors import ConfigError
 from p2pfl.learning import TaskSpec
 
-RULES = ("clipped", "mean")
+# push-sum stays simulator-only: its mass is conserved only if no update is ever lost, and a real
+# round mixes without a neighbour that timed out.
+RULES = tuple(r for r in aggregation.RULES if r != "push-sum")
 
 
 @dataclass

@@ -251,7 +251,8 @@ class Node:
         own = flatten(params)
         got = [received[n] for n in nbrs if n in received]
         radius = self.cfg.gossip.clip_radius or None
-        result = await asyncio.to_thread(mix, own, len(nbrs), got, self.cfg.gossip.rule, radius)
+        result = await asyncio.to_thread(mix, own, len(nbrs), got, self.cfg.gossip.rule, radius,
+                                         own_samples=self.task.num_samples)
         set_params(self.model, unflatten(result.vector, self.spec))
         accuracy, test_loss = await asyncio.to_thread(self.task.evaluate, self.model)
         self._save_model(result.vector)
