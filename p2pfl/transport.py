@@ -572,6 +572,18 @@ def _connect_refusal_is_auth(exc: aiomqtt.MqttError) -> bool:
     return value in (4, 5, 134, 135)
 
 
+def _consume_disconnect(client: aiomqtt.Client) -> None:
+    """Mark aiomqtt's disconnect future as seen.
+
+    When the neighbour's broker goes away while the link is being stopped, aiomqtt sets an
+    "Unexpected disconnection" exception that nobody awaits any more, and asyncio would log it at
+    ERROR level on every ordinary shutdown.
+    """
+    future = getattr(client, "_disconnected", None)
+    if isinstance(future, asyncio.Future) and future.done() and not future.cancelled():
+        future.exception()
+
+
 class PeerLink:
     """One client connection to one neighbour's broker; reconnects with backoff until stopped."""
 
@@ -679,17 +691,20 @@ class PeerLink:
             timeout=CONNECT_TIMEOUT_S, keepalive=KEEPALIVE_S,
             max_queued_incoming_messages=MAX_QUEUED_INCOMING,
         )
-        async with client:
-            client.timeout = CLIENT_TIMEOUT_S
-            self._session_began = asyncio.get_running_loop().time()
-            self._client = client
-            self._reassembler.drop_incomplete()
-            self._me = me
-            await self._subscribe(client, [self._cert_filter, f"p2pfl/{self.federation_id}/+/to/{me}/+"])
-            self._ready = True
-            self._set_state("connected", "")
-            async for message in client.messages:
-                await self._dispatch(message.topic.value, message.payload)
+        try:
+            async with client:
+                client.timeout = CLIENT_TIMEOUT_S
+                self._session_began = asyncio.get_running_loop().time()
+                self._client = client
+                self._reassembler.drop_incomplete()
+                self._me = me
+                await self._subscribe(client, [self._cert_filter, f"p2pfl/{self.federation_id}/+/to/{me}/+"])
+                self._ready = True
+                self._set_state("connected", "")
+                async for message in client.messages:
+                    await self._dispatch(message.topic.value, message.payload)
+        finally:
+            _consume_disconnect(client)
 
     async def _subscribe(self, client: aiomqtt.Client, filters: list[str]) -> None:
         granted = await client.subscribe([(f, QOS) for f in filters])
