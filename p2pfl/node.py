@@ -244,9 +244,10 @@ class Node:
         members, nbrs, epoch = self._topology_view()
         loss = await asyncio.to_thread(self.task.train, self.model)
         params = get_params(self.model)
-        message = await asyncio.to_thread(self._seal, params, members, nbrs, epoch)
-        await self.outbox.publish_update(message, nbrs)
-        self.metrics.bytes_out += len(message) * len(nbrs)
+        if nbrs:  # a time-varying topology can leave a node without a partner for a round
+            message = await asyncio.to_thread(self._seal, params, members, nbrs, epoch)
+            await self.outbox.publish_update(message, nbrs)
+            self.metrics.bytes_out += len(message) * len(nbrs)
         received = await self._collect(nbrs)
         own = flatten(params)
         got = [received[n] for n in nbrs if n in received]

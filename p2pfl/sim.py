@@ -19,8 +19,17 @@ minibatch order from that node's own task generator, so it takes the same SGD st
 Evaluation runs every model on the shared test split in one batched call. Any other Task falls back
 to the per-node loop for training and evaluation (mixing stays vectorised).
 
-Deterministic under the seed: the data partition, initial model, minibatch orders, random graphs
-and dropped updates are all drawn from it.
+Attacks (p2pfl.attacks): `SimConfig(attack="sign-flip", byzantine=3)` makes 3 nodes Byzantine
+(`byzantine` = a count, placed by `spread`, or explicit shard indices). A Byzantine node runs the same
+round as everyone (its task poisoned by attack.poison_task for "label-flip") and keeps its own model
+honest, but sends `attack.craft(own trained vector, the honest vectors it received last round,
+round)` to its neighbours, as a Byzantine real node would. Every rule runs with every attack; rule
+"robust" keeps one aggregation.Reputation per node across rounds (a per-node loop of small dict
+updates; the step itself stays vectorised). Accuracy statistics of the honest nodes alone are in
+RoundStats.honest_mean_accuracy / honest_min_accuracy; `consensus` is over the honest nodes.
+
+Deterministic under the seed: the data partition, initial model, minibatch orders, random graphs,
+dropped updates and the attacks' random draws are all drawn from it.
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from p2pfl import learning
-from p2pfl.aggregation import RULES, Neighbour, mix, mix_many
+from p2pfl.aggregation import RULES, Neighbour, Reputation, mix, mix_many
+from p2pfl.attacks import ATTACKS, Attack, make_attack
 from p2pfl.errors import ConfigError
 from p2pfl.learning import TaskSpec, TensorTask, flatten, get_params, load_task, set_params, unflatten
 from p2pfl.topology import Topology, edge_arrays, parse_topology, topology_gap
@@ -48,6 +58,18 @@ DIGITS_LOGREG = "p2pfl.sim:digits_logreg"
 TASK_ALIASES = {"digits-logreg": DIGITS_LOGREG}
 EVAL_FLOATS_PER_CHUNK = 1 << 24  # activations (float32) of one batched evaluation call: 64 MiB
 HEADER_ESTIMATE = 512  # bytes, used only when a real envelope cannot be sealed for the estimate
+
+
+def spread(n: int, count: int) -> tuple[int, ...]:
+    """`count` node indices evenly spread over 0..n-1: floor(k n / count) for k < count.
+
+    n = 16: 1 -> (0,), 2 -> (0, 8), 3 -> (0, 5, 10). Deterministic and independent of the topology
+    (so the same nodes are Byzantine on every graph); on a torus the three sit on a diagonal, not
+    side by side.
+    """
+    if not 0 <= count <= n:
+        raise ConfigError(f"byzantine: cannot place {count} nodes among {n}")
+    return tuple(k * n // count for k in range(count))
 
 
 def digits_logreg(spec: TaskSpec) -> TensorTask:
@@ -78,6 +100,8 @@ class SimConfig:
     see the names. By default node i has id and name "node-i" (zero-padded ids, so graph position
     = shard). drop is the probability that one update does not reach one neighbour in a round
     (its weight stays home, as in the node's round timeout).
+    attack / byzantine: see the module docstring (byzantine as a count is turned into spread(nodes,
+    count) indices). trim: values cut per side for rule "trimmed-mean" (None: aggregation default).
     """
 
     task: str = "digits-logreg"
@@ -99,6 +123,9 @@ class SimConfig:
     drop: float = 0.0
     ids: tuple[str, ...] | None = None
     names: tuple[str, ...] | None = None
+    attack: str = ""
+    byzantine: tuple[int, ...] | int = ()
+    trim: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.nodes, int) or self.nodes < 1:
@@ -116,6 +143,17 @@ class SimConfig:
                 raise ConfigError(f"{what}: {len(seq)} entries for {self.nodes} nodes")
         if self.ids is not None and len(set(self.ids)) != len(self.ids):
             raise ConfigError("ids must be distinct")
+        byz = self.byzantine
+        if isinstance(byz, int | np.integer):
+            byz = spread(self.nodes, int(byz))
+        byz = tuple(sorted(int(b) for b in byz))
+        if len(set(byz)) != len(byz) or any(not 0 <= b < self.nodes for b in byz):
+            raise ConfigError(f"byzantine must be distinct node indices in 0..{self.nodes - 1}, got {byz}")
+        object.__setattr__(self, "byzantine", byz)
+        if self.attack:
+            make_attack(self.attack)  # ConfigError for unknown names, listing them
+        elif byz:
+            raise ConfigError(f"byzantine nodes {byz} need an attack (one of {', '.join(ATTACKS)})")
 
     def task_spec(self, shard: int) -> TaskSpec:
         """What a real node with `shard` loads (learning.TaskSpec, as NodeConfig.task_spec builds it)."""
@@ -141,9 +179,13 @@ class RoundStats:
     train_loss: np.ndarray
     accuracy: np.ndarray | None
     test_loss: np.ndarray | None
-    consensus: float  # mean over nodes of ||x_i - mean_j x_j||^2
+    consensus: float  # mean over (honest) nodes of ||x_i - mean_j x_j||^2
     bytes_per_node: float  # cumulative mean bytes sent per node, as the node's metrics count them
     seconds: float
+    honest: np.ndarray | None = None  # bool mask of the honest nodes (None: every node is honest)
+    # rule "robust": edges (honest receiver, sender) whose reputation is below 1 after this round,
+    # as (from Byzantine senders, from honest senders); None for the other rules
+    downweighted: tuple[int, int] | None = None
 
     @property
     def mean_accuracy(self) -> float | None:
@@ -153,11 +195,30 @@ class RoundStats:
     def min_accuracy(self) -> float | None:
         return None if self.accuracy is None else float(self.accuracy.min())
 
+    def _honest_acc(self) -> np.ndarray | None:
+        if self.accuracy is None:
+            return None
+        return self.accuracy if self.honest is None else self.accuracy[self.honest]
+
+    @property
+    def honest_mean_accuracy(self) -> float | None:
+        a = self._honest_acc()
+        return None if a is None or not a.size else float(a.mean())
+
+    @property
+    def honest_min_accuracy(self) -> float | None:
+        a = self._honest_acc()
+        return None if a is None or not a.size else float(a.min())
+
     def row(self) -> dict:
         return {
             "round": self.round,
             "mean_accuracy": self.mean_accuracy,
             "min_accuracy": self.min_accuracy,
+            "honest_mean_accuracy": self.honest_mean_accuracy,
+            "honest_min_accuracy": self.honest_min_accuracy,
+            "downweighted_byzantine": None if self.downweighted is None else self.downweighted[0],
+            "downweighted_honest": None if self.downweighted is None else self.downweighted[1],
             "mean_train_loss": float(self.train_loss.mean()) if self.train_loss.size else None,
             "mean_test_loss": None if self.test_loss is None else float(self.test_loss.mean()),
             "consensus": self.consensus,
@@ -176,6 +237,8 @@ class SimResult:
     vectors: np.ndarray  # final N x P models
     timings: dict[str, float] = field(default_factory=dict)
     mass: np.ndarray | None = None  # push-sum masses at the end
+    byzantine: tuple[int, ...] = ()
+    reputation: list[dict[str, float]] | None = None  # rule "robust": every node's scores at the end
 
     def rounds_to(self, target: float) -> int | None:
         """First round whose mean accuracy across nodes reaches `target` (None: never)."""

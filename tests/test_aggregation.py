@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from p2pfl.aggregation import ADAPTIVE_SLACK, MixResult, Neighbour, mh_weight, mix
+from p2pfl.aggregation import ADAPTIVE_SLACK, MixResult, Neighbour, Reputation, mh_weight, mix
 from p2pfl.errors import ConfigError
 from p2pfl.topology import build_graph, mixing_matrix
 
@@ -152,8 +152,8 @@ def test_own_degree_below_the_number_of_neighbours_keeps_weights_convex() -> Non
 def test_zero_radius_means_no_movement_and_errors() -> None:
     x = np.zeros(10, dtype=np.float32)
     assert np.array_equal(mix(x, 1, [nb("a", x + 1.0, 1)], rule="clipped", radius=0.0).vector, x)
-    with pytest.raises(ConfigError, match="clipped, mean"):
-        mix(x, 1, [], rule="median")
+    with pytest.raises(ConfigError, match="clipped, mean, weighted, push-sum, trimmed-mean, median, robust"):
+        mix(x, 1, [], rule="no-such-rule")
     with pytest.raises(ConfigError):
         mix(x, 1, [], rule="clipped", radius=-1.0)
     with pytest.raises(ValueError):
@@ -168,17 +168,30 @@ from p2pfl.aggregation import RULES, mix_many, sample_accept  # noqa: E402
 from p2pfl.topology import edge_arrays  # noqa: E402
 
 
-def _one_by_one(x, rows, cols, deg, rule, samples, mass, radius=None):
+def _one_by_one(x, rows, cols, deg, rule, samples, mass, radius=None, sent=None, reps=None):
     """mix() at every node, as real nodes would run it with the header fields they received."""
-    out, ws, masses, radii = [], [], [], []
+    out, ws, masses, radii, results = [], [], [], [], []
+    sent = x if sent is None else sent
     for i in range(len(x)):
-        got = [Neighbour(str(j), x[j], int(deg[j]), int(samples[j]), float(mass[j])) for j in cols[rows == i]]
-        r = mix(x[i], int(deg[i]), got, rule, radius, own_samples=int(samples[i]), own_mass=float(mass[i]))
+        got = [
+            Neighbour(str(j), sent[j], int(deg[j]), int(samples[j]), float(mass[j])) for j in cols[rows == i]
+        ]
+        r = mix(
+            x[i],
+            int(deg[i]),
+            got,
+            rule,
+            radius,
+            own_samples=int(samples[i]),
+            own_mass=float(mass[i]),
+            reputation=None if reps is None else reps[i],
+        )
         out.append(r.vector)
         ws.append(r.own_weight)
         masses.append(r.mass)
         radii.append(r.radius)
-    return np.stack(out), np.array(ws), masses, radii
+        results.append(r)
+    return np.stack(out), np.array(ws), masses, radii, results
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -195,16 +208,38 @@ def test_mix_many_equals_mix_at_every_node(rule: str, radius: float | None) -> N
     x[7, 4] = np.nan  # one broken node: ignored by its neighbours
     samples = rng.integers(1, 100, 20)
     mass = rng.uniform(1, 50, 20)
-    many = mix_many(x, rows, cols, deg, rule, radius, samples=samples, mass=mass)
-    one, own_w, masses, radii = _one_by_one(x, rows, cols, deg, rule, samples, mass, radius)
+    sent = x.copy()
+    sent[11] = -10.0 * x[11]  # one node sends something other than its own model (an attacker)
+    reps_many = [Reputation() for _ in range(20)]
+    reps_one = [Reputation() for _ in range(20)]
+    for _ in range(3):  # a few rounds, so the reputations have history
+        many = mix_many(
+            x, rows, cols, deg, rule, radius, samples=samples, mass=mass, sent=sent, reputations=reps_many
+        )
+        one, own_w, masses, radii, results = _one_by_one(
+            x, rows, cols, deg, rule, samples, mass, radius, sent=sent, reps=reps_one
+        )
     ok = np.arange(20) != 7
     assert np.allclose(many.vectors[ok], one[ok], atol=1e-5)
-    assert np.array_equal(many.vectors[7], x[7], equal_nan=True)
+    if rule != "robust":
+        assert np.array_equal(many.vectors[7], x[7], equal_nan=True)
     assert np.allclose(many.own_weight[ok], own_w[ok], atol=1e-9)
     if rule == "push-sum":
         assert np.allclose(many.mass[ok], np.array(masses)[ok], rtol=1e-12)
-    if rule == "clipped":
+    if rule in ("clipped", "robust"):
         assert np.allclose(many.radius[ok], np.array(radii, dtype=float)[ok], rtol=1e-5)
+    if rule == "robust":
+        for i in np.flatnonzero(ok):
+            assert many.reputation[i] == pytest.approx(results[i].reputation)
+            assert many.downweighted[i] == results[i].downweighted
+        assert any("11" in r for r in many.downweighted), "the far sender is down-weighted"
+    else:
+        assert many.reputation is None and many.downweighted is None
+    if rule in ("trimmed-mean", "median"):
+        for i in np.flatnonzero(ok):
+            row = many.matrix[i].toarray().ravel()
+            for nid, wgt in results[i].weights.items():
+                assert row[int(nid)] == pytest.approx(wgt, abs=1e-12)
 
 
 def test_mix_many_mean_is_the_mh_matrix() -> None:

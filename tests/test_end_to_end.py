@@ -72,3 +72,26 @@ def test_a_killed_peer_does_not_stall_the_others(tmp_path: Path) -> None:
         assert rows[-1]["members"] == 3, p.name  # the dead node left the membership...
         assert rows[-1]["missing"] == [], p.name  # ...so the ring re-formed without waiting on it
         assert rows[-1]["accuracy"] > 0.5, p.name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_real_nodes_follow_time_varying_and_file_topologies(tmp_path: Path) -> None:
+    """One-peer exponential pairs nodes anew every round; an edge-list file names neighbours by node name."""
+    out = tmp_path / "one-peer"
+    assert testbed.main(["--nodes", "4", "--rounds", "3", "--topology", "one-peer-exponential", "--out", str(out)]) == 0
+    rows = {f"node-{i}": read_jsonl(out / f"node-{i}" / "metrics.jsonl") for i in range(4)}
+    partners = [{name: set(r[k]["neighbours"]) for name, r in rows.items()} for k in range(3)]
+    for pairing in partners:  # every node has exactly one partner, and partnership is mutual
+        assert all(len(p) == 1 and name in pairing[next(iter(p))] for name, p in pairing.items())
+    assert partners[0] != partners[1] and partners[0] == partners[2]  # period log2(4) = 2
+    assert all(r[k]["missing"] == [] for r in rows.values() for k in range(3))
+
+    out = tmp_path / "edges"
+    assert testbed.main(["--nodes", "4", "--rounds", "2", "--topology", "topologies/edges_4.toml",
+                         "--out", str(out)]) == 0
+    expected = {"node-0": {"node-1", "node-2", "node-3"}, "node-1": {"node-0", "node-2"},
+                "node-2": {"node-0", "node-1", "node-3"}, "node-3": {"node-0", "node-2"}}
+    for name, neighbours in expected.items():
+        row = read_jsonl(out / name / "metrics.jsonl")[-1]
+        assert set(row["neighbours"]) == neighbours and row["missing"] == [], name
