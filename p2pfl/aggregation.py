@@ -52,6 +52,7 @@ matrix with sparse weights (the simulator) and computes the same numbers.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -168,23 +169,39 @@ def _median_reference(distances: Sequence[float]) -> float:
 # per-neighbour reputation (rule "robust")
 
 REPUTATION_ACCEPT = 3.0  # distance test: d_j <= accept * median distance passes
-REPUTATION_PENALTY = 0.5  # score multiplier for a round that fails the distance test
+REPUTATION_PENALTY = 0.5  # score multiplier for a failed round
 REPUTATION_RECOVERY = 0.05  # score added per clean round (passed and not clipped): 0 -> 1 in 20 rounds
 REPUTATION_WINDOW = 8  # rounds of clipped / failed flags remembered per neighbour
 REPUTATION_PERSISTENT = 0.75  # clipped in >= 3/4 of a full window counts as persistent clipping ...
 REPUTATION_PERSISTENT_CAP = 0.5  # ... which caps the score at this value
+REPUTATION_MIN_NEIGHBOURS = 3  # clipping counts as evidence only with this many neighbours in the round
+REPUTATION_SKETCH = 128  # coordinates kept per neighbour to see whether its vector changed (0: off)
+REPUTATION_STALE = 0.1  # changed less than this fraction of the median change since last round: stale
 REPUTATION_MAX_TRACKED = 1024  # neighbours remembered (least recently seen forgotten first)
+_SKETCH_SEED = 0x5EED
+
+
+@functools.lru_cache(maxsize=16)
+def sketch_index(size: int, k: int = REPUTATION_SKETCH) -> np.ndarray:
+    """The k coordinates (sorted) of a size-P vector a Reputation remembers: fixed for a given P, so
+    every node, and mix and mix_many, pick the same ones."""
+    if size <= k:
+        return np.arange(size, dtype=np.int64)
+    rng = np.random.default_rng([_SKETCH_SEED, size, k])
+    return np.sort(rng.choice(size, k, replace=False)).astype(np.int64)
 
 
 @dataclass
 class _Record:
     score: float
     seen: int = 0  # rounds with evidence
-    failures: int = 0  # rounds that failed the distance test, ever
-    clipped_bits: int = 0  # bit k set: clipped k rounds ago (last REPUTATION_WINDOW rounds of evidence)
-    failed_bits: int = 0  # bit k set: failed the distance test k rounds ago
+    failures: int = 0  # failed rounds, ever
+    clipped_bits: int = 0  # bit k set: clipped k rounds ago (last `window` rounds of evidence)
+    failed_bits: int = 0  # bit k set: failed a test k rounds ago
+    stale_bits: int = 0  # bit k set: vector unchanged k rounds ago
     ratio: float = 0.0  # last distance / median distance (inf: unusable vector)
     last: int = 0  # Reputation.rounds when last seen
+    sketch: np.ndarray | None = None  # the neighbour's last vector at sketch_index(P)
 
 
 def _bits(mask: int) -> int:
@@ -204,18 +221,23 @@ class Reputation:
       set, also the original BALANCE test (Fang et al. 2024): d_j <= gamma * exp(-kappa t / horizon)
       * ||x_i|| (t = this node's round count), which needs a horizon and a model scale, hence off by
       default;
-    - clipped_j: d_j > radius (the clipping radius of the round).
+    - staleness (with sketches, which mix passes): j's vector changed since its last round by at most
+      `stale` x the median change of {own} U {neighbours} (sampled on `sketch` fixed coordinates):
+      a node that trains changes its model every round, one replaying an old model does not;
+    - clipped_j: d_j > radius (the clipping radius of the round), counted only in rounds with at
+      least min_neighbours usable neighbours (with two, the radius follows the nearer one, and
+      being the farther of two honest neighbours says nothing).
 
     The score s_j (starts at `initial`, 1 = full MH weight) then moves:
-    failed test or unusable vector -> s_j *= penalty (0.5: under 0.13 after 3 rounds);
-    otherwise, clipped in >= persistent of the last `window` rounds (with a full window) ->
-    s_j = min(s_j, persistent_cap); otherwise, not clipped -> s_j += recovery (slowly, 0.05 a round),
-    capped at 1; clipped now and then -> unchanged. A neighbour that did not arrive gives no evidence.
-    If m is 0 (half the votes equal the node's own model) the round gives no evidence either.
+    failed distance test, stale, or unusable vector -> s_j *= penalty (0.5: under 0.13 after 3
+    rounds); otherwise, clipped in >= persistent of the last `window` rounds (with a full window)
+    -> s_j = min(s_j, persistent_cap); otherwise, not clipped -> s_j += recovery (slowly, 0.05 a
+    round), capped at 1; clipped now and then -> unchanged. A neighbour that did not arrive gives no
+    evidence. If m is 0 (half the votes equal the node's own model) the distances give no evidence.
 
-    Pure and deterministic; memory is bounded by max_tracked records of a few numbers each (the
-    least recently seen neighbour is dropped first). `forget(node_id)` drops one neighbour (e.g. when
-    it leaves the federation; if it comes back it starts again from `initial`).
+    Pure and deterministic; memory is bounded by max_tracked records of a few numbers and `sketch`
+    floats each (the least recently seen neighbour is dropped first). `forget(node_id)` drops one
+    neighbour (e.g. when it leaves the federation; if it comes back it starts again at `initial`).
     """
 
     def __init__(
@@ -227,6 +249,9 @@ class Reputation:
         persistent: float = REPUTATION_PERSISTENT,
         persistent_cap: float = REPUTATION_PERSISTENT_CAP,
         initial: float = 1.0,
+        min_neighbours: int = REPUTATION_MIN_NEIGHBOURS,
+        sketch: int = REPUTATION_SKETCH,
+        stale: float = REPUTATION_STALE,
         gamma: float | None = None,
         kappa: float = 1.0,
         horizon: int = 100,
@@ -240,6 +265,12 @@ class Reputation:
             (0 < persistent <= 1, "persistent must be in (0, 1]"),
             (0 <= persistent_cap <= 1, "persistent_cap must be in [0, 1]"),
             (0 <= initial <= 1, "initial must be in [0, 1]"),
+            (
+                isinstance(min_neighbours, int) and min_neighbours >= 1,
+                "min_neighbours must be an integer >= 1",
+            ),
+            (isinstance(sketch, int) and sketch >= 0, "sketch must be an integer >= 0 (0: off)"),
+            (0 <= stale < 1, "stale must be in [0, 1)"),
             (gamma is None or gamma > 0, "gamma must be > 0 (or None: no absolute BALANCE test)"),
             (kappa >= 0 and horizon >= 1, "kappa must be >= 0 and horizon >= 1"),
             (isinstance(max_tracked, int) and max_tracked >= 1, "max_tracked must be an integer >= 1"),
@@ -249,16 +280,25 @@ class Reputation:
                 raise ConfigError(f"reputation: {why}")
         self.accept, self.penalty, self.recovery = float(accept), float(penalty), float(recovery)
         self.window, self.persistent, self.persistent_cap = window, float(persistent), float(persistent_cap)
-        self.initial = float(initial)
+        self.initial, self.sketch, self.stale = float(initial), sketch, float(stale)
+        self.min_neighbours = min_neighbours
         self.gamma, self.kappa, self.horizon = gamma, float(kappa), int(horizon)
         self.max_tracked = max_tracked
         self.rounds = 0  # update() calls so far
         self._records: dict[str, _Record] = {}
+        self._own_sketch: np.ndarray | None = None
 
     @property
     def needs_norm(self) -> bool:
         """True when update() needs own_norm (the absolute BALANCE test is on)."""
         return self.gamma is not None
+
+    def sketch_of(self, vector: np.ndarray) -> np.ndarray | None:
+        """The coordinates of `vector` this Reputation compares across rounds (None: sketches off)."""
+        if not self.sketch:
+            return None
+        v = np.asarray(vector)
+        return v[sketch_index(v.size, self.sketch)].astype(np.float32)
 
     def score(self, node_id: str) -> float:
         """The neighbour's current score (`initial` for one never seen)."""
@@ -286,9 +326,10 @@ class Reputation:
             return "unknown"
         n = min(rec.seen, self.window)
         ratio = "unusable vector" if not math.isfinite(rec.ratio) else f"distance {rec.ratio:.1f}x median"
+        stale = f", unchanged {_bits(rec.stale_bits)}/{n}" if rec.stale_bits else ""
         return (
             f"{ratio}, clipped {_bits(rec.clipped_bits)}/{n} rounds, failed {_bits(rec.failed_bits)}/{n}"
-            f" (score {rec.score:.2f})"
+            f"{stale} (score {rec.score:.2f})"
         )
 
     def threshold(self, own_norm: float | None) -> float | None:
@@ -297,39 +338,75 @@ class Reputation:
             return None
         return self.gamma * math.exp(-self.kappa * self.rounds / self.horizon) * own_norm
 
+    def _changes(
+        self, sketches: Mapping[str, np.ndarray] | None, own_sketch: np.ndarray | None
+    ) -> tuple[dict[str, float], float]:
+        """How far each neighbour's sketch moved since its last round, and the median move."""
+        if sketches is None:
+            return {}, 0.0
+        moved: dict[str, float] = {}
+        for nid, sk in sketches.items():
+            rec = self._records.get(nid)
+            if rec is not None and rec.sketch is not None and rec.sketch.shape == np.shape(sk):
+                with np.errstate(over="ignore", invalid="ignore"):
+                    c = float(np.linalg.norm(np.asarray(sk, dtype=np.float64) - rec.sketch))
+                if math.isfinite(c):
+                    moved[nid] = c
+        votes = list(moved.values())
+        if (
+            own_sketch is not None
+            and self._own_sketch is not None
+            and self._own_sketch.shape == own_sketch.shape
+        ):
+            c = float(np.linalg.norm(np.asarray(own_sketch, dtype=np.float64) - self._own_sketch))
+            if math.isfinite(c):
+                votes.append(c)
+        votes.sort()
+        return moved, (votes[len(votes) // 2] if len(votes) >= 2 else 0.0)
+
     def update(
         self,
         distances: Mapping[str, float],
         radius: float | None = None,
         own_norm: float | None = None,
+        sketches: Mapping[str, np.ndarray] | None = None,
+        own_sketch: np.ndarray | None = None,
     ) -> dict[str, float]:
         """Take one round of evidence and return the updated score of every neighbour in `distances`.
 
         distances: neighbour id -> ||x_j - x_i|| (inf / NaN: the vector was unusable, a failure).
         radius: the round's clipping radius (None: ADAPTIVE_SLACK x the median distance).
         own_norm: ||x_i||, needed only for the absolute BALANCE test (gamma set).
+        sketches / own_sketch: sketch_of(each neighbour's vector) and sketch_of(own) for the
+        staleness test (mix passes them; without them that test is skipped).
         """
         self.rounds += 1
         dist = {nid: (float(d) if math.isfinite(d) else math.inf) for nid, d in distances.items()}
         m = _median_reference(list(dist.values()))
         tau = ADAPTIVE_SLACK * m if radius is None else float(radius)
         limit = self.threshold(own_norm)
+        moved, typical_move = self._changes(sketches, own_sketch)
+        judge_clipping = sum(math.isfinite(d) for d in dist.values()) >= self.min_neighbours
         full = (1 << self.window) - 1
         out: dict[str, float] = {}
         for nid, d in dist.items():
             rec = self._records.pop(nid, None) or _Record(self.initial)
             self._records[nid] = rec  # most recently seen last (eviction order)
             rec.last = self.rounds
+            if sketches is not None and nid in sketches and math.isfinite(d):
+                rec.sketch = np.asarray(sketches[nid], dtype=np.float32).copy()
+            stale = nid in moved and typical_move > 0 and moved[nid] <= self.stale * typical_move
             out[nid] = rec.score
-            if math.isfinite(d) and m <= 0:
-                continue  # no scale to judge by this round
-            ratio = d / m if math.isfinite(d) else math.inf
-            failed = ratio > self.accept or (limit is not None and d > limit)
-            clipped = d > tau
+            if math.isfinite(d) and m <= 0 and not stale:
+                continue  # no scale to judge the distances by this round
+            ratio = (d / m if m > 0 else 0.0) if math.isfinite(d) else math.inf
+            failed = ratio > self.accept or (limit is not None and d > limit) or stale
+            clipped = judge_clipping and d > tau
             rec.seen += 1
             rec.ratio = ratio
             rec.clipped_bits = ((rec.clipped_bits << 1) | int(clipped)) & full
             rec.failed_bits = ((rec.failed_bits << 1) | int(failed)) & full
+            rec.stale_bits = ((rec.stale_bits << 1) | int(stale)) & full
             if failed:
                 rec.failures += 1
                 rec.score *= self.penalty
@@ -338,6 +415,8 @@ class Reputation:
             elif not clipped:
                 rec.score = min(1.0, rec.score + self.recovery)
             out[nid] = rec.score
+        if own_sketch is not None:
+            self._own_sketch = np.asarray(own_sketch, dtype=np.float32).copy()
         while len(self._records) > self.max_tracked:
             self._records.pop(next(iter(self._records)))
         return out
@@ -495,7 +574,16 @@ def mix(
     downweighted: dict[str, str] = {}
     if rule == "robust":
         assert reputation is not None
-        scores = reputation.update(distances, tau, _norm(x) if reputation.needs_norm else None)
+        sketches = (
+            {nb.node_id: reputation.sketch_of(nb.vector) for nb in usable} if reputation.sketch else None
+        )
+        scores = reputation.update(
+            distances,
+            tau,
+            _norm(x) if reputation.needs_norm else None,
+            sketches,  # type: ignore[arg-type]
+            reputation.sketch_of(x),
+        )
         for nid, s in scores.items():
             weights[nid] *= s
             if s < 1.0:
@@ -715,6 +803,10 @@ def mix_many(
             reps, downs = [{} for _ in range(n)], [{} for _ in range(n)]
             order = np.argsort(rows, kind="stable")
             bounds = np.searchsorted(rows[order], np.arange(n + 1))
+            sizes = {r.sketch for r in reputations if r.sketch}
+            idx = {k: sketch_index(x.shape[1], k) for k in sizes}
+            sk_src = {k: src[:, i] for k, i in idx.items()}
+            sk_own = {k: x[:, i] for k, i in idx.items()}
             for i in range(n):
                 edges = order[bounds[i] : bounds[i + 1]]
                 rep = reputations[i]
@@ -722,7 +814,14 @@ def mix_many(
                     names[j]: float(d[e]) for e, j in zip(edges.tolist(), cols[edges].tolist(), strict=True)
                 }
                 own_norm = _norm(x[i]) if rep.needs_norm else None
-                s = rep.update(dist, float(tau[i]), own_norm)
+                sk = own_sk = None
+                if rep.sketch:
+                    ok_edges = [
+                        (e, j) for e, j in zip(edges.tolist(), cols[edges].tolist(), strict=True) if usable[e]
+                    ]
+                    sk = {names[j]: sk_src[rep.sketch][j] for _, j in ok_edges}
+                    own_sk = sk_own[rep.sketch][i]
+                s = rep.update(dist, float(tau[i]), own_norm, sk, own_sk)
                 score[edges] = [s[names[j]] for j in cols[edges].tolist()]
                 reps[i] = s
                 downs[i] = {nid: rep.reason(nid) for nid, v in s.items() if v < 1.0}

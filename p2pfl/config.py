@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from p2pfl import aggregation
+from p2pfl import aggregation, topology
 from p2pfl.errors import ConfigError
 from p2pfl.learning import TaskSpec
 
@@ -106,13 +107,25 @@ def _section(name: str, cls: type, raw: Any) -> Any:
 
 def validate(cfg: NodeConfig) -> NodeConfig:
     """Range checks that types alone cannot express."""
+    finite = {"[discovery] wait_s": cfg.discovery.wait_s, "[gossip] round_timeout_s": cfg.gossip.round_timeout_s,
+              "[gossip] max_update_mb": cfg.gossip.max_update_mb, "[gossip] linger_s": cfg.gossip.linger_s,
+              "[gossip] clip_radius": cfg.gossip.clip_radius, "[security] max_skew_s": cfg.security.max_skew_s}
+    for key, value in finite.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
     checks = [
         (1 <= cfg.node.port <= 65535, "[node] port must be 1..65535"),
+        (cfg.node.host not in ("", "0.0.0.0", "::"), "[node] host must be this device's own address, not a wildcard"),
+        (bool(cfg.discovery.interfaces) or not cfg.discovery.mdns, "[discovery] interfaces must not be empty"),
+        (cfg.discovery.wait_s >= 0, "[discovery] wait_s must be >= 0"),
+        (cfg.discovery.expect_peers >= 0, "[discovery] expect_peers must be >= 0"),
+        (cfg.gossip.linger_s >= 0, "[gossip] linger_s must be >= 0"),
+        (cfg.gossip.max_update_mb >= 0.001, "[gossip] max_update_mb must be >= 0.001"),
+        (cfg.security.max_skew_s > 0, "[security] max_skew_s must be > 0"),
         (cfg.training.rounds >= 1, "[training] rounds must be >= 1"),
         (cfg.training.threads >= 1, "[training] threads must be >= 1"),
         (cfg.gossip.rule in RULES, f"[gossip] rule must be one of {RULES}"),
         (cfg.gossip.round_timeout_s > 0, "[gossip] round_timeout_s must be > 0"),
-        (cfg.gossip.max_update_mb > 0, "[gossip] max_update_mb must be > 0"),
         (cfg.gossip.clip_radius >= 0, "[gossip] clip_radius must be >= 0 (0 = adaptive)"),
         (cfg.discovery.mdns or bool(cfg.discovery.static_peers) or cfg.discovery.expect_peers == 0,
          "[discovery] with mdns = false, list static_peers"),
@@ -122,8 +135,12 @@ def validate(cfg: NodeConfig) -> NodeConfig:
             raise ConfigError(message)
     for peer in cfg.discovery.static_peers:
         host, _, port = peer.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ConfigError(f"[discovery] static_peers entry {peer!r} must look like 'host:port'")
+    try:
+        topology.parse_topology(cfg.gossip.topology)
+    except ConfigError as exc:
+        raise ConfigError(f"[gossip] topology: {exc}") from exc
     return cfg
 
 

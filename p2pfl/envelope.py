@@ -520,10 +520,14 @@ class ReplayGuard:
             raise Rejected(Reason.REPLAY, f"seq {meta.seq} from {meta.sender!r} is not newer than {last}")
 
     def record(self, meta: UpdateMeta) -> None:
-        """Note a fully verified update; the oldest sender is forgotten beyond max_senders."""
+        """Note a fully verified update; the oldest sender is forgotten beyond max_senders.
+
+        Re-checks under the lock: two copies opened concurrently both pass check(), only one records."""
         with self._lock:
             last = self._last.get(meta.sender)
-            self._last[meta.sender] = meta.seq if last is None else max(last, meta.seq)
+            if last is not None and meta.seq <= last:
+                raise Rejected(Reason.REPLAY, f"seq {meta.seq} from {meta.sender!r} is not newer than {last}")
+            self._last[meta.sender] = meta.seq
             self._last.move_to_end(meta.sender)
             while len(self._last) > self.max_senders:
                 self._last.popitem(last=False)

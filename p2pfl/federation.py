@@ -28,6 +28,7 @@ from p2pfl.identity import Identity, ensure_private_dir, node_id_for, read_priva
 
 CERT_TAG = "p2pfl-cert-1"
 TOKEN_DOMAIN = b"p2pfl-broker-auth"
+PROOF_DOMAIN = b"p2pfl-broker-proof"
 ROOT_KEY_FILE = "root.key"
 FEDERATION_FILE = "federation.pub"
 
@@ -312,6 +313,30 @@ def verify_token(
         raise Rejected(Reason.AUTH_FAILED, f"{exc.reason.value}: {exc.detail}") from None
     except Exception as exc:  # garbage must never escape as another exception type
         raise Rejected(Reason.AUTH_FAILED, f"malformed token ({type(exc).__name__})") from None
+
+
+def _proof_message(federation_id: str, owner: str, client: str, password: str) -> bytes:
+    digest = hashlib.blake2b(password.encode("utf-8", "surrogatepass"), digest_size=32).digest()
+    return PROOF_DOMAIN + msgpack.packb([federation_id, owner, client, digest], use_bin_type=True)
+
+
+def make_broker_proof(identity: Identity, federation_id: str, client: str, password: str) -> bytes:
+    """A broker owner's answer to one client session: its signature over that session's fresh token.
+
+    Certificates are public, so anyone can run a broker that serves someone else's; only the
+    certified key can sign the token the client just sent, which a replayed proof cannot match.
+    """
+    return identity.sign(_proof_message(federation_id, identity.node_id, client, password))
+
+
+def verify_broker_proof(cert: Certificate, client: str, password: str, proof: bytes) -> bool:
+    """True if `proof` is `cert`'s holder answering the session that used `password`."""
+    try:
+        nacl.signing.VerifyKey(bytes(cert.sign_key)).verify(
+            _proof_message(cert.federation_id, cert.node_id, client, password), bytes(proof))
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+        return False
+    return True
 
 
 def _fail(why: str) -> Rejected:

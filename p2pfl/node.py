@@ -12,8 +12,10 @@ import hashlib
 import logging
 import signal
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +26,14 @@ from p2pfl.config import NodeConfig
 from p2pfl.discovery import Discovery, PeerAd
 from p2pfl.envelope import ReplayGuard, UpdateMeta, open_envelope, seal
 from p2pfl.errors import IdentityError, Reason, Rejected
-from p2pfl.federation import Certificate, FederationRoot, make_token, verify_token
+from p2pfl.federation import (
+    Certificate,
+    FederationRoot,
+    make_broker_proof,
+    make_token,
+    verify_broker_proof,
+    verify_token,
+)
 from p2pfl.identity import Identity, load_or_create
 from p2pfl.learning import flatten, get_params, load_task, set_params, unflatten
 from p2pfl.metrics import Metrics
@@ -42,6 +51,7 @@ class Peer:
     link: PeerLink
     cert: Certificate | None = None
     fingerprint: str | None = None  # what mDNS advertised; the certificate must match it
+    proof: tuple[str, bytes, str] | None = None  # (publisher, proof, session password) awaiting the cert
 
 
 @dataclass
@@ -106,8 +116,11 @@ class Node:
         self.round = 0
         self.seq = time.time_ns() // 1000  # monotonic across restarts, so receivers never see a reused seq
         self.outbox = Outbox(cfg.node.host, cfg.node.port, self.fed, self.node_id,
-                             authenticate=self._authenticate, on_reject=self._reject_client)
+                             authenticate=self._authenticate, on_reject=self._reject_client,
+                             prove=lambda client, password: make_broker_proof(
+                                 self.identity, self.fed, client, password))
         self.discovery: Discovery | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # link starts/stops: kept so none is lost
 
     # -- membership -------------------------------------------------------------------------------
 
@@ -121,8 +134,9 @@ class Node:
         return self.node_id, make_token(self.identity, self.cert)
 
     def members(self) -> dict[str, Certificate]:
-        """Certified peers we can currently reach, plus ourselves: the input of the topology."""
-        found = {p.cert.node_id: p.cert for p in self.peers.values() if p.cert and p.link.connected}
+        """Proven peers we can currently reach, plus ourselves: the input of the topology."""
+        found = {p.cert.node_id: p.cert for p in self.peers.values()
+                 if p.cert and p.link.connected and p.link.trusted_publisher == p.cert.node_id}
         found[self.node_id] = self.cert
         return found
 
@@ -140,9 +154,28 @@ class Node:
         except Rejected as exc:
             self.metrics.reject(exc.reason, exc.detail, peer=address)
             return
-        if peer.cert is None:
-            log.info("peer %s (%s) at %s certified", cert.name, cert.node_id, address)
         peer.cert = cert
+        self._check_proof(address, peer)
+
+    def _on_proof(self, address: str, publisher: str, proof: bytes, password: str) -> None:
+        peer = self.peers.get(address)
+        if peer is not None:
+            peer.proof = (publisher, proof, password)
+            self._check_proof(address, peer)
+
+    def _check_proof(self, address: str, peer: Peer) -> None:
+        """Trust a link only once its broker signed our fresh token with the certificate's key:
+        certificates are public, so serving one proves nothing by itself."""
+        if peer.cert is None or peer.proof is None:
+            return
+        (publisher, proof, password), peer.proof = peer.proof, None
+        if publisher != peer.cert.node_id or not verify_broker_proof(peer.cert, self.node_id, password, proof):
+            self.metrics.reject(Reason.BAD_SIGNATURE, f"broker at {address} could not prove it holds the key "
+                                f"of {peer.cert.name} ({peer.cert.node_id})", peer=address)
+            return
+        if peer.link.trusted_publisher is None:
+            log.info("peer %s (%s) at %s certified and proven", peer.cert.name, peer.cert.node_id, address)
+        peer.link.trusted_publisher = peer.cert.node_id
         self.inbox.changed.set()
 
     def _add_link(self, host: str, port: int, fingerprint: str | None) -> None:
@@ -155,9 +188,15 @@ class Node:
             on_update=lambda pub, msg: self._on_update(address, pub, msg),
             on_reject=lambda reason, detail: self.metrics.reject(reason, detail, peer=address),
             max_message_bytes=int(self.cfg.gossip.max_update_mb * (1 << 20)),
+            on_proof=lambda pub, proof, password: self._on_proof(address, pub, proof, password),
         )
         self.peers[address] = Peer(link=link, fingerprint=fingerprint)
-        asyncio.get_running_loop().create_task(link.start())
+        self._spawn(link.start())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _sync_links(self) -> None:
         """Follow discovery: link to new peers, drop vanished ones (static peers always stay)."""
@@ -170,7 +209,7 @@ class Node:
             if address not in advertised and address not in self.cfg.discovery.static_peers:
                 peer = self.peers.pop(address)
                 log.info("peer at %s vanished", address)
-                asyncio.get_running_loop().create_task(peer.link.stop())
+                self._spawn(peer.link.stop())
         self.inbox.changed.set()
 
     # -- receiving --------------------------------------------------------------------------------
@@ -182,6 +221,10 @@ class Node:
             meta, neighbour = await asyncio.to_thread(self._admit, publisher, message, self.members())
         except Rejected as exc:
             self.metrics.reject(exc.reason, exc.detail, peer=publisher)
+            return
+        if meta.round < self.round:  # the round closed while this update was being opened
+            self.metrics.reject(Reason.LATE, f"update for round {meta.round} finished opening in round "
+                                f"{self.round}", peer=publisher)
             return
         self.inbox.put(meta.round, neighbour)
 
@@ -200,7 +243,7 @@ class Node:
             raise Rejected(Reason.ROUND_WINDOW, f"update for round {meta.round}, we are in round {self.round}")
         params = codec.decode(payload)
         codec.check_against(params, self.spec)
-        vector = flatten(params)
+        vector = flatten({name: params[name] for name in self.spec})  # local order, whatever the sender's
         return meta, Neighbour(meta.sender, vector, max(meta.degree, 1), meta.samples)
 
     # -- one round --------------------------------------------------------------------------------
@@ -303,13 +346,14 @@ class Node:
     async def stop(self) -> None:
         if self.discovery is not None:
             await self.discovery.stop()
-        await asyncio.gather(*(p.link.stop() for p in self.peers.values()), return_exceptions=True)
+        await asyncio.gather(*(p.link.stop() for p in self.peers.values()), *self._tasks,
+                             return_exceptions=True)
         await self.outbox.stop()
 
     async def run(self) -> None:
         """Start, run every round, linger so slower neighbours can fetch our last update, stop."""
-        await self.start()
         try:
+            await self.start()
             await self._wait_for_peers()
             for round_ in range(1, self.cfg.training.rounds + 1):
                 self.round = round_
@@ -329,5 +373,7 @@ def run_node(cfg: NodeConfig) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         await node.run()
 
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         asyncio.run(main())
+    except asyncio.CancelledError:
+        raise SystemExit(143) from None  # stopped by SIGTERM: not a completed run

@@ -126,6 +126,7 @@ class SimConfig:
     attack: str = ""
     byzantine: tuple[int, ...] | int = ()
     trim: int | None = None
+    reputation: tuple[tuple[str, float], ...] = ()  # rule "robust": Reputation(**dict(reputation))
 
     def __post_init__(self) -> None:
         if not isinstance(self.nodes, int) or self.nodes < 1:
@@ -150,6 +151,10 @@ class SimConfig:
         if len(set(byz)) != len(byz) or any(not 0 <= b < self.nodes for b in byz):
             raise ConfigError(f"byzantine must be distinct node indices in 0..{self.nodes - 1}, got {byz}")
         object.__setattr__(self, "byzantine", byz)
+        try:
+            Reputation(**dict(self.reputation))
+        except TypeError as exc:
+            raise ConfigError(f"reputation: {exc}") from exc
         if self.attack:
             make_attack(self.attack)  # ConfigError for unknown names, listing them
         elif byz:
@@ -595,6 +600,21 @@ class Simulation:
             self.tasks = []
             for i in range(n):
                 self.tasks.append(_share_test_split(load_task(cfg.task_spec(i)), self.tasks[:1]))
+        self.byzantine: tuple[int, ...] = tuple(cfg.byzantine)  # type: ignore[arg-type]
+        self.honest = np.ones(n, dtype=bool)
+        self.honest[list(self.byzantine)] = False
+        self.attacks: dict[int, Attack] = {
+            b: make_attack(
+                cfg.attack, seed=int(np.random.SeedSequence([cfg.seed, b, 11]).generate_state(1)[0])
+            )
+            for b in self.byzantine
+        }
+        for b, attack in self.attacks.items():
+            self.tasks[b] = attack.poison_task(self.tasks[b])
+        self.heard: dict[int, list[np.ndarray]] = {b: [] for b in self.byzantine}
+        opts = dict(cfg.reputation)
+        self.reputations = [Reputation(**opts) for _ in range(n)] if cfg.rule == "robust" else None
+        self._flagged: tuple[int, int] | None = None
         # every node builds its own initial model, as the real node does
         self.models = [t.build_model() for t in self.tasks]
         params0 = get_params(self.models[0])
@@ -631,6 +651,15 @@ class Simulation:
             self.x[i] = flatten(get_params(model))
         return losses
 
+    def _craft(self, round: int) -> np.ndarray | None:
+        """What every node sends this round: its model, or for a Byzantine node its crafted vector."""
+        if not self.attacks:
+            return None
+        sent = self.x.copy()
+        for b, attack in self.attacks.items():
+            sent[b] = attack.craft(self.x[b], self.heard[b], round)
+        return sent
+
     def _mix(self, round: int) -> None:
         cfg = self.cfg
         rows, cols, deg = self.net.edges(round)
@@ -640,20 +669,44 @@ class Simulation:
         for i, d in enumerate(deg.tolist()):  # every node sends one update sealed for its d neighbours
             if d:
                 self.sent[i] += self._message(d) * d
+        sent = self._craft(round)
+        src = self.x if sent is None else sent
+        ids = list(cfg.ids) if cfg.ids is not None else None
+        for b in self.byzantine:  # what the attacker heard this round, for its next craft
+            self.heard[b] = [self.x[j] for j in cols[rows == b].tolist() if self.honest[j]]
         if cfg.vectorised:
             res = mix_many(
-                self.x, rows, cols, deg, cfg.rule, cfg.radius, samples=self.samples, mass=self.mass
+                self.x,
+                rows,
+                cols,
+                deg,
+                cfg.rule,
+                cfg.radius,
+                samples=self.samples,
+                mass=self.mass,
+                sent=sent,
+                reputations=self.reputations,
+                ids=ids,
+                trim=cfg.trim,
             )
             self.x = res.vectors
             if res.mass is not None:
                 self.mass = res.mass
+            self._note_reputation(res.reputation, ids)
             return
         new = np.empty_like(self.x)
         new_mass = self.mass.copy()
         starts = np.searchsorted(rows, np.arange(cfg.nodes + 1))
+        reps: list[dict[str, float]] = []
         for i in range(cfg.nodes):
             got = [
-                Neighbour(str(j), self.x[j], int(deg[j]), int(self.samples[j]), float(self.mass[j]))
+                Neighbour(
+                    str(j) if ids is None else ids[j],
+                    src[j],
+                    int(deg[j]),
+                    int(self.samples[j]),
+                    float(self.mass[j]),
+                )
                 for j in cols[starts[i] : starts[i + 1]].tolist()
             ]
             res = mix(
@@ -664,11 +717,33 @@ class Simulation:
                 cfg.radius,
                 own_samples=int(self.samples[i]),
                 own_mass=float(self.mass[i]),
+                reputation=None if self.reputations is None else self.reputations[i],
+                trim=cfg.trim,
             )
             new[i] = res.vector
             if res.mass is not None:
                 new_mass[i] = res.mass
+            reps.append(res.reputation)
         self.x, self.mass = new, new_mass
+        self._note_reputation(reps if self.reputations is not None else None, ids)
+
+    def _note_reputation(self, reps: list[dict[str, float]] | None, ids: list[str] | None) -> None:
+        """Count down-weighted edges at honest receivers: (from Byzantine, from honest senders)."""
+        if reps is None:
+            self._flagged = None
+            return
+        index = {(str(j) if ids is None else ids[j]): j for j in range(self.cfg.nodes)}
+        bad = good = 0
+        for i, scores in enumerate(reps):
+            if not self.honest[i]:
+                continue
+            for nid, score in scores.items():
+                if score < 1.0:
+                    if self.honest[index[nid]]:
+                        good += 1
+                    else:
+                        bad += 1
+        self._flagged = (bad, good)
 
     def _message(self, degree: int) -> int:
         if degree not in self._bytes:
@@ -701,7 +776,15 @@ class Simulation:
         self.timings["mix"] += t2 - t1
         self.timings["eval"] += t3 - t2
         return RoundStats(
-            round, losses, acc, test_loss, consensus_distance(self.x), float(self.sent.mean()), t3 - t0
+            round,
+            losses,
+            acc,
+            test_loss,
+            consensus_distance(self.x[self.honest]),
+            float(self.sent.mean()),
+            t3 - t0,
+            None if not self.byzantine else self.honest.copy(),
+            self._flagged,
         )
 
     def run(self, on_round: Callable[[RoundStats], None] | None = None, gap: bool = True) -> SimResult:
@@ -725,6 +808,8 @@ class Simulation:
             self.x,
             dict(self.timings),
             self.mass if self.cfg.rule == "push-sum" else None,
+            self.byzantine,
+            None if self.reputations is None else [r.scores() for r in self.reputations],
         )
 
 
@@ -754,6 +839,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--drop", type=float, default=0.0)
+    p.add_argument("--attack", default="", help=f"one of {', '.join(ATTACKS)} (optionally name:key=value)")
+    p.add_argument(
+        "--byzantine",
+        default="0",
+        help="number of Byzantine nodes (spread evenly) or comma-separated indices",
+    )
+    p.add_argument("--trim", type=int, default=None, help='values cut per side for rule "trimmed-mean"')
     p.add_argument("--loop", action="store_true", help="per-node loop instead of the vectorised path")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     a = p.parse_args(argv)
@@ -774,6 +866,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         local_epochs=a.local_epochs,
         drop=a.drop,
         vectorised=not a.loop,
+        attack=a.attack,
+        byzantine=int(a.byzantine)
+        if "," not in a.byzantine
+        else tuple(int(v) for v in a.byzantine.split(",")),
+        trim=a.trim,
     )
     res = simulate(cfg, lambda s: print(json.dumps(s.row())))
     final = res.final
@@ -785,6 +882,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "params": res.params,
                 "final_mean_accuracy": final.mean_accuracy if final else None,
                 "final_min_accuracy": final.min_accuracy if final else None,
+                "final_honest_mean_accuracy": final.honest_mean_accuracy if final else None,
+                "final_honest_min_accuracy": final.honest_min_accuracy if final else None,
+                "byzantine": list(res.byzantine),
                 "timings": res.timings,
             }
         )

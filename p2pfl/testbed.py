@@ -44,15 +44,21 @@ class NodeProcess:
         return read_jsonl(self.directory / "metrics.jsonl")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports: every socket stays bound until all are chosen, so none is handed out twice."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
-def node_config(args: argparse.Namespace, index: int, directory: Path) -> config_mod.NodeConfig:
+def node_config(args: argparse.Namespace, index: int, directory: Path, port: int) -> config_mod.NodeConfig:
     cfg = config_mod.NodeConfig()
-    cfg.node.name, cfg.node.data_dir, cfg.node.host, cfg.node.port = f"node-{index}", str(directory), HOST, free_port()
+    cfg.node.name, cfg.node.data_dir, cfg.node.host, cfg.node.port = f"node-{index}", str(directory), HOST, port
     cfg.discovery.interfaces, cfg.discovery.expect_peers = [HOST], args.nodes - 1
     cfg.discovery.wait_s = args.wait
     cfg.task = TaskSpec(name=args.task, shard=index, num_shards=args.nodes, partition=args.partition,
@@ -67,6 +73,7 @@ def prepare(args: argparse.Namespace, out: Path) -> list[Path]:
     """Create the federation and one certified, configured data directory per node."""
     authority = FederationAuthority.create(out / "federation")
     configs = []
+    ports = free_ports(args.nodes)
     for i in range(args.nodes):
         directory = out / f"node-{i}"
         identity = load_or_create(directory)
@@ -74,14 +81,16 @@ def prepare(args: argparse.Namespace, out: Path) -> list[Path]:
         (directory / "certificate").write_bytes(cert.to_bytes())
         authority.root.save(directory / "federation.pub")
         path = directory / "node.toml"
-        path.write_text(config_mod.to_toml(node_config(args, i, directory)))
+        path.write_text(config_mod.to_toml(node_config(args, i, directory, ports[i])))
         configs.append(path)
     return configs
 
 
-def launch(configs: list[Path]) -> list[NodeProcess]:
+def launch(configs: list[Path], procs: list[NodeProcess] | None = None) -> list[NodeProcess]:
+    """Start one node process per config; appends to `procs` as it goes, so a failure halfway still
+    leaves the caller a list of every child to stop."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    procs = []
+    procs = [] if procs is None else procs
     for path in configs:
         log = (path.parent / "node.log").open("wb")
         cmd = [sys.executable, "-m", "p2pfl", "node", "--config", str(path)]
@@ -92,7 +101,16 @@ def launch(configs: list[Path]) -> list[NodeProcess]:
 
 
 def stop_all(procs: list[NodeProcess], grace_s: float = 5.0) -> None:
-    """Terminate every child that is still running; kill those that ignore it."""
+    """Terminate every child that is still running; kill those that ignore it. A second Ctrl-C while
+    this runs is ignored, so cleanup always finishes."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _stop(procs, grace_s)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop(procs: list[NodeProcess], grace_s: float) -> None:
     for p in procs:
         if p.proc.poll() is None:
             p.proc.send_signal(signal.SIGINT)
@@ -103,6 +121,10 @@ def stop_all(procs: list[NodeProcess], grace_s: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             p.proc.kill()
             p.proc.wait()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def progress_table(procs: list[NodeProcess], rounds: int, started: float) -> Table:
@@ -226,9 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
-    procs = launch(prepare(args, out))
+    # a killed testbed must not orphan its nodes
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    procs: list[NodeProcess] = []
     started = time.monotonic()
     try:
+        procs = launch(prepare(args, out), procs)
         with Live(progress_table(procs, args.rounds, started), console=console, refresh_per_second=2) as live:
             while any(p.proc.poll() is None for p in procs):
                 if time.monotonic() - started > args.timeout:
@@ -240,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[yellow]interrupted; stopping nodes")
     finally:
         stop_all(procs)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     wall = time.monotonic() - started
     summary = summarize(procs, args.rounds, wall)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

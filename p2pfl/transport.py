@@ -87,6 +87,11 @@ def inbox_prefix(federation_id: str, node_id: str, recipient: str) -> str:
     return f"p2pfl/{federation_id}/{node_id}/to/{recipient}/"
 
 
+def proof_topic(federation_id: str, node_id: str, client: str) -> str:
+    """Where the owner answers one client session with a signed proof that it holds `node_id`'s key."""
+    return f"p2pfl/{federation_id}/{node_id}/proof/{client}"
+
+
 def update_topic(federation_id: str, node_id: str, recipient: str, index: int) -> str:
     """Topic of part `index` of the update `node_id` addresses to `recipient`."""
     return f"p2pfl/{federation_id}/{node_id}/to/{recipient}/{index}"
@@ -260,7 +265,10 @@ class OutboxAuthPlugin(BaseAuthPlugin):
 
     async def authenticate(self, *, session: Session) -> bool:
         outbox = _OUTBOXES.get(self.config.outbox)
-        return outbox is not None and outbox._authenticate_session(session)
+        if outbox is None or not outbox._authenticate_session(session):
+            return False
+        await outbox._publish_proof(session)
+        return True
 
 
 class OutboxTopicPlugin(BaseTopicPlugin):
@@ -377,7 +385,8 @@ class Outbox:
 
     def __init__(self, host: str, port: int, federation_id: str, node_id: str,
                  authenticate: Callable[[str, str], str], on_reject: Callable[[Reason, str], None],
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 prove: Callable[[str, str], bytes] | None = None) -> None:
         if not host:
             raise ConfigError("Outbox needs an explicit host address to bind (no wildcard default)")
         if not 0 <= port <= 65535:
@@ -390,6 +399,7 @@ class Outbox:
         self.node_id = _check_level(node_id, "node id")
         self._authenticate = authenticate
         self._on_reject = on_reject
+        self._prove = prove  # (client id, its password) -> signed proof that we hold our certified key
         self.chunk_bytes = chunk_bytes
         self._prefix = topic_prefix(federation_id, node_id)
         self._token = secrets.token_hex(16)
@@ -517,6 +527,11 @@ class Outbox:
         if not session.username or not session.password:
             self._reject(Reason.AUTH_FAILED, f"anonymous client {who} refused")
             return False
+        if not session.clean_session:
+            # amqtt never expires persistent sessions: each would queue every later update forever,
+            # and a reused client id would inherit another client's subscriptions.
+            self._reject(Reason.AUTH_FAILED, f"client {who} asked for a persistent session (clean_session=0)")
+            return False
         try:
             node_id = self._authenticate(session.username, session.password)
         except Rejected as exc:
@@ -530,6 +545,14 @@ class Outbox:
         session.attributes[_SESSION_NODE] = str(node_id)
         log.debug("client %s authenticated as %s", who, node_id)
         return True
+
+    async def _publish_proof(self, session: Session) -> None:
+        """Retain this session's proof on the client's proof topic; it arrives when the client subscribes."""
+        client = session.attributes.get(_SESSION_NODE)
+        if self._prove is None or self._broker is None or not _is_level(client):
+            return
+        proof = self._prove(client, str(session.password))
+        await self._broker.retain_message(None, proof_topic(self.federation_id, self.node_id, client), proof, QOS)
 
     def _reject(self, reason: Reason, detail: str) -> None:
         try:
@@ -546,7 +569,8 @@ class Outbox:
         if action == Action.RECEIVE:
             # Live parts only reach a current recipient: a broadcast still queued in the broker
             # when its recipient was dropped (or had not yet subscribed) is not delivered.
-            return (topic == cert_topic(self.federation_id, self.node_id)
+            return (topic in (cert_topic(self.federation_id, self.node_id),
+                              proof_topic(self.federation_id, self.node_id, me))
                     or (topic.startswith(f"{self._prefix}to/{me}/") and me in self._recipients))
         if action == Action.SUBSCRIBE:
             # Only two filter shapes: the certificate and the client's own inbox. '+' is allowed in
@@ -558,7 +582,7 @@ class Outbox:
             if levels[2] not in (self.node_id, "+"):
                 return False
             rest = levels[3:]
-            return rest == ["cert"] or rest in (["to", me, "+"], ["to", me, "#"])
+            return rest in (["cert"], ["proof", me]) or rest in (["to", me, "+"], ["to", me, "#"])
         return False  # PUBLISH: the owner publishes internally, never through a client
 
 
@@ -590,7 +614,10 @@ class PeerLink:
     def __init__(self, host: str, port: int, federation_id: str, credentials: Callable[[], tuple[str, str]],
                  on_certificate: Callable[[str, bytes], None],
                  on_update: Callable[[str, bytes], Awaitable[None]],
-                 on_reject: Callable[[Reason, str], None], max_message_bytes: int) -> None:
+                 on_reject: Callable[[Reason, str], None], max_message_bytes: int,
+                 on_proof: Callable[[str, bytes, str], None] | None = None) -> None:
+        """With `on_proof`, update parts are accepted only from `trusted_publisher`, which the owner of
+        this link sets after checking the broker's proof (publisher, proof, this session's password)."""
         self.host = host
         self.port = port
         self.federation_id = _check_level(federation_id, "federation id")
@@ -598,6 +625,10 @@ class PeerLink:
         self._on_certificate = on_certificate
         self._on_update = on_update
         self._on_reject = on_reject
+        self._on_proof = on_proof
+        self.trusted_publisher: str | None = None
+        self._inbox_followed = False
+        self._password = ""
         self.max_message_bytes = max_message_bytes
         self.bytes_in = 0
         self._reassembler = Reassembler(max_message_bytes)
@@ -685,6 +716,7 @@ class PeerLink:
         """One connection: connect, subscribe (certificates and our own inbox), dispatch until it drops."""
         username, password = self._credentials()
         me = _check_level(username, "node id (username)")
+        self.trusted_publisher, self._password = None, password  # every session must be proven anew
         client = aiomqtt.Client(
             self.host, self.port, username=username, password=password,
             identifier=f"p2pfl-{secrets.token_hex(8)}", clean_session=True,
@@ -698,13 +730,27 @@ class PeerLink:
                 self._client = client
                 self._reassembler.drop_incomplete()
                 self._me = me
-                await self._subscribe(client, [self._cert_filter, f"p2pfl/{self.federation_id}/+/to/{me}/+"])
+                self._inbox_followed = False
+                await self._subscribe(client, [self._cert_filter, f"p2pfl/{self.federation_id}/+/proof/{me}"])
+                if self._on_proof is None:
+                    await self._follow_inbox(client)
                 self._ready = True
                 self._set_state("connected", "")
                 async for message in client.messages:
                     await self._dispatch(message.topic.value, message.payload)
         finally:
             _consume_disconnect(client)
+
+    async def _follow_inbox(self, client: aiomqtt.Client) -> None:
+        """Subscribe to our inbox on this broker: with proofs, only once its owner is proven, so the
+        retained update waiting there is delivered after (not before) the link trusts it."""
+        if not self._inbox_followed:
+            self._inbox_followed = True
+            await self._subscribe(client, [f"p2pfl/{self.federation_id}/+/to/{self._me}/+"])
+
+    async def _follow_inbox_if_trusted(self) -> None:
+        if self.trusted_publisher is not None and self._client is not None:
+            await self._follow_inbox(self._client)
 
     async def _subscribe(self, client: aiomqtt.Client, filters: list[str]) -> None:
         granted = await client.subscribe([(f, QOS) for f in filters])
@@ -739,9 +785,16 @@ class PeerLink:
                 if size > MAX_CERT_BYTES:
                     raise Rejected(Reason.OVERSIZE, f"certificate of {size} bytes from {publisher}")
                 self._on_certificate(publisher, bytes(payload))
+                await self._follow_inbox_if_trusted()
+            elif kind == "proof" and len(levels) == 5:
+                if levels[4] == self._me and self._on_proof is not None and 0 < size <= MAX_CERT_BYTES:
+                    self._on_proof(publisher, bytes(payload), self._password)
+                    await self._follow_inbox_if_trusted()
             elif kind == "to" and len(levels) == 6:
                 if levels[4] != self._me or size == 0:
                     return  # not addressed to us (never granted by the broker), or a cleared part
+                if self._on_proof is not None and publisher != self.trusted_publisher:
+                    raise Rejected(Reason.UNKNOWN_SENDER, "update part before the broker proved who it is")
                 index_text = levels[5]
                 if not (index_text.isascii() and index_text.isdigit()) or len(index_text) > 6:
                     raise Rejected(Reason.MALFORMED, f"bad part index {index_text[:16]!r}")

@@ -346,3 +346,163 @@ def test_neighbour_and_result_stay_backward_compatible() -> None:
     assert n.mass is None
     r = MixResult(np.zeros(3), 1.0, {}, {}, {}, None)
     assert r.mass is None
+
+
+# ---------------------------------------------------------------------------------------- robust rules
+
+from p2pfl.aggregation import (  # noqa: E402
+    DEFAULT_RULE,
+    REPUTATION_RECOVERY,
+    sketch_index,
+    trim_count,
+)
+
+
+def test_default_rule_is_robust() -> None:
+    assert DEFAULT_RULE == "robust" and {"robust", "trimmed-mean", "median"} <= set(RULES)
+
+
+def test_trimmed_mean_and_median_on_small_vectors() -> None:
+    x = np.array([0.0, 10.0, -1.0], dtype=np.float32)
+    others = [
+        np.array([1.0, 20.0, -2.0], dtype=np.float32),
+        np.array([2.0, 30.0, -3.0], dtype=np.float32),
+        np.array([3.0, 40.0, -4.0], dtype=np.float32),
+        np.array([100.0, -1000.0, 7.0], dtype=np.float32),  # an outlier in every coordinate
+    ]
+    got = [nb(str(k), v, degree=4) for k, v in enumerate(others)]
+    tm = mix(x, 4, got, rule="trimmed-mean")  # 5 votes: drop 1 on each side, average 3
+    assert np.allclose(tm.vector, [2.0, 20.0, -2.0])
+    assert tm.radius is None and tm.reputation == {} and tm.downweighted == {}
+    assert tm.own_weight + sum(tm.weights.values()) == pytest.approx(1.0)
+    assert tm.weights["3"] == 0.0 and tm.clipped["3"], "the outlier was trimmed everywhere"
+    assert tm.weights["1"] == pytest.approx(1 / 3) and not tm.clipped["1"]
+    med = mix(x, 4, got, rule="median")
+    assert np.allclose(med.vector, [2.0, 20.0, -2.0])
+    assert med.weights == {"0": pytest.approx(2 / 3), "1": pytest.approx(1 / 3), "2": 0.0, "3": 0.0}
+    even = mix(x, 4, got[:3], rule="median")  # 4 votes: mean of the middle two
+    assert np.allclose(even.vector, [1.5, 25.0, -2.5])
+    assert np.allclose(
+        mix(x, 4, got, rule="trimmed-mean", trim=0).vector, np.mean([x, *others], 0), atol=1e-4
+    )
+    assert np.allclose(mix(x, 4, got, rule="trimmed-mean", trim=9).vector, med.vector)  # capped: the median
+    assert np.array_equal(mix(x, 4, [], rule="median").vector, x)
+    assert [trim_count(k) for k in (1, 2, 3, 5, 6, 10, 11, 17)] == [0, 0, 1, 1, 2, 2, 3, 4]
+    bad = x.copy()
+    bad[0] = np.inf
+    res = mix(x, 4, [*got[:2], nb("nan", bad)], rule="median")  # a non-finite vote is ignored
+    assert np.allclose(res.vector, [1.0, 20.0, -2.0]) and res.weights["nan"] == 0.0 and res.clipped["nan"]
+
+
+def test_robust_needs_a_reputation_and_equals_mean_without_attacker() -> None:
+    rng = np.random.default_rng(7)
+    x = vec(rng)
+    with pytest.raises(ValueError, match="reputation"):
+        mix(x, 3, [nb("a", x)], rule="robust")
+    rep = Reputation()
+    for r in range(30):  # honest neighbours: similar distances, every model changes every round
+        x = vec(rng, 0.05, x)
+        got = [nb(str(k), vec(rng, 0.1, x), degree=4) for k in range(4)]
+        res = mix(x, 4, got, rule="robust", reputation=rep)
+        mean = mix(x, 4, got, rule="mean")
+        assert res.reputation == {str(k): 1.0 for k in range(4)}, r
+        assert res.downweighted == {} and res.radius is not None
+        assert np.allclose(res.vector, mean.vector, atol=1e-6) and res.weights == mean.weights
+    assert mix(x, 4, got, rule="clipped").reputation == {}, "other rules leave the new fields empty"
+
+
+def test_reputation_drops_a_persistent_outlier_within_a_few_rounds_and_recovers_slowly() -> None:
+    rng = np.random.default_rng(8)
+    x = vec(rng)
+    rep = Reputation()
+    history = []
+    for _ in range(10):  # "bad" sends its sign-flipped model
+        x = vec(rng, 0.05, x)
+        honest = [nb(f"h{k}", vec(rng, 0.1, x), degree=4) for k in range(3)]
+        res = mix(x, 4, [*honest, nb("bad", -x, degree=4)], rule="robust", reputation=rep)
+        history.append(res.reputation["bad"])
+        assert all(res.reputation[f"h{k}"] == 1.0 for k in range(3))
+    assert history[0] == 0.5 and history[2] < 0.15 and history[-1] < 0.01
+    assert res.weights["bad"] == pytest.approx(0.2 * history[-1])
+    assert res.own_weight == pytest.approx(1 - 3 * 0.2 - res.weights["bad"]), "its weight stays home"
+    reason = res.downweighted["bad"]
+    assert reason.startswith("distance ") and "x median, clipped 8/8 rounds, failed 8/8" in reason
+    # pull of the outlier is now negligible: the step is (almost) honest gossip
+    honest_only = mix(x, 4, honest, rule="mean")
+    assert float(np.linalg.norm(res.vector - honest_only.vector)) < 1e-2 * float(np.linalg.norm(x))
+
+    after = []
+    for _ in range(25):  # it behaves again
+        x = vec(rng, 0.05, x)
+        got = [nb(f"h{k}", vec(rng, 0.1, x), degree=4) for k in range(3)]
+        res = mix(x, 4, [*got, nb("bad", vec(rng, 0.1, x), degree=4)], rule="robust", reputation=rep)
+        after.append(res.reputation["bad"])
+    assert after[4] < 0.3, "slowly: a quarter after 5 good rounds"
+    # + recovery per clean round, once the window no longer shows it clipped most of the time
+    assert history[-1] + 7 * REPUTATION_RECOVERY <= after[9] <= history[-1] + 10 * REPUTATION_RECOVERY + 1e-9
+    assert after[-1] == 1.0 and "bad" not in res.downweighted
+
+
+def test_reputation_catches_a_replayed_stale_vector_and_ignores_clipping_with_two_neighbours() -> None:
+    rng = np.random.default_rng(9)
+    x = vec(rng)
+    stale = vec(rng, 0.1, x)
+    rep = Reputation()
+    for _ in range(6):
+        x = vec(rng, 0.05, x)
+        got = [nb(f"h{k}", vec(rng, 0.1, x), degree=4) for k in range(3)]
+        res = mix(x, 4, [*got, nb("old", stale, degree=4)], rule="robust", reputation=rep)
+    assert res.reputation["old"] < 0.1 and "unchanged 5/6" in res.downweighted["old"]
+    assert all(res.reputation[f"h{k}"] == 1.0 for k in range(3))
+    assert Reputation(sketch=0).sketch_of(x) is None
+    assert np.array_equal(sketch_index(1000), sketch_index(1000)) and len(sketch_index(1000)) == 128
+    assert np.array_equal(sketch_index(50), np.arange(50))
+
+    ring = Reputation()  # two neighbours: the farther one is clipped every round, which is no evidence
+    for _ in range(20):
+        s = ring.update({"near": 1.0, "far": 2.0})  # radius 1.5 x 1.0: "far" clipped, ratio 2 < 3
+    assert s == {"near": 1.0, "far": 1.0}
+    four = Reputation()  # with four neighbours, persistent clipping caps the score
+    for _ in range(20):
+        s = four.update({"a": 1.0, "b": 1.1, "c": 1.2, "far": 2.0})
+    assert s["far"] == 0.5 and s["a"] == 1.0
+
+
+def test_reputation_state_is_bounded_and_forgettable_and_checks_its_options() -> None:
+    rep = Reputation(max_tracked=3)
+    for k in range(5):
+        rep.update({f"n{k}": 1.0, f"m{k}": 1.0})
+    assert len(rep) == 3 and "n4" in rep and "m4" in rep and "n0" not in rep
+    rep.update({"n4": 1.0, "a": 1.0, "b": 100.0})  # "b" fails: 100x the median
+    assert rep.score("b") == 0.5 and rep.score("never-seen") == 1.0
+    rep.forget("b")
+    assert "b" not in rep and rep.score("b") == 1.0 and rep.reason("b") == "unknown"
+    rep.forget("not-there")
+    assert rep.update({"x": float("nan"), "y": 1.0, "z": 1.0}) == {"x": 0.5, "y": 1.0, "z": 1.0}
+    assert "unusable vector" in rep.reason("x")
+    same = Reputation()  # every vote equal to the node's own model: no scale, no evidence
+    assert same.update({"a": 0.0, "b": 0.0, "c": 5.0}) == {"a": 1.0, "b": 1.0, "c": 1.0}
+    for bad in (dict(accept=0), dict(penalty=1.0), dict(window=0), dict(gamma=-1.0), dict(max_tracked=0)):
+        with pytest.raises(ConfigError):
+            Reputation(**bad)
+
+
+def test_balance_test_with_time_decay() -> None:
+    # BALANCE (Fang et al.): accept iff d <= gamma * exp(-kappa t / T) * ||x_i||
+    rep = Reputation(gamma=0.5, kappa=2.0, horizon=10, accept=100.0)
+    assert rep.needs_norm and Reputation().threshold(1.0) is None
+    assert rep.update({"a": 0.4, "b": 0.4, "c": 0.4}, own_norm=1.0) == {"a": 1.0, "b": 1.0, "c": 1.0}
+    # t = 1 now: threshold 0.5 * exp(-0.2) = 0.41; at t = 5 it is 0.5 * exp(-1) = 0.18
+    for _ in range(4):
+        s = rep.update({"a": 0.4, "b": 0.4, "c": 0.4}, own_norm=1.0)
+    assert rep.threshold(1.0) == pytest.approx(0.5 * np.exp(-1.0))
+    assert s["a"] < 1.0, "the same distance fails once the threshold has decayed"
+    x = np.ones(P, dtype=np.float32)
+    res = mix(
+        x,
+        3,
+        [nb("a", x * 1.01), nb("b", x * 0.99), nb("c", x * 3)],
+        "robust",
+        reputation=Reputation(gamma=0.5),
+    )
+    assert res.reputation["c"] == 0.5 and res.reputation["a"] == 1.0

@@ -38,6 +38,13 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("[discovery]\nmdns = false\nexpect_peers = 2\n", "static_peers"),
         ("[training]\nrounds = true\n", "rounds must be int"),
         ("not toml at all [", "not valid TOML"),
+        ("[gossip]\nlinger_s = nan\n", "linger_s must be a finite number"),
+        ("[gossip]\nround_timeout_s = inf\n", "round_timeout_s must be a finite number"),
+        ("[gossip]\nmax_update_mb = 1e-9\n", "max_update_mb must be >= 0.001"),
+        ("[security]\nmax_skew_s = 0\n", "max_skew_s must be > 0"),
+        ('[node]\nhost = "0.0.0.0"\n', "not a wildcard"),
+        ('[discovery]\nstatic_peers = ["h:0"]\n', "host:port"),
+        ('[gossip]\ntopology = "hypercube-ish"\n', "unknown topology"),
     ],
 )
 def test_mistakes_are_explained(tmp_path: Path, text: str, message: str) -> None:

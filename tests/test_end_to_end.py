@@ -51,8 +51,9 @@ def test_three_processes_discover_each_other_and_learn_together(tmp_path: Path) 
 def test_a_killed_peer_does_not_stall_the_others(tmp_path: Path) -> None:
     """SIGKILL one of 4 nodes mid-run: the rest drop it from the ring and finish every round."""
     rounds = 12
-    args = testbed.parse_args(["--nodes", "4", "--rounds", str(rounds), "--round-timeout", "10",
-                               "--out", str(tmp_path)])
+    args = testbed.parse_args(
+        ["--nodes", "4", "--rounds", str(rounds), "--round-timeout", "10", "--out", str(tmp_path)]
+    )
     procs = testbed.launch(testbed.prepare(args, tmp_path))
     victim, survivors = procs[-1], procs[:-1]
     try:
@@ -79,7 +80,12 @@ def test_a_killed_peer_does_not_stall_the_others(tmp_path: Path) -> None:
 def test_real_nodes_follow_time_varying_and_file_topologies(tmp_path: Path) -> None:
     """One-peer exponential pairs nodes anew every round; an edge-list file names neighbours by node name."""
     out = tmp_path / "one-peer"
-    assert testbed.main(["--nodes", "4", "--rounds", "3", "--topology", "one-peer-exponential", "--out", str(out)]) == 0
+    assert (
+        testbed.main(
+            ["--nodes", "4", "--rounds", "3", "--topology", "one-peer-exponential", "--out", str(out)]
+        )
+        == 0
+    )
     rows = {f"node-{i}": read_jsonl(out / f"node-{i}" / "metrics.jsonl") for i in range(4)}
     partners = [{name: set(r[k]["neighbours"]) for name, r in rows.items()} for k in range(3)]
     for pairing in partners:  # every node has exactly one partner, and partnership is mutual
@@ -88,10 +94,18 @@ def test_real_nodes_follow_time_varying_and_file_topologies(tmp_path: Path) -> N
     assert all(r[k]["missing"] == [] for r in rows.values() for k in range(3))
 
     out = tmp_path / "edges"
-    assert testbed.main(["--nodes", "4", "--rounds", "2", "--topology", "topologies/edges_4.toml",
-                         "--out", str(out)]) == 0
-    expected = {"node-0": {"node-1", "node-2", "node-3"}, "node-1": {"node-0", "node-2"},
-                "node-2": {"node-0", "node-1", "node-3"}, "node-3": {"node-0", "node-2"}}
+    assert (
+        testbed.main(
+            ["--nodes", "4", "--rounds", "2", "--topology", "topologies/edges_4.toml", "--out", str(out)]
+        )
+        == 0
+    )
+    expected = {
+        "node-0": {"node-1", "node-2", "node-3"},
+        "node-1": {"node-0", "node-2"},
+        "node-2": {"node-0", "node-1", "node-3"},
+        "node-3": {"node-0", "node-2"},
+    }
     for name, neighbours in expected.items():
         row = read_jsonl(out / name / "metrics.jsonl")[-1]
         assert set(row["neighbours"]) == neighbours and row["missing"] == [], name

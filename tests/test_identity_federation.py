@@ -307,3 +307,19 @@ def test_token_garbage_only_raises_auth_failed(member, authority: FederationAuth
                 assert exc.reason is Reason.AUTH_FAILED
             except Exception as exc:  # pragma: no cover
                 pytest.fail(f"verify_token raised {type(exc).__name__} for {password!r:.60}")
+
+
+def test_broker_proof_binds_key_client_and_session(tmp_path: Path) -> None:
+    from p2pfl.federation import make_broker_proof, verify_broker_proof
+
+    authority = FederationAuthority.create(tmp_path / "fed")
+    owner = Identity.generate()
+    cert = authority.issue("owner", owner.verify_key_bytes, owner.box_public_bytes, 3600)
+    fed = authority.root.federation_id
+    proof = make_broker_proof(owner, fed, "client-1", "token-A")
+    assert verify_broker_proof(cert, "client-1", "token-A", proof)
+    assert not verify_broker_proof(cert, "client-1", "token-B", proof)  # replayed into another session
+    assert not verify_broker_proof(cert, "client-2", "token-A", proof)  # answered to someone else
+    impostor = make_broker_proof(Identity.generate(), fed, "client-1", "token-A")
+    assert not verify_broker_proof(cert, "client-1", "token-A", impostor)  # serves a cert it does not hold
+    assert not verify_broker_proof(cert, "client-1", "token-A", b"\x00" * 3)

@@ -22,7 +22,7 @@ from aiomqtt.exceptions import MqttConnectError
 from p2pfl import codec
 from p2pfl.config import NodeConfig, validate
 from p2pfl.envelope import SIGN_DOMAIN, UpdateMeta, seal
-from p2pfl.federation import Certificate, FederationAuthority, make_token, verify_token
+from p2pfl.federation import Certificate, FederationAuthority, make_broker_proof, make_token, verify_token
 from p2pfl.identity import Identity, load_or_create
 from p2pfl.learning import get_params
 from p2pfl.node import Node
@@ -64,12 +64,17 @@ async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
 class Neighbour:
     """A hand-driven certified peer: its own broker, its own keys, updates crafted by the test."""
 
-    def __init__(self, authority: FederationAuthority, name: str, directory: Path) -> None:
+    def __init__(self, authority: FederationAuthority, name: str, directory: Path,
+                 prover: Identity | None = None) -> None:
+        """`prover`: whose key answers the broker proof (an impostor serving a public certificate
+        does not hold the certified key)."""
         self.identity, self.cert = certify(authority, name, directory)
         root = authority.root
+        prover = prover or self.identity
         self.outbox = Outbox(HOST, free_port(), root.federation_id, self.identity.node_id,
                              authenticate=lambda u, p: verify_token(root, u, p).node_id,
-                             on_reject=lambda reason, detail: None)
+                             on_reject=lambda reason, detail: None,
+                             prove=lambda client, pw: make_broker_proof(prover, root.federation_id, client, pw))
         self.seq = 0
 
     async def start(self) -> None:
@@ -94,18 +99,21 @@ async def _scenario(tmp: Path) -> None:
     outsider_authority = FederationAuthority.create(tmp / "other-federation")
     a = Neighbour(authority, "node-a", tmp / "a")
     c = Neighbour(outsider_authority, "node-c", tmp / "c")
-    await a.start()
-    await c.start()
+    # An uncertified host serving the public certificate of member D, who is offline.
+    impostor = Neighbour(authority, "node-d", tmp / "d", prover=Identity.generate())
+    for peer in (a, c, impostor):
+        await peer.start()
 
     cfg = NodeConfig()
     cfg.node.name, cfg.node.data_dir, cfg.node.port = "node-b", str(tmp / "b"), free_port()
     cfg.discovery.mdns = False
-    cfg.discovery.static_peers = [f"{HOST}:{a.outbox.port}", f"{HOST}:{c.outbox.port}"]
+    cfg.discovery.static_peers = [f"{HOST}:{p.outbox.port}" for p in (a, c, impostor)]
     certify(authority, "node-b", tmp / "b")
     node = Node(validate(cfg))
     await node.start()
     try:
         await until(lambda: a.identity.node_id in node.members())
+        await until(lambda: node.metrics.rejected["bad_signature"] == 1)  # the impostor's proof (see below)
         node.round = 1
         b_id, b_box = node.node_id, node.identity.box_public_bytes
         good = get_params(node.model)
@@ -127,7 +135,7 @@ async def _scenario(tmp: Path) -> None:
         await until(lambda: rejected("replay") == 1)
 
         await send(forge(sealed(good, a.meta(1)), c.identity))  # re-signed by a key A's certificate does not hold
-        await until(lambda: rejected("bad_signature") == 1)
+        await until(lambda: rejected("bad_signature") == 2)
 
         await send(b"\x00garbage" * 100)
         await until(lambda: rejected("malformed") == 1)
@@ -154,8 +162,17 @@ async def _scenario(tmp: Path) -> None:
         await send(seal(codec.encode(good), a.meta(1), a.identity, {stranger.node_id: stranger.box_public_bytes}))
         await until(lambda: rejected("not_recipient") == 1)
 
-        # The outsider's broker refuses the node, and the node never counts the outsider as a member.
+        # The outsider's broker refuses the node, and the node never counts the outsider as a member;
+        # the impostor serves a valid certificate but cannot sign our token with its key.
+        await until(lambda: rejected("bad_signature") == 2)
         assert c.identity.node_id not in node.members()
+        assert impostor.identity.node_id not in node.members()
+        await impostor.outbox.publish_update(seal(codec.encode(good), impostor.meta(1), impostor.identity,
+                                                  {b_id: b_box}), [b_id])
+        await asyncio.sleep(2)  # the link never subscribed to the unproven broker's inbox: nothing arrives
+        assert impostor.identity.node_id not in node.inbox.updates.get(1, {})
+        impostor_link = next(p.link for p in node.peers.values() if p.cert and p.cert.name == "node-d")
+        assert impostor_link.trusted_publisher is None
 
         # Nothing was lost: the next honest update is still accepted.
         node.round = 2
@@ -179,3 +196,4 @@ async def _scenario(tmp: Path) -> None:
         await node.stop()
         await a.outbox.stop()
         await c.outbox.stop()
+        await impostor.outbox.stop()

@@ -20,6 +20,7 @@ from p2pfl.sim import (
     gossip,
     message_bytes,
     simulate,
+    spread,
 )
 
 
@@ -189,9 +190,85 @@ def test_many_nodes_smoke() -> None:
     assert res.samples.sum() == 1348 and res.samples.min() >= 1
 
 
+@pytest.mark.parametrize("rule", ["robust", "median", "mean"])
+def test_attacked_vectorised_run_equals_the_per_node_loop(rule: str) -> None:
+    base = dict(
+        nodes=8,
+        rounds=4,
+        topology="random-regular:3",
+        rule=rule,
+        seed=1,
+        batch_size=16,
+        drop=0.1,
+        attack="dissensus",
+        byzantine=2,
+    )
+    fast = simulate(SimConfig(**base))
+    slow = simulate(SimConfig(**base, vectorised=False))
+    assert fast.byzantine == (0, 4) and np.allclose(fast.vectors, slow.vectors, atol=1e-4)
+    for a, b in zip(fast.rounds, slow.rounds, strict=True):
+        assert a.honest_mean_accuracy == pytest.approx(b.honest_mean_accuracy, abs=3 / 450)
+        assert a.downweighted == b.downweighted
+        assert list(a.honest) == [i not in (0, 4) for i in range(8)]
+    if rule == "robust":
+        assert fast.reputation == slow.reputation and len(fast.reputation) == 8
+    else:
+        assert fast.reputation is None and fast.rounds[-1].downweighted is None
+
+
+def test_byzantine_nodes_send_crafted_vectors_and_keep_their_own_model_honest() -> None:
+    cfg = SimConfig(nodes=6, rounds=3, topology="ring", attack="sign-flip", byzantine=(2,), rule="mean")
+    sim = Simulation(cfg)
+    sent = []
+    original = sim._craft
+
+    def spy(round: int):
+        out = original(round)
+        sent.append((sim.x.copy(), out.copy()))
+        return out
+
+    sim._craft = spy
+    sim.run(gap=False)
+    for own, out in sent:
+        assert np.array_equal(out[2], -own[2]) and np.array_equal(np.delete(out, 2, 0), np.delete(own, 2, 0))
+    # what node 2 heard last round: the models of its honest ring neighbours 1 and 3
+    assert len(sim.heard[2]) == 2 and np.array_equal(sim.heard[2][0], sent[-1][0][1])
+    # with label-flip, only the Byzantine node's task is poisoned
+    lf = Simulation(SimConfig(nodes=4, rounds=0, attack="label-flip", byzantine=1))
+    assert np.array_equal(lf.tasks[0].train_labels, 9 - load_task(lf.cfg.task_spec(0)).train_labels)
+    assert np.array_equal(lf.tasks[1].train_labels, load_task(lf.cfg.task_spec(1)).train_labels)
+    assert lf.trainer is not None, "a poisoned TensorTask still trains batched"
+
+
+def test_spread_places_byzantine_nodes_evenly() -> None:
+    assert spread(16, 0) == () and spread(16, 1) == (0,) and spread(16, 2) == (0, 8)
+    assert spread(16, 3) == (0, 5, 10) and spread(4, 4) == (0, 1, 2, 3)
+    assert SimConfig(nodes=16, attack="alie", byzantine=3).byzantine == (0, 5, 10)
+    assert SimConfig(nodes=16, attack="alie", byzantine=(9, 2)).byzantine == (2, 9)
+    with pytest.raises(ConfigError):
+        spread(4, 5)
+
+
 def test_config_errors() -> None:
-    for bad in (dict(nodes=0), dict(rule="median"), dict(eval_every=0), dict(drop=1.0), dict(names=("a",))):
+    for bad in (
+        dict(nodes=0),
+        dict(rule="no-such-rule"),
+        dict(eval_every=0),
+        dict(drop=1.0),
+        dict(names=("a",)),
+    ):
         with pytest.raises(ConfigError):
             SimConfig(**bad)
     with pytest.raises(ConfigError):
         Simulation(SimConfig(nodes=2, topology="no-such-topology"))
+    for bad in (
+        dict(attack="nope", byzantine=1),
+        dict(byzantine=2),  # Byzantine nodes without an attack
+        dict(attack="alie", byzantine=(1, 1)),
+        dict(attack="alie", byzantine=(0, 99)),
+        dict(attack="alie", byzantine=99),
+        dict(reputation=(("accept", -1.0),)),
+        dict(reputation=(("no_such_option", 1.0),)),
+    ):
+        with pytest.raises(ConfigError):
+            SimConfig(nodes=4, **bad)

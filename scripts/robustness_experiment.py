@@ -1,0 +1,535 @@
+#!/usr/bin/env python
+"""Robustness experiment: attacks x aggregation rules x number of Byzantine nodes, in the simulator.
+
+Every run is `p2pfl.sim` (the node's task, topology, aggregation and attack code on N virtual nodes):
+16 nodes, digits MLP (`digits-mlp`, 64 hidden units; batched training makes a 40-round run take
+about 0.3 s), IID shards, 1 local epoch per round. Byzantine nodes are placed deterministically and
+independently of the topology: `p2pfl.sim.spread(16, b)` = node indices floor(k * 16 / b), i.e.
+(0,), (0, 8), (0, 5, 10). They train and mix honestly and send crafted vectors (p2pfl.attacks);
+accuracy is that of the honest nodes only, on the shared test split, after the last round,
+averaged over the seeds.
+
+Grid (default): topologies random 4-regular and 2-D torus; rules mean, clipped, trimmed-mean,
+median, robust; every attack with 1, 2 and 3 Byzantine nodes, plus the no-attack baseline; plus
+the extra attacks (--extra, default ALIE with z = 3 and z = 10) with 3 Byzantine nodes only.
+Writes to --out (default runs/robustness):
+
+  runs.csv       one row per run (topology, rule, attack, byzantine, seed, honest mean / min accuracy,
+                 down-weighted edges from Byzantine / honest senders at the end, seconds)
+  rounds.csv     honest mean / min accuracy per round of every run
+  summary.md     markdown tables (3 Byzantine of 16; the 0..3 sweep) and the target checks
+  robustness_byz3.png, robustness_sweep.png, robustness_rounds.png
+
+    python scripts/robustness_experiment.py             # the default grid (~5 min on 2 cores)
+    python scripts/robustness_experiment.py --quick     # a smoke test (seconds)
+    python scripts/robustness_experiment.py --seeds 0 --byzantine 0,3 --rules mean,robust
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from p2pfl.aggregation import RULES  # noqa: E402
+from p2pfl.attacks import ATTACKS, make_attack  # noqa: E402
+from p2pfl.sim import SimConfig, Simulation, spread  # noqa: E402
+from p2pfl.topology import parse_topology  # noqa: E402
+
+DEFAULT_TOPOLOGIES = ("random-regular:4", "torus")
+DEFAULT_RULES = ("mean", "clipped", "trimmed-mean", "median", "robust")
+DEFAULT_EXTRA = ("alie:z=3", "alie:z=10")
+NO_ATTACK = "none"
+TARGET_NO_ATTACK_COST = 0.01  # robust may cost at most 1 point against mean without attack
+TARGET_HOLD = 0.03  # robust within 3 points of its no-attack value under every attack (b = max)
+TARGET_COLLAPSE = 0.20  # mean must lose at least 20 points under these attacks (b = max)
+COLLAPSE_ATTACKS = ("sign-flip", "alie")
+
+
+@dataclass(frozen=True)
+class Run:
+    topology: str
+    rule: str
+    attack: str
+    byzantine: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.topology} {self.rule} {self.attack} b={self.byzantine} seed={self.seed}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument("--topologies", default=",".join(DEFAULT_TOPOLOGIES))
+    p.add_argument("--rules", default=",".join(DEFAULT_RULES), help=f"of {', '.join(RULES)}")
+    p.add_argument("--attacks", default=",".join(ATTACKS), help="attack names (name:key=value allowed)")
+    p.add_argument(
+        "--extra",
+        default=",".join(DEFAULT_EXTRA),
+        help="further attack variants, run only with the largest number of Byzantine nodes ('' for none)",
+    )
+    p.add_argument(
+        "--byzantine", default="1,2,3", help="numbers of Byzantine nodes (0 = baseline, always run)"
+    )
+    p.add_argument("--nodes", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--task", default="digits-mlp")
+    p.add_argument("--partition", default="iid")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=0.3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--out", default="runs/robustness")
+    p.add_argument(
+        "--quick", action="store_true", help="torus, mean/robust, 3 attacks, b in {0, 3}, 15 rounds"
+    )
+    p.add_argument("--no-plots", action="store_true")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.topologies, a.rules, a.attacks, a.extra = "torus", "mean,robust", "sign-flip,alie,label-flip", ""
+        a.byzantine, a.rounds, a.seeds = "3", 15, "0"
+    return a
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def grid(a: argparse.Namespace) -> list[Run]:
+    tops, rules, attacks, extra = _split(a.topologies), _split(a.rules), _split(a.attacks), _split(a.extra)
+    for t in tops:
+        parse_topology(t)  # fail before the first run on a typo
+    bad = [r for r in rules if r not in RULES]
+    if bad:
+        raise SystemExit(f"unknown rule(s) {bad}; known: {', '.join(RULES)}")
+    for name in attacks + extra:
+        make_attack(name)  # ConfigError on a typo
+    counts = sorted({int(b) for b in _split(a.byzantine)} - {0})
+    for b in counts:
+        spread(a.nodes, b)
+    seeds = [int(s) for s in _split(a.seeds)]
+    runs = []
+    for top in tops:
+        for rule in rules:
+            for seed in seeds:
+                runs.append(Run(top, rule, NO_ATTACK, 0, seed))
+                for attack in attacks:
+                    for b in counts:
+                        runs.append(Run(top, rule, attack, b, seed))
+                if counts:
+                    for attack in extra:
+                        runs.append(Run(top, rule, attack, counts[-1], seed))
+    return runs
+
+
+def config(run: Run, a: argparse.Namespace) -> SimConfig:
+    return SimConfig(
+        task=a.task,
+        nodes=a.nodes,
+        rounds=a.rounds,
+        topology=run.topology,
+        rule=run.rule,
+        partition=a.partition,
+        alpha=a.alpha,
+        seed=run.seed,
+        lr=a.lr,
+        batch_size=a.batch_size,
+        attack="" if run.attack == NO_ATTACK else run.attack,
+        byzantine=run.byzantine,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# aggregation over seeds and the tables
+
+
+def aggregate(rows: list[dict]) -> dict[tuple, dict]:
+    """(topology, rule, attack, byzantine) -> mean over seeds of honest mean / min accuracy."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["topology"], r["rule"], r["attack"], r["byzantine"]), []).append(r)
+    return {
+        k: {
+            "mean": float(np.mean([r["honest_mean_accuracy"] for r in v])),
+            "min": float(np.mean([r["honest_min_accuracy"] for r in v])),
+            "worst_min": float(np.min([r["honest_min_accuracy"] for r in v])),
+            "flag_byz": float(np.mean([r["downweighted_byzantine"] or 0 for r in v])),
+            "flag_honest": float(np.mean([r["downweighted_honest"] or 0 for r in v])),
+            "seeds": len(v),
+        }
+        for k, v in groups.items()
+    }
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def tables(agg: dict[tuple, dict], a: argparse.Namespace, wall: float, runs: int) -> str:
+    tops = list(dict.fromkeys(k[0] for k in agg))
+    rules = list(dict.fromkeys(k[1] for k in agg))
+    attacks = list(dict.fromkeys(k[2] for k in agg if k[2] != NO_ATTACK))
+    counts = sorted({k[3] for k in agg if k[3] > 0})
+    b_max = counts[-1] if counts else 0
+    seeds = _split(a.seeds)
+    lines = [
+        f"Simulator, `{a.task}`, {a.nodes} nodes, {a.partition} shards, {a.rounds} rounds (1 local epoch, lr {a.lr}, "
+        f"batch {a.batch_size}), seeds {', '.join(seeds)} (figures are means over the seeds). Byzantine nodes at "
+        f"indices `spread({a.nodes}, b)` = floor(k*{a.nodes}/b): "
+        + ", ".join(f"b={b}: {spread(a.nodes, b)}" for b in counts)
+        + f". Cells: honest nodes' final mean accuracy / minimum accuracy (%). {runs} runs in {wall:.0f} s.",
+        "",
+    ]
+    for top in tops:
+        lines += [
+            f"**{top}, {b_max} Byzantine of {a.nodes}** (row `none`: no attack, 0 Byzantine)",
+            "",
+            "| attack | " + " | ".join(rules) + " |",
+            "|---|" + "---:|" * len(rules),
+        ]
+        for attack in [NO_ATTACK, *attacks]:
+            b = 0 if attack == NO_ATTACK else b_max
+            cells = []
+            for rule in rules:
+                g = agg.get((top, rule, attack, b))
+                cells.append("" if g is None else f"{_pct(g['mean'])} / {_pct(g['min'])}")
+            lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if len(counts) > 1:
+        shown = [r for r in ("mean", "clipped", "robust") if r in rules] or rules[:3]
+        lines += [
+            "**Honest mean accuracy (%) against the number of Byzantine nodes** (0 = no attack)",
+            "",
+            "| topology | attack | " + " | ".join(f"{r} b={b}" for r in shown for b in [0, *counts]) + " |",
+            "|---|---|" + "---:|" * (len(shown) * (len(counts) + 1)),
+        ]
+        for top in tops:
+            for attack in attacks:
+                if not all((top, shown[0], attack, b) in agg for b in counts):
+                    continue
+                cells = []
+                for r in shown:
+                    for b in [0, *counts]:
+                        g = agg.get((top, r, NO_ATTACK if b == 0 else attack, b))
+                        cells.append("" if g is None else _pct(g["mean"]))
+                lines.append(f"| {top} | {attack} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "robust" in rules:
+        lines += [
+            f"Rule robust, {b_max} Byzantine: edges (honest receiver, sender) with reputation < 1 after the "
+            "last round, from Byzantine senders / from honest senders (mean over seeds):",
+            "",
+            "| topology | " + " | ".join(attacks) + " |",
+            "|---|" + "---:|" * len(attacks),
+        ]
+        for top in tops:
+            cells = []
+            for attack in attacks:
+                g = agg.get((top, "robust", attack, b_max))
+                cells.append("" if g is None else f"{g['flag_byz']:.1f} / {g['flag_honest']:.1f}")
+            lines.append(f"| {top} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def checks(agg: dict[tuple, dict], a: argparse.Namespace) -> list[tuple[bool, str]]:
+    """The issue's targets, per topology: (met, text)."""
+    out: list[tuple[bool, str]] = []
+    tops = list(dict.fromkeys(k[0] for k in agg))
+    counts = sorted({k[3] for k in agg if k[3] > 0})
+    b_max = counts[-1] if counts else 0
+    attacks = list(dict.fromkeys(k[2] for k in agg if k[2] != NO_ATTACK and k[3] == b_max))
+    for top in tops:
+        mean0 = agg.get((top, "mean", NO_ATTACK, 0))
+        rob0 = agg.get((top, "robust", NO_ATTACK, 0))
+        if mean0 and rob0:
+            cost = mean0["mean"] - rob0["mean"]
+            out.append(
+                (
+                    cost <= TARGET_NO_ATTACK_COST,
+                    f"{top}, no attack: robust {_pct(rob0['mean'])}% vs mean {_pct(mean0['mean'])}% "
+                    f"(cost {100 * cost:+.1f} points; target <= {100 * TARGET_NO_ATTACK_COST:.0f})",
+                )
+            )
+        if rob0:
+            for attack in attacks:
+                g = agg.get((top, "robust", attack, b_max))
+                if g is None:
+                    continue
+                drop = rob0["mean"] - g["mean"]
+                out.append(
+                    (
+                        drop <= TARGET_HOLD,
+                        f"{top}, {attack}, {b_max} Byzantine: robust {_pct(g['mean'])}% "
+                        f"({-100 * drop:+.1f} points vs no attack; target >= -{100 * TARGET_HOLD:.0f})",
+                    )
+                )
+        if mean0:
+            for attack in COLLAPSE_ATTACKS:
+                g = agg.get((top, "mean", attack, b_max))
+                if g is None:
+                    continue
+                drop = mean0["mean"] - g["mean"]
+                out.append(
+                    (
+                        drop >= TARGET_COLLAPSE,
+                        f"{top}, {attack}, {b_max} Byzantine: mean {_pct(g['mean'])}% "
+                        f"({-100 * drop:+.1f} points vs no attack; target <= -{100 * TARGET_COLLAPSE:.0f})",
+                    )
+                )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# plots
+
+
+def plots(out: Path, agg: dict[tuple, dict], curves: dict[tuple, list], a: argparse.Namespace) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    tops = list(dict.fromkeys(k[0] for k in agg))
+    rules = list(dict.fromkeys(k[1] for k in agg))
+    attacks = list(dict.fromkeys(k[2] for k in agg if k[2] != NO_ATTACK))
+    counts = sorted({k[3] for k in agg if k[3] > 0})
+    if not counts:
+        return written
+    b_max = counts[-1]
+    colors = {r: plt.cm.tab10(i % 10) for i, r in enumerate(rules)}
+
+    # 1. grouped bars: honest mean accuracy with b_max Byzantine, per attack and rule
+    fig, axes = plt.subplots(
+        len(tops), 1, figsize=(max(8, 1.1 * (len(attacks) + 1) + 2), 3.4 * len(tops)), squeeze=False
+    )
+    for ti, top in enumerate(tops):
+        ax = axes[ti][0]
+        labels = [NO_ATTACK, *attacks]
+        width = 0.8 / len(rules)
+        for ri, rule in enumerate(rules):
+            vals = [
+                agg.get((top, rule, lab, 0 if lab == NO_ATTACK else b_max), {}).get("mean", np.nan)
+                for lab in labels
+            ]
+            ax.bar(
+                np.arange(len(labels)) + (ri - (len(rules) - 1) / 2) * width,
+                vals,
+                width,
+                color=colors[rule],
+                label=rule,
+            )
+        ax.set_xticks(np.arange(len(labels)), labels, rotation=20, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("honest mean accuracy")
+        ax.set_title(f"{top}: {b_max} Byzantine of {a.nodes} (none: no attack)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels_ = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels_, loc="lower center", ncol=len(rules), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    path = out / "robustness_byz3.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    # 2. honest mean accuracy against the number of Byzantine nodes
+    swept = [att for att in attacks if all((tops[0], rules[0], att, b) in agg for b in counts)]
+    if len(counts) > 1 and swept:
+        fig, axes = plt.subplots(
+            len(tops), len(swept), figsize=(2.6 * len(swept), 2.6 * len(tops)), squeeze=False, sharey=True
+        )
+        for ti, top in enumerate(tops):
+            for ai, att in enumerate(swept):
+                ax = axes[ti][ai]
+                for rule in rules:
+                    xs = [0, *counts]
+                    ys = [
+                        agg.get((top, rule, NO_ATTACK if b == 0 else att, b), {}).get("mean", np.nan)
+                        for b in xs
+                    ]
+                    ax.plot(xs, ys, marker="o", ms=3, color=colors[rule], label=rule, lw=1.3)
+                ax.set_ylim(0, 1)
+                ax.set_xticks([0, *counts])
+                ax.grid(alpha=0.3)
+                if ti == 0:
+                    ax.set_title(att, fontsize=9)
+                if ti == len(tops) - 1:
+                    ax.set_xlabel("Byzantine nodes")
+                if ai == 0:
+                    ax.set_ylabel(f"{top}\nhonest mean acc", fontsize=8)
+        handles, labels_ = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels_, loc="lower center", ncol=len(rules), fontsize=9, frameon=False)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        path = out / "robustness_sweep.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    # 3. honest mean accuracy per round, mean vs robust, b_max Byzantine, first topology
+    shown = [r for r in ("mean", "robust") if r in rules]
+    if shown and curves:
+        top = tops[0]
+        fig, axes = plt.subplots(1, len(shown), figsize=(5.2 * len(shown), 3.6), squeeze=False, sharey=True)
+        att_colors = {att: plt.cm.tab10(i % 10) for i, att in enumerate([NO_ATTACK, *attacks])}
+        for ri, rule in enumerate(shown):
+            ax = axes[0][ri]
+            for att in [NO_ATTACK, *attacks]:
+                c = curves.get((top, rule, att, 0 if att == NO_ATTACK else b_max))
+                if c:
+                    ax.plot(np.arange(1, len(c) + 1), c, color=att_colors[att], lw=1.2, label=att)
+            ax.set_title(f"{top}, rule {rule}, {b_max} Byzantine", fontsize=10)
+            ax.set_xlabel("round")
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("honest mean accuracy")
+        handles, labels_ = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels_, loc="lower center", ncol=min(6, len(labels_)), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        path = out / "robustness_rounds.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    runs = grid(a)
+    if a.threads > 0:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console = Console(stderr=True, width=150)
+    console.print(f"[bold]{len(runs)} runs[/] x {a.rounds} rounds -> {out}")
+    rows: list[dict] = []
+    per_round: dict[tuple, list[list[float]]] = {}
+    started = time.perf_counter()
+    with (
+        open(out / "rounds.csv", "w", newline="") as fh_rounds,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        ) as progress,
+    ):
+        rw = csv.writer(fh_rounds)
+        rw.writerow(
+            [
+                "topology",
+                "rule",
+                "attack",
+                "byzantine",
+                "seed",
+                "round",
+                "honest_mean_accuracy",
+                "honest_min_accuracy",
+            ]
+        )
+        overall = progress.add_task("grid", total=len(runs))
+        for run in runs:
+            progress.update(overall, description=f"{run.key:<52}")
+            t0 = time.perf_counter()
+            res = Simulation(config(run, a)).run(gap=False)
+            seconds = time.perf_counter() - t0
+            final = res.final
+            assert final is not None
+            row = {
+                "topology": run.topology,
+                "rule": run.rule,
+                "attack": run.attack,
+                "byzantine": run.byzantine,
+                "byzantine_nodes": " ".join(map(str, res.byzantine)),
+                "seed": run.seed,
+                "honest_mean_accuracy": final.honest_mean_accuracy,
+                "honest_min_accuracy": final.honest_min_accuracy,
+                "downweighted_byzantine": None if final.downweighted is None else final.downweighted[0],
+                "downweighted_honest": None if final.downweighted is None else final.downweighted[1],
+                "consensus": final.consensus,
+                "seconds": round(seconds, 3),
+            }
+            rows.append(row)
+            curve = []
+            for r in res.rounds:
+                if r.accuracy is not None:
+                    rw.writerow(
+                        [run.topology, run.rule, run.attack, run.byzantine, run.seed, r.round,
+                         r.honest_mean_accuracy, r.honest_min_accuracy]
+                    )  # fmt: skip
+                    curve.append(r.honest_mean_accuracy)
+            per_round.setdefault((run.topology, run.rule, run.attack, run.byzantine), []).append(curve)
+            progress.advance(overall)
+    wall = time.perf_counter() - started
+    with open(out / "runs.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    agg = aggregate(rows)
+    curves = {k: list(np.mean(np.array(v, dtype=float), axis=0)) for k, v in per_round.items()}
+    results = checks(agg, a)
+    md = tables(agg, a, wall, len(rows))
+    if results:
+        md += (
+            "\nTargets:\n\n"
+            + "\n".join(f"- {'met' if ok else 'MISSED'}: {text}" for ok, text in results)
+            + "\n"
+        )
+    (out / "summary.md").write_text(md)
+    figures = [] if a.no_plots else plots(out, agg, curves, a)
+    for ok, text in results:
+        console.print(("[green]met[/] " if ok else "[red]MISSED[/] ") + text)
+    console.print(
+        f"wrote {out / 'runs.csv'}, {out / 'rounds.csv'}, {out / 'summary.md'}"
+        + "".join(f", {p}" for p in figures)
+        + f" in {wall:.0f} s"
+    )
+    print(
+        json.dumps(
+            {
+                "runs": len(rows),
+                "wall_s": round(wall, 1),
+                "out": str(out),
+                "missed": [text for ok, text in results if not ok],
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
