@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from p2pfl import aggregation, topology
+from p2pfl.attacks import ATTACKS
 from p2pfl.errors import ConfigError
 from p2pfl.learning import TaskSpec
 
@@ -44,7 +45,7 @@ class TrainingSection:
 @dataclass
 class GossipSection:
     topology: str = "ring"
-    rule: str = "clipped"
+    rule: str = "robust"
     clip_radius: float = 0.0  # 0 = adaptive
     round_timeout_s: float = 30.0
     max_update_mb: float = 1024.0
@@ -63,6 +64,14 @@ class MetricsSection:
 
 
 @dataclass
+class AttackSection:
+    """Experiments only: make this node Byzantine (it trains honestly but sends crafted updates)."""
+
+    kind: str = ""  # "" = honest; else one of p2pfl.attacks.ATTACKS
+    seed: int = 0
+
+
+@dataclass
 class NodeConfig:
     node: NodeSection = field(default_factory=NodeSection)
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
@@ -71,6 +80,7 @@ class NodeConfig:
     gossip: GossipSection = field(default_factory=GossipSection)
     security: SecuritySection = field(default_factory=SecuritySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    attack: AttackSection = field(default_factory=AttackSection)
 
     @property
     def data_dir(self) -> Path:
@@ -125,6 +135,7 @@ def validate(cfg: NodeConfig) -> NodeConfig:
         (cfg.training.rounds >= 1, "[training] rounds must be >= 1"),
         (cfg.training.threads >= 1, "[training] threads must be >= 1"),
         (cfg.gossip.rule in RULES, f"[gossip] rule must be one of {RULES}"),
+        (cfg.attack.kind in ("", *ATTACKS), f"[attack] kind must be empty (honest) or one of {ATTACKS}"),
         (cfg.gossip.round_timeout_s > 0, "[gossip] round_timeout_s must be > 0"),
         (cfg.gossip.clip_radius >= 0, "[gossip] clip_radius must be >= 0 (0 = adaptive)"),
         (cfg.discovery.mdns or bool(cfg.discovery.static_peers) or cfg.discovery.expect_peers == 0,

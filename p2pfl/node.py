@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from p2pfl import codec, topology
-from p2pfl.aggregation import Neighbour, mix
+from p2pfl.aggregation import Neighbour, Reputation, mix
+from p2pfl.attacks import make_attack
 from p2pfl.config import NodeConfig
 from p2pfl.discovery import Discovery, PeerAd
 from p2pfl.envelope import ReplayGuard, UpdateMeta, open_envelope, seal
@@ -106,11 +107,17 @@ class Node:
         self.node_id = self.identity.node_id
         self.fed = self.root.federation_id
         self.metrics = Metrics(cfg.metrics_path)
+        self.attack = make_attack(cfg.attack.kind, cfg.attack.seed) if cfg.attack.kind else None
         self.task = load_task(cfg.task)
+        if self.attack is not None:
+            log.warning("BYZANTINE node for experiments: sending %s updates", cfg.attack.kind)
+            self.task = self.attack.poison_task(self.task)
         torch.set_num_threads(cfg.training.threads)
         self.model = self.task.build_model()
         self.spec = codec.spec_of(get_params(self.model))
         self.replay = ReplayGuard(cfg.security.max_skew_s)
+        self.reputation = Reputation()  # evidence about each neighbour, kept across rounds
+        self.heard: list[np.ndarray] = []  # last round's neighbour vectors (only an attack uses them)
         self.inbox = Inbox()
         self.peers: dict[str, Peer] = {}  # by "host:port"
         self.round = 0
@@ -287,16 +294,22 @@ class Node:
         members, nbrs, epoch = self._topology_view()
         loss = await asyncio.to_thread(self.task.train, self.model)
         params = get_params(self.model)
+        own = flatten({name: params[name] for name in self.spec})
         if nbrs:  # a time-varying topology can leave a node without a partner for a round
-            message = await asyncio.to_thread(self._seal, params, members, nbrs, epoch)
+            sent = params if self.attack is None else unflatten(
+                self.attack.craft(own, self.heard, self.round), self.spec)
+            message = await asyncio.to_thread(self._seal, sent, members, nbrs, epoch)
             await self.outbox.publish_update(message, nbrs)
             self.metrics.bytes_out += len(message) * len(nbrs)
         received = await self._collect(nbrs)
-        own = flatten(params)
         got = [received[n] for n in nbrs if n in received]
+        self.heard = [nb.vector for nb in got]
         radius = self.cfg.gossip.clip_radius or None
         result = await asyncio.to_thread(mix, own, len(nbrs), got, self.cfg.gossip.rule, radius,
-                                         own_samples=self.task.num_samples)
+                                         own_samples=self.task.num_samples, reputation=self.reputation)
+        for n, why in result.downweighted.items():
+            log.warning("round %d: down-weighting %s (reputation %.2f): %s", self.round, members[n].name,
+                        result.reputation.get(n, 0.0), why)
         set_params(self.model, unflatten(result.vector, self.spec))
         accuracy, test_loss = await asyncio.to_thread(self.task.evaluate, self.model)
         self._save_model(result.vector)
@@ -304,11 +317,13 @@ class Node:
             "round": self.round, "time": time.time(), "node": self.cfg.node.name, "node_id": self.node_id,
             "train_loss": loss, "accuracy": accuracy, "test_loss": test_loss,
             "round_s": time.monotonic() - started, "epoch": epoch, "members": len(members),
-            "own_weight": result.own_weight, "radius": result.radius,
+            "own_weight": result.own_weight, "radius": result.radius, "attack": self.cfg.attack.kind or None,
             "missing": [members[n].name for n in nbrs if n not in received],
             "neighbours": {members[n].name: {"id": n, "weight": result.weights.get(n, 0.0),
                                              "distance": result.distances.get(n),
-                                             "clipped": result.clipped.get(n, False)} for n in nbrs},
+                                             "clipped": result.clipped.get(n, False),
+                                             "reputation": result.reputation.get(n),
+                                             "downweighted": result.downweighted.get(n)} for n in nbrs},
         })
         log.info("round %d: loss %.4f acc %.4f neighbours %d/%d (%.1f s)", self.round, loss, accuracy,
                  len(got), len(nbrs), time.monotonic() - started)

@@ -24,6 +24,7 @@ from rich.live import Live
 from rich.table import Table
 
 from p2pfl import config as config_mod
+from p2pfl.attacks import ATTACKS
 from p2pfl.federation import FederationAuthority
 from p2pfl.identity import load_or_create
 from p2pfl.learning import PARTITION_SCHEMES, TaskSpec
@@ -66,7 +67,14 @@ def node_config(args: argparse.Namespace, index: int, directory: Path, port: int
     cfg.training.rounds = args.rounds
     cfg.gossip.topology, cfg.gossip.rule, cfg.gossip.round_timeout_s = args.topology, args.rule, args.round_timeout
     cfg.metrics.save_models = True
+    if index in byzantine_indices(args.nodes, args.byzantine):
+        cfg.attack.kind, cfg.attack.seed = args.attack, args.seed + index
     return config_mod.validate(cfg)
+
+
+def byzantine_indices(nodes: int, count: int) -> list[int]:
+    """Which nodes attack: spread evenly over the node numbers, so no two sit together on a ring."""
+    return sorted({(i * nodes) // count for i in range(count)}) if count else []
 
 
 def prepare(args: argparse.Namespace, out: Path) -> list[Path]:
@@ -156,19 +164,21 @@ def consensus_distances(procs: list[NodeProcess], rounds: int) -> list[float | N
     return out
 
 
-def summarize(procs: list[NodeProcess], rounds: int, wall_s: float) -> dict[str, Any]:
+def summarize(procs: list[NodeProcess], rounds: int, wall_s: float, byzantine: list[int]) -> dict[str, Any]:
+    """Accuracy and consensus are over the honest nodes; Byzantine ones are listed but not averaged."""
     nodes = []
-    for p in procs:
+    for i, p in enumerate(procs):
         m = p.metrics
         last = m[-1] if m else {}
         nodes.append({
-            "name": p.name, "final_accuracy": last.get("accuracy"), "rounds_completed": len(m),
+            "name": p.name, "byzantine": i in byzantine,
+            "final_accuracy": last.get("accuracy"), "rounds_completed": len(m),
             "rejected": sum(last.get("rejected", {}).values()), "rejected_by_reason": last.get("rejected", {}),
             "bytes_sent": last.get("bytes_out", 0), "bytes_received": last.get("bytes_in", 0),
             "exit_code": p.proc.returncode, "accuracy_by_round": [r["accuracy"] for r in m],
         })
-    accs = [n["final_accuracy"] for n in nodes if n["final_accuracy"] is not None]
-    cd = consensus_distances(procs, rounds)
+    accs = [n["final_accuracy"] for n in nodes if n["final_accuracy"] is not None and not n["byzantine"]]
+    cd = consensus_distances([p for i, p in enumerate(procs) if i not in byzantine], rounds)
     known = [d for d in cd if d is not None]
     return {
         "nodes": nodes,
@@ -208,11 +218,11 @@ def summary_table(summary: dict[str, Any]) -> Table:
         table.add_column(col)
     for n in summary["nodes"]:
         acc = n["final_accuracy"]
-        table.add_row(n["name"], "-" if acc is None else f"{acc:.4f}", str(n["rounds_completed"]),
+        table.add_row(n["name"] + (" (byzantine)" if n["byzantine"] else ""), "-" if acc is None else f"{acc:.4f}", str(n["rounds_completed"]),
                       str(n["rejected"]), f"{n['bytes_sent'] / 1e6:.2f} MB", str(n["exit_code"]))
     cd = summary["consensus_distance"]
     table.caption = (
-        f"mean acc {summary['mean_accuracy'] or 0:.4f}, min {summary['min_accuracy'] or 0:.4f}, "
+        f"honest nodes: mean acc {summary['mean_accuracy'] or 0:.4f}, min {summary['min_accuracy'] or 0:.4f}, "
         f"spread {summary['accuracy_spread'] or 0:.4f}; consensus distance first {cd['first'] or 0:.3g} "
         f"-> last {cd['last'] or 0:.3g}; wall {summary['wall_s']:.1f} s; "
         f"sent {summary['bytes_sent_total'] / 1e6:.1f} MB"
@@ -228,8 +238,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--task", default="digits-mlp")
     p.add_argument("--partition", default="iid", choices=PARTITION_SCHEMES)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition dirichlet")
-    p.add_argument("--rule", default="clipped", choices=config_mod.RULES)
+    p.add_argument("--rule", default="robust", choices=config_mod.RULES)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--byzantine", type=int, default=0, help="how many nodes attack (spread evenly)")
+    p.add_argument("--attack", default="sign-flip", choices=ATTACKS, help="what the Byzantine nodes send")
     p.add_argument("--round-timeout", type=float, default=30.0)
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for all peers before round 1")
     p.add_argument("--timeout", type=float, default=900.0, help="stop everything after this many seconds")
@@ -237,6 +249,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.nodes < 2:
         p.error("--nodes must be >= 2")
+    if not 0 <= args.byzantine < args.nodes:
+        p.error("--byzantine must be in 0..nodes-1")
     return args
 
 
@@ -268,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     wall = time.monotonic() - started
-    summary = summarize(procs, args.rounds, wall)
+    summary = summarize(procs, args.rounds, wall, byzantine_indices(args.nodes, args.byzantine))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(summary, out / "accuracy.png")
     console.print(summary_table(summary))
