@@ -109,3 +109,22 @@ def test_real_nodes_follow_time_varying_and_file_topologies(tmp_path: Path) -> N
     for name, neighbours in expected.items():
         row = read_jsonl(out / name / "metrics.jsonl")[-1]
         assert set(row["neighbours"]) == neighbours and row["missing"] == [], name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_honest_neighbours_down_weight_a_byzantine_node(tmp_path: Path) -> None:
+    """1 of 6 real nodes sends sign-flipped models: every honest neighbour cuts its weight within a few rounds."""
+    assert testbed.main(["--nodes", "6", "--rounds", "6", "--byzantine", "1", "--attack", "sign-flip",
+                         "--out", str(tmp_path)]) == 0
+    attacker = f"node-{testbed.byzantine_indices(6, 1)[0]}"
+    judged = 0
+    for i in range(6):
+        rows = read_jsonl(tmp_path / f"node-{i}" / "metrics.jsonl")
+        if f"node-{i}" == attacker or attacker not in rows[0]["neighbours"]:
+            continue
+        judged += 1
+        first, later = rows[0]["neighbours"][attacker], rows[3]["neighbours"][attacker]
+        assert later["reputation"] < 0.2 and later["weight"] < 0.25 * first["weight"], f"node-{i}"
+        assert later["downweighted"], f"node-{i}"  # and it says why
+    assert judged == 2  # a ring: both neighbours judged it
