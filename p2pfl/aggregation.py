@@ -177,6 +177,7 @@ REPUTATION_PERSISTENT_CAP = 0.5  # ... which caps the score at this value
 REPUTATION_MIN_NEIGHBOURS = 3  # clipping counts as evidence only with this many neighbours in the round
 REPUTATION_SKETCH = 128  # coordinates kept per neighbour to see whether its vector changed (0: off)
 REPUTATION_STALE = 0.1  # changed less than this fraction of the median change since last round: stale
+REPUTATION_STEP_CAP = 4.0  # the reference distance is at most this many own training steps (0: off)
 REPUTATION_MAX_TRACKED = 1024  # neighbours remembered (least recently seen forgotten first)
 _SKETCH_SEED = 0x5EED
 
@@ -215,15 +216,18 @@ class Reputation:
     neighbour's vector from the node's own model. The evidence of one round, for neighbour j:
 
     - ratio_j = d_j / m, m = upper median of {0} U {finite d_k} (the node itself votes at 0, so m is
-      an honest distance while fewer than half the votes are outliers): the distance relative to
-      the others;
+      an honest distance while fewer than half the votes are outliers), capped at step_cap times
+      the node's own training step of the round (||own - its last mixed model||, from sketches:
+      in honest runs m is 0.8..4 steps, and the cap keeps m honest when most neighbours are
+      Byzantine): the distance relative to the others;
     - distance test (BALANCE-style, relative to the median): pass iff ratio_j <= accept. With gamma
       set, also the original BALANCE test (Fang et al. 2024): d_j <= gamma * exp(-kappa t / horizon)
       * ||x_i|| (t = this node's round count), which needs a horizon and a model scale, hence off by
       default;
-    - staleness (with sketches, which mix passes): j's vector changed since its last round by at most
-      `stale` x the median change of {own} U {neighbours} (sampled on `sketch` fixed coordinates):
-      a node that trains changes its model every round, one replaying an old model does not;
+    - staleness (with sketches, which mix passes): j's vector did not change at all since its last
+      round, or by at most `stale` x the median change of {own} U {neighbours} (sampled on `sketch`
+      fixed coordinates): a node that trains changes its model every round, one replaying an old
+      model does not;
     - clipped_j: d_j > radius (the clipping radius of the round), counted only in rounds with at
       least min_neighbours usable neighbours (with two, the radius follows the nearer one, and
       being the farther of two honest neighbours says nothing).
@@ -252,6 +256,7 @@ class Reputation:
         min_neighbours: int = REPUTATION_MIN_NEIGHBOURS,
         sketch: int = REPUTATION_SKETCH,
         stale: float = REPUTATION_STALE,
+        step_cap: float = REPUTATION_STEP_CAP,
         gamma: float | None = None,
         kappa: float = 1.0,
         horizon: int = 100,
@@ -271,6 +276,7 @@ class Reputation:
             ),
             (isinstance(sketch, int) and sketch >= 0, "sketch must be an integer >= 0 (0: off)"),
             (0 <= stale < 1, "stale must be in [0, 1)"),
+            (step_cap >= 0, "step_cap must be >= 0 (0: off)"),
             (gamma is None or gamma > 0, "gamma must be > 0 (or None: no absolute BALANCE test)"),
             (kappa >= 0 and horizon >= 1, "kappa must be >= 0 and horizon >= 1"),
             (isinstance(max_tracked, int) and max_tracked >= 1, "max_tracked must be an integer >= 1"),
@@ -282,11 +288,13 @@ class Reputation:
         self.window, self.persistent, self.persistent_cap = window, float(persistent), float(persistent_cap)
         self.initial, self.sketch, self.stale = float(initial), sketch, float(stale)
         self.min_neighbours = min_neighbours
+        self.step_cap = float(step_cap)
         self.gamma, self.kappa, self.horizon = gamma, float(kappa), int(horizon)
         self.max_tracked = max_tracked
         self.rounds = 0  # update() calls so far
         self._records: dict[str, _Record] = {}
         self._own_sketch: np.ndarray | None = None
+        self._out_sketch: np.ndarray | None = None  # sketch of the node's last mixed model
 
     @property
     def needs_norm(self) -> bool:
@@ -299,6 +307,39 @@ class Reputation:
             return None
         v = np.asarray(vector)
         return v[sketch_index(v.size, self.sketch)].astype(np.float32)
+
+    def remember_output(self, vector: np.ndarray) -> None:
+        """Keep the sketch of this round's mixed model (mix does it), to measure the next training step."""
+        if self.sketch and self.step_cap:
+            self._out_sketch = self.sketch_of(vector)
+
+    def own_step(self, own: np.ndarray) -> float | None:
+        """Estimated ||own - the node's last mixed model||: how far local training moved it this round,
+        from the sketch (scaled by sqrt(P / sketch)); None before the first output or when off."""
+        if not (self.sketch and self.step_cap) or self._out_sketch is None:
+            return None
+        v = np.asarray(own)
+        idx = sketch_index(v.size, self.sketch)
+        if self._out_sketch.shape != idx.shape:
+            return None
+        with np.errstate(over="ignore", invalid="ignore"):
+            step = float(np.linalg.norm(v[idx].astype(np.float64) - self._out_sketch)) * math.sqrt(
+                v.size / idx.size
+            )
+        return step if math.isfinite(step) and step > 0 else None
+
+    def reference(self, distances: Sequence[float], own_step: float | None = None) -> float:
+        """The distance scale of the round: the upper median of {0} U {finite distances}, capped at
+        step_cap x own_step (a scale the neighbours cannot inflate, for a node most of whose
+        neighbours are Byzantine)."""
+        m = _median_reference(distances)
+        if own_step is not None and self.step_cap and own_step > 0:
+            m = min(m, self.step_cap * own_step)
+        return m
+
+    def radius(self, distances: Sequence[float], own_step: float | None = None) -> float:
+        """The adaptive clipping radius of rule "robust": ADAPTIVE_SLACK x reference."""
+        return ADAPTIVE_SLACK * self.reference(distances, own_step)
 
     def score(self, node_id: str) -> float:
         """The neighbour's current score (`initial` for one never seen)."""
@@ -371,6 +412,7 @@ class Reputation:
         own_norm: float | None = None,
         sketches: Mapping[str, np.ndarray] | None = None,
         own_sketch: np.ndarray | None = None,
+        own_step: float | None = None,
     ) -> dict[str, float]:
         """Take one round of evidence and return the updated score of every neighbour in `distances`.
 
@@ -379,10 +421,11 @@ class Reputation:
         own_norm: ||x_i||, needed only for the absolute BALANCE test (gamma set).
         sketches / own_sketch: sketch_of(each neighbour's vector) and sketch_of(own) for the
         staleness test (mix passes them; without them that test is skipped).
+        own_step: own_step(own), caps the reference distance (see reference).
         """
         self.rounds += 1
         dist = {nid: (float(d) if math.isfinite(d) else math.inf) for nid, d in distances.items()}
-        m = _median_reference(list(dist.values()))
+        m = self.reference(list(dist.values()), own_step)
         tau = ADAPTIVE_SLACK * m if radius is None else float(radius)
         limit = self.threshold(own_norm)
         moved, typical_move = self._changes(sketches, own_sketch)
@@ -395,7 +438,7 @@ class Reputation:
             rec.last = self.rounds
             if sketches is not None and nid in sketches and math.isfinite(d):
                 rec.sketch = np.asarray(sketches[nid], dtype=np.float32).copy()
-            stale = nid in moved and typical_move > 0 and moved[nid] <= self.stale * typical_move
+            stale = nid in moved and (moved[nid] == 0.0 or moved[nid] <= self.stale * typical_move)
             out[nid] = rec.score
             if math.isfinite(d) and m <= 0 and not stale:
                 continue  # no scale to judge the distances by this round
@@ -563,7 +606,16 @@ def mix(
         return MixResult(out, float(coef[0]), weights, distances, clipped, None)
 
     tau: float | None = None
-    if rule in ("clipped", "robust"):
+    step: float | None = None
+    if rule == "robust":
+        assert reputation is not None
+        step = reputation.own_step(x)
+        tau = (
+            float(radius)
+            if radius is not None
+            else reputation.radius([distances[nb.node_id] for nb in usable], step)
+        )
+    elif rule == "clipped":
         tau = (
             float(radius)
             if radius is not None
@@ -583,6 +635,7 @@ def mix(
             _norm(x) if reputation.needs_norm else None,
             sketches,  # type: ignore[arg-type]
             reputation.sketch_of(x),
+            step,
         )
         for nid, s in scores.items():
             weights[nid] *= s
@@ -612,6 +665,8 @@ def mix(
         tmp *= np.float32(coef)
         out += tmp
     own_weight = 1.0 - sum(weights.values())
+    if reputation is not None and rule == "robust":
+        reputation.remember_output(out)
     return MixResult(out, own_weight, weights, distances, clipped, tau, new_mass, scores, downweighted)
 
 
@@ -814,6 +869,9 @@ def mix_many(
                     names[j]: float(d[e]) for e, j in zip(edges.tolist(), cols[edges].tolist(), strict=True)
                 }
                 own_norm = _norm(x[i]) if rep.needs_norm else None
+                step = rep.own_step(x[i])
+                if radius is None:
+                    tau[i] = rep.radius(list(dist.values()), step)
                 sk = own_sk = None
                 if rep.sketch:
                     ok_edges = [
@@ -821,7 +879,7 @@ def mix_many(
                     ]
                     sk = {names[j]: sk_src[rep.sketch][j] for _, j in ok_edges}
                     own_sk = sk_own[rep.sketch][i]
-                s = rep.update(dist, float(tau[i]), own_norm, sk, own_sk)
+                s = rep.update(dist, float(tau[i]), own_norm, sk, own_sk, step)
                 score[edges] = [s[names[j]] for j in cols[edges].tolist()]
                 reps[i] = s
                 downs[i] = {nid: rep.reason(nid) for nid, v in s.items() if v < 1.0}
@@ -863,4 +921,8 @@ def mix_many(
         vectors += diag.astype(np.float32)[:, None] * x
     if row_finite is not None and not row_finite.all():
         vectors[~row_finite] = x[~row_finite]  # mix() at a node whose own model is broken: untouched rows
+    if rule == "robust":
+        assert reputations is not None
+        for i, rep in enumerate(reputations):
+            rep.remember_output(vectors[i])
     return ManyResult(vectors, own_weight, tau, new_mass, matrix, reps, downs)

@@ -9,9 +9,11 @@ independently of the topology: `p2pfl.sim.spread(16, b)` = node indices floor(k 
 accuracy is that of the honest nodes only, on the shared test split, after the last round,
 averaged over the seeds.
 
-Grid (default): topologies random 4-regular and 2-D torus; rules mean, clipped, trimmed-mean,
-median, robust; every attack with 1, 2 and 3 Byzantine nodes, plus the no-attack baseline; plus
-the extra attacks (--extra, default ALIE with z = 3 and z = 10) with 3 Byzantine nodes only.
+Grid (default): topologies random 4-regular and 2-D torus; seeds 0, 1, 2 (the seed also draws the
+random graph); rules mean, clipped, trimmed-mean, median, robust x every attack with 3 Byzantine
+nodes, plus the no-attack baseline, plus the extra attacks (--extra, default ALIE with z = 3 and
+z = 10); and the sweep: 1 and 2 Byzantine nodes for sign-flip, alie, label-flip and replay under
+mean, clipped and robust (--sweep-attacks, --sweep-rules).
 Writes to --out (default runs/robustness):
 
   runs.csv       one row per run (topology, rule, attack, byzantine, seed, honest mean / min accuracy,
@@ -48,6 +50,8 @@ from p2pfl.topology import parse_topology  # noqa: E402
 DEFAULT_TOPOLOGIES = ("random-regular:4", "torus")
 DEFAULT_RULES = ("mean", "clipped", "trimmed-mean", "median", "robust")
 DEFAULT_EXTRA = ("alie:z=3", "alie:z=10")
+DEFAULT_SWEEP_ATTACKS = ("sign-flip", "alie", "label-flip", "replay")
+DEFAULT_SWEEP_RULES = ("mean", "clipped", "robust")
 NO_ATTACK = "none"
 TARGET_NO_ATTACK_COST = 0.01  # robust may cost at most 1 point against mean without attack
 TARGET_HOLD = 0.03  # robust within 3 points of its no-attack value under every attack (b = max)
@@ -83,8 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="further attack variants, run only with the largest number of Byzantine nodes ('' for none)",
     )
     p.add_argument(
-        "--byzantine", default="1,2,3", help="numbers of Byzantine nodes (0 = baseline, always run)"
+        "--byzantine",
+        default="1,2,3",
+        help="numbers of Byzantine nodes: the largest for the full grid, the others for the sweep "
+        "(0 = the no-attack baseline, always run)",
     )
+    p.add_argument("--sweep-attacks", default=",".join(DEFAULT_SWEEP_ATTACKS), help="'all': every attack")
+    p.add_argument("--sweep-rules", default=",".join(DEFAULT_SWEEP_RULES), help="'all': every rule")
     p.add_argument("--nodes", type=int, default=16)
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--seeds", default="0,1,2")
@@ -103,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.quick:
         a.topologies, a.rules, a.attacks, a.extra = "torus", "mean,robust", "sign-flip,alie,label-flip", ""
         a.byzantine, a.rounds, a.seeds = "3", 15, "0"
+        a.sweep_attacks = a.sweep_rules = ""
     return a
 
 
@@ -123,6 +133,7 @@ def grid(a: argparse.Namespace) -> list[Run]:
     for b in counts:
         spread(a.nodes, b)
     seeds = [int(s) for s in _split(a.seeds)]
+    sweep_attacks, sweep_rules = _split(a.sweep_attacks), _split(a.sweep_rules)
     runs = []
     for top in tops:
         for rule in rules:
@@ -130,7 +141,11 @@ def grid(a: argparse.Namespace) -> list[Run]:
                 runs.append(Run(top, rule, NO_ATTACK, 0, seed))
                 for attack in attacks:
                     for b in counts:
-                        runs.append(Run(top, rule, attack, b, seed))
+                        if b == counts[-1] or (
+                            (a.sweep_attacks == "all" or attack in sweep_attacks)
+                            and (a.sweep_rules == "all" or rule in sweep_rules)
+                        ):
+                            runs.append(Run(top, rule, attack, b, seed))
                 if counts:
                     for attack in extra:
                         runs.append(Run(top, rule, attack, counts[-1], seed))
@@ -363,7 +378,8 @@ def plots(out: Path, agg: dict[tuple, dict], curves: dict[tuple, list], a: argpa
                         agg.get((top, rule, NO_ATTACK if b == 0 else att, b), {}).get("mean", np.nan)
                         for b in xs
                     ]
-                    ax.plot(xs, ys, marker="o", ms=3, color=colors[rule], label=rule, lw=1.3)
+                    if not np.isnan(ys).any():  # only the rules run at every count
+                        ax.plot(xs, ys, marker="o", ms=3, color=colors[rule], label=rule, lw=1.3)
                 ax.set_ylim(0, 1)
                 ax.set_xticks([0, *counts])
                 ax.grid(alpha=0.3)
