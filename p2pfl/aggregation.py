@@ -40,9 +40,12 @@ same) and, on sparse graphs, they average less than gossip even without any atta
 self-centred clipping (as "clipped", adaptive radius) whose MH weights are first scaled by a
 per-neighbour reputation r_j in [0, 1] (class Reputation, kept by the node across rounds): a neighbour
 that keeps sending vectors far from the node's own model, relative to the node's other neighbours
-(a BALANCE-style distance test, Fang et al. 2024, here relative to the median distance), or that keeps
-being clipped, loses weight within a few rounds; the weight it loses stays with the node itself; a
-neighbour that behaves again regains weight slowly. Clipping bounds what one neighbour can do in any
+(a BALANCE-style distance test, Fang et al. 2024, here relative to the median distance, which is
+capped at a few of the node's own training steps so that a Byzantine majority around a node cannot
+inflate it), that keeps sending the same vector (a replayed stale model), or that keeps being
+clipped, loses weight within a few rounds; the weight it loses stays with the node itself; a
+neighbour that behaves again regains weight slowly. The adaptive radius of "robust" uses the same
+capped reference. Clipping bounds what one neighbour can do in any
 single round (also before its reputation has dropped, and for attackers that stay within the test),
 the reputation stops a persistent outlier from pulling at all.
 

@@ -21,8 +21,9 @@ to the per-node loop for training and evaluation (mixing stays vectorised).
 
 Attacks (p2pfl.attacks): `SimConfig(attack="sign-flip", byzantine=3)` makes 3 nodes Byzantine
 (`byzantine` = a count, placed by `spread`, or explicit shard indices). A Byzantine node runs the same
-round as everyone (its task poisoned by attack.poison_task for "label-flip") and keeps its own model
-honest, but sends `attack.craft(own trained vector, the honest vectors it received last round,
+round as everyone (its task poisoned by attack.poison_task for "label-flip"; it mixes what it
+receives, other attackers' crafted vectors included, with the federation's rule) and keeps its own
+model honest, but sends `attack.craft(own trained vector, the honest vectors it received last round,
 round)` to its neighbours, as a Byzantine real node would. Every rule runs with every attack; rule
 "robust" keeps one aggregation.Reputation per node across rounds (a per-node loop of small dict
 updates; the step itself stays vectorised). Accuracy statistics of the honest nodes alone are in

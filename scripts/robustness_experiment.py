@@ -402,13 +402,15 @@ def plots(out: Path, agg: dict[tuple, dict], curves: dict[tuple, list], a: argpa
     if shown and curves:
         top = tops[0]
         fig, axes = plt.subplots(1, len(shown), figsize=(5.2 * len(shown), 3.6), squeeze=False, sharey=True)
-        att_colors = {att: plt.cm.tab10(i % 10) for i, att in enumerate([NO_ATTACK, *attacks])}
+        att_colors = {att: plt.cm.tab20(i % 20) for i, att in enumerate(attacks)}
+        att_colors[NO_ATTACK] = "black"
         for ri, rule in enumerate(shown):
             ax = axes[0][ri]
             for att in [NO_ATTACK, *attacks]:
                 c = curves.get((top, rule, att, 0 if att == NO_ATTACK else b_max))
                 if c:
-                    ax.plot(np.arange(1, len(c) + 1), c, color=att_colors[att], lw=1.2, label=att)
+                    lw = 2.0 if att == NO_ATTACK else 1.2
+                    ax.plot(np.arange(1, len(c) + 1), c, color=att_colors[att], lw=lw, label=att)
             ax.set_title(f"{top}, rule {rule}, {b_max} Byzantine", fontsize=10)
             ax.set_xlabel("round")
             ax.set_ylim(0, 1)
