@@ -445,11 +445,6 @@ def set_params(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
 SpecLike = Mapping[str, Any]
 
 
-def param_spec(params: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """name -> (shape, dtype) in order: the layout flatten() uses and unflatten() inverts."""
-    return {name: (tuple(a.shape), np.dtype(a.dtype)) for name, a in params.items()}
-
-
 def flatten(params: Mapping[str, np.ndarray]) -> np.ndarray:
     """One contiguous float32 vector of all entries, in mapping (state_dict) order."""
     if not params:
@@ -458,8 +453,8 @@ def flatten(params: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 def unflatten(vec: np.ndarray, spec: SpecLike) -> dict[str, np.ndarray]:
-    """Inverse of flatten. `spec` maps name -> (shape, dtype) (as codec.spec_of / param_spec give)
-    or name -> template array. float32 entries are views into `vec` (no copy); others are cast."""
+    """Inverse of flatten. `spec` maps name -> (shape, dtype) in flatten() order (as codec.spec_of
+    gives) or name -> template array. float32 entries are views into `vec` (no copy); others are cast."""
     vec = np.asarray(vec)
     if vec.ndim != 1:
         raise ValueError(f"expected a flat vector, got shape {vec.shape}")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from p2pfl import codec
 from p2pfl.errors import ConfigError
 from p2pfl.learning import (
     BUILTIN_TASKS,
@@ -16,7 +17,6 @@ from p2pfl.learning import (
     flatten,
     get_params,
     load_task,
-    param_spec,
     partition_indices,
     set_params,
     unflatten,
@@ -280,7 +280,7 @@ def test_get_set_params_copy_and_roundtrip() -> None:
     vec = flatten(params)
     assert vec.dtype == np.float32 and vec.ndim == 1
     assert vec.size == sum(p.numel() for p in model.state_dict().values())
-    spec = param_spec(params)
+    spec = codec.spec_of(params)
     back = unflatten(vec, spec)
     assert list(back) == list(params)
     for k in params:
@@ -302,7 +302,7 @@ def test_get_set_params_copy_and_roundtrip() -> None:
 def test_param_errors() -> None:
     model = load_task(TaskSpec()).build_model()
     params = get_params(model)
-    spec = param_spec(params)
+    spec = codec.spec_of(params)
     vec = flatten(params)
     with pytest.raises(ValueError):
         unflatten(vec[:-1], spec)
@@ -336,7 +336,7 @@ def test_four_nodes_with_averaging_reach_90_percent() -> None:
     """4 IID shards, 1 local epoch per round, full averaging (what gossip on a complete graph does)."""
     tasks = [load_task(TaskSpec(name="digits-mlp", shard=i, num_shards=4, seed=0)) for i in range(4)]
     models = [t.build_model() for t in tasks]
-    spec = param_spec(get_params(models[0]))
+    spec = codec.spec_of(get_params(models[0]))
     history = []
     for _ in range(20):
         for task, model in zip(tasks, models, strict=True):
