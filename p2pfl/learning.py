@@ -11,10 +11,13 @@ has to carry is the model's state_dict.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import hashlib
 import importlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -128,6 +131,59 @@ def partition_indices(
     else:
         raise ConfigError(f"unknown partition scheme {scheme!r}; known: {', '.join(PARTITION_SCHEMES)}")
     return [np.sort(s).astype(np.int64) for s in shards]
+
+
+class PartitionCache:
+    """Remembers partition_indices results, for code that builds many shards of one split.
+
+    Every task load partitions the whole training set and keeps one shard, so loading the N shards
+    of a federation in one process (the simulator) computes the same partition N times: about a
+    second each for a Dirichlet split at N = 1024. partition_indices is pure, so computing it once
+    per (labels, num_shards, scheme, alpha, seed) gives the same shards. Each call returns fresh
+    copies, as partition_indices does, so callers may keep or modify them.
+
+    Use `cache.shards(...)` directly, or `with cache.active():` to have the task loaders
+    (load_task's built-ins and `_tensor_task`) use it for the tasks loaded inside the block.
+    Entries live as long as the cache object; make one per batch of loads.
+    """
+
+    def __init__(self) -> None:
+        self._shards: dict[tuple, list[np.ndarray]] = {}
+
+    def shards(
+        self, labels: np.ndarray, num_shards: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0
+    ) -> list[np.ndarray]:
+        """partition_indices(labels, num_shards, scheme, alpha, seed), computed once per key."""
+        arr = np.asarray(labels)
+        digest = hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest()
+        key = (digest, arr.dtype.str, arr.shape, num_shards, scheme, float(alpha), seed)
+        if key not in self._shards:
+            self._shards[key] = partition_indices(labels, num_shards, scheme, alpha, seed)
+        return [s.copy() for s in self._shards[key]]
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[PartitionCache]:
+        """Make this the cache the task loaders use in this context (thread / task local)."""
+        token = _ACTIVE_PARTITION_CACHE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE_PARTITION_CACHE.reset(token)
+
+
+_ACTIVE_PARTITION_CACHE: contextvars.ContextVar[PartitionCache | None] = contextvars.ContextVar(
+    "p2pfl_partition_cache", default=None
+)
+
+
+def _shards_for(
+    labels: np.ndarray, num_shards: int, scheme: str, alpha: float, seed: int
+) -> list[np.ndarray]:
+    """partition_indices, through the active PartitionCache when there is one."""
+    cache = _ACTIVE_PARTITION_CACHE.get()
+    if cache is None:
+        return partition_indices(labels, num_shards, scheme, alpha, seed)
+    return cache.shards(labels, num_shards, scheme, alpha, seed)
 
 
 def _dirichlet_shards(labels: np.ndarray, k: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
@@ -353,7 +409,7 @@ def _tensor_task(
     spec: TaskSpec, x: np.ndarray, y: np.ndarray, make_model: Callable[[], nn.Module], classes: int
 ):
     train_idx, test_idx = _split_test(len(y))
-    shards = partition_indices(y[train_idx], spec.num_shards, spec.partition, spec.alpha, spec.seed)
+    shards = _shards_for(y[train_idx], spec.num_shards, spec.partition, spec.alpha, spec.seed)
     own = train_idx[shards[spec.shard]]
     return TensorTask(spec, x[own], y[own], x[test_idx], y[test_idx], make_model, classes)
 

@@ -36,12 +36,12 @@ dropped updates and the attacks' random draws are all drawn from it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -383,27 +383,6 @@ def message_bytes(params: dict[str, np.ndarray], recipients: int) -> int:
 # batched training and evaluation of TensorTasks
 
 
-@contextlib.contextmanager
-def _memo_partitions() -> Iterator[None]:
-    """Compute learning.partition_indices once for N load_task calls (it is pure; N shards of a
-    Dirichlet split cost about a second each at N = 1024), then restore it."""
-    original = learning.partition_indices
-
-    @functools.wraps(original)
-    def memo(labels, num_shards, scheme="iid", alpha=0.5, seed=0):
-        key = (np.asarray(labels).tobytes(), num_shards, scheme, float(alpha), seed)
-        if key not in cache:
-            cache[key] = original(labels, num_shards, scheme, alpha, seed)
-        return [s.copy() for s in cache[key]]
-
-    cache: dict = {}
-    learning.partition_indices = memo
-    try:
-        yield
-    finally:
-        learning.partition_indices = original
-
-
 def _share_test_split(task: object, first: list) -> object:
     """Point a TensorTask's test tensors at the first task's when they are equal (the built-ins'
     test split is the same on every node): one copy instead of N (120 MB at N = 1024 on digits)."""
@@ -597,7 +576,8 @@ class Simulation:
         self.cfg = cfg
         n = cfg.nodes
         self.net = Network(cfg.topology, n, cfg.seed, ids=cfg.ids, names=cfg.names)
-        with _memo_partitions():
+        # every shard's load_task partitions the same labels the same way: compute that once
+        with learning.PartitionCache().active():
             self.tasks = []
             for i in range(n):
                 self.tasks.append(_share_test_split(load_task(cfg.task_spec(i)), self.tasks[:1]))
@@ -823,6 +803,27 @@ def simulate(cfg: SimConfig, on_round: Callable[[RoundStats], None] | None = Non
 # command line: python -m p2pfl.sim --nodes 64 --topology exponential --rounds 50
 
 
+def set_torch_threads(threads: int) -> None:
+    """Apply a --threads option: threads > 0 sets torch's intra-op thread count, 0 (or less) keeps
+    torch's default. The batched steps are small, so the command lines default to 1: extra threads
+    only spin when other work shares the cores."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> SimConfig:
+    """A SimConfig from the command-line options named like its fields, then `overrides`.
+
+    The command lines (this module's and the scripts') spell their options as SimConfig's field
+    names, so copying them one by one would repeat the field list in every script. Options that
+    are not fields are ignored; pass per-run values, and options whose command-line form differs
+    from the field (a comma list, a negated flag), as overrides.
+    """
+    names = {f.name for f in fields(SimConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    return SimConfig(**{**given, **overrides})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m p2pfl.sim", description=__doc__.split("\n")[0])
     p.add_argument(
@@ -850,28 +851,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--loop", action="store_true", help="per-node loop instead of the vectorised path")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     a = p.parse_args(argv)
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
-    cfg = SimConfig(
-        task=a.task,
-        nodes=a.nodes,
-        rounds=a.rounds,
-        topology=a.topology,
-        rule=a.rule,
-        radius=a.radius,
-        partition=a.partition,
-        alpha=a.alpha,
-        seed=a.seed,
-        lr=a.lr,
-        batch_size=a.batch_size,
-        local_epochs=a.local_epochs,
-        drop=a.drop,
+    set_torch_threads(a.threads)
+    cfg = config_from_args(
+        a,
         vectorised=not a.loop,
-        attack=a.attack,
         byzantine=int(a.byzantine)
         if "," not in a.byzantine
         else tuple(int(v) for v in a.byzantine.split(",")),
-        trim=a.trim,
     )
     res = simulate(cfg, lambda s: print(json.dumps(s.row())))
     final = res.final

@@ -73,15 +73,25 @@ class RoundTimeout(Exception):
     pass
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
+def _recv_into(sock: socket.socket, buf: bytearray) -> float | None:
+    """Fill `buf` from the socket; returns when its first part arrived (time.monotonic(); None for an
+    empty buffer), which the round's timing needs and the plain reads ignore."""
     view = memoryview(buf)
     got = 0
-    while got < n:
+    first: float | None = None
+    while got < len(buf):
         k = sock.recv_into(view[got:])
         if k == 0:
             raise ConnectionError("peer closed the connection")
+        if got == 0:
+            first = time.monotonic()
         got += k
+    return first
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    _recv_into(sock, buf)
     return bytes(buf)
 
 
@@ -340,15 +350,9 @@ class BenchNode:
                 if n > MAX_BYTES:
                     raise ValueError(f"{n} bytes announced")
                 buf = bytearray(n)
-                view = memoryview(buf)
-                got = 0
-                while got < n:
-                    k = sock.recv_into(view[got:])
-                    if k == 0:
-                        raise ConnectionError("peer closed the connection")
-                    if got == 0:
-                        tm["first_part"] = time.monotonic()
-                    got += k
+                first = _recv_into(sock, buf)
+                if first is not None:
+                    tm["first_part"] = first
                 tm["reassembled"] = tm["last_part"] = time.monotonic()
                 with lock:
                     transport_cpu[0] += time.thread_time() - c0

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from p2pfl.aggregation import RULES  # noqa: E402
-from p2pfl.sim import SimConfig, Simulation  # noqa: E402
+from p2pfl.sim import Simulation, config_from_args, set_torch_threads  # noqa: E402
 
 GOAL_S = 60.0
 
@@ -51,22 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-rounds", type=int, default=3, help="rounds of the per-node loop (0: skip)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    base = dict(
-        task=a.task,
-        nodes=a.nodes,
-        topology=a.topology,
-        rule=a.rule,
-        partition=a.partition,
-        seed=a.seed,
-        eval_every=a.eval_every,
-    )
+    set_torch_threads(a.threads)
     import_rss = peak_rss_mb()
 
     # -- the vectorised simulator: setup + all rounds ------------------------------------------------
     t0 = time.perf_counter()
-    sim = Simulation(SimConfig(**base, rounds=a.rounds))
+    sim = Simulation(config_from_args(a))
     res = sim.run(gap=False)
     wall = time.perf_counter() - t0
     sim_rss = peak_rss_mb()
@@ -93,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     baseline = None
     agree = None
     if a.baseline_rounds > 0:
-        loop = Simulation(SimConfig(**base, rounds=a.baseline_rounds, vectorised=False))
+        loop = Simulation(config_from_args(a, rounds=a.baseline_rounds, vectorised=False))
         loop_res = loop.run(gap=False)
         lt = loop_res.timings
         loop_s = lt["train"] + lt["mix"] + lt["eval"]
         baseline = a.nodes * a.baseline_rounds / loop_s
-        fast = Simulation(SimConfig(**base, rounds=a.baseline_rounds)).run(gap=False)
+        fast = Simulation(config_from_args(a, rounds=a.baseline_rounds)).run(gap=False)
         agree = bool(np.allclose(fast.vectors, loop_res.vectors, atol=1e-4))
         print(
             f"baseline (per-node loop: task.train, aggregation.mix, task.evaluate), {a.baseline_rounds} rounds: "

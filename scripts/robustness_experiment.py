@@ -32,9 +32,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from p2pfl import reporting  # noqa: E402
 from p2pfl.aggregation import RULES  # noqa: E402
 from p2pfl.attacks import ATTACKS, make_attack  # noqa: E402
-from p2pfl.sim import SimConfig, Simulation, spread  # noqa: E402
+from p2pfl.sim import SimConfig, Simulation, config_from_args, set_torch_threads, spread  # noqa: E402
 from p2pfl.topology import parse_topology  # noqa: E402
 
 DEFAULT_TOPOLOGIES = ("random-regular:4", "torus")
@@ -73,11 +74,7 @@ class Run:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
+    p = reporting.experiment_parser(__doc__)
     p.add_argument("--topologies", default=",".join(DEFAULT_TOPOLOGIES))
     p.add_argument("--rules", default=",".join(DEFAULT_RULES), help=f"of {', '.join(RULES)}")
     p.add_argument("--attacks", default=",".join(ATTACKS), help="attack names (name:key=value allowed)")
@@ -153,17 +150,11 @@ def grid(a: argparse.Namespace) -> list[Run]:
 
 
 def config(run: Run, a: argparse.Namespace) -> SimConfig:
-    return SimConfig(
-        task=a.task,
-        nodes=a.nodes,
-        rounds=a.rounds,
+    return config_from_args(
+        a,
         topology=run.topology,
         rule=run.rule,
-        partition=a.partition,
-        alpha=a.alpha,
         seed=run.seed,
-        lr=a.lr,
-        batch_size=a.batch_size,
         attack="" if run.attack == NO_ATTACK else run.attack,
         byzantine=run.byzantine,
     )
@@ -192,7 +183,7 @@ def aggregate(rows: list[dict]) -> dict[tuple, dict]:
 
 
 def _pct(v: float | None) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+    return reporting.fmt(None if v is None else 100 * v, ".1f")
 
 
 def tables(agg: dict[tuple, dict], a: argparse.Namespace, wall: float, runs: int) -> str:
@@ -262,6 +253,37 @@ def tables(agg: dict[tuple, dict], a: argparse.Namespace, wall: float, runs: int
     return "\n".join(lines)
 
 
+def _attack_checks(
+    agg: dict[tuple, dict],
+    top: str,
+    rule: str,
+    attacks: Sequence[str],
+    b_max: int,
+    met: Callable[[float], bool],
+    target: str,
+) -> list[tuple[bool, str]]:
+    """One (met, text) per attack that ran: the honest mean accuracy `rule` lost under the attack
+    with b_max Byzantine nodes, against its own no-attack run. The "robust holds" and "mean
+    collapses" targets are this same comparison with opposite conditions."""
+    base = agg.get((top, rule, NO_ATTACK, 0))
+    if not base:
+        return []
+    out: list[tuple[bool, str]] = []
+    for attack in attacks:
+        g = agg.get((top, rule, attack, b_max))
+        if g is None:
+            continue
+        drop = base["mean"] - g["mean"]
+        out.append(
+            (
+                met(drop),
+                f"{top}, {attack}, {b_max} Byzantine: {rule} {_pct(g['mean'])}% "
+                f"({-100 * drop:+.1f} points vs no attack; target {target})",
+            )
+        )
+    return out
+
+
 def checks(agg: dict[tuple, dict], a: argparse.Namespace) -> list[tuple[bool, str]]:
     """The issue's targets, per topology: (met, text)."""
     out: list[tuple[bool, str]] = []
@@ -281,32 +303,18 @@ def checks(agg: dict[tuple, dict], a: argparse.Namespace) -> list[tuple[bool, st
                     f"(cost {100 * cost:+.1f} points; target <= {100 * TARGET_NO_ATTACK_COST:.0f})",
                 )
             )
-        if rob0:
-            for attack in attacks:
-                g = agg.get((top, "robust", attack, b_max))
-                if g is None:
-                    continue
-                drop = rob0["mean"] - g["mean"]
-                out.append(
-                    (
-                        drop <= TARGET_HOLD,
-                        f"{top}, {attack}, {b_max} Byzantine: robust {_pct(g['mean'])}% "
-                        f"({-100 * drop:+.1f} points vs no attack; target >= -{100 * TARGET_HOLD:.0f})",
-                    )
-                )
-        if mean0:
-            for attack in COLLAPSE_ATTACKS:
-                g = agg.get((top, "mean", attack, b_max))
-                if g is None:
-                    continue
-                drop = mean0["mean"] - g["mean"]
-                out.append(
-                    (
-                        drop >= TARGET_COLLAPSE,
-                        f"{top}, {attack}, {b_max} Byzantine: mean {_pct(g['mean'])}% "
-                        f"({-100 * drop:+.1f} points vs no attack; target <= -{100 * TARGET_COLLAPSE:.0f})",
-                    )
-                )
+        out += _attack_checks(
+            agg, top, "robust", attacks, b_max, lambda d: d <= TARGET_HOLD, f">= -{100 * TARGET_HOLD:.0f}"
+        )
+        out += _attack_checks(
+            agg,
+            top,
+            "mean",
+            COLLAPSE_ATTACKS,
+            b_max,
+            lambda d: d >= TARGET_COLLAPSE,
+            f"<= -{100 * TARGET_COLLAPSE:.0f}",
+        )
     return out
 
 
@@ -315,11 +323,7 @@ def checks(agg: dict[tuple, dict], a: argparse.Namespace) -> list[tuple[bool, st
 
 
 def plots(out: Path, agg: dict[tuple, dict], curves: dict[tuple, list], a: argparse.Namespace) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = reporting.pyplot()
     written = []
     tops = list(dict.fromkeys(k[0] for k in agg))
     rules = list(dict.fromkeys(k[1] for k in agg))
@@ -355,13 +359,9 @@ def plots(out: Path, agg: dict[tuple, dict], curves: dict[tuple, list], a: argpa
         ax.set_ylabel("honest mean accuracy")
         ax.set_title(f"{top}: {b_max} Byzantine of {a.nodes} (none: no attack)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    handles, labels_ = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels_, loc="lower center", ncol=len(rules), fontsize=9, frameon=False)
+    reporting.bottom_legend(fig, axes[0][0], fontsize=9, ncol=len(rules))
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    path = out / "robustness_byz3.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(reporting.save_figure(fig, out / "robustness_byz3.png"))
 
     # 2. honest mean accuracy against the number of Byzantine nodes
     swept = [att for att in attacks if all((tops[0], rules[0], att, b) in agg for b in counts)]
@@ -389,13 +389,9 @@ def plots(out: Path, agg: dict[tuple, dict], curves: dict[tuple, list], a: argpa
                     ax.set_xlabel("Byzantine nodes")
                 if ai == 0:
                     ax.set_ylabel(f"{top}\nhonest mean acc", fontsize=8)
-        handles, labels_ = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels_, loc="lower center", ncol=len(rules), fontsize=9, frameon=False)
+        reporting.bottom_legend(fig, axes[0][0], fontsize=9, ncol=len(rules))
         fig.tight_layout(rect=(0, 0.07, 1, 1))
-        path = out / "robustness_sweep.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(reporting.save_figure(fig, out / "robustness_sweep.png"))
 
     # 3. honest mean accuracy per round, mean vs robust, b_max Byzantine, first topology
     shown = [r for r in ("mean", "robust") if r in rules]
@@ -416,13 +412,9 @@ def plots(out: Path, agg: dict[tuple, dict], curves: dict[tuple, list], a: argpa
             ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("honest mean accuracy")
-        handles, labels_ = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels_, loc="lower center", ncol=min(6, len(labels_)), fontsize=8, frameon=False)
+        reporting.bottom_legend(fig, axes[0][0], fontsize=8, max_cols=6)
         fig.tight_layout(rect=(0, 0.12, 1, 1))
-        path = out / "robustness_rounds.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(reporting.save_figure(fig, out / "robustness_rounds.png"))
     return written
 
 
@@ -432,39 +424,14 @@ def plots(out: Path, agg: dict[tuple, dict], curves: dict[tuple, list], a: argpa
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     runs = grid(a)
-    if a.threads > 0:
-        import torch
-
-        torch.set_num_threads(a.threads)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        console = Console(stderr=True, width=150)
-    console.print(f"[bold]{len(runs)} runs[/] x {a.rounds} rounds -> {out}")
+    set_torch_threads(a.threads)
+    console, out = reporting.start_grid(a.out, len(runs), a.rounds)
     rows: list[dict] = []
     per_round: dict[tuple, list[list[float]]] = {}
     started = time.perf_counter()
     with (
         open(out / "rounds.csv", "w", newline="") as fh_rounds,
-        Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        ) as progress,
+        reporting.progress_bar(console, remaining=True) as progress,
     ):
         rw = csv.writer(fh_rounds)
         rw.writerow(
@@ -513,10 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             per_round.setdefault((run.topology, run.rule, run.attack, run.byzantine), []).append(curve)
             progress.advance(overall)
     wall = time.perf_counter() - started
-    with open(out / "runs.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    reporting.write_rows(out / "runs.csv", rows)
     agg = aggregate(rows)
     curves = {k: list(np.mean(np.array(v, dtype=float), axis=0)) for k, v in per_round.items()}
     results = checks(agg, a)
@@ -531,11 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = [] if a.no_plots else plots(out, agg, curves, a)
     for ok, text in results:
         console.print(("[green]met[/] " if ok else "[red]MISSED[/] ") + text)
-    console.print(
-        f"wrote {out / 'runs.csv'}, {out / 'rounds.csv'}, {out / 'summary.md'}"
-        + "".join(f", {p}" for p in figures)
-        + f" in {wall:.0f} s"
-    )
+    console.print(reporting.wrote([out / "runs.csv", out / "rounds.csv", out / "summary.md", *figures], wall))
     print(
         json.dumps(
             {

@@ -33,8 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from p2pfl import reporting  # noqa: E402
 from p2pfl.aggregation import RULES  # noqa: E402
-from p2pfl.sim import SimConfig, SimResult, Simulation  # noqa: E402
+from p2pfl.reporting import fmt  # noqa: E402
+from p2pfl.sim import SimResult, Simulation, config_from_args, set_torch_threads  # noqa: E402
 from p2pfl.topology import parse_topology  # noqa: E402
 
 DEFAULT_TOPOLOGIES = (
@@ -66,11 +68,7 @@ class Run:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
+    p = reporting.experiment_parser(__doc__)
     p.add_argument(
         "--topologies",
         default=",".join(DEFAULT_TOPOLOGIES),
@@ -171,12 +169,6 @@ def _degrees(res: SimResult) -> np.ndarray:
     return np.array([d for _, d in top.graph(n, res.config.seed).degree])
 
 
-def _fmt(v, spec: str = ".3f", none: str = "-") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return none
-    return format(v, spec)
-
-
 def _mb(v) -> str:
     return "-" if v is None else f"{v / 1e6:.2f}"
 
@@ -196,10 +188,10 @@ def markdown(rows: list[dict], a: argparse.Namespace, wall: float) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['topology']} | {r['nodes']} | {r['partition']} | {r['rule']} | {_fmt(r['spectral_gap'], '.4f')} "
-            f"| {_fmt(r['rounds_to_target'], 'd', f'>{a.rounds}')} | {_mb(r['bytes_to_target'])} "
-            f"| {_fmt(r['final_mean_accuracy'])} | {_fmt(r['final_min_accuracy'])} "
-            f"| {_fmt(r['final_consensus'], '.2e')} | {_mb(r['bytes_per_node'])} |"
+            f"| {r['topology']} | {r['nodes']} | {r['partition']} | {r['rule']} | {fmt(r['spectral_gap'], '.4f')} "
+            f"| {fmt(r['rounds_to_target'], 'd', f'>{a.rounds}')} | {_mb(r['bytes_to_target'])} "
+            f"| {fmt(r['final_mean_accuracy'])} | {fmt(r['final_min_accuracy'])} "
+            f"| {fmt(r['final_consensus'], '.2e')} | {_mb(r['bytes_per_node'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -225,9 +217,9 @@ def pivot(rows: list[dict], a: argparse.Namespace) -> str:
             if r is None:
                 vals.append("")
                 continue
-            v = _fmt(r["rounds_to_target"], "d", f">{a.rounds}")
+            v = fmt(r["rounds_to_target"], "d", f">{a.rounds}")
             vals.append(
-                v + (f" ({_fmt(r['spectral_gap'], '.3f')})" if rule == "mean" and p == cols[0][0] else "")
+                v + (f" ({fmt(r['spectral_gap'], '.3f')})" if rule == "mean" and p == cols[0][0] else "")
             )
         lines.append(f"| {t} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
@@ -246,18 +238,14 @@ def checks(rows: list[dict], a: argparse.Namespace) -> list[str]:
             e, g = pick["exponential"]["rounds_to_target"], pick["ring"]["rounds_to_target"]
             ok = e is not None and (g is None or e < g)
             out.append(
-                f"n=64 {part}: exponential reaches {a.target} in {_fmt(e, 'd', f'>{a.rounds}')} rounds, "
-                f"ring in {_fmt(g, 'd', f'>{a.rounds}')}: {'OK' if ok else 'NOT MET'}"
+                f"n=64 {part}: exponential reaches {a.target} in {fmt(e, 'd', f'>{a.rounds}')} rounds, "
+                f"ring in {fmt(g, 'd', f'>{a.rounds}')}: {'OK' if ok else 'NOT MET'}"
             )
     return out
 
 
 def plots(out: Path, results: dict[str, tuple[Run, SimResult]], a: argparse.Namespace) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = reporting.pyplot()
     mean_runs = [(run, res) for run, res in results.values() if run.rule == "mean"]
     parts = sorted({run.partition for run, _ in mean_runs}, key=lambda p: (p != "iid", p))
     sizes = sorted({run.nodes for run, _ in mean_runs})
@@ -287,14 +275,10 @@ def plots(out: Path, results: dict[str, tuple[Run, SimResult]], a: argparse.Name
                     ax.set_xlabel(xlabel)
                 if j == 0:
                     ax.set_ylabel(ylabel)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=9, frameon=False)
+        labels = reporting.bottom_legend(fig, axes[0][0], fontsize=9, max_cols=5)
         fig.suptitle(title)
         fig.tight_layout(rect=(0, 0.07 if len(labels) > 5 else 0.04, 1, 1))
-        path = out / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(reporting.save_figure(fig, out / name))
 
     def acc_round(ax, run, res, c):
         rs = [r for r in res.rounds if r.accuracy is not None]
@@ -369,35 +353,20 @@ def plots(out: Path, results: dict[str, tuple[Run, SimResult]], a: argparse.Name
             ax.set_xlabel("round")
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("mean accuracy")
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=len(rules), fontsize=8, frameon=False)
+        labels = reporting.bottom_legend(fig, axes[0][0], fontsize=8, ncol=len(rules))
         fig.suptitle(
             "Aggregation rules on a skewed partition (solid: mean, dashed: weighted, dotted: push-sum)"
         )
         fig.tight_layout(rect=(0, 0.05 + 0.035 * math.ceil(len(labels) / len(rules)), 1, 1))
-        path = out / "rules.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(reporting.save_figure(fig, out / "rules.png"))
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     runs = grid(a)
-    if a.threads > 0:
-        import torch
-
-        torch.set_num_threads(a.threads)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        console = Console(stderr=True, width=150)  # piped to a log: keep one line per run
-    console.print(f"[bold]{len(runs)} runs[/] x {a.rounds} rounds -> {out}")
+    set_torch_threads(a.threads)
+    console, out = reporting.start_grid(a.out, len(runs), a.rounds)
     results: dict[str, tuple[Run, SimResult]] = {}
     rows: list[dict] = []
     started = time.perf_counter()
@@ -417,32 +386,14 @@ def main(argv: list[str] | None = None) -> int:
                 "bytes_per_node",
             ]
         )
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
+        with reporting.progress_bar(console) as progress:
             overall = progress.add_task("grid", total=len(runs))
             current = progress.add_task("", total=a.rounds)
             for run in runs:
                 progress.update(current, description=run.key, completed=0)
                 t0 = time.perf_counter()
-                cfg = SimConfig(
-                    task=a.task,
-                    nodes=run.nodes,
-                    rounds=a.rounds,
-                    topology=run.topology,
-                    rule=run.rule,
-                    partition=run.partition,
-                    alpha=a.alpha,
-                    seed=a.seed,
-                    lr=a.lr,
-                    batch_size=a.batch_size,
-                    local_epochs=a.local_epochs,
-                    eval_every=a.eval_every,
-                    drop=a.drop,
+                cfg = config_from_args(
+                    a, nodes=run.nodes, topology=run.topology, rule=run.rule, partition=run.partition
                 )
                 res = Simulation(cfg).run(lambda s: progress.advance(current))
                 seconds = time.perf_counter() - t0
@@ -466,16 +417,13 @@ def main(argv: list[str] | None = None) -> int:
                         ]
                     )
                 progress.console.print(
-                    f"{run.key:<48} gap {_fmt(row['spectral_gap'], '.4f'):>7}  "
-                    f"target@{_fmt(row['rounds_to_target'], 'd', '-'):>4}  acc {_fmt(row['final_mean_accuracy'])} "
-                    f"(min {_fmt(row['final_min_accuracy'])})  {seconds:.1f} s"
+                    f"{run.key:<48} gap {fmt(row['spectral_gap'], '.4f'):>7}  "
+                    f"target@{fmt(row['rounds_to_target'], 'd', '-'):>4}  acc {fmt(row['final_mean_accuracy'])} "
+                    f"(min {fmt(row['final_min_accuracy'])})  {seconds:.1f} s"
                 )
                 progress.advance(overall)
     wall = time.perf_counter() - started
-    with open(out / "summary.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    reporting.write_rows(out / "summary.csv", rows)
     lines = checks(rows, a)
     md = pivot(rows, a) + "\n" + markdown(rows, a, wall)
     if lines:
@@ -485,9 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in lines:
         console.print(line)
     console.print(
-        f"wrote {out / 'rounds.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}"
-        + "".join(f", {p}" for p in figures)
-        + f" in {wall:.0f} s"
+        reporting.wrote([out / "rounds.csv", out / "summary.csv", out / "summary.md", *figures], wall)
     )
     print(json.dumps({"runs": len(rows), "wall_s": round(wall, 1), "out": str(out), "checks": lines}))
     return 0

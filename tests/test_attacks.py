@@ -12,13 +12,7 @@ from p2pfl.learning import TaskSpec, get_params, load_task
 
 P = 200
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def vecs(k: int, seed: int = 0) -> list[np.ndarray]:

@@ -13,6 +13,7 @@ from p2pfl import codec
 from p2pfl.errors import ConfigError
 from p2pfl.learning import (
     BUILTIN_TASKS,
+    PartitionCache,
     TaskSpec,
     flatten,
     get_params,
@@ -297,6 +298,20 @@ def test_get_set_params_copy_and_roundtrip() -> None:
     assert model.conv1.weight.data_ptr() == weight_ptr, "copied into the model's own tensors"
     assert torch.all(model.conv1.weight == 5.0)
     assert np.array_equal(flatten(get_params(model)), vec)
+
+
+def test_partition_cache_gives_fresh_copies_of_the_same_shards() -> None:
+    labels = np.random.default_rng(0).integers(0, 5, size=300)
+    cache = PartitionCache()
+    first = cache.shards(labels, 6, "dirichlet", 0.3, seed=2)
+    first[0][:] = -1  # callers own what they get
+    again = cache.shards(labels, 6, "dirichlet", 0.3, seed=2)
+    expected = partition_indices(labels, 6, "dirichlet", 0.3, seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(again, expected, strict=True))
+    with cache.active():
+        cached = load_task(TaskSpec(shard=1, num_shards=4, partition="dirichlet", seed=3))
+    plain = load_task(TaskSpec(shard=1, num_shards=4, partition="dirichlet", seed=3))
+    assert np.array_equal(cached.train_labels, plain.train_labels)
 
 
 def test_param_errors() -> None:

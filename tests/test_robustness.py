@@ -8,19 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from p2pfl.sim import SimConfig, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def honest_accuracy(rule: str, attack: str = "", byzantine: int = 0, task: str = "digits-logreg") -> float:

@@ -14,6 +14,7 @@ from p2pfl.sim import (
     BatchedTrainer,
     Network,
     SimConfig,
+    SimResult,
     Simulation,
     batchable,
     consensus_distance,
@@ -23,14 +24,7 @@ from p2pfl.sim import (
     spread,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The batched steps are small: extra threads only spin when other work shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class WrappedTask(TensorTask):
@@ -90,20 +84,19 @@ def test_batched_training_and_evaluation_equal_task_train_and_evaluate() -> None
             )
 
 
+def vectorised_and_loop(**overrides) -> tuple[SimResult, SimResult]:
+    """Run one config both ways (vectorised, per-node loop) on a lossy random-regular:3 graph.
+
+    The comparison tests differ only in size, rule, seed and attack; keeping the shared knobs here
+    makes sure both paths are always exercised with drops and small batches.
+    """
+    base = dict(topology="random-regular:3", batch_size=16, drop=0.1, **overrides)
+    return simulate(SimConfig(**base)), simulate(SimConfig(**base, vectorised=False))
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_vectorised_run_equals_the_per_node_loop(rule: str) -> None:
-    base = dict(
-        nodes=7,
-        rounds=3,
-        topology="random-regular:3",
-        rule=rule,
-        partition="dirichlet",
-        seed=2,
-        batch_size=16,
-        drop=0.1,
-    )
-    fast = simulate(SimConfig(**base))
-    slow = simulate(SimConfig(**base, vectorised=False))
+    fast, slow = vectorised_and_loop(nodes=7, rounds=3, rule=rule, partition="dirichlet", seed=2)
     assert np.allclose(fast.vectors, slow.vectors, atol=1e-4)
     for a, b in zip(fast.rounds, slow.rounds, strict=True):
         assert np.allclose(a.accuracy, b.accuracy, atol=3 / 450)
@@ -192,19 +185,7 @@ def test_many_nodes_smoke() -> None:
 
 @pytest.mark.parametrize("rule", ["robust", "median", "mean"])
 def test_attacked_vectorised_run_equals_the_per_node_loop(rule: str) -> None:
-    base = dict(
-        nodes=8,
-        rounds=4,
-        topology="random-regular:3",
-        rule=rule,
-        seed=1,
-        batch_size=16,
-        drop=0.1,
-        attack="dissensus",
-        byzantine=2,
-    )
-    fast = simulate(SimConfig(**base))
-    slow = simulate(SimConfig(**base, vectorised=False))
+    fast, slow = vectorised_and_loop(nodes=8, rounds=4, rule=rule, seed=1, attack="dissensus", byzantine=2)
     assert fast.byzantine == (0, 4) and np.allclose(fast.vectors, slow.vectors, atol=1e-4)
     for a, b in zip(fast.rounds, slow.rounds, strict=True):
         assert a.honest_mean_accuracy == pytest.approx(b.honest_mean_accuracy, abs=3 / 450)
