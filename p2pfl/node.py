@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import signal
 import time
@@ -257,12 +256,10 @@ class Node:
 
     def _topology_view(self) -> tuple[dict[str, Certificate], list[str], str]:
         members = self.members()
-        ids = sorted(members)
-        epoch = hashlib.blake2b("\n".join(ids).encode(), digest_size=8).hexdigest()
         names = {nid: c.name for nid, c in members.items()}
-        nbrs = topology.neighbours(self.cfg.gossip.topology, ids, self.node_id, self.round,
-                                   seed=self.cfg.task.seed, names=names)
-        return members, nbrs, epoch
+        view = topology.view(self.cfg.gossip.topology, list(members), self.node_id, self.round,
+                             seed=self.cfg.task.seed, names=names)
+        return members, view.neighbours, view.epoch
 
     def _seal(self, vector_params: dict[str, np.ndarray], members: dict[str, Certificate],
               nbrs: list[str], epoch: str) -> bytes:
