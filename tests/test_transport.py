@@ -21,7 +21,6 @@ from p2pfl.errors import ConfigError, Reason, Rejected
 from p2pfl.federation import Certificate, FederationAuthority, FederationRoot, make_token, verify_token
 from p2pfl.identity import Identity
 from p2pfl.transport import (
-    _SESSION_NODE,
     PART_HEADER_BYTES,
     Outbox,
     PeerLink,
@@ -30,10 +29,20 @@ from p2pfl.transport import (
     split_message,
     update_topic,
 )
+from p2pfl.transport.amqtt_patches import SESSION_NODE
+from p2pfl.transport.topics import (
+    Kind,
+    Topic,
+    cert_filter,
+    inbox_filter,
+    parse_topic,
+    part_index,
+    proof_filter,
+    proof_topic,
+)
 
 HOST = "127.0.0.1"
 MAX_MESSAGE = 64 << 20
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,8 +53,9 @@ def _parts(message: bytes, chunk: int, mid: bytes | None = None) -> list[bytes]:
     return split_message(message, chunk, mid)
 
 
-@pytest.mark.parametrize("total,chunk", [(1, 1024), (1000, 1024), (1024, 1024), (1025, 1024),
-                                         (10_000, 1024), (9, 4), (4097, 100)])
+@pytest.mark.parametrize(
+    "total,chunk", [(1, 1024), (1000, 1024), (1024, 1024), (1025, 1024), (10_000, 1024), (9, 4), (4097, 100)]
+)
 def test_split_and_reassemble_roundtrip(total: int, chunk: int) -> None:
     message = os.urandom(total)
     parts = _parts(message, chunk)
@@ -138,18 +148,23 @@ def test_reassembler_rejects_oversize_before_buffering() -> None:
     assert r.pending() == 0
 
 
-@pytest.mark.parametrize("index,count,total,body_len", [
-    (0, 0, 10, 10),      # zero parts
-    (2, 2, 10, 5),       # index beyond count
-    (0, 11, 10, 1),      # more parts than bytes
-    (0, 1, 0, 0),        # empty message
-    (0, 2, 10, 4),       # wrong part length (expected 5)
-    (1, 3, 10, 3),       # wrong part length (expected 4)
-    (2, 3, 10, 4),       # wrong last part length (expected 2)
-    (0, 4, 5, 2),        # count inconsistent with total (last part would be empty)
-    (0, 1 << 20, 1 << 20, 1),  # absurd part count
-])
-def test_reassembler_rejects_inconsistent_numbering(index: int, count: int, total: int, body_len: int) -> None:
+@pytest.mark.parametrize(
+    "index,count,total,body_len",
+    [
+        (0, 0, 10, 10),  # zero parts
+        (2, 2, 10, 5),  # index beyond count
+        (0, 11, 10, 1),  # more parts than bytes
+        (0, 1, 0, 0),  # empty message
+        (0, 2, 10, 4),  # wrong part length (expected 5)
+        (1, 3, 10, 3),  # wrong part length (expected 4)
+        (2, 3, 10, 4),  # wrong last part length (expected 2)
+        (0, 4, 5, 2),  # count inconsistent with total (last part would be empty)
+        (0, 1 << 20, 1 << 20, 1),  # absurd part count
+    ],
+)
+def test_reassembler_rejects_inconsistent_numbering(
+    index: int, count: int, total: int, body_len: int
+) -> None:
     r = Reassembler(MAX_MESSAGE)
     with pytest.raises(Rejected) as e:
         r.add("a", _forge(b"m" * 16, index, count, total, b"x" * body_len))
@@ -170,7 +185,7 @@ def test_reassembler_rejects_parts_that_disagree_and_topic_mismatch() -> None:
 
 
 def test_broker_broadcast_records_have_a_short_repr() -> None:
-    from p2pfl.transport import _Broadcast
+    from p2pfl.transport.amqtt_patches import _Broadcast
 
     record = _Broadcast(session=None, topic="p2pfl/f/n/to/r/0", data=b"x" * (8 << 20))
     assert len(repr(record)) < 100 and len(f"{record}") < 100 and "8388608" in repr(record)
@@ -187,45 +202,82 @@ def test_update_topic_is_per_recipient() -> None:
     assert cert_topic("f", "o") == "p2pfl/f/o/cert"
 
 
+def test_topics_are_built_and_parsed_in_one_place() -> None:
+    assert proof_topic("f", "o", "c") == "p2pfl/f/o/proof/c"
+    assert (cert_filter("f"), proof_filter("f", "me"), inbox_filter("f", "me")) == (
+        "p2pfl/f/+/cert",
+        "p2pfl/f/+/proof/me",
+        "p2pfl/f/+/to/me/+",
+    )
+    assert parse_topic(cert_topic("f", "o")) == Topic("f", "o", Kind.CERT)
+    assert parse_topic(proof_topic("f", "o", "c")) == Topic("f", "o", Kind.PROOF, "c")
+    assert parse_topic(update_topic("f", "o", "r", 7)) == Topic("f", "o", Kind.INBOX, "r", "7")
+    assert parse_topic(inbox_filter("f", "me")) == Topic("f", "+", Kind.INBOX, "me", "+")
+    for odd in (
+        "p2pfl/f/o/cert/x",
+        "p2pfl/f/o/proof",
+        "p2pfl/f/o/to/r",
+        "p2pfl/f/o/to/r/0/x",
+        "p2pfl/f/o/update/0",
+    ):
+        parsed = parse_topic(odd)
+        assert parsed is not None and parsed.kind is None and parsed.publisher == "o", odd
+    for foreign in ("p2pfl/f/o", "x/f/o/cert", "#", ""):
+        assert parse_topic(foreign) is None, foreign
+    assert [part_index(t) for t in ("0", "42", "999999", "1000000", "1x", "", "+", "\u0663")] == [
+        0,
+        42,
+        999999,
+        None,
+        None,
+        None,
+        None,
+        None,
+    ]
+
+
 def _acl_outbox() -> Outbox:
-    return Outbox(HOST, 0, "fed", "own", lambda u, p: u, lambda r, d: None)
+    return Outbox(HOST, 0, "fed", "own", authenticate=lambda u, p: u, on_reject=lambda r, d: None)
 
 
 def _session(node: str | None) -> Session:
     session = Session()
     if node is not None:
-        session.attributes[_SESSION_NODE] = node
+        session.attributes[SESSION_NODE] = node
     return session
 
 
-@pytest.mark.parametrize("topic,allowed", [
-    ("p2pfl/fed/own/cert", True),
-    ("p2pfl/fed/+/cert", True),
-    ("p2pfl/fed/own/to/me/+", True),
-    ("p2pfl/fed/+/to/me/+", True),
-    ("p2pfl/fed/own/to/me/#", True),
-    ("p2pfl/fed/+/to/me/#", True),
-    ("p2pfl/fed/own/to/other/+", False),   # another recipient's inbox
-    ("p2pfl/fed/own/to/+/+", False),       # wildcard recipient
-    ("p2pfl/fed/own/to/#", False),
-    ("p2pfl/fed/own/to/+/#", False),
-    ("p2pfl/fed/own/to/me", False),
-    ("p2pfl/fed/own/to/me/+/x", False),
-    ("p2pfl/fed/own/to/me/0", False),      # only '+' or '#' after the recipient
-    ("p2pfl/fed/own/#", False),
-    ("p2pfl/fed/own/+", False),
-    ("p2pfl/fed/own/+/me/+", False),
-    ("p2pfl/fed/own/cert/#", False),
-    ("p2pfl/fed/own/update/+", False),
-    ("p2pfl/fed/other/cert", False),       # another publisher
-    ("p2pfl/fed/other/to/me/+", False),
-    ("p2pfl/fed/#", False),
-    ("p2pfl/+/own/cert", False),
-    ("p2pfl/otherfed/own/cert", False),
-    ("#", False),
-    ("+/+/+/cert", False),
-    ("$SYS/#", False),
-])
+@pytest.mark.parametrize(
+    "topic,allowed",
+    [
+        ("p2pfl/fed/own/cert", True),
+        ("p2pfl/fed/+/cert", True),
+        ("p2pfl/fed/own/to/me/+", True),
+        ("p2pfl/fed/+/to/me/+", True),
+        ("p2pfl/fed/own/to/me/#", True),
+        ("p2pfl/fed/+/to/me/#", True),
+        ("p2pfl/fed/own/to/other/+", False),  # another recipient's inbox
+        ("p2pfl/fed/own/to/+/+", False),  # wildcard recipient
+        ("p2pfl/fed/own/to/#", False),
+        ("p2pfl/fed/own/to/+/#", False),
+        ("p2pfl/fed/own/to/me", False),
+        ("p2pfl/fed/own/to/me/+/x", False),
+        ("p2pfl/fed/own/to/me/0", False),  # only '+' or '#' after the recipient
+        ("p2pfl/fed/own/#", False),
+        ("p2pfl/fed/own/+", False),
+        ("p2pfl/fed/own/+/me/+", False),
+        ("p2pfl/fed/own/cert/#", False),
+        ("p2pfl/fed/own/update/+", False),
+        ("p2pfl/fed/other/cert", False),  # another publisher
+        ("p2pfl/fed/other/to/me/+", False),
+        ("p2pfl/fed/#", False),
+        ("p2pfl/+/own/cert", False),
+        ("p2pfl/otherfed/own/cert", False),
+        ("#", False),
+        ("+/+/+/cert", False),
+        ("$SYS/#", False),
+    ],
+)
 def test_acl_subscribe(topic: str, allowed: bool) -> None:
     assert _acl_outbox()._topic_allowed(_session("me"), topic, Action.SUBSCRIBE) is allowed
 
@@ -238,9 +290,15 @@ def test_acl_receive_publish_and_unauthenticated() -> None:
     assert not outbox._topic_allowed(me, "p2pfl/fed/own/to/me/0", Action.RECEIVE)
     outbox._recipients = frozenset({"me", "other"})
     assert outbox._topic_allowed(me, "p2pfl/fed/own/to/me/0", Action.RECEIVE)
-    for topic in ("p2pfl/fed/own/to/other/0", "p2pfl/fed/own/to/mex/0", "p2pfl/fed/own/to/me",
-                  "p2pfl/fed/other/cert", "p2pfl/fed/other/to/me/0", "p2pfl/fed/own/update/0",
-                  "p2pfl/fed/own/cert/x"):
+    for topic in (
+        "p2pfl/fed/own/to/other/0",
+        "p2pfl/fed/own/to/mex/0",
+        "p2pfl/fed/own/to/me",
+        "p2pfl/fed/other/cert",
+        "p2pfl/fed/other/to/me/0",
+        "p2pfl/fed/own/update/0",
+        "p2pfl/fed/own/cert/x",
+    ):
         assert not outbox._topic_allowed(me, topic, Action.RECEIVE), topic
     for topic in ("p2pfl/fed/own/cert", "p2pfl/fed/own/to/me/0"):
         assert not outbox._topic_allowed(me, topic, Action.PUBLISH)
@@ -352,7 +410,16 @@ class Sink:
 
 
 def make_link(port: int, fid: str, credentials: Callable[[], tuple[str, str]], sink: Sink) -> PeerLink:
-    return PeerLink(HOST, port, fid, credentials, sink.on_certificate, sink.on_update, sink.on_reject, MAX_MESSAGE)
+    return PeerLink(
+        HOST,
+        port,
+        fid,
+        credentials,
+        on_certificate=sink.on_certificate,
+        on_update=sink.on_update,
+        on_reject=sink.on_reject,
+        max_message_bytes=MAX_MESSAGE,
+    )
 
 
 async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
@@ -370,12 +437,24 @@ def run(coro_fn: Callable[[], object], timeout: float = 60.0) -> None:
     asyncio.run(main())
 
 
-def sealed_update(fed: Federation, sender: Member, recipients: list[Member], size: int) -> tuple[bytes, bytes]:
+def sealed_update(
+    fed: Federation, sender: Member, recipients: list[Member], size: int
+) -> tuple[bytes, bytes]:
     """(payload, real sealed envelope of it for `recipients`)."""
     payload = os.urandom(size)
-    meta = UpdateMeta(sender=sender.node_id, federation=fed.fid, round=1, seq=1, timestamp=time.time(),
-                      epoch="e0", samples=10, degree=len(recipients))
-    return payload, seal(payload, meta, sender.identity, {m.node_id: m.identity.box_public_bytes for m in recipients})
+    meta = UpdateMeta(
+        sender=sender.node_id,
+        federation=fed.fid,
+        round=1,
+        seq=1,
+        timestamp=time.time(),
+        epoch="e0",
+        samples=10,
+        degree=len(recipients),
+    )
+    return payload, seal(
+        payload, meta, sender.identity, {m.node_id: m.identity.box_public_bytes for m in recipients}
+    )
 
 
 def open_update(fed: Federation, me: Member, message: bytes) -> bytes:
@@ -396,11 +475,20 @@ def test_two_certified_clients_receive_10mb_update(tmp_path: Path) -> None:
     rejects: list[tuple[Reason, str]] = []
 
     async def main() -> None:
-        outbox = Outbox(HOST, 0, fed.fid, owner.node_id, fed.authenticate, lambda r, d: rejects.append((r, d)))
+        outbox = Outbox(
+            HOST,
+            0,
+            fed.fid,
+            owner.node_id,
+            authenticate=fed.authenticate,
+            on_reject=lambda r, d: rejects.append((r, d)),
+        )
         await outbox.start()
         assert outbox.port > 0
         sinks = [Sink(), Sink()]
-        links = [make_link(outbox.port, fed.fid, m.credentials, s) for m, s in zip((a, b), sinks, strict=True)]
+        links = [
+            make_link(outbox.port, fed.fid, m.credentials, s) for m, s in zip((a, b), sinks, strict=True)
+        ]
         try:
             for link in links:
                 await link.start()
@@ -440,8 +528,14 @@ def test_anonymous_and_foreign_clients_are_refused(tmp_path: Path) -> None:
     rejects: list[tuple[Reason, str]] = []
 
     async def main() -> None:
-        outbox = Outbox(HOST, free_port(), fed.fid, owner.node_id, fed.authenticate,
-                        lambda r, d: rejects.append((r, d)))
+        outbox = Outbox(
+            HOST,
+            free_port(),
+            fed.fid,
+            owner.node_id,
+            authenticate=fed.authenticate,
+            on_reject=lambda r, d: rejects.append((r, d)),
+        )
         await outbox.start()
         try:
             # no username / password at all
@@ -451,18 +545,22 @@ def test_anonymous_and_foreign_clients_are_refused(tmp_path: Path) -> None:
             assert isinstance(e.value, MqttConnectError)
             # a username without a password
             with pytest.raises(MqttConnectError):
-                async with aiomqtt.Client(HOST, outbox.port, username=a.node_id, identifier="anon-2", timeout=5):
+                async with aiomqtt.Client(
+                    HOST, outbox.port, username=a.node_id, identifier="anon-2", timeout=5
+                ):
                     pass
             # garbage token
             with pytest.raises(MqttConnectError):
-                async with aiomqtt.Client(HOST, outbox.port, username=a.node_id, password="bm9wZQ==",
-                                          identifier="anon-3", timeout=5):
+                async with aiomqtt.Client(
+                    HOST, outbox.port, username=a.node_id, password="bm9wZQ==", identifier="anon-3", timeout=5
+                ):
                     pass
             # a valid token of another federation
             user, token = stranger.credentials()
             with pytest.raises(MqttConnectError):
-                async with aiomqtt.Client(HOST, outbox.port, username=user, password=token,
-                                          identifier="foreign", timeout=5):
+                async with aiomqtt.Client(
+                    HOST, outbox.port, username=user, password=token, identifier="foreign", timeout=5
+                ):
                     pass
             assert len(rejects) == 4 and all(r is Reason.AUTH_FAILED for r, _ in rejects)
             assert any("anonymous" in d for _, d in rejects)
@@ -479,8 +577,14 @@ def test_anonymous_and_foreign_clients_are_refused(tmp_path: Path) -> None:
             assert [r for r, _ in sink.rejects] == [Reason.AUTH_FAILED]
             await link.stop()
             # a certified member still gets in
-            async with aiomqtt.Client(HOST, outbox.port, username=a.node_id, password=a.credentials()[1],
-                                      identifier="member", timeout=5):
+            async with aiomqtt.Client(
+                HOST,
+                outbox.port,
+                username=a.node_id,
+                password=a.credentials()[1],
+                identifier="member",
+                timeout=5,
+            ):
                 pass
         finally:
             await outbox.stop()
@@ -494,7 +598,9 @@ def test_clients_cannot_publish_or_subscribe_outside_owner_namespace(tmp_path: P
     owner, a, b = fed.members
 
     async def main() -> None:
-        outbox = Outbox(HOST, 0, fed.fid, owner.node_id, fed.authenticate, lambda r, d: None)
+        outbox = Outbox(
+            HOST, 0, fed.fid, owner.node_id, authenticate=fed.authenticate, on_reject=lambda r, d: None
+        )
         await outbox.start()
         sink = Sink()
         link = make_link(outbox.port, fed.fid, a.credentials, sink)
@@ -503,20 +609,32 @@ def test_clients_cannot_publish_or_subscribe_outside_owner_namespace(tmp_path: P
             await link.start()
             await wait_until(lambda: link.connected and len(sink.certs) == 1, what="link")
             user, token = b.credentials()
-            async with aiomqtt.Client(HOST, outbox.port, username=user, password=token,
-                                      identifier="intruder", timeout=5) as c:
-                refused = ["#", "+/#", f"p2pfl/{fed.fid}/{a.node_id}/#", "p2pfl/otherfed/+/cert",
-                           "$SYS/#", f"p2pfl/{fed.fid}/#", f"p2pfl/{fed.fid}/+",
-                           f"p2pfl/{fed.fid}/{owner.node_id}/#", f"p2pfl/{fed.fid}/+/to/+/+",
-                           f"p2pfl/{fed.fid}/+/to/{a.node_id}/+", f"p2pfl/{fed.fid}/{owner.node_id}/to/#"]
+            async with aiomqtt.Client(
+                HOST, outbox.port, username=user, password=token, identifier="intruder", timeout=5
+            ) as c:
+                refused = [
+                    "#",
+                    "+/#",
+                    f"p2pfl/{fed.fid}/{a.node_id}/#",
+                    "p2pfl/otherfed/+/cert",
+                    "$SYS/#",
+                    f"p2pfl/{fed.fid}/#",
+                    f"p2pfl/{fed.fid}/+",
+                    f"p2pfl/{fed.fid}/{owner.node_id}/#",
+                    f"p2pfl/{fed.fid}/+/to/+/+",
+                    f"p2pfl/{fed.fid}/+/to/{a.node_id}/+",
+                    f"p2pfl/{fed.fid}/{owner.node_id}/to/#",
+                ]
                 granted = await c.subscribe([(t, 1) for t in refused])
                 assert [getattr(g, "value", g) for g in granted] == [0x80] * len(refused)
                 # injection attempts on the owner's own topics, on the intruder's, and elsewhere
                 forged_parts = split_message(b"forged update", 1024)
-                await c.publish(update_topic(fed.fid, owner.node_id, a.node_id, 0), forged_parts[0], qos=1,
-                                retain=True)
-                await c.publish(update_topic(fed.fid, owner.node_id, b.node_id, 0), forged_parts[0], qos=1,
-                                retain=True)
+                await c.publish(
+                    update_topic(fed.fid, owner.node_id, a.node_id, 0), forged_parts[0], qos=1, retain=True
+                )
+                await c.publish(
+                    update_topic(fed.fid, owner.node_id, b.node_id, 0), forged_parts[0], qos=1, retain=True
+                )
                 await c.publish(cert_topic(fed.fid, owner.node_id), b"forged cert", qos=1, retain=True)
                 await c.publish(cert_topic(fed.fid, b.node_id), b"forged cert", qos=1, retain=True)
                 await c.publish(update_topic(fed.fid, b.node_id, a.node_id, 0), forged_parts[0], qos=0)
@@ -558,17 +676,30 @@ def test_update_reaches_only_its_recipients(tmp_path: Path) -> None:
     owner, a, b, c = fed.members
 
     async def main() -> None:
-        outbox = Outbox(HOST, 0, fed.fid, owner.node_id, fed.authenticate, lambda r, d: None,
-                        chunk_bytes=64 << 10)
+        outbox = Outbox(
+            HOST,
+            0,
+            fed.fid,
+            owner.node_id,
+            authenticate=fed.authenticate,
+            on_reject=lambda r, d: None,
+            chunk_bytes=64 << 10,
+        )
         await outbox.start()
         sinks = {m.node_id: Sink() for m in (a, b, c)}
-        links = {m.node_id: make_link(outbox.port, fed.fid, m.credentials, sinks[m.node_id]) for m in (a, b, c)}
+        links = {
+            m.node_id: make_link(outbox.port, fed.fid, m.credentials, sinks[m.node_id]) for m in (a, b, c)
+        }
         try:
             await outbox.publish_certificate(owner.cert.to_bytes())
             for link in links.values():
                 await link.start()
-            await wait_until(lambda: all(link.connected for link in links.values())
-                             and all(s.certs for s in sinks.values()), what="links and certificates")
+            await wait_until(
+                lambda: (
+                    all(link.connected for link in links.values()) and all(s.certs for s in sinks.values())
+                ),
+                what="links and certificates",
+            )
             message = os.urandom(300_000)
             assert await outbox.publish_update(message, [a.node_id, b.node_id]) == 5
             await wait_until(lambda: sinks[a.node_id].updates and sinks[b.node_id].updates, what="update")
@@ -579,12 +710,18 @@ def test_update_reaches_only_its_recipients(tmp_path: Path) -> None:
             assert sinks[c.node_id].updates == [] and links[c.node_id].bytes_in < 10_000
             # c cannot ask for a's (or anyone's) inbox explicitly with its own valid token
             user, token = c.credentials()
-            async with aiomqtt.Client(HOST, outbox.port, username=user, password=token,
-                                      identifier="snoop", timeout=5) as snoop:
+            async with aiomqtt.Client(
+                HOST, outbox.port, username=user, password=token, identifier="snoop", timeout=5
+            ) as snoop:
                 prefix = f"p2pfl/{fed.fid}"
-                refused = [f"{prefix}/{owner.node_id}/to/{a.node_id}/+", f"{prefix}/{owner.node_id}/to/+/+",
-                           f"{prefix}/+/to/+/+", f"{prefix}/+/to/{a.node_id}/#", f"{prefix}/{owner.node_id}/to/#",
-                           f"{prefix}/{owner.node_id}/#"]
+                refused = [
+                    f"{prefix}/{owner.node_id}/to/{a.node_id}/+",
+                    f"{prefix}/{owner.node_id}/to/+/+",
+                    f"{prefix}/+/to/+/+",
+                    f"{prefix}/+/to/{a.node_id}/#",
+                    f"{prefix}/{owner.node_id}/to/#",
+                    f"{prefix}/{owner.node_id}/#",
+                ]
                 granted = await snoop.subscribe([(t, 1) for t in refused])
                 assert [getattr(g, "value", g) for g in granted] == [0x80] * len(refused)
                 await outbox.publish_update(os.urandom(100_000), [a.node_id, b.node_id])
@@ -603,7 +740,9 @@ def test_update_reaches_only_its_recipients(tmp_path: Path) -> None:
                 assert split_message(third, 1024, bytes(msg.payload)[4:20])[0] == msg.payload
             await wait_until(lambda: sinks[c.node_id].updates, what="c addressed")
             assert sinks[c.node_id].updates == [(owner.node_id, third)]
-            assert sinks[a.node_id].updates[-1] == (owner.node_id, third) and len(sinks[b.node_id].updates) == 2
+            assert (
+                sinks[a.node_id].updates[-1] == (owner.node_id, third) and len(sinks[b.node_id].updates) == 2
+            )
             assert all(s.rejects == [] for s in sinks.values())
         finally:
             for link in links.values():
@@ -619,8 +758,15 @@ def test_retained_updates_follow_the_recipient_list(tmp_path: Path) -> None:
     owner, a, b = fed.members
 
     async def main() -> None:
-        outbox = Outbox(HOST, 0, fed.fid, owner.node_id, fed.authenticate, lambda r, d: None,
-                        chunk_bytes=64 << 10)
+        outbox = Outbox(
+            HOST,
+            0,
+            fed.fid,
+            owner.node_id,
+            authenticate=fed.authenticate,
+            on_reject=lambda r, d: None,
+            chunk_bytes=64 << 10,
+        )
         await outbox.start()
         started: list[PeerLink] = []
 
@@ -688,7 +834,9 @@ def test_peerlink_reconnects_after_broker_restart(tmp_path: Path) -> None:
     port = free_port()
 
     async def main() -> None:
-        outbox = Outbox(HOST, port, fed.fid, owner.node_id, fed.authenticate, lambda r, d: None)
+        outbox = Outbox(
+            HOST, port, fed.fid, owner.node_id, authenticate=fed.authenticate, on_reject=lambda r, d: None
+        )
         await outbox.start()
         sink = Sink()
         link = make_link(port, fed.fid, a.credentials, sink)
@@ -701,7 +849,9 @@ def test_peerlink_reconnects_after_broker_restart(tmp_path: Path) -> None:
             await outbox.stop()
             await wait_until(lambda: not link.connected, what="disconnect")
             await asyncio.sleep(0.5)  # a few refused reconnects while the broker is down
-            outbox = Outbox(HOST, port, fed.fid, owner.node_id, fed.authenticate, lambda r, d: None)
+            outbox = Outbox(
+                HOST, port, fed.fid, owner.node_id, authenticate=fed.authenticate, on_reject=lambda r, d: None
+            )
             await outbox.start()
             await wait_until(lambda: link.connected, timeout=15, what="reconnect")
             second = os.urandom(70_000)
@@ -716,16 +866,25 @@ def test_peerlink_reconnects_after_broker_restart(tmp_path: Path) -> None:
     run(main, 50)
 
 
-@pytest.mark.timeout(180)
-def test_measure_45mb_to_four_subscribers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Owner -> 4 subscribed links on loopback; prints the figure, asserts only correctness."""
+@pytest.mark.timeout(60)
+def test_multipart_update_reaches_four_subscribers_intact(tmp_path: Path) -> None:
+    """Many small parts to several links, twice: each link rebuilds each message exactly once.
+
+    (The throughput figure for a 45 MB update lives in scripts/bench_broker.py.)
+    """
     fed = make_federation(tmp_path / "fed", 5)
     owner, *subs = fed.members
-    size = 45 << 20
-    results: list[str] = []
 
     async def main() -> None:
-        outbox = Outbox(HOST, 0, fed.fid, owner.node_id, fed.authenticate, lambda r, d: None)
+        outbox = Outbox(
+            HOST,
+            0,
+            fed.fid,
+            owner.node_id,
+            authenticate=fed.authenticate,
+            on_reject=lambda r, d: None,
+            chunk_bytes=64 << 10,
+        )
         await outbox.start()
         sinks = [Sink() for _ in subs]
         links = [make_link(outbox.port, fed.fid, m.credentials, s) for m, s in zip(subs, sinks, strict=True)]
@@ -733,27 +892,25 @@ def test_measure_45mb_to_four_subscribers(tmp_path: Path, capsys: pytest.Capture
             for link in links:
                 await link.start()
             await wait_until(lambda: all(link.connected for link in links), what="links")
-            await asyncio.sleep(0.3)  # let the subscriptions settle
-            for rep in range(3):
-                message = os.urandom(size)
-                t0 = time.perf_counter()
+            for rep in range(2):
+                message = os.urandom((3 << 20) + 12345)
                 parts = await outbox.publish_update(message, [m.node_id for m in subs])
-                await wait_until(lambda rep=rep: all(len(s.updates) == rep + 1 for s in sinks), timeout=60,
-                                 what="45 MB to 4 links")
-                t_all = max(s.arrived[rep] for s in sinks) - t0
-                assert all(s.updates[rep][1] == message for s in sinks)
-                results.append(f"45 MB -> 4 subscribers: {t_all:.3f} s ({parts} parts of <= "
-                               f"{outbox.chunk_bytes >> 20} MiB), rep {rep}")
+                assert parts == -(-len(message) // (64 << 10)) == 49
+                await wait_until(
+                    lambda rep=rep: all(len(s.updates) == rep + 1 for s in sinks),
+                    timeout=30,
+                    what="update to 4 links",
+                )
+                assert all(s.updates[rep] == (owner.node_id, message) for s in sinks)
+            await asyncio.sleep(0.2)
+            assert all(len(s.updates) == 2 and s.rejects == [] for s in sinks)
+            assert all(link._reassembler.pending() == 0 for link in links)
         finally:
             for link in links:
                 await link.stop()
             await outbox.stop()
 
-    run(main, 170)
-    with capsys.disabled():
-        print()
-        for line in results:
-            print(line)
+    run(main, 50)
 
 
 def test_amqtt_warnings_do_not_format_whole_payloads() -> None:
@@ -761,9 +918,9 @@ def test_amqtt_warnings_do_not_format_whole_payloads() -> None:
 
     from amqtt.mqtt.publish import PublishPacket
 
-    from p2pfl.transport import _tame_amqtt_logging
+    from p2pfl.transport.amqtt_patches import tame_amqtt_logging
 
-    _tame_amqtt_logging()
+    tame_amqtt_logging()
     logger = logging.getLogger("amqtt.mqtt.protocol.handler")
     seen: list[str] = []
 
@@ -783,14 +940,23 @@ def test_amqtt_warnings_do_not_format_whole_payloads() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_silent_tcp_client_is_dropped_without_connect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import p2pfl.transport as transport
+def test_silent_tcp_client_is_dropped_without_connect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2pfl.transport import amqtt_patches
 
-    monkeypatch.setattr(transport, "CONNECT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(amqtt_patches, "CONNECT_TIMEOUT_S", 0.5)
     fed = make_federation(tmp_path / "fed", 1)
 
     async def main() -> None:
-        outbox = Outbox(HOST, 0, fed.fid, fed.members[0].node_id, fed.authenticate, lambda r, d: None)
+        outbox = Outbox(
+            HOST,
+            0,
+            fed.fid,
+            fed.members[0].node_id,
+            authenticate=fed.authenticate,
+            on_reject=lambda r, d: None,
+        )
         await outbox.start()
         try:
             reader, writer = await asyncio.open_connection(HOST, outbox.port)
