@@ -1,4 +1,9 @@
-"""`p2pfl node | federation | testbed | config`: the command line a user and the testbed share."""
+"""`p2pfl node | keys | federation | config | testbed`: the command line a user and the testbed share.
+
+Only `node` and `testbed` load PyTorch: every other command, `--help` and `--version` import
+nothing heavier than the key and config modules, so they answer at once. Keep heavy imports inside
+the command functions.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +12,39 @@ import json
 import logging
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from p2pfl import config as config_mod
 from p2pfl.errors import P2PFLError
+
+__all__ = ["DAY", "PUBLIC_KEYS", "build_parser", "main", "package_version", "setup_logging"]
 
 DAY = 86400.0
 PUBLIC_KEYS = "node.pub"
+DISTRIBUTION = "p2pfl-mesh"
 
 
-def _node(args: argparse.Namespace) -> None:
-    from p2pfl.node import run_node  # torch import only when a node really starts
+def package_version() -> str:
+    """The installed distribution's version; the source tree's when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        from p2pfl import __version__
+
+        return __version__
+
+
+def _node(args: argparse.Namespace) -> int:
+    from p2pfl import config as config_mod
+    from p2pfl.node import run_node  # torch is imported only when a node really starts
 
     run_node(config_mod.load(args.config))
+    return 0
 
 
-def _federation_init(args: argparse.Namespace) -> None:
+def _federation_init(args: argparse.Namespace) -> int:
     from p2pfl.federation import FederationAuthority
 
     directory = Path(args.dir)
@@ -31,16 +53,22 @@ def _federation_init(args: argparse.Namespace) -> None:
     authority = FederationAuthority.create(directory)
     print(f"federation {authority.root.federation_id} created in {directory}")
     print(f"keep {directory / 'root.key'} offline; give {directory / 'federation.pub'} to every node")
+    return 0
 
 
-def _keys(args: argparse.Namespace) -> None:
+def _keys(args: argparse.Namespace) -> int:
     from p2pfl.identity import load_or_create
 
     identity = load_or_create(Path(args.data_dir))
     path = Path(args.data_dir) / PUBLIC_KEYS
-    path.write_text(json.dumps({"node_id": identity.node_id, "sign_key": identity.verify_key_bytes.hex(),
-                                "box_key": identity.box_public_bytes.hex()}, indent=1))
+    keys = {
+        "node_id": identity.node_id,
+        "sign_key": identity.verify_key_bytes.hex(),
+        "box_key": identity.box_public_bytes.hex(),
+    }
+    path.write_text(json.dumps(keys, indent=1))
     print(f"node {identity.node_id}: public keys in {path}; send that file (only) to the federation admin")
+    return 0
 
 
 def _public_keys(node_dir: Path) -> tuple[bytes, bytes]:
@@ -57,7 +85,7 @@ def _public_keys(node_dir: Path) -> tuple[bytes, bytes]:
     return identity.verify_key_bytes, identity.box_public_bytes
 
 
-def _federation_issue(args: argparse.Namespace) -> None:
+def _federation_issue(args: argparse.Namespace) -> int:
     from p2pfl.federation import FederationAuthority
 
     authority = FederationAuthority.load(Path(args.dir))
@@ -67,27 +95,36 @@ def _federation_issue(args: argparse.Namespace) -> None:
     (node_dir / "certificate").write_bytes(cert.to_bytes())
     shutil.copyfile(Path(args.dir) / "federation.pub", node_dir / "federation.pub")
     print(f"issued {args.name} ({cert.node_id}), valid {args.ttl_days:g} days, into {node_dir}")
+    return 0
 
 
-def _federation_revoke(args: argparse.Namespace) -> None:
+def _federation_revoke(args: argparse.Namespace) -> int:
     from p2pfl.federation import FederationAuthority
 
     FederationAuthority.load(Path(args.dir)).revoke(args.node_id)
     print(f"revoked {args.node_id}; copy {Path(args.dir) / 'federation.pub'} to every node and restart it")
+    return 0
 
 
-def _config(args: argparse.Namespace) -> None:
+def _config(args: argparse.Namespace) -> int:
+    from p2pfl import config as config_mod
+
     print(config_mod.to_toml(config_mod.load(None)))
+    return 0
 
 
-def _testbed(args: argparse.Namespace) -> None:
-    from p2pfl.testbed import main as testbed_main
+def _testbed(args: argparse.Namespace) -> int:
+    from p2pfl.testbed import main as testbed_main  # imports torch: only for this command
 
-    sys.exit(testbed_main(args.rest))
+    # every argument after `testbed` (--help included) belongs to the testbed's own parser
+    return testbed_main(args.testbed_args, prog="p2pfl testbed")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2pfl", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="p2pfl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -96,12 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     node.set_defaults(func=_node)
 
     fed = sub.add_parser("federation", help="create a federation and certify nodes").add_subparsers(
-        dest="action", required=True)
+        dest="action", required=True
+    )
     init = fed.add_parser("init", help="create a federation root key")
     init.add_argument("--dir", required=True, help="where root.key and federation.pub go")
     init.set_defaults(func=_federation_init)
     issue = fed.add_parser(
-        "issue", help="certify a node: from --node-dir/node.pub (see `p2pfl keys`), else its keys (created if missing)")
+        "issue",
+        help="certify a node: from --node-dir/node.pub (see `p2pfl keys`), else its keys (created if missing)",
+    )
     issue.add_argument("name", help="human-readable node name, unique in the federation")
     issue.add_argument("--dir", required=True, help="the federation directory from `federation init`")
     issue.add_argument("--node-dir", required=True, help="the node's data_dir")
@@ -119,31 +159,47 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="print the default node configuration as TOML")
     cfg.set_defaults(func=_config)
 
-    testbed = sub.add_parser("testbed", help="run N local nodes (same options as scripts/testbed.py)")
-    testbed.add_argument("rest", nargs=argparse.REMAINDER)
+    # add_help=False: `p2pfl testbed --help` reaches the testbed's parser, which lists its options
+    testbed = sub.add_parser(
+        "testbed", help="run N local nodes (`p2pfl testbed --help` lists the options)", add_help=False
+    )
     testbed.set_defaults(func=_testbed)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; the arguments after `testbed` are kept whole for the testbed's parser."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "testbed":
+        args.testbed_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def setup_logging(level: str, name: str = "") -> None:
     prefix = f"[{name}] " if name else ""
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+    )
     for noisy in ("amqtt", "transitions", "zeroconf"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logging(args.log_level)
+    command: Callable[[argparse.Namespace], int] = args.func
     try:
-        args.func(args)
+        return command(args)
     except P2PFLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,19 @@ import numpy as np
 
 from p2pfl.errors import Reason, Rejected
 
+__all__ = [
+    "ALLOWED_DTYPES",
+    "MAGIC",
+    "MAX_HEADER_BYTES",
+    "MAX_NAME_CHARS",
+    "MAX_NDIM",
+    "MAX_TENSORS",
+    "check_against",
+    "decode",
+    "encode",
+    "spec_of",
+]
+
 MAGIC = b"P2T1"
 _PREFIX = struct.Struct("<4sI")
 ALIGN = 8

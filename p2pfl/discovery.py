@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from zeroconf import (
     BadTypeInNameException,
@@ -33,6 +35,14 @@ from zeroconf import ServiceStateChange as Change
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from .errors import ConfigError, P2PFLError
+
+__all__ = [
+    "Discovery",
+    "PeerAd",
+    "SERVICE_TYPE",
+    "TXT_VERSION",
+    "ad_from_info",
+]
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +182,8 @@ class Discovery:
         self._aiozc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: ServiceInfo | None = None
-        self._announce: asyncio.Future | None = None
-        self._tasks: dict[str, asyncio.Task] = {}  # service name (lower) -> its running resolution
+        self._announce: asyncio.Future[Any] | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # service name (lower) -> its running resolution
         self._by_name: dict[str, PeerAd] = {}  # service name (lower) -> accepted advertisement
         self._stopping = False
 
@@ -200,7 +210,8 @@ class Discovery:
                 question_type=DNSQuestionType.QM,
             )
             info = _own_info(self._own)
-            self._announce = await self._aiozc.async_register_service(info)
+            # a future: stop() cancels it if the announcement is still going out
+            self._announce = asyncio.ensure_future(await self._aiozc.async_register_service(info))
             self._info = info  # only now is there something to withdraw in stop()
         except NonUniqueNameException as exc:
             await self.stop()
@@ -269,9 +280,9 @@ class Discovery:
             return
         task = asyncio.get_running_loop().create_task(self._resolve(zeroconf, name, state_change))
         self._tasks[key] = task
-        task.add_done_callback(lambda t, key=key: self._task_done(key, t))
+        task.add_done_callback(functools.partial(self._task_done, key))
 
-    def _task_done(self, key: str, task: asyncio.Task) -> None:
+    def _task_done(self, key: str, task: asyncio.Task[None]) -> None:
         if self._tasks.get(key) is task:
             del self._tasks[key]
         if not task.cancelled() and task.exception() is not None:

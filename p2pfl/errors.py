@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+__all__ = [
+    "ConfigError",
+    "IdentityError",
+    "P2PFLError",
+    "Reason",
+    "Rejected",
+    "TransportError",
+]
+
 
 class P2PFLError(Exception):
     """Base class of every error this package raises on purpose."""

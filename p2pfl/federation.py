@@ -26,6 +26,22 @@ import nacl.signing
 from p2pfl.errors import IdentityError, Reason, Rejected
 from p2pfl.identity import Identity, ensure_private_dir, node_id_for, read_private_key, write_private_file
 
+__all__ = [
+    "CERT_TAG",
+    "Certificate",
+    "FEDERATION_FILE",
+    "FederationAuthority",
+    "FederationRoot",
+    "MAX_CERT_BYTES",
+    "MAX_TOKEN_CHARS",
+    "ROOT_KEY_FILE",
+    "federation_id_for",
+    "make_broker_proof",
+    "make_token",
+    "verify_broker_proof",
+    "verify_token",
+]
+
 CERT_TAG = "p2pfl-cert-1"
 TOKEN_DOMAIN = b"p2pfl-broker-auth"
 PROOF_DOMAIN = b"p2pfl-broker-proof"
@@ -56,7 +72,7 @@ def _finite_number(v: Any) -> bool:
     return (isinstance(v, float) or _is_int(v)) and math.isfinite(v)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Certificate:
     """A node's public keys and name, signed by the federation root."""
 
@@ -122,7 +138,16 @@ class Certificate:
             raise Rejected(Reason.MALFORMED, "certificate times must be finite numbers")
         if not (isinstance(sig, bytes) and len(sig) == _SIG):
             raise Rejected(Reason.MALFORMED, "certificate signature must be 64 bytes")
-        return cls(node_id, name, fed, sign_key, box_key, float(issued), float(expires), sig)
+        return cls(
+            node_id=node_id,
+            name=name,
+            federation_id=fed,
+            sign_key=sign_key,
+            box_key=box_key,
+            issued=float(issued),
+            expires=float(expires),
+            signature=sig,
+        )
 
     def fingerprint(self) -> str:
         """16 hex chars identifying this exact certificate (fits an mDNS TXT record)."""
@@ -263,14 +288,14 @@ class FederationAuthority:
             raise ValueError("ttl_s must be a positive number of seconds")
         issued = time.time()
         unsigned = Certificate(
-            node_id_for(sign_key),
-            name,
-            self._root.federation_id,
-            sign_key,
-            box_key,
-            issued,
-            issued + float(ttl_s),
-            b"",
+            node_id=node_id_for(sign_key),
+            name=name,
+            federation_id=self._root.federation_id,
+            sign_key=sign_key,
+            box_key=box_key,
+            issued=issued,
+            expires=issued + float(ttl_s),
+            signature=b"",
         )
         signature = self._key.sign(unsigned.signed_bytes()).signature
         return replace(unsigned, signature=signature)
@@ -333,7 +358,8 @@ def verify_broker_proof(cert: Certificate, client: str, password: str, proof: by
     """True if `proof` is `cert`'s holder answering the session that used `password`."""
     try:
         nacl.signing.VerifyKey(bytes(cert.sign_key)).verify(
-            _proof_message(cert.federation_id, cert.node_id, client, password), bytes(proof))
+            _proof_message(cert.federation_id, cert.node_id, client, password), bytes(proof)
+        )
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
         return False
     return True

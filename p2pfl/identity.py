@@ -19,6 +19,17 @@ import nacl.signing
 
 from p2pfl.errors import IdentityError
 
+__all__ = [
+    "BOX_KEY_FILE",
+    "Identity",
+    "SIGNING_KEY_FILE",
+    "ensure_private_dir",
+    "load_or_create",
+    "node_id_for",
+    "read_private_key",
+    "write_private_file",
+]
+
 log = logging.getLogger(__name__)
 
 SIGNING_KEY_FILE = "signing.key"

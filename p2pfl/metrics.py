@@ -10,6 +10,11 @@ from typing import Any
 
 from p2pfl.errors import Reason
 
+__all__ = [
+    "Metrics",
+    "read_jsonl",
+]
+
 log = logging.getLogger("p2pfl.metrics")
 
 
@@ -30,15 +35,19 @@ class Metrics:
         log.warning("rejected update from %s: %s (%s)", peer, reason.value, detail)
 
     def write(self, record: dict[str, Any]) -> None:
-        record = {**record, "rejected": dict(self.rejected), "bytes_in": self.bytes_in,
-                  "bytes_out": self.bytes_out}
+        record = {
+            **record,
+            "rejected": dict(self.rejected),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Read a metrics file, tolerating a half-written last line from a node that is still running."""
-    records = []
+    records: list[dict[str, Any]] = []
     if not path.exists():
         return records
     for line in path.read_text().splitlines():

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,22 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from rich.console import Console
     from rich.progress import Progress
+
+__all__ = [
+    "FIGURE_DPI",
+    "PIPED_CONSOLE_WIDTH",
+    "bottom_legend",
+    "experiment_parser",
+    "finish_grid",
+    "fmt",
+    "progress_bar",
+    "pyplot",
+    "save_figure",
+    "start_grid",
+    "stderr_console",
+    "write_rows",
+    "wrote",
+]
 
 PIPED_CONSOLE_WIDTH = 150  # wide enough for one line per run when stderr goes to a log file
 FIGURE_DPI = 110
@@ -140,3 +157,35 @@ def save_figure(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=FIGURE_DPI)
     plt.close(fig)
     return path
+
+
+def finish_grid(
+    console: Console,
+    out: Path,
+    *,
+    wall: float,
+    runs: int,
+    tables: str,
+    checks: Sequence[str] = (),
+    checks_heading: str = "",
+    printed: Sequence[str] = (),
+    data_files: Sequence[Path] = (),
+    figures: Callable[[], list[Path]] | None = None,
+    result: Mapping[str, Any] | None = None,
+) -> Path:
+    """The common end of an experiment: `out`/summary.md (the markdown `tables`, then the `checks`
+    as a bullet list under an optional heading), the figures (`figures()`, None to skip them), the
+    `printed` lines and every file written on the console, and one JSON line on stdout: runs, wall
+    time, output folder and the experiment's own `result` fields. Returns the summary.md path."""
+    md = tables
+    if checks:
+        heading = f"{checks_heading}\n\n" if checks_heading else ""
+        md += "\n" + heading + "\n".join(f"- {line}" for line in checks) + "\n"
+    summary = out / "summary.md"
+    summary.write_text(md)
+    drawn = figures() if figures is not None else []
+    for line in printed:
+        console.print(line)
+    console.print(wrote([*data_files, summary, *drawn], wall))
+    print(json.dumps({"runs": runs, "wall_s": round(wall, 1), "out": str(out), **(result or {})}))
+    return summary

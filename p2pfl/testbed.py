@@ -27,8 +27,27 @@ from p2pfl import config as config_mod
 from p2pfl.attacks import ATTACKS
 from p2pfl.federation import FederationAuthority
 from p2pfl.identity import load_or_create
-from p2pfl.learning import PARTITION_SCHEMES, TaskSpec
+from p2pfl.learning.spec import PARTITION_SCHEMES, TaskSpec
 from p2pfl.metrics import read_jsonl
+
+__all__ = [
+    "HOST",
+    "NodeProcess",
+    "build_parser",
+    "byzantine_indices",
+    "consensus_distances",
+    "free_ports",
+    "launch",
+    "main",
+    "node_config",
+    "parse_args",
+    "plot",
+    "prepare",
+    "progress_table",
+    "stop_all",
+    "summarize",
+    "summary_table",
+]
 
 HOST = "127.0.0.1"
 YEAR = 365 * 86400.0
@@ -59,13 +78,28 @@ def free_ports(count: int) -> list[int]:
 
 def node_config(args: argparse.Namespace, index: int, directory: Path, port: int) -> config_mod.NodeConfig:
     cfg = config_mod.NodeConfig()
-    cfg.node.name, cfg.node.data_dir, cfg.node.host, cfg.node.port = f"node-{index}", str(directory), HOST, port
+    cfg.node.name, cfg.node.data_dir, cfg.node.host, cfg.node.port = (
+        f"node-{index}",
+        str(directory),
+        HOST,
+        port,
+    )
     cfg.discovery.interfaces, cfg.discovery.expect_peers = [HOST], args.nodes - 1
     cfg.discovery.wait_s = args.wait
-    cfg.task = TaskSpec(name=args.task, shard=index, num_shards=args.nodes, partition=args.partition,
-                        alpha=args.alpha, seed=args.seed)
+    cfg.task = TaskSpec(
+        name=args.task,
+        shard=index,
+        num_shards=args.nodes,
+        partition=args.partition,
+        alpha=args.alpha,
+        seed=args.seed,
+    )
     cfg.training.rounds = args.rounds
-    cfg.gossip.topology, cfg.gossip.rule, cfg.gossip.round_timeout_s = args.topology, args.rule, args.round_timeout
+    cfg.gossip.topology, cfg.gossip.rule, cfg.gossip.round_timeout_s = (
+        args.topology,
+        args.rule,
+        args.round_timeout,
+    )
     cfg.metrics.save_models = True
     if index in byzantine_indices(args.nodes, args.byzantine):
         cfg.attack.kind, cfg.attack.seed = args.attack, args.seed + index
@@ -102,9 +136,13 @@ def launch(configs: list[Path], procs: list[NodeProcess] | None = None) -> list[
     for path in configs:
         log = (path.parent / "node.log").open("wb")
         cmd = [sys.executable, "-m", "p2pfl", "node", "--config", str(path)]
-        procs.append(NodeProcess(path.parent.name, path.parent,
-                                 subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                  start_new_session=True)))
+        procs.append(
+            NodeProcess(
+                path.parent.name,
+                path.parent,
+                subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True),
+            )
+        )
     return procs
 
 
@@ -145,9 +183,15 @@ def progress_table(procs: list[NodeProcess], rounds: int, started: float) -> Tab
         code = p.proc.poll()
         state = "running" if code is None else ("done" if code == 0 else f"exit {code}")
         got = sum(1 for n in last.get("neighbours", {}) if n not in last.get("missing", []))
-        table.add_row(p.name, f"{len(m)}/{rounds}", f"{last.get('accuracy', 0):.3f}",
-                      f"{last.get('train_loss', 0):.3f}", f"{got}/{len(last.get('neighbours', {}))}",
-                      str(sum(last.get("rejected", {}).values())), state)
+        table.add_row(
+            p.name,
+            f"{len(m)}/{rounds}",
+            f"{last.get('accuracy', 0):.3f}",
+            f"{last.get('train_loss', 0):.3f}",
+            f"{got}/{len(last.get('neighbours', {}))}",
+            str(sum(last.get("rejected", {}).values())),
+            state,
+        )
     return table
 
 
@@ -170,13 +214,20 @@ def summarize(procs: list[NodeProcess], rounds: int, wall_s: float, byzantine: l
     for i, p in enumerate(procs):
         m = p.metrics
         last = m[-1] if m else {}
-        nodes.append({
-            "name": p.name, "byzantine": i in byzantine,
-            "final_accuracy": last.get("accuracy"), "rounds_completed": len(m),
-            "rejected": sum(last.get("rejected", {}).values()), "rejected_by_reason": last.get("rejected", {}),
-            "bytes_sent": last.get("bytes_out", 0), "bytes_received": last.get("bytes_in", 0),
-            "exit_code": p.proc.returncode, "accuracy_by_round": [r["accuracy"] for r in m],
-        })
+        nodes.append(
+            {
+                "name": p.name,
+                "byzantine": i in byzantine,
+                "final_accuracy": last.get("accuracy"),
+                "rounds_completed": len(m),
+                "rejected": sum(last.get("rejected", {}).values()),
+                "rejected_by_reason": last.get("rejected", {}),
+                "bytes_sent": last.get("bytes_out", 0),
+                "bytes_received": last.get("bytes_in", 0),
+                "exit_code": p.proc.returncode,
+                "accuracy_by_round": [r["accuracy"] for r in m],
+            }
+        )
     accs = [n["final_accuracy"] for n in nodes if n["final_accuracy"] is not None and not n["byzantine"]]
     cd = consensus_distances([p for i, p in enumerate(procs) if i not in byzantine], rounds)
     known = [d for d in cd if d is not None]
@@ -185,8 +236,11 @@ def summarize(procs: list[NodeProcess], rounds: int, wall_s: float, byzantine: l
         "mean_accuracy": float(np.mean(accs)) if accs else None,
         "min_accuracy": float(np.min(accs)) if accs else None,
         "accuracy_spread": float(np.max(accs) - np.min(accs)) if accs else None,
-        "consensus_distance": {"first": known[0] if known else None, "last": known[-1] if known else None,
-                               "by_round": cd},
+        "consensus_distance": {
+            "first": known[0] if known else None,
+            "last": known[-1] if known else None,
+            "by_round": cd,
+        },
         "wall_s": wall_s,
         "bytes_sent_total": int(sum(n["bytes_sent"] for n in nodes)),
     }
@@ -218,8 +272,14 @@ def summary_table(summary: dict[str, Any]) -> Table:
         table.add_column(col)
     for n in summary["nodes"]:
         acc = n["final_accuracy"]
-        table.add_row(n["name"] + (" (byzantine)" if n["byzantine"] else ""), "-" if acc is None else f"{acc:.4f}", str(n["rounds_completed"]),
-                      str(n["rejected"]), f"{n['bytes_sent'] / 1e6:.2f} MB", str(n["exit_code"]))
+        table.add_row(
+            n["name"] + (" (byzantine)" if n["byzantine"] else ""),
+            "-" if acc is None else f"{acc:.4f}",
+            str(n["rounds_completed"]),
+            str(n["rejected"]),
+            f"{n['bytes_sent'] / 1e6:.2f} MB",
+            str(n["exit_code"]),
+        )
     cd = summary["consensus_distance"]
     table.caption = (
         f"honest nodes: mean acc {summary['mean_accuracy'] or 0:.4f}, min {summary['min_accuracy'] or 0:.4f}, "
@@ -230,14 +290,17 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="testbed", description=__doc__)
+def build_parser(prog: str = "testbed") -> argparse.ArgumentParser:
+    """The testbed's options; `p2pfl testbed` and scripts/testbed.py both parse with it."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--topology", default="ring", help="ring, full, or a topology file path")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--task", default="digits-mlp")
     p.add_argument("--partition", default="iid", choices=PARTITION_SCHEMES)
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition dirichlet")
+    p.add_argument(
+        "--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition dirichlet"
+    )
     p.add_argument("--rule", default="robust", choices=config_mod.RULES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--byzantine", type=int, default=0, help="how many nodes attack (spread evenly)")
@@ -246,6 +309,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for all peers before round 1")
     p.add_argument("--timeout", type=float, default=900.0, help="stop everything after this many seconds")
     p.add_argument("--out", default=None, help="output directory (default runs/testbed-TIMESTAMP)")
+    return p
+
+
+def parse_args(argv: list[str] | None, prog: str = "testbed") -> argparse.Namespace:
+    p = build_parser(prog)
     args = p.parse_args(argv)
     if args.nodes < 2:
         p.error("--nodes must be >= 2")
@@ -254,8 +322,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "testbed") -> int:
+    args = parse_args(argv, prog)
     out = Path(args.out or f"runs/testbed-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()):
         print(f"error: {out} is not empty; choose another --out", file=sys.stderr)
@@ -287,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     plot(summary, out / "accuracy.png")
     console.print(summary_table(summary))
     console.print(f"wrote {out / 'summary.json'}, {out / 'accuracy.png'}, per-node logs and metrics in {out}")
-    failed = [n["name"] for n in summary["nodes"] if n["exit_code"] != 0 or n["rounds_completed"] < args.rounds]
+    failed = [
+        n["name"] for n in summary["nodes"] if n["exit_code"] != 0 or n["rounds_completed"] < args.rounds
+    ]
     if failed:
         console.print(f"[red]failed nodes: {failed} (see their node.log)")
         return 1

@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_agrees": agree,
         "peak_rss_mb": round(sim_rss, 1),
         "rss_after_imports_mb": round(import_rss, 1),
-        "final_mean_accuracy": None if final is None else round(final.mean_accuracy, 4),
+        "final_mean_accuracy": None
+        if final is None or final.mean_accuracy is None
+        else round(final.mean_accuracy, 4),
         "goal_s": GOAL_S,
         "meets_goal": wall < GOAL_S,
     }

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -324,7 +323,7 @@ def checks(agg: dict[tuple, dict], a: argparse.Namespace) -> list[tuple[bool, st
 
 def plots(out: Path, agg: dict[tuple, dict], curves: dict[tuple, list], a: argparse.Namespace) -> list[Path]:
     plt = reporting.pyplot()
-    written = []
+    written: list[Path] = []
     tops = list(dict.fromkeys(k[0] for k in agg))
     rules = list(dict.fromkeys(k[1] for k in agg))
     attacks = list(dict.fromkeys(k[2] for k in agg if k[2] != NO_ATTACK))
@@ -469,9 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(seconds, 3),
             }
             rows.append(row)
-            curve = []
+            curve: list[float] = []
             for r in res.rounds:
-                if r.accuracy is not None:
+                if r.accuracy is not None and r.honest_mean_accuracy is not None:
                     rw.writerow(
                         [run.topology, run.rule, run.attack, run.byzantine, run.seed, r.round,
                          r.honest_mean_accuracy, r.honest_min_accuracy]
@@ -484,27 +483,18 @@ def main(argv: list[str] | None = None) -> int:
     agg = aggregate(rows)
     curves = {k: list(np.mean(np.array(v, dtype=float), axis=0)) for k, v in per_round.items()}
     results = checks(agg, a)
-    md = tables(agg, a, wall, len(rows))
-    if results:
-        md += (
-            "\nTargets:\n\n"
-            + "\n".join(f"- {'met' if ok else 'MISSED'}: {text}" for ok, text in results)
-            + "\n"
-        )
-    (out / "summary.md").write_text(md)
-    figures = [] if a.no_plots else plots(out, agg, curves, a)
-    for ok, text in results:
-        console.print(("[green]met[/] " if ok else "[red]MISSED[/] ") + text)
-    console.print(reporting.wrote([out / "runs.csv", out / "rounds.csv", out / "summary.md", *figures], wall))
-    print(
-        json.dumps(
-            {
-                "runs": len(rows),
-                "wall_s": round(wall, 1),
-                "out": str(out),
-                "missed": [text for ok, text in results if not ok],
-            }
-        )
+    reporting.finish_grid(
+        console,
+        out,
+        wall=wall,
+        runs=len(rows),
+        tables=tables(agg, a, wall, len(rows)),
+        checks=[f"{'met' if ok else 'MISSED'}: {text}" for ok, text in results],
+        checks_heading="Targets:",
+        printed=[("[green]met[/] " if ok else "[red]MISSED[/] ") + text for ok, text in results],
+        data_files=[out / "runs.csv", out / "rounds.csv"],
+        figures=None if a.no_plots else lambda: plots(out, agg, curves, a),
+        result={"missed": [text for ok, text in results if not ok]},
     )
     return 0
 

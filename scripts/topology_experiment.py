@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 import time
@@ -425,17 +424,18 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     reporting.write_rows(out / "summary.csv", rows)
     lines = checks(rows, a)
-    md = pivot(rows, a) + "\n" + markdown(rows, a, wall)
-    if lines:
-        md += "\n" + "\n".join(f"- {line}" for line in lines) + "\n"
-    (out / "summary.md").write_text(md)
-    figures = [] if a.no_plots else plots(out, results, a)
-    for line in lines:
-        console.print(line)
-    console.print(
-        reporting.wrote([out / "rounds.csv", out / "summary.csv", out / "summary.md", *figures], wall)
+    reporting.finish_grid(
+        console,
+        out,
+        wall=wall,
+        runs=len(rows),
+        tables=pivot(rows, a) + "\n" + markdown(rows, a, wall),
+        checks=lines,
+        printed=lines,
+        data_files=[out / "rounds.csv", out / "summary.csv"],
+        figures=None if a.no_plots else lambda: plots(out, results, a),
+        result={"checks": lines},
     )
-    print(json.dumps({"runs": len(rows), "wall_s": round(wall, 1), "out": str(out), "checks": lines}))
     return 0
 
 

@@ -19,7 +19,12 @@ def test_values_are_read(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
     path.write_text('[node]\nname = "a"\nport = 2000\n[gossip]\nround_timeout_s = 5\nrule = "mean"\n')
     cfg = config.load(path)
-    assert (cfg.node.name, cfg.node.port, cfg.gossip.round_timeout_s, cfg.gossip.rule) == ("a", 2000, 5.0, "mean")
+    assert (cfg.node.name, cfg.node.port, cfg.gossip.round_timeout_s, cfg.gossip.rule) == (
+        "a",
+        2000,
+        5.0,
+        "mean",
+    )
     assert cfg.metrics_path == Path("p2pfl-node/metrics.jsonl")
 
 
@@ -57,3 +62,80 @@ def test_mistakes_are_explained(tmp_path: Path, text: str, message: str) -> None
 def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--config"):
         config.load(tmp_path / "absent.toml")
+
+
+def test_an_unknown_attack_is_explained(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[attack]\nkind = "bit-rot"\n')
+    with pytest.raises(ConfigError, match="kind must be empty"):
+        config.load(path)
+
+
+# ---------------------------------------------------------------- the command line
+
+LIGHT_COMMANDS = [
+    ["--help"],
+    ["--version"],
+    ["config"],
+    ["keys", "--help"],
+    ["federation", "issue", "--help"],
+]
+
+_PROBE = """
+import json, sys
+from p2pfl.cli import main
+try:
+    main(json.loads(sys.argv[1]))
+except SystemExit:
+    pass
+print("TORCH" if "torch" in sys.modules else "LIGHT")
+"""
+
+
+@pytest.mark.parametrize("argv", LIGHT_COMMANDS, ids=" ".join)
+def test_light_commands_do_not_import_torch(argv: list[str]) -> None:
+    """Everything but `node` and `testbed` answers without loading torch (seconds on a small device)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(argv)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert out.splitlines()[-1] == "LIGHT", out
+
+
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    from p2pfl.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"p2pfl {version('p2pfl-mesh')}"
+
+
+def test_testbed_help_shows_the_testbed_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from p2pfl.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["testbed", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: p2pfl testbed")
+    for option in ("--nodes", "--rounds", "--topology", "--byzantine", "--out"):
+        assert option in text
+
+
+def test_other_commands_still_refuse_unknown_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    from p2pfl.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["config", "--nodes", "3"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --nodes 3" in capsys.readouterr().err
