@@ -20,7 +20,6 @@ __all__ = [
     "MetricsSection",
     "NodeConfig",
     "NodeSection",
-    "RULES",
     "SecuritySection",
     "TrainingSection",
     "from_dict",
@@ -28,10 +27,6 @@ __all__ = [
     "to_toml",
     "validate",
 ]
-
-# push-sum stays simulator-only: its mass is conserved only if no update is ever lost, and a real
-# round mixes without a neighbour that timed out.
-RULES = tuple(r for r in aggregation.RULES if r != "push-sum")
 
 
 @dataclass
@@ -143,6 +138,7 @@ def validate(cfg: NodeConfig) -> NodeConfig:
     for key, value in finite.items():
         if not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    rules = aggregation.node_rules()
     checks = [
         (1 <= cfg.node.port <= 65535, "[node] port must be 1..65535"),
         (
@@ -160,7 +156,9 @@ def validate(cfg: NodeConfig) -> NodeConfig:
         (cfg.security.max_skew_s > 0, "[security] max_skew_s must be > 0"),
         (cfg.training.rounds >= 1, "[training] rounds must be >= 1"),
         (cfg.training.threads >= 1, "[training] threads must be >= 1"),
-        (cfg.gossip.rule in RULES, f"[gossip] rule must be one of {RULES}"),
+        # the registry's node rules: simulator-only ones (push-sum: its mass is conserved only if no
+        # update is ever lost, and a real round mixes without a neighbour that timed out) are refused
+        (cfg.gossip.rule in rules, f"[gossip] rule must be one of {', '.join(rules)}"),
         (cfg.gossip.round_timeout_s > 0, "[gossip] round_timeout_s must be > 0"),
         (cfg.gossip.clip_radius >= 0, "[gossip] clip_radius must be >= 0 (0 = adaptive)"),
         (

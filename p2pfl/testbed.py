@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from p2pfl import aggregation
 from p2pfl import config as config_mod
 from p2pfl.attacks import ATTACKS
 from p2pfl.federation import FederationAuthority
@@ -301,7 +302,7 @@ def build_parser(prog: str = "testbed") -> argparse.ArgumentParser:
     p.add_argument(
         "--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition dirichlet"
     )
-    p.add_argument("--rule", default="robust", choices=config_mod.RULES)
+    p.add_argument("--rule", default="robust", choices=aggregation.node_rules())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--byzantine", type=int, default=0, help="how many nodes attack (spread evenly)")
     p.add_argument("--attack", default="sign-flip", choices=ATTACKS, help="what the Byzantine nodes send")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from p2pfl.aggregation import RULES  # noqa: E402
+from p2pfl.aggregation import rule_names  # noqa: E402
 from p2pfl.sim import Simulation, config_from_args, set_torch_threads  # noqa: E402
 
 GOAL_S = 60.0
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=100)
     p.add_argument("--topology", default="exponential")
-    p.add_argument("--rule", default="mean", choices=RULES)
+    p.add_argument("--rule", default="mean", choices=rule_names())
     p.add_argument("--task", default="digits-logreg")
     p.add_argument("--partition", default="iid")
     p.add_argument("--seed", type=int, default=0)

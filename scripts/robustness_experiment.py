@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from p2pfl import reporting  # noqa: E402
-from p2pfl.aggregation import RULES  # noqa: E402
+from p2pfl.aggregation import rule_names  # noqa: E402
 from p2pfl.attacks import ATTACKS, make_attack  # noqa: E402
 from p2pfl.sim import SimConfig, Simulation, config_from_args, set_torch_threads, spread  # noqa: E402
 from p2pfl.topology import parse_topology  # noqa: E402
@@ -75,7 +75,7 @@ class Run:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = reporting.experiment_parser(__doc__)
     p.add_argument("--topologies", default=",".join(DEFAULT_TOPOLOGIES))
-    p.add_argument("--rules", default=",".join(DEFAULT_RULES), help=f"of {', '.join(RULES)}")
+    p.add_argument("--rules", default=",".join(DEFAULT_RULES), help=f"of {', '.join(rule_names())}")
     p.add_argument("--attacks", default=",".join(ATTACKS), help="attack names (name:key=value allowed)")
     p.add_argument(
         "--extra",
@@ -120,9 +120,9 @@ def grid(a: argparse.Namespace) -> list[Run]:
     tops, rules, attacks, extra = _split(a.topologies), _split(a.rules), _split(a.attacks), _split(a.extra)
     for t in tops:
         parse_topology(t)  # fail before the first run on a typo
-    bad = [r for r in rules if r not in RULES]
+    bad = [r for r in rules if r not in rule_names()]
     if bad:
-        raise SystemExit(f"unknown rule(s) {bad}; known: {', '.join(RULES)}")
+        raise SystemExit(f"unknown rule(s) {bad}; known: {', '.join(rule_names())}")
     for name in attacks + extra:
         make_attack(name)  # ConfigError on a typo
     counts = sorted({int(b) for b in _split(a.byzantine)} - {0})

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from p2pfl import reporting  # noqa: E402
-from p2pfl.aggregation import RULES  # noqa: E402
+from p2pfl.aggregation import rule_names  # noqa: E402
 from p2pfl.reporting import fmt  # noqa: E402
 from p2pfl.sim import SimResult, Simulation, config_from_args, set_torch_threads  # noqa: E402
 from p2pfl.topology import parse_topology  # noqa: E402
@@ -78,7 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
     p.add_argument("--partitions", default=",".join(DEFAULT_PARTITIONS))
-    p.add_argument("--rules", default=",".join(DEFAULT_RULES), help=f"comma-separated, of {', '.join(RULES)}")
+    p.add_argument(
+        "--rules",
+        default=",".join(DEFAULT_RULES),
+        help=f"comma-separated, of {', '.join(rule_names())}",
+    )
     p.add_argument(
         "--compare-on",
         default="dirichlet",
@@ -119,9 +123,9 @@ def grid(a: argparse.Namespace) -> list[Run]:
     sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
     parts = [s.strip() for s in a.partitions.split(",") if s.strip()]
     rules = [s.strip() for s in a.rules.split(",") if s.strip()]
-    bad = [r for r in rules if r not in RULES]
+    bad = [r for r in rules if r not in rule_names()]
     if bad:
-        raise SystemExit(f"unknown rule(s) {bad}; known: {', '.join(RULES)}")
+        raise SystemExit(f"unknown rule(s) {bad}; known: {', '.join(rule_names())}")
     compare = parts if a.compare_on == "all" else [s.strip() for s in a.compare_on.split(",")]
     runs = []
     for part in parts:
