@@ -1,5 +1,8 @@
+"""`python -m p2pfl ...`: the same as the `p2pfl` command."""
+
 import sys
 
 from p2pfl.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())
