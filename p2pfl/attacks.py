@@ -31,14 +31,12 @@ parameters after a colon, comma separated.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from p2pfl.errors import ConfigError
 
@@ -127,21 +125,20 @@ class LabelFlip(Attack):
     def poison_task(self, task: Any) -> Any:
         """A copy of the task whose training labels are flipped (the test split is untouched).
 
-        Works for tasks that keep their shard's labels in `_y` (a torch or numpy integer array) and
-        know `num_classes`, as learning.TensorTask and every built-in task do; the copy is a
-        TensorTask again, so the simulator still trains it batched. Other tasks: ConfigError.
+        Works for tasks with `train_labels` (integer array), `num_classes` and
+        `with_train_labels(labels)` returning the relabelled copy, as learning.TensorTask and every
+        built-in task have; the copy is a TensorTask again, so the simulator still trains it
+        batched. Other tasks: ConfigError.
         """
-        labels = getattr(task, "_y", None)
+        labels = getattr(task, "train_labels", None)
         classes = getattr(task, "num_classes", None)
-        if labels is None or not isinstance(classes, int):
+        relabel = getattr(task, "with_train_labels", None)
+        if labels is None or not isinstance(classes, int) or not callable(relabel):
             raise ConfigError(
-                f"attack label-flip needs a task with its labels in _y and num_classes "
+                f"attack label-flip needs a task with train_labels, num_classes and with_train_labels "
                 f"(learning.TensorTask, all built-ins); {type(task).__name__} has not"
             )
-        poisoned = copy.copy(task)
-        poisoned._y = (classes - 1) - labels
-        if isinstance(labels, torch.Tensor):
-            poisoned._y = poisoned._y.contiguous()
+        poisoned = relabel((classes - 1) - np.asarray(labels))
         poisoned.poisoned = self.name
         return poisoned
 

@@ -14,9 +14,9 @@ reference and the benchmark baseline.
 
 The fast path keeps all models as one N x P float32 matrix (rows = `learning.flatten` of each node's
 state_dict) and, for the in-memory built-in tasks (`learning.TensorTask`), trains all nodes at once
-with torch.func (vmap of the gradient of the task's own model and loss), drawing each node's
-minibatch order from that node's own task generator, so it takes the same SGD steps as task.train.
-Evaluation runs every model on the shared test split in one batched call. Any other Task falls back
+with `learning.batched.BatchedTrainer`: torch.func (vmap of the gradient of the task's own model and
+loss), drawing each node's minibatch order from that node's own task generator, so it takes the same
+SGD steps as task.train. Evaluation runs every model on the shared test split in one batched call. Any other Task falls back
 to the per-node loop for training and evaluation (mixing stays vectorised).
 
 Attacks (p2pfl.attacks): `SimConfig(attack="sign-flip", byzantine=3)` makes 3 nodes Byzantine
@@ -45,19 +45,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from p2pfl import learning
+from p2pfl import codec
 from p2pfl.aggregation import RULES, Neighbour, Reputation, mix, mix_many
 from p2pfl.attacks import ATTACKS, Attack, make_attack
 from p2pfl.errors import ConfigError
-from p2pfl.learning import TaskSpec, TensorTask, flatten, get_params, load_task, set_params, unflatten
+from p2pfl.learning.batched import BatchedTrainer, batchable, share_test_split
+from p2pfl.learning.data import DIGITS_CLASSES, PartitionCache, load_digits, load_npz
+from p2pfl.learning.params import flatten, get_params, set_params, unflatten
+from p2pfl.learning.spec import PARTITION_SCHEMES, TaskSettings, TaskSpec
+from p2pfl.learning.tasks import Task, TensorTask, load_task, tensor_task
 from p2pfl.topology import Topology, edge_arrays, parse_topology, topology_gap
 
 DIGITS_LOGREG = "p2pfl.sim:digits_logreg"
 TASK_ALIASES = {"digits-logreg": DIGITS_LOGREG}
-EVAL_FLOATS_PER_CHUNK = 1 << 24  # activations (float32) of one batched evaluation call: 64 MiB
 HEADER_ESTIMATE = 512  # bytes, used only when a real envelope cannot be sealed for the estimate
 
 
@@ -80,21 +82,36 @@ def digits_logreg(spec: TaskSpec) -> TensorTask:
     task = "p2pfl.sim:digits_logreg".
     """
     if spec.data:
-        x, y, classes = learning.load_npz(spec.data)
+        x, y, classes = load_npz(spec.data)
     else:
-        x, y = learning._digits()
-        classes = 10
+        x, y = load_digits()
+        classes = DIGITS_CLASSES
     features = x.shape[1]
-    return learning._tensor_task(spec, x, y, lambda: nn.Linear(features, classes), classes)
+    return tensor_task(spec, x, y, make_model=lambda: nn.Linear(features, classes), classes=classes)
 
 
 # --------------------------------------------------------------------------------------------------
 # configuration and results
 
 
-@dataclass(frozen=True)
-class SimConfig:
-    """One simulated federation. Field names follow the node's [training] / [gossip] sections.
+@dataclass(frozen=True, kw_only=True)
+class _Federation:
+    """SimConfig's leading fields. A separate base only to keep SimConfig's field order (asdict in the
+    command line's summary): SimConfig lists it last, and dataclass fields follow the reversed MRO."""
+
+    task: str = "digits-logreg"
+    nodes: int = 16
+    rounds: int = 20
+    topology: str = "ring"
+    rule: str = "mean"
+    radius: float | None = None  # "clipped": None = adaptive
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimConfig(TaskSettings, _Federation):
+    """One simulated federation (keyword-only). Field names follow the node's [training] / [gossip]
+    sections; partition, alpha, seed, local_epochs, batch_size, lr and data are the TaskSettings every
+    virtual node's TaskSpec gets (task_spec).
 
     ids / names optionally give each virtual node (shard i) the node id and human name a real node
     would have: the topology then numbers nodes by sorted id, as real nodes do, and edge-list files
@@ -105,19 +122,6 @@ class SimConfig:
     count) indices). trim: values cut per side for rule "trimmed-mean" (None: aggregation default).
     """
 
-    task: str = "digits-logreg"
-    nodes: int = 16
-    rounds: int = 20
-    topology: str = "ring"
-    rule: str = "mean"
-    radius: float | None = None  # "clipped": None = adaptive
-    partition: str = "iid"
-    alpha: float = 0.5
-    seed: int = 0
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.3
-    data: str = ""
     train: bool = True  # False: averaging only
     eval_every: int = 1
     vectorised: bool = True  # False: per-node loop (the reference / baseline)
@@ -153,7 +157,7 @@ class SimConfig:
             raise ConfigError(f"byzantine must be distinct node indices in 0..{self.nodes - 1}, got {byz}")
         object.__setattr__(self, "byzantine", byz)
         try:
-            Reputation(**dict(self.reputation))
+            self.make_reputation()
         except TypeError as exc:
             raise ConfigError(f"reputation: {exc}") from exc
         if self.attack:
@@ -161,23 +165,22 @@ class SimConfig:
         elif byz:
             raise ConfigError(f"byzantine nodes {byz} need an attack (one of {', '.join(ATTACKS)})")
 
+    def make_reputation(self) -> Reputation:
+        """A fresh aggregation.Reputation with this config's options (rule "robust")."""
+        options: dict[str, Any] = dict(self.reputation)
+        return Reputation(**options)
+
     def task_spec(self, shard: int) -> TaskSpec:
         """What a real node with `shard` loads (learning.TaskSpec, as NodeConfig.task_spec builds it)."""
         return TaskSpec(
             name=TASK_ALIASES.get(self.task, self.task),
             shard=shard,
             num_shards=self.nodes,
-            partition=self.partition,
-            alpha=self.alpha,
-            seed=self.seed,
-            local_epochs=self.local_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            data=self.data,
+            **self.task_settings(),
         )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RoundStats:
     """One round across all nodes; accuracy / test_loss are None in rounds that were not evaluated."""
 
@@ -233,7 +236,7 @@ class RoundStats:
         }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SimResult:
     config: SimConfig
     rounds: list[RoundStats]
@@ -270,6 +273,7 @@ class Network:
         self,
         topology: str | Topology,
         n: int,
+        *,
         seed: int = 0,
         ids: Sequence[str] | None = None,
         names: Sequence[str] | None = None,
@@ -318,6 +322,7 @@ def gossip(
     x0: np.ndarray,
     topology: str,
     rounds: int,
+    *,
     rule: str = "mean",
     seed: int = 0,
     samples: np.ndarray | None = None,
@@ -326,7 +331,7 @@ def gossip(
     """Averaging only: `rounds` gossip steps from x0 (N x P). Returns (x, consensus per round
     including round 0, push-sum masses or None)."""
     x = np.array(x0, dtype=np.float32)
-    net = Network(topology, x.shape[0], seed)
+    net = Network(topology, x.shape[0], seed=seed)
     mass = None if samples is None else np.asarray(samples, dtype=np.float64).copy()
     dist = [consensus_distance(x)]
     for t in range(1, rounds + 1):
@@ -343,7 +348,6 @@ def gossip(
 
 @functools.lru_cache(maxsize=64)
 def _sealed_size(spec_key: tuple, recipients: int) -> int:
-    from p2pfl import codec
     from p2pfl.envelope import UpdateMeta, seal
     from p2pfl.identity import Identity
 
@@ -380,191 +384,6 @@ def message_bytes(params: dict[str, np.ndarray], recipients: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# batched training and evaluation of TensorTasks
-
-
-def _share_test_split(task: object, first: list) -> object:
-    """Point a TensorTask's test tensors at the first task's when they are equal (the built-ins'
-    test split is the same on every node): one copy instead of N (120 MB at N = 1024 on digits)."""
-    if first and type(task) is TensorTask and type(first[0]) is TensorTask:
-        ref = first[0]
-        if (
-            task._x_test.shape == ref._x_test.shape
-            and torch.equal(task._x_test, ref._x_test)
-            and torch.equal(task._y_test, ref._y_test)
-        ):
-            task._x_test, task._y_test = ref._x_test, ref._y_test
-    return task
-
-
-def batchable(tasks: Sequence[object], model: nn.Module) -> bool:
-    """True when every task is a TensorTask with the same hyper-parameters and test split, and the
-    model's state is exactly its trainable parameters (no buffers such as batch-norm statistics)."""
-    if not tasks or not all(type(t) is TensorTask for t in tasks):
-        return False
-    state, params = model.state_dict(), dict(model.named_parameters())
-    if list(state) != list(params) or not all(p.requires_grad for p in params.values()):
-        return False
-    first = tasks[0]
-    key = (first.spec.lr, first.spec.batch_size, first.spec.local_epochs)
-    for t in tasks:
-        if (t.spec.lr, t.spec.batch_size, t.spec.local_epochs) != key:
-            return False
-        if t._x_test.shape != first._x_test.shape or not torch.equal(t._x_test, first._x_test):
-            return False
-        if not torch.equal(t._y_test, first._y_test):
-            return False
-    return True
-
-
-class BatchedTrainer:
-    """task.train and task.evaluate for N TensorTasks at once, on the rows of an N x P matrix.
-
-    Same SGD as TensorTask.train: per epoch each node draws torch.randperm(n_i) from its own task
-    generator and steps through minibatches of batch_size with the mean cross-entropy; nodes with
-    fewer batches simply stop stepping. The gradient of the task's own model is vmapped over nodes.
-    """
-
-    def __init__(self, tasks: Sequence[TensorTask], model: nn.Module) -> None:
-        from torch.func import functional_call, grad_and_value, vmap
-
-        self.tasks = list(tasks)
-        self.model = model
-        self.layout = [(name, tuple(p.shape), p.numel()) for name, p in model.named_parameters()]
-        self.sizes = torch.tensor([t.num_samples for t in tasks], dtype=torch.int64)
-        self.offsets = torch.cumsum(self.sizes, 0) - self.sizes
-        self.x = torch.cat([t._x for t in tasks])
-        self.y = torch.cat([t._y for t in tasks])
-        self.x_test, self.y_test = tasks[0]._x_test, tasks[0]._y_test
-        spec = tasks[0].spec
-        self.lr, self.bs, self.epochs = float(spec.lr), int(spec.batch_size), int(spec.local_epochs)
-
-        def loss(params, xb, yb, mask):
-            out = functional_call(model, params, (xb,))
-            ce = F.cross_entropy(out, yb, reduction="none")
-            return (ce * mask).sum() / mask.sum().clamp(min=1.0)
-
-        self._step = vmap(grad_and_value(loss))
-
-        def forward(params, xb):
-            return functional_call(model, params, (xb,))
-
-        self._forward = vmap(forward, in_dims=(0, None))
-        self._chunk: int | None = None
-
-    def _params(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, off = {}, 0
-        for name, shape, size in self.layout:
-            out[name] = rows[:, off : off + size].reshape(rows.shape[0], *shape)
-            off += size
-        return out
-
-    def _flat(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([grads[name].reshape(grads[name].shape[0], -1) for name, _, _ in self.layout], 1)
-
-    def train(self, x: np.ndarray) -> np.ndarray:
-        """Train every row of x in place (x is N x P float32); returns each node's mean training loss."""
-        xt = torch.from_numpy(x)
-        n = len(self.tasks)
-        sizes = self.sizes.tolist()
-        total = torch.zeros(n, dtype=torch.float64)
-        count = torch.zeros(n, dtype=torch.float64)
-        longest = max(sizes)
-        steps = -(-longest // self.bs)
-        # where each node's permuted sample indices go in an (n, longest) matrix, padded with -1
-        rows_of = torch.repeat_interleave(torch.arange(n), self.sizes)
-        flat_pos = rows_of * longest + (
-            torch.arange(len(rows_of)) - torch.repeat_interleave(self.offsets, self.sizes)
-        )
-        base = torch.repeat_interleave(self.offsets, self.sizes)
-        model = self.model
-        model.train()
-        for _ in range(self.epochs):
-            # each node shuffles with its own task generator, exactly as task.train does
-            perm = torch.cat(
-                [torch.randperm(k, generator=t._gen) for k, t in zip(sizes, self.tasks, strict=True)]
-            )
-            idx = torch.full((n * longest,), -1, dtype=torch.int64)
-            idx[flat_pos] = perm + base
-            idx = idx.view(n, longest)
-            for s in range(steps):
-                cols = idx[:, s * self.bs : min((s + 1) * self.bs, longest)]  # no wider than the data
-                mask = cols >= 0
-                active = mask[:, 0]
-                everyone = bool(active.all())
-                sel = None if everyone else torch.nonzero(active).squeeze(1)
-                if not everyone:
-                    cols, mask = cols[sel], mask[sel]
-                    width = int(mask.sum(1).max())
-                    cols, mask = cols[:, :width], mask[:, :width]
-                rows = xt if everyone else xt[sel]
-                xb, yb = self.x[cols.clamp(min=0)], self.y[cols.clamp(min=0)]
-                m = mask.to(torch.float32)
-                with torch.no_grad():
-                    grads, losses = self._step(self._params(rows), xb, yb, m)
-                    g = self._flat(grads)
-                    k = m.sum(1).to(torch.float64)
-                    if everyone:
-                        xt.sub_(g, alpha=self.lr)
-                        total += losses.detach().to(torch.float64) * k
-                        count += k
-                    else:
-                        xt[sel] = xt[sel] - self.lr * g
-                        total[sel] += losses.detach().to(torch.float64) * k
-                        count[sel] += k
-        return (total / count.clamp(min=1)).numpy()
-
-    @torch.no_grad()
-    def _activations_per_sample(self) -> int:
-        """Floats every module outputs for one sample (sizes the evaluation chunks)."""
-        total = 0
-
-        def hook(_module, _inputs, output):
-            nonlocal total
-            if isinstance(output, torch.Tensor):
-                total += output.numel()
-
-        handles = [m.register_forward_hook(hook) for m in self.model.modules()]
-        try:
-            self.model(self.x_test[:1])
-        finally:
-            for h in handles:
-                h.remove()
-        return max(total, 1) + self.x_test[0].numel()  # vmap broadcasts the shared inputs too
-
-    def _logits(self, rows: torch.Tensor) -> torch.Tensor:
-        """The models' outputs on the test split, classes first: (C, nodes, T)."""
-        if type(self.model) is nn.Linear:  # logistic regression: one GEMM straight into that layout
-            c, (classes, features) = rows.shape[0], self.model.weight.shape
-            w = rows[:, : classes * features].reshape(c, classes, features).transpose(0, 1)
-            out = (w.reshape(classes * c, features) @ self.x_test.T).view(classes, c, -1)
-            if self.model.bias is not None:
-                out += rows[:, classes * features :].T.reshape(classes, c, 1)
-            return out
-        return self._forward(self._params(rows), self.x_test).permute(2, 0, 1).contiguous()
-
-    @torch.no_grad()
-    def evaluate(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(accuracy, mean test loss) of every row of x on the shared test split (as task.evaluate)."""
-        xt = torch.from_numpy(x)
-        n, t = xt.shape[0], len(self.y_test)
-        if self._chunk is None:
-            self._chunk = max(1, EVAL_FLOATS_PER_CHUNK // (t * self._activations_per_sample()))
-        self.model.eval()
-        acc, loss = np.empty(n), np.empty(n)
-        target = self.y_test.view(1, 1, -1)
-        for a in range(0, n, self._chunk):
-            out = self._logits(xt[a : a + self._chunk])  # (C, c, T): reductions over classes run ~4x
-            c = out.shape[1]  # faster along the outer dimension than along a short inner one
-            picked = out.gather(0, target.expand(1, c, -1)).squeeze(0)
-            ce = torch.logsumexp(out, 0) - picked  # = cross_entropy(reduction="none")
-            loss[a : a + c] = ce.to(torch.float64).mean(1).numpy()
-            acc[a : a + c] = (out.max(0).indices == self.y_test).to(torch.float64).mean(1).numpy()
-        self.model.train()
-        return acc, loss
-
-
-# --------------------------------------------------------------------------------------------------
 # the simulation
 
 
@@ -575,12 +394,12 @@ class Simulation:
         started = time.perf_counter()
         self.cfg = cfg
         n = cfg.nodes
-        self.net = Network(cfg.topology, n, cfg.seed, ids=cfg.ids, names=cfg.names)
+        self.net = Network(cfg.topology, n, seed=cfg.seed, ids=cfg.ids, names=cfg.names)
         # every shard's load_task partitions the same labels the same way: compute that once
-        with learning.PartitionCache().active():
-            self.tasks = []
+        with PartitionCache().active():
+            self.tasks: list[Task] = []
             for i in range(n):
-                self.tasks.append(_share_test_split(load_task(cfg.task_spec(i)), self.tasks[:1]))
+                self.tasks.append(share_test_split(load_task(cfg.task_spec(i)), self.tasks[:1]))
         self.byzantine: tuple[int, ...] = tuple(cfg.byzantine)  # type: ignore[arg-type]
         self.honest = np.ones(n, dtype=bool)
         self.honest[list(self.byzantine)] = False
@@ -593,13 +412,12 @@ class Simulation:
         for b, attack in self.attacks.items():
             self.tasks[b] = attack.poison_task(self.tasks[b])
         self.heard: dict[int, list[np.ndarray]] = {b: [] for b in self.byzantine}
-        opts = dict(cfg.reputation)
-        self.reputations = [Reputation(**opts) for _ in range(n)] if cfg.rule == "robust" else None
+        self.reputations = [cfg.make_reputation() for _ in range(n)] if cfg.rule == "robust" else None
         self._flagged: tuple[int, int] | None = None
         # every node builds its own initial model, as the real node does
         self.models = [t.build_model() for t in self.tasks]
         params0 = get_params(self.models[0])
-        self.spec = {k: (tuple(v.shape), v.dtype) for k, v in params0.items()}
+        self.spec = codec.spec_of(params0)
         self.x = (
             np.stack([flatten(get_params(m)) for m in self.models])
             if x0 is None
@@ -656,7 +474,7 @@ class Simulation:
         for b in self.byzantine:  # what the attacker heard this round, for its next craft
             self.heard[b] = [self.x[j] for j in cols[rows == b].tolist() if self.honest[j]]
         if cfg.vectorised:
-            res = mix_many(
+            many = mix_many(
                 self.x,
                 rows,
                 cols,
@@ -670,10 +488,10 @@ class Simulation:
                 ids=ids,
                 trim=cfg.trim,
             )
-            self.x = res.vectors
-            if res.mass is not None:
-                self.mass = res.mass
-            self._note_reputation(res.reputation, ids)
+            self.x = many.vectors
+            if many.mass is not None:
+                self.mass = many.mass
+            self._note_reputation(many.reputation, ids)
             return
         new = np.empty_like(self.x)
         new_mass = self.mass.copy()
@@ -690,7 +508,7 @@ class Simulation:
                 )
                 for j in cols[starts[i] : starts[i + 1]].tolist()
             ]
-            res = mix(
+            one = mix(
                 self.x[i],
                 int(deg[i]),
                 got,
@@ -701,10 +519,10 @@ class Simulation:
                 reputation=None if self.reputations is None else self.reputations[i],
                 trim=cfg.trim,
             )
-            new[i] = res.vector
-            if res.mass is not None:
-                new_mass[i] = res.mass
-            reps.append(res.reputation)
+            new[i] = one.vector
+            if one.mass is not None:
+                new_mass[i] = one.mass
+            reps.append(one.reputation)
         self.x, self.mass = new, new_mass
         self._note_reputation(reps if self.reputations is not None else None, ids)
 
@@ -757,15 +575,15 @@ class Simulation:
         self.timings["mix"] += t2 - t1
         self.timings["eval"] += t3 - t2
         return RoundStats(
-            round,
-            losses,
-            acc,
-            test_loss,
-            consensus_distance(self.x[self.honest]),
-            float(self.sent.mean()),
-            t3 - t0,
-            None if not self.byzantine else self.honest.copy(),
-            self._flagged,
+            round=round,
+            train_loss=losses,
+            accuracy=acc,
+            test_loss=test_loss,
+            consensus=consensus_distance(self.x[self.honest]),
+            bytes_per_node=float(self.sent.mean()),
+            seconds=t3 - t0,
+            honest=None if not self.byzantine else self.honest.copy(),
+            downweighted=self._flagged,
         )
 
     def run(self, on_round: Callable[[RoundStats], None] | None = None, gap: bool = True) -> SimResult:
@@ -781,16 +599,16 @@ class Simulation:
             g = self.net.gap(self.samples if self.cfg.rule == "weighted" else None)
             self.timings["gap"] = time.perf_counter() - t0
         return SimResult(
-            self.cfg,
-            history,
-            g,
-            self.x.shape[1],
-            self.samples,
-            self.x,
-            dict(self.timings),
-            self.mass if self.cfg.rule == "push-sum" else None,
-            self.byzantine,
-            None if self.reputations is None else [r.scores() for r in self.reputations],
+            config=self.cfg,
+            rounds=history,
+            spectral_gap=g,
+            params=self.x.shape[1],
+            samples=self.samples,
+            vectors=self.x,
+            timings=dict(self.timings),
+            mass=self.mass if self.cfg.rule == "push-sum" else None,
+            byzantine=self.byzantine,
+            reputation=None if self.reputations is None else [r.scores() for r in self.reputations],
         )
 
 
@@ -834,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--topology", default="ring", help="a built-in name or a topology file")
     p.add_argument("--rule", default="mean", choices=RULES)
     p.add_argument("--radius", type=float, default=None)
-    p.add_argument("--partition", default="iid", choices=learning.PARTITION_SCHEMES)
+    p.add_argument("--partition", default="iid", choices=PARTITION_SCHEMES)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=0.3)

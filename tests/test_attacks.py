@@ -109,15 +109,15 @@ def test_label_flip_poisons_the_task_through_the_honest_training_code() -> None:
     assert poisoned is not task and type(poisoned) is type(task)
     assert np.array_equal(poisoned.train_labels, 9 - task.train_labels)
     assert np.array_equal(task.train_labels, load_task(spec).train_labels), "the original is untouched"
-    assert torch.equal(poisoned._x_test, task._x_test) and torch.equal(poisoned._y_test, task._y_test)
+    assert torch.equal(poisoned.x_test, task.x_test) and torch.equal(poisoned.y_test, task.y_test)
     model = poisoned.build_model()
     for _ in range(15):
         poisoned.train(model)
     acc, _ = poisoned.evaluate(model)
     assert acc < 0.2, "it learnt the flipped labels"
     with torch.no_grad():
-        pred = model(task._x_test).argmax(1)
-    assert float((pred == 9 - task._y_test).float().mean()) > 0.6
+        pred = model(task.x_test).argmax(1)
+    assert float((pred == 9 - task.y_test).float().mean()) > 0.6
     own = np.concatenate([v.ravel() for v in get_params(model).values()])
     assert np.array_equal(attack.craft(own, [], 1), own), "it sends its (poisoned) model as is"
     for name in ATTACKS:

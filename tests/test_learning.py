@@ -3,18 +3,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
 
-from p2pfl import codec
+from p2pfl import codec, learning
 from p2pfl.errors import ConfigError
 from p2pfl.learning import (
     BUILTIN_TASKS,
     PartitionCache,
     TaskSpec,
+    TensorTask,
     flatten,
     get_params,
     load_task,
@@ -38,7 +42,7 @@ def check_partition(shards: list[np.ndarray], n: int) -> None:
 
 def test_iid_partition_is_balanced_disjoint_and_covering() -> None:
     labels = np.random.default_rng(0).integers(0, 10, size=1003)
-    shards = partition_indices(labels, 7, "iid", 0.5, seed=3)
+    shards = partition_indices(labels, 7, scheme="iid", alpha=0.5, seed=3)
     check_partition(shards, 1003)
     sizes = [len(s) for s in shards]
     assert max(sizes) - min(sizes) <= 1
@@ -47,9 +51,9 @@ def test_iid_partition_is_balanced_disjoint_and_covering() -> None:
 def test_partition_is_deterministic_in_the_seed() -> None:
     labels = np.repeat(np.arange(10), 50)
     for scheme in ("iid", "dirichlet"):
-        a = partition_indices(labels, 5, scheme, 0.3, seed=11)
-        b = partition_indices(labels, 5, scheme, 0.3, seed=11)
-        c = partition_indices(labels, 5, scheme, 0.3, seed=12)
+        a = partition_indices(labels, 5, scheme=scheme, alpha=0.3, seed=11)
+        b = partition_indices(labels, 5, scheme=scheme, alpha=0.3, seed=11)
+        c = partition_indices(labels, 5, scheme=scheme, alpha=0.3, seed=12)
         assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
         assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
@@ -63,9 +67,9 @@ def test_dirichlet_small_alpha_is_skewed_and_valid() -> None:
     labels = np.repeat(np.arange(10), 120)
     rng = np.random.default_rng(1)
     labels = labels[rng.permutation(len(labels))]
-    iid = partition_indices(labels, 8, "iid", 0.5, seed=0)
-    skew = partition_indices(labels, 8, "dirichlet", 0.1, seed=0)
-    mild = partition_indices(labels, 8, "dirichlet", 100.0, seed=0)
+    iid = partition_indices(labels, 8, scheme="iid", alpha=0.5, seed=0)
+    skew = partition_indices(labels, 8, scheme="dirichlet", alpha=0.1, seed=0)
+    mild = partition_indices(labels, 8, scheme="dirichlet", alpha=100.0, seed=0)
     for shards in (iid, skew, mild):
         check_partition(shards, len(labels))
     assert _dominant_share(labels, iid) < 0.2
@@ -76,19 +80,19 @@ def test_dirichlet_small_alpha_is_skewed_and_valid() -> None:
 
 def test_dirichlet_extreme_still_gives_every_shard_samples() -> None:
     labels = np.repeat(np.arange(3), 20)  # 60 samples, 3 classes, 40 shards: forces the top-up path
-    shards = partition_indices(labels, 40, "dirichlet", 0.01, seed=5)
+    shards = partition_indices(labels, 40, scheme="dirichlet", alpha=0.01, seed=5)
     check_partition(shards, 60)
-    one_each = partition_indices(np.zeros(6, dtype=int), 6, "dirichlet", 0.05, seed=0)
+    one_each = partition_indices(np.zeros(6, dtype=int), 6, scheme="dirichlet", alpha=0.05, seed=0)
     check_partition(one_each, 6)
 
 
 def test_partition_errors() -> None:
     with pytest.raises(ConfigError, match="iid, dirichlet"):
-        partition_indices(np.zeros(10, dtype=int), 2, "sorted", 0.5, 0)
+        partition_indices(np.zeros(10, dtype=int), 2, scheme="sorted", alpha=0.5, seed=0)
     with pytest.raises(ConfigError, match="non-empty"):
-        partition_indices(np.zeros(3, dtype=int), 4, "iid", 0.5, 0)
+        partition_indices(np.zeros(3, dtype=int), 4, scheme="iid", alpha=0.5, seed=0)
     with pytest.raises(ConfigError):
-        partition_indices(np.zeros(10, dtype=int), 2, "dirichlet", 0.0, 0)
+        partition_indices(np.zeros(10, dtype=int), 2, scheme="dirichlet", alpha=0.0, seed=0)
 
 
 # ---------------------------------------------------------------------------------------- task spec
@@ -136,7 +140,7 @@ def test_builtin_tasks_share_init_and_test_set_and_split_train(name: str) -> Non
         assert np.array_equal(flatten(get_params(m)), ref), "same initial model on every node"
     other_seed = load_task(TaskSpec(name=name, seed=8)).build_model()
     assert not np.array_equal(flatten(get_params(other_seed)), ref)
-    assert np.array_equal(tasks[0]._y_test.numpy(), tasks[2]._y_test.numpy()), "shared test split"
+    assert np.array_equal(tasks[0].y_test.numpy(), tasks[2].y_test.numpy()), "shared test split"
     total = sum(t.num_samples for t in tasks)
     whole = load_task(TaskSpec(name=name))
     assert total == whole.num_samples
@@ -303,10 +307,10 @@ def test_get_set_params_copy_and_roundtrip() -> None:
 def test_partition_cache_gives_fresh_copies_of_the_same_shards() -> None:
     labels = np.random.default_rng(0).integers(0, 5, size=300)
     cache = PartitionCache()
-    first = cache.shards(labels, 6, "dirichlet", 0.3, seed=2)
+    first = cache.shards(labels, 6, scheme="dirichlet", alpha=0.3, seed=2)
     first[0][:] = -1  # callers own what they get
-    again = cache.shards(labels, 6, "dirichlet", 0.3, seed=2)
-    expected = partition_indices(labels, 6, "dirichlet", 0.3, seed=2)
+    again = cache.shards(labels, 6, scheme="dirichlet", alpha=0.3, seed=2)
+    expected = partition_indices(labels, 6, scheme="dirichlet", alpha=0.3, seed=2)
     assert all(np.array_equal(a, b) for a, b in zip(again, expected, strict=True))
     with cache.active():
         cached = load_task(TaskSpec(shard=1, num_shards=4, partition="dirichlet", seed=3))
@@ -365,3 +369,67 @@ def test_four_nodes_with_averaging_reach_90_percent() -> None:
     accs = [t.evaluate(m)[0] for t, m in zip(tasks, models, strict=True)]
     assert max(accs) - min(accs) < 1e-9, "identical models after averaging"
     assert history[-1] >= 0.90, history
+
+
+# ---------------------------------------------------------------------------------------- the package
+
+
+def test_spec_and_lazy_package_names_do_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "from p2pfl.learning import PARTITION_SCHEMES, TaskSpec\n"
+        "import p2pfl.learning.spec\n"
+        "TaskSpec('digits-mlp', 1, 2, seed=3)\n"
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_package_exports_every_public_name_lazily() -> None:
+    for name in learning.__all__:
+        assert getattr(learning, name) is not None, name
+    assert learning.load_task is load_task and learning.BatchedTrainer.__module__ == "p2pfl.learning.batched"
+    with pytest.raises(AttributeError):
+        learning.no_such_name  # noqa: B018
+
+
+def test_task_spec_fields_keep_their_order_and_settings_are_keyword_only() -> None:
+    assert [f.name for f in dataclasses.fields(TaskSpec)] == [
+        "name", "shard", "num_shards", "partition", "alpha", "seed", "local_epochs", "batch_size", "lr", "data",
+    ]  # fmt: skip
+    spec = TaskSpec("digits-cnn", 1, 3, lr=0.1, seed=5)
+    assert (spec.name, spec.shard, spec.num_shards, spec.lr, spec.seed) == ("digits-cnn", 1, 3, 0.1, 5)
+    assert spec.task_settings() == {
+        "partition": "iid", "alpha": 0.5, "seed": 5, "local_epochs": 1, "batch_size": 32, "lr": 0.1, "data": "",
+    }  # fmt: skip
+    with pytest.raises(TypeError):
+        TaskSpec("digits-cnn", 1, 3, "iid")  # type: ignore[misc]
+
+
+def test_tensor_task_public_accessors() -> None:
+    spec = TaskSpec(shard=1, num_shards=3, seed=4, batch_size=64)
+    task = load_task(spec)
+    assert isinstance(task, TensorTask)
+    assert task.x_train.dtype == torch.float32 and task.x_train.shape == (task.num_samples, 64)
+    assert task.y_train.dtype == torch.int64 and np.array_equal(task.y_train.numpy(), task.train_labels)
+    assert task.x_test.shape == (task.num_test, 64) and task.y_test.shape == (task.num_test,)
+    # the generator is the one train() draws its minibatch order from
+    twin = load_task(spec)
+    first = torch.randperm(task.num_samples, generator=task.generator)
+    assert torch.equal(first, torch.randperm(twin.num_samples, generator=twin.generator))
+    # relabelled copy: own labels, shared features, test split and generator; original untouched
+    flipped = task.with_train_labels(9 - task.train_labels)
+    assert type(flipped) is TensorTask and flipped is not task
+    assert np.array_equal(flipped.train_labels, 9 - task.train_labels)
+    assert np.array_equal(task.train_labels, twin.train_labels)
+    assert flipped.x_train is task.x_train and flipped.generator is task.generator
+    with pytest.raises(ValueError):
+        task.with_train_labels(task.train_labels[:-1])
+    # test split sharing: equal splits share one tensor, different ones are left alone
+    other = load_task(TaskSpec(shard=2, num_shards=3, seed=4))
+    assert isinstance(other, TensorTask)
+    assert other.same_test_split(task) and other.x_test is not task.x_test
+    assert other.share_test_split(task) and other.x_test is task.x_test and other.y_test is task.y_test
+    synthetic = load_task(TaskSpec(name="synthetic-logreg"))
+    assert isinstance(synthetic, TensorTask)
+    assert not synthetic.same_test_split(task) and not synthetic.share_test_split(task)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,13 +12,12 @@ from p2pfl import topology
 from p2pfl.aggregation import RULES
 from p2pfl.errors import ConfigError
 from p2pfl.learning import TaskSpec, TensorTask, flatten, get_params, load_task, set_params, unflatten
+from p2pfl.learning.batched import BatchedTrainer, batchable
 from p2pfl.sim import (
-    BatchedTrainer,
     Network,
     SimConfig,
     SimResult,
     Simulation,
-    batchable,
     consensus_distance,
     gossip,
     message_bytes,
@@ -46,7 +47,7 @@ def test_virtual_nodes_are_set_up_like_real_nodes() -> None:
         )
         assert task.spec == spec
         real = load_task(spec)  # what a node with task.shard = i loads
-        assert torch.equal(task._x, real._x) and task.num_samples == real.num_samples
+        assert torch.equal(task.x_train, real.x_train) and task.num_samples == real.num_samples
         assert np.array_equal(sim.x[i], flatten(get_params(real.build_model())))
     assert list(sim.samples) == [t.num_samples for t in sim.tasks]
     assert sim.samples.sum() == sum(load_task(cfg.task_spec(i)).num_samples for i in range(6))
@@ -253,3 +254,20 @@ def test_config_errors() -> None:
     ):
         with pytest.raises(ConfigError):
             SimConfig(nodes=4, **bad)
+
+
+def test_sim_config_shares_the_task_settings_and_keeps_its_field_order() -> None:
+    assert [f.name for f in dataclasses.fields(SimConfig)] == [
+        "task", "nodes", "rounds", "topology", "rule", "radius", "partition", "alpha", "seed",
+        "local_epochs", "batch_size", "lr", "data", "train", "eval_every", "vectorised", "drop", "ids",
+        "names", "attack", "byzantine", "trim", "reputation",
+    ]  # fmt: skip
+    cfg = SimConfig(
+        task="digits-mlp", nodes=3, partition="dirichlet", alpha=0.2, seed=9, lr=0.05, batch_size=8
+    )
+    assert cfg.task_spec(2) == TaskSpec(
+        "digits-mlp", 2, 3, partition="dirichlet", alpha=0.2, seed=9, lr=0.05, batch_size=8
+    )
+    assert SimConfig().task_spec(0).name == "p2pfl.sim:digits_logreg"
+    with pytest.raises(TypeError):
+        SimConfig("digits-mlp")  # type: ignore[misc]
