@@ -4,14 +4,16 @@
 The measured round: 5 node processes, each with its own identity and certificate from one
 federation, its own Outbox (embedded amqtt broker) on a free 127.0.0.1 port and a PeerLink to each
 of the 4 others (certificates arrive over those links, as in the node). After all links are up,
-every node at the same moment encodes its parameters, seals them for the 4 others, publishes with
-Outbox.publish_update, receives the 4 updates through its links, opens each in a worker thread
-(open_envelope, codec.decode + check_against, flatten, as Node._admit does) and averages the 5
-vectors. Round time = common start -> the LAST node has its averaged vector.
+every node at the same moment packs its parameters with the node's own round core
+(`p2pfl.round.RoundCore.pack`: encode + seal for the 4 others), publishes with Outbox.publish_update,
+receives the 4 updates through its links, admits each in a worker thread (`RoundCore.admit`: open,
+round window, decode, check against the local spec, flatten in local order) and mixes the 5 vectors
+(`RoundCore.mix`, rule "mean" on the full graph). Round time = common start -> the LAST node has
+its mixed vector. No step of the round is re-implemented here.
 
 The floor, in the same processes and the same run: the same sealed bytes moved over plain TCP
 (persistent loopback connections, full mesh, blocking sockets in threads) with the identical
-encode / seal / open / decode / mean calls, timed the same way. ratio = MQTT round / floor round.
+RoundCore pack / admit / mix calls, timed the same way. ratio = MQTT round / floor round.
 Rounds of both kinds alternate so that machine noise hits both alike; one warm-up of each is
 not counted.
 
@@ -30,7 +32,6 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import hashlib
 import io
 import json
 import logging
@@ -50,8 +51,6 @@ from pathlib import Path
 from typing import Any
 
 from bench_wire import resnet18_shapes  # same model shapes as the wire benchmark
-
-from p2pfl.learning import flatten
 
 N_NODES = 5
 HOST = "127.0.0.1"
@@ -104,25 +103,36 @@ class BenchNode:
         import numpy as np
 
         from p2pfl import codec
-        from p2pfl.envelope import ReplayGuard
         from p2pfl.federation import Certificate, FederationRoot
         from p2pfl.identity import Identity
+        from p2pfl.round import RoundCore
+        from p2pfl.topology import parse_topology
 
         self.index = index
         self.conn = conn
-        self.identity = Identity(nacl.signing.SigningKey(setup["sign_seed"]),
-                                 nacl.public.PrivateKey(setup["box_key"]))
+        self.identity = Identity(
+            nacl.signing.SigningKey(setup["sign_seed"]), nacl.public.PrivateKey(setup["box_key"])
+        )
         self.cert = Certificate.from_bytes(setup["cert"])
         self.root = FederationRoot(setup["root_key"])
         self.fed = self.root.federation_id
         self.node_id = self.identity.node_id
         self.chunk_bytes = setup["chunk_bytes"]
         rng = np.random.default_rng(1000 + index)
-        self.params = {name: rng.standard_normal(shape, dtype=np.float32)
-                       for name, shape in resnet18_shapes().items()}
-        self.spec = codec.spec_of(self.params)
-        self.replay = ReplayGuard()
-        self.seq = time.time_ns() // 1000
+        self.params = {
+            name: rng.standard_normal(shape, dtype=np.float32) for name, shape in resnet18_shapes().items()
+        }
+        self.core = RoundCore(
+            identity=self.identity,
+            cert=self.cert,
+            root=self.root,
+            topology=parse_topology("full"),
+            spec=codec.spec_of(self.params),
+            samples=1000,
+            rule="mean",
+            max_update_bytes=MAX_BYTES,
+        )
+        self.plan: Any = None
         self.round = 0
         self.certs: dict[str, Certificate] = {self.node_id: self.cert}  # filled from the links
         self.others: list[str] = []
@@ -138,71 +148,63 @@ class BenchNode:
         self.changed: asyncio.Event | None = None
         self.start_at = 0.0
 
-    # -- shared per-round work (identical in both modes) -----------------------------------------
+    # -- shared per-round work (identical in both modes): the node's round core -----------------
 
-    def seal_update(self) -> tuple[bytes, float, float]:
-        """Node._seal: codec.encode + envelope.seal for the 4 others (box keys from certificates)."""
-        from p2pfl import codec
-        from p2pfl.envelope import UpdateMeta, seal
-
-        self.seq += 1
-        meta = UpdateMeta(sender=self.node_id, federation=self.fed, round=self.round, seq=self.seq,
-                          timestamp=time.time(), epoch="bench", samples=1000, degree=len(self.others))
-        payload = codec.encode(self.params)
-        t_enc = time.monotonic()
-        message = seal(payload, meta, self.identity, {n: self.certs[n].box_key for n in self.others})
-        return message, t_enc, time.monotonic()
+    def pack_update(self) -> tuple[bytes, float]:
+        """Node._round's pack step: flatten + RoundCore.pack (encode + seal for the 4 others)."""
+        own = self.core.flatten(self.params)
+        message = self.core.pack(self.params, own, self.plan)
+        assert message is not None
+        return message, time.monotonic()
 
     def admit(self, publisher: str, message: Any, members: dict[str, Any], tm: dict[str, float]) -> Any:
-        """Node._admit: open_envelope, checks, codec.decode + check_against, flatten."""
-        from p2pfl import codec
-        from p2pfl.envelope import open_envelope
-        from p2pfl.errors import Reason, Rejected
-
-        tm["open0"] = time.monotonic()
-        meta, payload = open_envelope(message, self.identity, self.root, members.get, self.replay,
-                                      max_bytes=MAX_BYTES)
-        tm["open1"] = time.monotonic()
-        if meta.sender != publisher:
-            raise Rejected(Reason.UNKNOWN_SENDER, f"update signed by {meta.sender} from {publisher}")
-        if meta.round != self.round:
-            raise Rejected(Reason.LATE, f"update for round {meta.round} in round {self.round}")
-        params = codec.decode(payload)
-        codec.check_against(params, self.spec)
-        vector = flatten(params)
-        tm["decoded"] = time.monotonic()
-        return vector
+        """Node._on_update's admit step: RoundCore.admit (open, checks, decode, flatten in local order)."""
+        tm["admit0"] = time.monotonic()
+        round_, neighbour = self.core.admit(publisher, message, members)
+        tm["admitted"] = time.monotonic()
+        return round_, neighbour
 
     def average(self) -> Any:
-        """Plain mean of the 5 vectors, summed in node-id order so every node gets identical bits."""
-        import numpy as np
-
-        vectors = dict(self.vectors)
-        vectors[self.node_id] = flatten(self.params)  # Node._round flattens its own params too
-        ids = sorted(vectors)
-        acc = vectors[ids[0]].copy()
-        for nid in ids[1:]:
-            acc += vectors[nid]
-        acc *= np.float32(1.0 / len(ids))
-        return acc
+        """Node._round's mix step: RoundCore.mix (rule "mean" on the full graph: 1/5 each)."""
+        for round_, neighbour in self.vectors.values():
+            self.core.accept(round_, neighbour)
+        result, missing = self.core.mix(self.core.flatten(self.params), self.plan)
+        if missing:
+            raise RuntimeError(f"node {self.index}: mixed without {missing}")
+        return result.vector
 
     def _begin_round(self, r: int, start_at: float) -> None:
         self.round = r
+        self.plan = self.core.plan(r, self.certs)  # as Node._round: plan first, then train and pack
         self.start_at = start_at
         self.vectors = {}
         self.errors = []
         self.timing = {p: {} for p in self.others}
 
-    def _result(self, t0: float, t_enc: float, t_seal: float, t_pub: float, t_done: float, cpu: float,
-                transport_cpu: float, message_len: int, mean: Any) -> dict[str, Any]:
+    def _result(
+        self,
+        t0: float,
+        t_pack: float,
+        t_pub: float,
+        t_done: float,
+        cpu: float,
+        transport_cpu: float,
+        message_len: int,
+        mean: Any,
+    ) -> dict[str, Any]:
         s = self.start_at
         return {
             "node": self.index,
-            "t0": t0 - s, "encoded": t_enc - s, "sealed": t_seal - s, "published": t_pub - s,
-            "done": t_done - s, "cpu_s": cpu, "transport_cpu_s": transport_cpu,
+            "t0": t0 - s,
+            "packed": t_pack - s,
+            "published": t_pub - s,
+            "done": t_done - s,
+            "cpu_s": cpu,
+            "transport_cpu_s": transport_cpu,
             "peers": {p: {k: v - s for k, v in tm.items()} for p, tm in self.timing.items()},
-            "message_bytes": message_len, "bytes_sent": message_len * len(self.others),
-            "digest": hashlib.blake2b(memoryview(mean).cast("B"), digest_size=8).hexdigest(),
+            "message_bytes": message_len,
+            "bytes_sent": message_len * len(self.others),
+            "checksum": float(mean.sum(dtype="float64")),
             "rejects": list(self.rejects),
         }
 
@@ -264,8 +266,12 @@ class BenchNode:
                 await super()._dispatch(topic, payload)
 
         return TimedLink(
-            HOST, port, self.fed, lambda: (self.node_id, make_token(self.identity, self.cert)),
-            on_certificate=self._on_certificate, on_update=self._on_update,
+            HOST,
+            port,
+            self.fed,
+            lambda: (self.node_id, make_token(self.identity, self.cert)),
+            on_certificate=self._on_certificate,
+            on_update=self._on_update,
             on_reject=lambda reason, detail: self.rejects.append(f"{reason.value}: {detail}"),
             max_message_bytes=MAX_BYTES,
         )
@@ -279,7 +285,7 @@ class BenchNode:
         t0, cpu0, lcpu0 = time.monotonic(), time.process_time(), time.thread_time()
         if prof is not None:
             prof.enable()
-        message, t_enc, t_seal = await asyncio.to_thread(self.seal_update)
+        message, t_pack = await asyncio.to_thread(self.pack_update)
         await self.outbox.publish_update(message, self.others)
         t_pub = time.monotonic()
         deadline = t0 + ROUND_TIMEOUT_S
@@ -288,8 +294,10 @@ class BenchNode:
                 raise RuntimeError("; ".join(self.errors))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise RoundTimeout(f"node {self.index}: {len(self.vectors)}/{len(self.others)} updates "
-                                   f"after {ROUND_TIMEOUT_S:.0f} s; rejects: {self.rejects[-5:]}")
+                raise RoundTimeout(
+                    f"node {self.index}: {len(self.vectors)}/{len(self.others)} updates "
+                    f"after {ROUND_TIMEOUT_S:.0f} s; rejects: {self.rejects[-5:]}"
+                )
             self.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
@@ -299,7 +307,7 @@ class BenchNode:
         if prof is not None:
             prof.disable()
             prof.dump_stats(profile_path)
-        return self._result(t0, t_enc, t_seal, t_pub, t_done, cpu, lcpu, len(message), mean)
+        return self._result(t0, t_pack, t_pub, t_done, cpu, lcpu, len(message), mean)
 
     # -- floor mode: same bytes and calls over raw TCP ---------------------------------------------
 
@@ -374,12 +382,16 @@ class BenchNode:
             with lock:
                 transport_cpu[0] += time.thread_time() - c0
 
-        receivers = [threading.Thread(target=receive, args=(p, self.tcp_in[p]), daemon=True) for p in self.others]
+        receivers = [
+            threading.Thread(target=receive, args=(p, self.tcp_in[p]), daemon=True) for p in self.others
+        ]
         for t in receivers:
             t.start()
-        message, t_enc, t_seal = self.seal_update()
-        senders = [threading.Thread(target=send, args=(p, self.tcp_out[p], message), daemon=True)
-                   for p in self.others]
+        message, t_pack = self.pack_update()
+        senders = [
+            threading.Thread(target=send, args=(p, self.tcp_out[p], message), daemon=True)
+            for p in self.others
+        ]
         for t in senders:
             t.start()
         deadline = t0 + ROUND_TIMEOUT_S
@@ -395,7 +407,7 @@ class BenchNode:
         mean = self.average()
         t_done = time.monotonic()
         cpu = time.process_time() - cpu0
-        return self._result(t0, t_enc, t_seal, t_pub, t_done, cpu, transport_cpu[0], len(message), mean)
+        return self._result(t0, t_pack, t_pub, t_done, cpu, transport_cpu[0], len(message), mean)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -413,7 +425,10 @@ class BenchNode:
 
         self.changed = asyncio.Event()
         self.outbox = Outbox(
-            HOST, 0, self.fed, self.node_id,
+            HOST,
+            0,
+            self.fed,
+            self.node_id,
             authenticate=lambda u, p: verify_token(self.root, u, p).node_id,
             on_reject=lambda reason, detail: self.rejects.append(f"broker {reason.value}: {detail}"),
             chunk_bytes=self.chunk_bytes,
@@ -422,8 +437,17 @@ class BenchNode:
         try:
             await self.outbox.publish_certificate(self.cert.to_bytes())
             self.listener = socket.create_server((HOST, 0))
-            self.conn.send(("ports", self.index, {"node_id": self.node_id, "mqtt_port": self.outbox.port,
-                                                  "tcp_port": self.listener.getsockname()[1]}))
+            self.conn.send(
+                (
+                    "ports",
+                    self.index,
+                    {
+                        "node_id": self.node_id,
+                        "mqtt_port": self.outbox.port,
+                        "tcp_port": self.listener.getsockname()[1],
+                    },
+                )
+            )
             kind, table = await self._recv(SETUP_TIMEOUT_S)
             assert kind == "peers"
             self.others = sorted(row["node_id"] for row in table if row["node_id"] != self.node_id)
@@ -435,8 +459,10 @@ class BenchNode:
             await asyncio.to_thread(self._setup_tcp, table)
             # barrier, our half: every link connected and subscribed, every certificate checked
             deadline = time.monotonic() + SETUP_TIMEOUT_S
-            while not (all(link.connected for link in self.links.values())
-                       and all(n in self.certs for n in self.others)):
+            while not (
+                all(link.connected for link in self.links.values())
+                and all(n in self.certs for n in self.others)
+            ):
                 if time.monotonic() > deadline:
                     raise RoundTimeout(f"node {self.index}: links not ready; rejects {self.rejects[-5:]}")
                 self.changed.clear()
@@ -448,7 +474,9 @@ class BenchNode:
                 if cmd[0] == "stop":
                     # links first, and only then (once every node has dropped its links) the broker,
                     # so no link sees its broker vanish under it
-                    await asyncio.gather(*(link.stop() for link in self.links.values()), return_exceptions=True)
+                    await asyncio.gather(
+                        *(link.stop() for link in self.links.values()), return_exceptions=True
+                    )
                     self.conn.send(("stopped", self.index, None))
                     with contextlib.suppress(TimeoutError, EOFError, OSError):
                         await self._recv(15.0)
@@ -494,8 +522,15 @@ def _install_zero_copy_publish_decoder() -> None:
         topic = bytes(packet[2 : 2 + slen])
         mid = int.from_bytes(packet[pos - 2 : pos], "big") if qos > 0 else 0
         del packet[:pos]
-        return _packet.PublishPacket(dup=bool(header & 0x08), qos=qos, retain=bool(header & 0x01),
-                                     topic=topic, mid=mid, properties=None, payload=packet)
+        return _packet.PublishPacket(
+            dup=bool(header & 0x08),
+            qos=qos,
+            retain=bool(header & 0x01),
+            topic=topic,
+            mid=mid,
+            properties=None,
+            payload=packet,
+        )
 
     _packet.decode_publish = decode_publish
 
@@ -537,13 +572,19 @@ class Coordinator:
         for i in range(N_NODES):
             ident = Identity.generate()
             cert = auth.issue(f"n{i}", ident.verify_key_bytes, ident.box_public_bytes, ttl_s=3600)
-            setup = {"sign_seed": bytes(ident.signing_key), "box_key": bytes(ident.box_key),
-                     "cert": cert.to_bytes(), "root_key": auth.root.public_key,
-                     "chunk_bytes": int(self.args.chunk_mib * (1 << 20)),
-                     "switch_interval_ms": self.args.switch_interval_ms,
-                     "zero_copy_decode": self.args.zero_copy_decode}
+            setup = {
+                "sign_seed": bytes(ident.signing_key),
+                "box_key": bytes(ident.box_key),
+                "cert": cert.to_bytes(),
+                "root_key": auth.root.public_key,
+                "chunk_bytes": int(self.args.chunk_mib * (1 << 20)),
+                "switch_interval_ms": self.args.switch_interval_ms,
+                "zero_copy_decode": self.args.zero_copy_decode,
+            }
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_entry, args=(i, child, setup), name=f"bench-node{i}", daemon=True)
+            proc = ctx.Process(
+                target=worker_entry, args=(i, child, setup), name=f"bench-node{i}", daemon=True
+            )
             proc.start()
             child.close()
             self.procs.append(proc)
@@ -556,7 +597,9 @@ class Coordinator:
         while len(got) < N_NODES:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"waiting for {kind!r}: only nodes {sorted(got)} answered in {timeout:.0f} s")
+                raise TimeoutError(
+                    f"waiting for {kind!r}: only nodes {sorted(got)} answered in {timeout:.0f} s"
+                )
             pending = [c for i, c in enumerate(self.conns) if i not in got]
             for conn in wait(pending, timeout=min(remaining, 1.0)):
                 try:
@@ -584,9 +627,9 @@ class Coordinator:
             path = str(self.tmp / f"prof-{mode}-{r}-{i}.pstats") if profile else None
             conn.send(("round", mode, r, start_at, path))
         results = self.collect("done", ROUND_TIMEOUT_S + 10)
-        digests = {res["digest"] for res in results}
-        if len(digests) != 1:
-            raise RuntimeError(f"{mode} round {r}: nodes disagree on the mean ({digests})")
+        sums = [res["checksum"] for res in results]
+        if max(sums) - min(sums) > 1e-3 * max(1.0, abs(sums[0])):
+            raise RuntimeError(f"{mode} round {r}: nodes disagree on the mean ({sums})")
         rejects = [rej for res in results for rej in res["rejects"]]
         if rejects:
             print(f"warning: rejections so far: {rejects[:5]}", file=sys.stderr)
@@ -624,24 +667,24 @@ def _med(values: list[float]) -> float:
 
 def phase_table(rounds: list[list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
     """Per phase: median over rounds of (median over nodes, max over nodes), seconds."""
+
     def per_node(res: dict[str, Any]) -> dict[str, float]:
         peers = list(res["peers"].values())
         out = {
-            "encode_end": res["encoded"], "seal_end": res["sealed"], "publish_end": res["published"],
+            "pack_end": res["packed"],
+            "publish_end": res["published"],
             "first_part_in": min(p["first_part"] for p in peers),
             "all_received": max(p["reassembled"] for p in peers),
-            "all_opened": max(p["open1"] for p in peers),
-            "all_decoded": max(p["decoded"] for p in peers),
+            "all_admitted": max(p["admitted"] for p in peers),
             "done": res["done"],
             # durations
-            "encode_s": res["encoded"] - res["t0"],
-            "seal_s": res["sealed"] - res["encoded"],
+            "pack_s": res["packed"] - res["t0"],
             "transfer_per_msg_s": _med([p["reassembled"] - p["first_part"] for p in peers]),
-            "queue_before_open_s": _med([p["open0"] - p["reassembled"] for p in peers]),
-            "open_sum_s": sum(p["open1"] - p["open0"] for p in peers),
-            "decode_sum_s": sum(p["decoded"] - p["open1"] for p in peers),
-            "mean_s": res["done"] - max(p["decoded"] for p in peers),
-            "cpu_s": res["cpu_s"], "transport_cpu_s": res["transport_cpu_s"],
+            "queue_before_admit_s": _med([p["admit0"] - p["reassembled"] for p in peers]),
+            "admit_sum_s": sum(p["admitted"] - p["admit0"] for p in peers),
+            "mix_s": res["done"] - max(p["admitted"] for p in peers),
+            "cpu_s": res["cpu_s"],
+            "transport_cpu_s": res["transport_cpu_s"],
         }
         return out
 
@@ -663,8 +706,14 @@ def top_profile(paths: list[str], limit: int = 25) -> list[dict[str, Any]]:
     rows = []
     for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
         short = "/".join(Path(filename).parts[-2:]) if filename != "~" else "~"
-        rows.append({"func": f"{short}:{line}({func})", "calls": ncalls,
-                     "tottime_s": round(tottime, 4), "cumtime_s": round(cumtime, 4)})
+        rows.append(
+            {
+                "func": f"{short}:{line}({func})",
+                "calls": ncalls,
+                "tottime_s": round(tottime, 4),
+                "cumtime_s": round(cumtime, 4),
+            }
+        )
     rows.sort(key=lambda r: r["tottime_s"], reverse=True)
     return rows[:limit]
 
@@ -673,14 +722,24 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4, help="measured rounds of each kind (plus 1 warm-up)")
     ap.add_argument("--chunk-mib", type=float, default=4.0, help="Outbox chunk_bytes (transport default: 4)")
-    ap.add_argument("--profile", action="store_true",
-                    help="after the measured rounds, run one extra MQTT round under cProfile (CPU time of "
-                         "the event-loop thread of every node) and print the top functions")
-    ap.add_argument("--switch-interval-ms", type=float, default=None,
-                    help="experiment: sys.setswitchinterval in every node (Python's default is 5 ms)")
-    ap.add_argument("--zero-copy-decode", action="store_true",
-                    help="experiment: replace paho's copying PUBLISH decoder in every node (see "
-                         "_install_zero_copy_publish_decoder)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the measured rounds, run one extra MQTT round under cProfile (CPU time of "
+        "the event-loop thread of every node) and print the top functions",
+    )
+    ap.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="experiment: sys.setswitchinterval in every node (Python's default is 5 ms)",
+    )
+    ap.add_argument(
+        "--zero-copy-decode",
+        action="store_true",
+        help="experiment: replace paho's copying PUBLISH decoder in every node (see "
+        "_install_zero_copy_publish_decoder)",
+    )
     args = ap.parse_args()
     if not 1 <= args.rounds <= 20:
         ap.error("--rounds must be 1..20")
@@ -700,7 +759,9 @@ def main() -> int:
 
             schedule = [("mqtt", True), ("floor", True)]  # warm-ups
             for k in range(args.rounds):
-                schedule += [("mqtt", False), ("floor", False)] if k % 2 == 0 else [("floor", False), ("mqtt", False)]
+                schedule += (
+                    [("mqtt", False), ("floor", False)] if k % 2 == 0 else [("floor", False), ("mqtt", False)]
+                )
             measured: dict[str, list[list[dict[str, Any]]]] = {"mqtt": [], "floor": []}
             longest = 0.0
             truncated = False
@@ -715,14 +776,20 @@ def main() -> int:
                 results = coord.round(mode, r)
                 longest = max(longest, time.monotonic() - t)
                 round_s = max(res["done"] for res in results)
-                print(f"round {r:2d} {mode:5s}{' (warm-up)' if warmup else ''}: {round_s:.3f} s", file=sys.stderr)
+                print(
+                    f"round {r:2d} {mode:5s}{' (warm-up)' if warmup else ''}: {round_s:.3f} s",
+                    file=sys.stderr,
+                )
                 if not warmup:
                     measured[mode].append(results)
             profile_rows: list[dict[str, Any]] = []
             if args.profile and not truncated and time.monotonic() - began + 2 * longest + 5 < TOTAL_BUDGET_S:
                 r += 1
                 results = coord.round("mqtt", r, profile=True)
-                print(f"round {r:2d} mqtt  (cProfile): {max(res['done'] for res in results):.3f} s", file=sys.stderr)
+                print(
+                    f"round {r:2d} mqtt  (cProfile): {max(res['done'] for res in results):.3f} s",
+                    file=sys.stderr,
+                )
                 paths = [str(Path(tmpdir) / f"prof-mqtt-{r}-{i}.pstats") for i in range(N_NODES)]
                 profile_rows = top_profile([p for p in paths if Path(p).exists()])
         finally:
@@ -742,40 +809,59 @@ def main() -> int:
     from p2pfl import envelope
 
     print()
-    print(f"{N_NODES} nodes, full mesh on {HOST}; model {n_params:,} float32 params in {len(resnet18_shapes())} "
-          f"tensors ({model_bytes / 1e6:.1f} MB); sealed message {first['message_bytes'] / 1e6:.1f} MB; "
-          f"sent per node per round {first['bytes_sent'] / 1e6:.1f} MB")
-    print(f"AEAD {envelope.DEFAULT_AEAD}, Outbox chunk {args.chunk_mib:g} MiB, {os.cpu_count()} CPUs, "
-          f"{len(mq)} measured rounds of each kind")
+    print(
+        f"{N_NODES} nodes, full mesh on {HOST}; model {n_params:,} float32 params in {len(resnet18_shapes())} "
+        f"tensors ({model_bytes / 1e6:.1f} MB); sealed message {first['message_bytes'] / 1e6:.1f} MB; "
+        f"sent per node per round {first['bytes_sent'] / 1e6:.1f} MB"
+    )
+    print(
+        f"AEAD {envelope.DEFAULT_AEAD}, Outbox chunk {args.chunk_mib:g} MiB, {os.cpu_count()} CPUs, "
+        f"{len(mq)} measured rounds of each kind"
+    )
     if args.switch_interval_ms or args.zero_copy_decode:
-        print(f"EXPERIMENT: switch interval {args.switch_interval_ms or 1000 * sys.getswitchinterval():g} ms, "
-              f"zero-copy PUBLISH decode {'on' if args.zero_copy_decode else 'off'}")
+        print(
+            f"EXPERIMENT: switch interval {args.switch_interval_ms or 1000 * sys.getswitchinterval():g} ms, "
+            f"zero-copy PUBLISH decode {'on' if args.zero_copy_decode else 'off'}"
+        )
     print()
     print(f"{'':<22}{'median s':>10}{'min s':>10}   rounds")
     print(f"{'MQTT round':<22}{_med(mq):>10.3f}{min(mq):>10.3f}   {' '.join(f'{x:.3f}' for x in mq)}")
     print(f"{'floor (raw TCP)':<22}{_med(fl):>10.3f}{min(fl):>10.3f}   {' '.join(f'{x:.3f}' for x in fl)}")
-    print(f"{'ratio':<22}{ratio:>10.2f}{min(mq) / min(fl):>10.2f}   "
-          f"(target <= {TARGET_RATIO:g}: {'met' if ratio <= TARGET_RATIO else 'MISSED'})")
+    print(
+        f"{'ratio':<22}{ratio:>10.2f}{min(mq) / min(fl):>10.2f}   "
+        f"(target <= {TARGET_RATIO:g}: {'met' if ratio <= TARGET_RATIO else 'MISSED'})"
+    )
     print()
-    print("phases (s; times are since the common start; median over rounds of the node median / node max;"
-          " 'sum' = all 5 nodes)")
+    print(
+        "phases (s; times are since the common start; median over rounds of the node median / node max;"
+        " 'sum' = all 5 nodes)"
+    )
     print(f"{'phase':<22}{'mqtt med':>10}{'mqtt max':>10}{'floor med':>11}{'floor max':>11}")
     for key in phases["mqtt"]:
         m, f = phases["mqtt"][key], phases["floor"][key]
-        print(f"{key:<22}{m['node_median']:>10.3f}{m['node_max']:>10.3f}{f['node_median']:>11.3f}{f['node_max']:>11.3f}")
-    print("  publish_end: MQTT = publish_update returned (parts queued in the broker); floor = every sendall done."
-          "\n  first_part_in / all_received: first byte / last part of the 4 updates; transfer_per_msg_s: first"
-          " to last part\n  of one update; open/decode sums: the 4 open_envelope / decode+check+flatten calls"
-          " (wall, concurrent);\n  mean_s: last decode -> averaged vector.")
+        print(
+            f"{key:<22}{m['node_median']:>10.3f}{m['node_max']:>10.3f}{f['node_median']:>11.3f}{f['node_max']:>11.3f}"
+        )
+    print(
+        "  publish_end: MQTT = publish_update returned (parts queued in the broker); floor = every sendall done."
+        "\n  first_part_in / all_received: first byte / last part of the 4 updates; transfer_per_msg_s: first"
+        " to last part\n  of one update; admit_sum_s: the 4 RoundCore.admit calls"
+        " (wall, concurrent);\n  mix_s: last admit -> mixed vector."
+    )
     cpu_m, cpu_f = phases["mqtt"]["cpu_s"]["all_nodes_sum"], phases["floor"]["cpu_s"]["all_nodes_sum"]
-    tr_m, tr_f = phases["mqtt"]["transport_cpu_s"]["all_nodes_sum"], phases["floor"]["transport_cpu_s"]["all_nodes_sum"]
+    tr_m, tr_f = (
+        phases["mqtt"]["transport_cpu_s"]["all_nodes_sum"],
+        phases["floor"]["transport_cpu_s"]["all_nodes_sum"],
+    )
     print(f"{'CPU s, all nodes':<22}{cpu_m:>10.3f}{'':>10}{cpu_f:>11.3f}   (ratio {cpu_m / cpu_f:.2f})")
     print(f"{'transport CPU s, all':<22}{tr_m:>10.3f}{'':>10}{tr_f:>11.3f}")
     print("  (transport CPU: MQTT = event-loop thread, i.e. publish_update, broker sends, paho reads,")
     print("   reassembly; floor = send/receive threads, admit excluded. Crypto/codec run in other threads.)")
     if profile_rows:
         print()
-        print("cProfile (thread CPU time), event-loop threads of all 5 nodes, one MQTT round, top by own time:")
+        print(
+            "cProfile (thread CPU time), event-loop threads of all 5 nodes, one MQTT round, top by own time:"
+        )
         print(f"{'tottime s':>10}{'cumtime s':>10}{'calls':>9}  function")
         for row in profile_rows:
             print(f"{row['tottime_s']:>10.3f}{row['cumtime_s']:>10.3f}{row['calls']:>9}  {row['func']}")
@@ -800,7 +886,9 @@ def main() -> int:
         "cpu_s_all_nodes_floor": round(cpu_f, 3),
         "transport_cpu_s_all_nodes_mqtt": round(tr_m, 3),
         "transport_cpu_s_all_nodes_floor": round(tr_f, 3),
-        "phases_node_max_s": {mode: {k: round(v["node_max"], 4) for k, v in t.items()} for mode, t in phases.items()},
+        "phases_node_max_s": {
+            mode: {k: round(v["node_max"], 4) for k, v in t.items()} for mode, t in phases.items()
+        },
         "aead": envelope.DEFAULT_AEAD,
         "chunk_bytes": int(args.chunk_mib * (1 << 20)),
         "cpus": os.cpu_count(),

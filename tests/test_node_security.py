@@ -114,7 +114,7 @@ async def _scenario(tmp: Path) -> None:
     try:
         await until(lambda: a.identity.node_id in node.members())
         await until(lambda: node.metrics.rejected["bad_signature"] == 1)  # the impostor's proof (see below)
-        node.round = 1
+        node.core.round = 1
         b_id, b_box = node.node_id, node.identity.box_public_bytes
         good = get_params(node.model)
 
@@ -129,7 +129,7 @@ async def _scenario(tmp: Path) -> None:
 
         first = sealed(good, a.meta(1))
         await send(first)
-        await until(lambda: a.identity.node_id in node.inbox.updates.get(1, {}))
+        await until(lambda: a.identity.node_id in node.core.inbox.of(1))
 
         await send(first)  # captured and replayed later
         await until(lambda: rejected("replay") == 1)
@@ -170,14 +170,14 @@ async def _scenario(tmp: Path) -> None:
         await impostor.outbox.publish_update(seal(codec.encode(good), impostor.meta(1), impostor.identity,
                                                   {b_id: b_box}), [b_id])
         await asyncio.sleep(2)  # the link never subscribed to the unproven broker's inbox: nothing arrives
-        assert impostor.identity.node_id not in node.inbox.updates.get(1, {})
-        impostor_link = next(p.link for p in node.peers.values() if p.cert and p.cert.name == "node-d")
+        assert impostor.identity.node_id not in node.core.inbox.of(1)
+        impostor_link = next(p.link for p in node.mesh.peers.values() if p.cert and p.cert.name == "node-d")
         assert impostor_link.trusted_publisher is None
 
         # Nothing was lost: the next honest update is still accepted.
-        node.round = 2
+        node.core.round = 2
         await send(sealed(good, a.meta(2)))
-        await until(lambda: a.identity.node_id in node.inbox.updates.get(2, {}))
+        await until(lambda: a.identity.node_id in node.core.inbox.of(2))
 
         # A plain MQTT client without credentials can neither connect to subscribe nor publish.
         with pytest.raises(MqttConnectError):
@@ -185,7 +185,7 @@ async def _scenario(tmp: Path) -> None:
                 pass
         assert rejected("auth_failed") >= 1  # the anonymous attempt was counted
         # A certified member can connect but cannot overwrite what the node publishes.
-        cert_topic = f"p2pfl/{node.fed}/{b_id}/cert"
+        cert_topic = f"p2pfl/{node.root.federation_id}/{b_id}/cert"
         async with aiomqtt.Client(HOST, cfg.node.port, username=a.identity.node_id,
                                   password=make_token(a.identity, a.cert), identifier="member", timeout=5) as client:
             await client.publish(cert_topic, b"forged", qos=1, retain=True)

@@ -1,0 +1,221 @@
+"""The node's view of the network: who is a proven member, and how an update reaches its recipients.
+
+`Mesh` is what the node needs from a transport; the node is handed one, so multi-node logic can be
+tested with an in-memory mesh while end-to-end tests run `MqttMesh`, the real thing:
+
+- its own broker (the outbox), where it publishes its certificate and one copy of each update per
+  recipient, on that recipient's inbox topic;
+- a link to every advertised peer's broker (mDNS, or static peers), which fetches the peer's
+  certificate and a fresh proof that the broker holds the certified key, then subscribes to the
+  peer's updates for us;
+- membership: the peers whose certificate chains to the federation root, matches what discovery
+  advertised, and whose broker proved possession of the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from p2pfl.config import NodeConfig
+from p2pfl.discovery import Discovery, PeerAd
+from p2pfl.errors import Reason, Rejected
+from p2pfl.federation import (
+    Certificate,
+    FederationRoot,
+    make_broker_proof,
+    make_token,
+    verify_broker_proof,
+    verify_token,
+)
+from p2pfl.identity import Identity
+from p2pfl.metrics import Metrics
+from p2pfl.transport import Outbox, PeerLink
+
+__all__ = ["Mesh", "MqttMesh", "OnUpdate"]
+
+log = logging.getLogger("p2pfl.mesh")
+
+OnUpdate = Callable[[str, bytes], Awaitable[None]]  # (publisher node id, message)
+
+
+class Mesh(Protocol):
+    """What the node needs from the network; `on_change` fires whenever membership may have changed."""
+
+    def members(self) -> dict[str, Certificate]:
+        """Proven members reachable now (the node itself not included)."""
+        ...
+
+    async def start(self, on_update: OnUpdate, on_change: Callable[[], None]) -> None: ...
+
+    async def publish(self, message: bytes, recipients: Sequence[str]) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass
+class Peer:
+    """One neighbour broker we hold a link to; `cert` is set once its certificate checks out."""
+
+    link: PeerLink
+    cert: Certificate | None = None
+    fingerprint: str | None = None  # what mDNS advertised; the certificate must match it
+    proof: tuple[str, bytes, str] | None = None  # (publisher, proof, session password) awaiting the cert
+
+
+class MqttMesh:
+    """Own embedded broker + links to peers' brokers + mDNS discovery, with certificate proofs."""
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        *,
+        identity: Identity,
+        cert: Certificate,
+        root: FederationRoot,
+        metrics: Metrics,
+    ) -> None:
+        self.cfg = cfg
+        self.identity, self.cert, self.root, self.metrics = identity, cert, root, metrics
+        self.node_id = identity.node_id
+        self.fed = root.federation_id
+        self.peers: dict[str, Peer] = {}  # by "host:port"
+        self.outbox = Outbox(
+            cfg.node.host,
+            cfg.node.port,
+            self.fed,
+            self.node_id,
+            authenticate=lambda username, password: verify_token(root, username, password).node_id,
+            on_reject=lambda reason, detail: metrics.reject(reason, detail, peer="broker client"),
+            prove=lambda client, password: make_broker_proof(identity, self.fed, client, password),
+        )
+        self.discovery: Discovery | None = None
+        self._on_update: OnUpdate | None = None
+        self._on_change: Callable[[], None] = lambda: None
+        self._tasks: set[asyncio.Task[None]] = set()  # link starts/stops: kept so none is lost
+
+    # -- Mesh ---------------------------------------------------------------------------------------
+
+    def members(self) -> dict[str, Certificate]:
+        return {
+            p.cert.node_id: p.cert
+            for p in self.peers.values()
+            if p.cert and p.link.connected and p.link.trusted_publisher == p.cert.node_id
+        }
+
+    async def start(self, on_update: OnUpdate, on_change: Callable[[], None]) -> None:
+        self._on_update, self._on_change = on_update, on_change
+        await self.outbox.start()
+        await self.outbox.publish_certificate(self.cert.to_bytes())
+        for peer in self.cfg.discovery.static_peers:
+            host, _, port = peer.rpartition(":")
+            self._add_link(host, int(port), None)
+        if self.cfg.discovery.mdns:
+            node = self.cfg.node
+            ad = PeerAd(self.node_id, self.fed, node.name, node.host, node.port, self.cert.fingerprint())
+            self.discovery = Discovery(ad, self.cfg.discovery.interfaces, on_change=self._sync_links)
+            await self.discovery.start()
+
+    async def publish(self, message: bytes, recipients: Sequence[str]) -> None:
+        await self.outbox.publish_update(message, list(recipients))
+
+    async def stop(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
+        await asyncio.gather(
+            *(p.link.stop() for p in self.peers.values()), *self._tasks, return_exceptions=True
+        )
+        await self.outbox.stop()
+
+    # -- links --------------------------------------------------------------------------------------
+
+    def _credentials(self) -> tuple[str, str]:
+        return self.node_id, make_token(self.identity, self.cert)
+
+    def _add_link(self, host: str, port: int, fingerprint: str | None) -> None:
+        address = f"{host}:{port}"
+        if address in self.peers or (host, port) == (self.cfg.node.host, self.cfg.node.port):
+            return
+        link = PeerLink(
+            host,
+            port,
+            self.fed,
+            self._credentials,
+            on_certificate=lambda pub, data: self._on_certificate(address, pub, data),
+            on_update=lambda pub, msg: self._deliver(pub, msg),
+            on_reject=lambda reason, detail: self.metrics.reject(reason, detail, peer=address),
+            max_message_bytes=int(self.cfg.gossip.max_update_mb * (1 << 20)),
+            on_proof=lambda pub, proof, password: self._on_proof(address, pub, proof, password),
+        )
+        self.peers[address] = Peer(link=link, fingerprint=fingerprint)
+        self._spawn(link.start())
+
+    async def _deliver(self, publisher: str, message: bytes) -> None:
+        if self._on_update is not None:
+            await self._on_update(publisher, message)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _sync_links(self) -> None:
+        """Follow discovery: link to new peers, drop vanished ones (static peers always stay)."""
+        assert self.discovery is not None
+        advertised = {f"{a.host}:{a.port}": a for a in self.discovery.peers().values()}
+        for ad in advertised.values():
+            self._add_link(ad.host, ad.port, ad.fingerprint)
+        for address in list(self.peers):
+            if address not in advertised and address not in self.cfg.discovery.static_peers:
+                peer = self.peers.pop(address)
+                log.info("peer at %s vanished", address)
+                self._spawn(peer.link.stop())
+        self._on_change()
+
+    # -- proving who a broker is --------------------------------------------------------------------
+
+    def _on_certificate(self, address: str, publisher: str, data: bytes) -> None:
+        peer = self.peers.get(address)
+        if peer is None or publisher == self.node_id:
+            return
+        try:
+            cert = Certificate.from_bytes(data)
+            self.root.verify(cert)
+            if cert.node_id != publisher:
+                raise Rejected(Reason.UNCERTIFIED, f"certificate of {cert.node_id} published by {publisher}")
+            if peer.fingerprint and cert.fingerprint() != peer.fingerprint:
+                raise Rejected(Reason.UNCERTIFIED, "certificate does not match the advertised fingerprint")
+        except Rejected as exc:
+            self.metrics.reject(exc.reason, exc.detail, peer=address)
+            return
+        peer.cert = cert
+        self._check_proof(address, peer)
+
+    def _on_proof(self, address: str, publisher: str, proof: bytes, password: str) -> None:
+        peer = self.peers.get(address)
+        if peer is not None:
+            peer.proof = (publisher, proof, password)
+            self._check_proof(address, peer)
+
+    def _check_proof(self, address: str, peer: Peer) -> None:
+        """Trust a link only once its broker signed our fresh token with the certificate's key:
+        certificates are public, so serving one proves nothing by itself."""
+        if peer.cert is None or peer.proof is None:
+            return
+        (publisher, proof, password), peer.proof = peer.proof, None
+        if publisher != peer.cert.node_id or not verify_broker_proof(
+            peer.cert, self.node_id, password, proof
+        ):
+            self.metrics.reject(
+                Reason.BAD_SIGNATURE,
+                f"broker at {address} could not prove it holds the key of {peer.cert.name} ({peer.cert.node_id})",
+                peer=address,
+            )
+            return
+        if peer.link.trusted_publisher is None:
+            log.info("peer %s (%s) at %s certified and proven", peer.cert.name, peer.cert.node_id, address)
+        peer.link.trusted_publisher = peer.cert.node_id
+        self._on_change()
