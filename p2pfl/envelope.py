@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover - other pynacl builds: fall back to the 
     _ffi = _lib = None
 
 MAGIC = b"P2E1"
-VERSION = 1
+VERSION = 2  # 2: no membership epoch in the header (it was never checked; see p2pfl.round)
 _PREFIX = struct.Struct("<4sI")
 SIG_BYTES = 64
 KEY_BYTES = 32
@@ -66,7 +66,6 @@ MAX_CHUNK_BYTES = 64 << 20
 MAX_HEADER_BYTES = 4 << 20
 MAX_RECIPIENTS = 10_000
 _MAX_ID = 64
-_MAX_EPOCH = 256
 
 AES = "aes256gcm"
 XCHACHA = "xchacha20poly1305"
@@ -112,7 +111,7 @@ def _map(fn: Callable[[int], Any], count: int) -> list[Any]:
     return list(_pool().map(fn, range(count)))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UpdateMeta:
     """Who sent which update when; signed as part of the envelope header."""
 
@@ -121,7 +120,6 @@ class UpdateMeta:
     round: int
     seq: int
     timestamp: float
-    epoch: str
     samples: int
     degree: int
 
@@ -250,7 +248,6 @@ def seal(payload: bytes, meta: UpdateMeta, identity: Identity, recipients: Mappi
             "round": meta.round,
             "seq": meta.seq,
             "timestamp": float(meta.timestamp),
-            "epoch": meta.epoch,
             "samples": meta.samples,
             "degree": meta.degree,
             "aead": aead,
@@ -294,8 +291,6 @@ def _meta_problem(meta: UpdateMeta) -> str | None:
         return "sender must be a short string"
     if not (isinstance(meta.federation, str) and 0 < len(meta.federation) <= _MAX_ID):
         return "federation must be a short string"
-    if not (isinstance(meta.epoch, str) and len(meta.epoch) <= _MAX_EPOCH):
-        return "epoch must be a short string"
     for field in ("round", "seq", "samples", "degree"):
         value = getattr(meta, field)
         if not (_is_int(value) and 0 <= value < 1 << 63):
@@ -314,7 +309,6 @@ _HEADER_KEYS = frozenset(
         "round",
         "seq",
         "timestamp",
-        "epoch",
         "samples",
         "degree",
         "aead",
@@ -369,7 +363,6 @@ def _parse(message: Any) -> _Parsed:
         round=h["round"],
         seq=h["seq"],
         timestamp=h["timestamp"],
-        epoch=h["epoch"],
         samples=h["samples"],
         degree=h["degree"],
     )
@@ -417,7 +410,7 @@ def _parse(message: Any) -> _Parsed:
 
 
 def open_envelope(
-    message: bytes,
+    message: bytes | bytearray | memoryview,
     identity: Identity,
     root: FederationRoot,
     certificates: Callable[[str], Certificate | None],

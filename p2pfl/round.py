@@ -195,7 +195,6 @@ class RoundCore:
             round=plan.round,
             seq=self.seq,
             timestamp=time.time(),
-            epoch=plan.epoch,  # TODO(lead): drop from the header
             samples=self.samples,
             degree=plan.degree,
         )
@@ -205,7 +204,7 @@ class RoundCore:
     # -- admit --------------------------------------------------------------------------------------
 
     def admit(
-        self, publisher: str, message: bytes | memoryview, members: Mapping[str, Certificate]
+        self, publisher: str, message: bytes | bytearray | memoryview, members: Mapping[str, Certificate]
     ) -> tuple[int, Neighbour]:
         """Open, check and flatten one update; (its round, the neighbour) or Rejected with the reason.
 

@@ -361,7 +361,6 @@ def _sealed_size(spec_key: tuple, recipients: int) -> int:
         round=1,
         seq=time.time_ns() // 1000,
         timestamp=time.time(),
-        epoch="0" * 16,
         samples=100,
         degree=recipients,
     )

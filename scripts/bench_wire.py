@@ -94,7 +94,15 @@ def main() -> None:
     seq = iter(range(1, 1 << 30))
 
     def meta() -> E.UpdateMeta:
-        return E.UpdateMeta(sender.node_id, root.federation_id, 1, next(seq), time.time(), "e0", 1000, 4)
+        return E.UpdateMeta(
+            sender=sender.node_id,
+            federation=root.federation_id,
+            round=1,
+            seq=next(seq),
+            timestamp=time.time(),
+            samples=1000,
+            degree=4,
+        )
 
     payload = codec.encode(params)
     message = E.seal(payload, meta(), sender, recipients)

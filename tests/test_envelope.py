@@ -47,7 +47,6 @@ class Fed:
             round=3,
             seq=seq,
             timestamp=ts,
-            epoch="epoch-1",
             samples=120,
             degree=3,
         )
@@ -244,7 +243,9 @@ def test_failed_open_does_not_record(fed: Fed) -> None:
 def test_replay_guard_is_bounded() -> None:
     guard = ReplayGuard(max_senders=3)
     for i in range(5):
-        guard.record(UpdateMeta(f"s{i}", "f", 0, 1, NOW, "e", 1, 1))
+        guard.record(
+            UpdateMeta(sender=f"s{i}", federation="f", round=0, seq=1, timestamp=NOW, samples=1, degree=1)
+        )
     assert guard.last_seq("s0") is None and guard.last_seq("s1") is None
     assert [guard.last_seq(f"s{i}") for i in (2, 3, 4)] == [1, 1, 1]
 
@@ -301,9 +302,10 @@ def test_signed_but_malformed_headers(fed: Fed, small_chunks) -> None:
     message = seal(os.urandom(2500), fed.meta(sender), sender, fed.recipients(reader))
     assert fed.open(_repack(message, sender), reader)[0].seq == 1  # the re-signing helper is faithful
     cases = {
-        "missing field": {"epoch": KeyError},
+        "missing field": {"degree": KeyError},
         "extra field": {"x": 1},
-        "version": {"v": 2},
+        "version": {"v": E.VERSION + 1},
+        "old version": {"v": 1},
         "bool version": {"v": True},
         "round type": {"round": "3"},
         "negative seq": {"seq": -1},

@@ -49,8 +49,8 @@ def certify(authority: FederationAuthority, name: str, directory: Path) -> tuple
 def forge(message: bytes, signer: Identity) -> bytes:
     """Replace an envelope's header signature with one made by another key."""
     (header_len,) = struct.unpack_from("<I", message, 4)
-    header = message[8:8 + header_len]
-    return message[:8 + header_len] + signer.sign(SIGN_DOMAIN + header) + message[8 + header_len + 64:]
+    header = message[8 : 8 + header_len]
+    return message[: 8 + header_len] + signer.sign(SIGN_DOMAIN + header) + message[8 + header_len + 64 :]
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -64,17 +64,23 @@ async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
 class Neighbour:
     """A hand-driven certified peer: its own broker, its own keys, updates crafted by the test."""
 
-    def __init__(self, authority: FederationAuthority, name: str, directory: Path,
-                 prover: Identity | None = None) -> None:
+    def __init__(
+        self, authority: FederationAuthority, name: str, directory: Path, prover: Identity | None = None
+    ) -> None:
         """`prover`: whose key answers the broker proof (an impostor serving a public certificate
         does not hold the certified key)."""
         self.identity, self.cert = certify(authority, name, directory)
         root = authority.root
         prover = prover or self.identity
-        self.outbox = Outbox(HOST, free_port(), root.federation_id, self.identity.node_id,
-                             authenticate=lambda u, p: verify_token(root, u, p).node_id,
-                             on_reject=lambda reason, detail: None,
-                             prove=lambda client, pw: make_broker_proof(prover, root.federation_id, client, pw))
+        self.outbox = Outbox(
+            HOST,
+            free_port(),
+            root.federation_id,
+            self.identity.node_id,
+            authenticate=lambda u, p: verify_token(root, u, p).node_id,
+            on_reject=lambda reason, detail: None,
+            prove=lambda client, pw: make_broker_proof(prover, root.federation_id, client, pw),
+        )
         self.seq = 0
 
     async def start(self) -> None:
@@ -83,8 +89,15 @@ class Neighbour:
 
     def meta(self, round_: int, **changes: object) -> UpdateMeta:
         self.seq += 1
-        fields = dict(sender=self.identity.node_id, federation=self.cert.federation_id, round=round_,
-                      seq=self.seq, timestamp=time.time(), epoch="test", samples=100, degree=1)
+        fields = dict(
+            sender=self.identity.node_id,
+            federation=self.cert.federation_id,
+            round=round_,
+            seq=self.seq,
+            timestamp=time.time(),
+            samples=100,
+            degree=1,
+        )
         fields.update(changes)
         return UpdateMeta(**fields)  # type: ignore[arg-type]
 
@@ -134,7 +147,9 @@ async def _scenario(tmp: Path) -> None:
         await send(first)  # captured and replayed later
         await until(lambda: rejected("replay") == 1)
 
-        await send(forge(sealed(good, a.meta(1)), c.identity))  # re-signed by a key A's certificate does not hold
+        await send(
+            forge(sealed(good, a.meta(1)), c.identity)
+        )  # re-signed by a key A's certificate does not hold
         await until(lambda: rejected("bad_signature") == 2)
 
         await send(b"\x00garbage" * 100)
@@ -159,7 +174,9 @@ async def _scenario(tmp: Path) -> None:
         await until(lambda: rejected("wrong_federation") == 1)
 
         stranger = Identity.generate()
-        await send(seal(codec.encode(good), a.meta(1), a.identity, {stranger.node_id: stranger.box_public_bytes}))
+        await send(
+            seal(codec.encode(good), a.meta(1), a.identity, {stranger.node_id: stranger.box_public_bytes})
+        )
         await until(lambda: rejected("not_recipient") == 1)
 
         # The outsider's broker refuses the node, and the node never counts the outsider as a member;
@@ -167,8 +184,9 @@ async def _scenario(tmp: Path) -> None:
         await until(lambda: rejected("bad_signature") == 2)
         assert c.identity.node_id not in node.members()
         assert impostor.identity.node_id not in node.members()
-        await impostor.outbox.publish_update(seal(codec.encode(good), impostor.meta(1), impostor.identity,
-                                                  {b_id: b_box}), [b_id])
+        await impostor.outbox.publish_update(
+            seal(codec.encode(good), impostor.meta(1), impostor.identity, {b_id: b_box}), [b_id]
+        )
         await asyncio.sleep(2)  # the link never subscribed to the unproven broker's inbox: nothing arrives
         assert impostor.identity.node_id not in node.core.inbox.of(1)
         impostor_link = next(p.link for p in node.mesh.peers.values() if p.cert and p.cert.name == "node-d")
@@ -186,8 +204,14 @@ async def _scenario(tmp: Path) -> None:
         assert rejected("auth_failed") >= 1  # the anonymous attempt was counted
         # A certified member can connect but cannot overwrite what the node publishes.
         cert_topic = f"p2pfl/{node.root.federation_id}/{b_id}/cert"
-        async with aiomqtt.Client(HOST, cfg.node.port, username=a.identity.node_id,
-                                  password=make_token(a.identity, a.cert), identifier="member", timeout=5) as client:
+        async with aiomqtt.Client(
+            HOST,
+            cfg.node.port,
+            username=a.identity.node_id,
+            password=make_token(a.identity, a.cert),
+            identifier="member",
+            timeout=5,
+        ) as client:
             await client.publish(cert_topic, b"forged", qos=1, retain=True)
             await client.subscribe(cert_topic, qos=1)
             message = await asyncio.wait_for(anext(aiter(client.messages)), timeout=10)

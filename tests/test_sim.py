@@ -154,7 +154,9 @@ def test_message_bytes_match_a_real_sealed_update_and_are_counted_per_neighbour(
     params = {"w": np.zeros((10, 64), dtype=np.float32), "b": np.zeros(10, dtype=np.float32)}
     me = Identity.generate()
     peers = {Identity.generate().node_id: Identity.generate().box_public_bytes for _ in range(5)}
-    meta = UpdateMeta(me.node_id, "ab" * 8, 3, 17, 1.5e9, "cd" * 8, 120, 5)
+    meta = UpdateMeta(
+        sender=me.node_id, federation="ab" * 8, round=3, seq=17, timestamp=1.5e9, samples=120, degree=5
+    )
     real = len(seal(codec.encode(params), meta, me, peers))
     assert abs(message_bytes(params, 5) - real) <= 16  # header integers vary by a few bytes
     res = simulate(SimConfig(nodes=8, rounds=2, topology="ring"))

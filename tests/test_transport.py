@@ -448,7 +448,6 @@ def sealed_update(
         round=1,
         seq=1,
         timestamp=time.time(),
-        epoch="e0",
         samples=10,
         degree=len(recipients),
     )
