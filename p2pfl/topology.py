@@ -17,8 +17,8 @@ A topology is named by a built-in, optionally with parameters after colons:
 or by a file path: a TOML file (`[topology] kind = "ring"` plus the family's parameters and an
 optional `seed`, or `kind = "edges"` with `edges = [["node-0", "node-1"], ...]`), or a plain text
 edge list ("a b" per line, # comments). Edge-list files name nodes by their human name (`labels[i]`
-is the name of index i) or by integer index. Bare file names are also looked up in the repo's
-`topologies/` directory.
+is the name of index i) or by integer index. Bare file names are also looked up in the package's
+`p2pfl/topologies/` directory (installed with the package; the repo's top-level `topologies/` links to it).
 
 "one-peer-exponential" is time-varying: in round t every node has at most one neighbour, its
 partner i XOR 2^(t mod ceil(log2 n)) (the undirected, hypercube form of the one-peer exponential
@@ -40,6 +40,7 @@ import networkx as nx
 import numpy as np
 import scipy.sparse as sp
 
+from p2pfl.aggregation.weights import mh_weight, sample_accept
 from p2pfl.errors import ConfigError
 
 BUILTIN_TOPOLOGIES = (
@@ -81,7 +82,7 @@ _PARAMS = {  # family -> parameters a file or a name may set (in name order)
     "small-world": ("k", "p"),
 }
 _FILE_KEYS = {"kind", "seed", "edges", "degree", "p", "k", "connected", "description", "name"}
-_TOPOLOGY_DIR = Path(__file__).resolve().parent.parent / "topologies"
+_TOPOLOGY_DIR = Path(__file__).resolve().parent / "topologies"  # shipped inside the package
 
 
 def known_topologies() -> str:
@@ -100,7 +101,8 @@ class Topology:
     """A parsed topology: a family with its parameters, or an explicit edge list.
 
     `seed` (from a file) overrides the seed the caller passes; `edges` is set for kind "edges".
-    Parse once with `parse_topology` and call `graph` every round (the simulator does).
+    Parse once with `parse_topology` and call `graph` (the simulator) or `view` (a node) every round:
+    a topology file is read once, when parsed.
     """
 
     kind: str
@@ -128,6 +130,28 @@ class Topology:
         if self.kind == "edges":
             return _edge_graph(self.edges, n, labels)
         return _family(self.kind, n, self.seed if self.seed is not None else seed, round, self.params)
+
+    def view(
+        self,
+        members: Sequence[str],
+        me: str,
+        round: int,
+        *,
+        seed: int = 0,
+        names: Mapping[str, str] | None = None,
+    ) -> View:
+        """Everything a node derives from (certified members, topology, seed, round), alike on every node.
+
+        `members` (me included or not) are sorted by node id and indexed; `names` maps node id -> human
+        name so that edge-list files can say "node-0". Members a file does not mention are isolated;
+        edges to nodes that are not currently members are dropped.
+        """
+        order = sorted(set(members) | {me})
+        labels = [(names or {}).get(m, m) for m in order]
+        graph = self.graph(len(order), seed=seed, round=round, labels=labels)
+        index = order.index(me)
+        nbrs = sorted(order[j] for j in graph.neighbors(index) if order[j] != me)
+        return View(epoch_id(order), index, len(order), nbrs, len(nbrs))
 
 
 def parse_topology(name: str) -> Topology:
@@ -190,13 +214,11 @@ def neighbours(
     seed: int = 0,
     names: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Node ids of `me`'s neighbours this round (sorted, deterministic on every node).
+    """Node ids of `me`'s neighbours this round (sorted): parse_topology(name).view(...).neighbours.
 
-    `members` (me included or not) are sorted by node id and indexed; `names` maps node id -> human
-    name so that edge-list files can say "node-0". Members a file does not mention are isolated;
-    edges to nodes that are not currently members are dropped.
+    Parses `name` on every call: a node keeps the parsed Topology and calls its `view` instead.
     """
-    return view(name, members, me, round, seed=seed, names=names).neighbours
+    return parse_topology(name).view(members, me, round, seed=seed, names=names).neighbours
 
 
 @dataclass(frozen=True)
@@ -208,23 +230,6 @@ class View:
     n: int
     neighbours: list[str]  # node ids, sorted
     degree: int  # len(neighbours): the header's degree field
-
-
-def view(
-    name: str,
-    members: Sequence[str],
-    me: str,
-    round: int,
-    seed: int = 0,
-    names: Mapping[str, str] | None = None,
-) -> View:
-    """Everything a node derives from (certified members, topology, seed, round), alike on every node."""
-    order = sorted(set(members) | {me})
-    labels = [(names or {}).get(m, m) for m in order]
-    graph = build_graph(name, len(order), seed=seed, round=round, labels=labels)
-    index = order.index(me)
-    nbrs = sorted(order[j] for j in graph.neighbors(index) if order[j] != me)
-    return View(epoch_id(order), index, len(order), nbrs, len(nbrs))
 
 
 def epoch_id(members: Iterable[str]) -> str:
@@ -454,13 +459,13 @@ def _edge_weights(graph: nx.Graph, samples: Sequence[float] | np.ndarray | None)
         if u == v:
             continue
         i, j = pos[u], pos[v]
-        base = 1.0 / (1.0 + max(deg[u], deg[v]))
+        base = mh_weight(deg[u], deg[v])
         rows += [i, j]
         cols += [j, i]
         if s is None:
             vals += [base, base]
         else:
-            vals += [base * _accept(s[i], s[j]), base * _accept(s[j], s[i])]
+            vals += [base * sample_accept(s[i], s[j]), base * sample_accept(s[j], s[i])]
     return len(nodes), rows, cols, vals
 
 
@@ -474,11 +479,6 @@ def edge_arrays(graph: nx.Graph) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     order = np.lexsort((cols, rows))
     rows, cols = rows[order], cols[order]
     return rows, cols, np.bincount(rows, minlength=n)
-
-
-def _accept(s_i: float, s_j: float) -> float:
-    """min(1, s_j / s_i): the pull of j on i under the sample-weighted rule (1 when s_i is 0)."""
-    return 1.0 if s_i <= 0 else min(1.0, s_j / s_i)
 
 
 def mixing_matrix(graph: nx.Graph, samples: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
@@ -515,12 +515,13 @@ def spectral_gap(w: np.ndarray | sp.spmatrix) -> float:
     if n <= 1:
         return 1.0
     if sp.issparse(w):
+        sparse: Any = w
         if n <= DENSE_EIG_LIMIT:
-            w = w.toarray()
+            w = sparse.toarray()
         else:
             from scipy.sparse.linalg import eigs, eigsh
 
-            a = w.astype(np.float64)
+            a = sparse.astype(np.float64)
             sym = abs(a - a.T).max() < 1e-12
             vals = (eigsh if sym else eigs)(a, k=2, which="LM", return_eigenvectors=False)
             return float(1.0 - np.sort(np.abs(vals))[-2])

@@ -506,3 +506,126 @@ def test_balance_test_with_time_decay() -> None:
         reputation=Reputation(gamma=0.5),
     )
     assert res.reputation["c"] == 0.5 and res.reputation["a"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------- registry
+
+from p2pfl.aggregation import (  # noqa: E402
+    COORDINATE_RULES,
+    Rule,
+    get_rule,
+    node_rules,
+    register,
+    rule_names,
+)
+from p2pfl.aggregation import base as agg_base  # noqa: E402
+from p2pfl.aggregation import weights as agg_weights  # noqa: E402
+
+
+def test_registry_names_and_attributes() -> None:
+    assert (
+        RULES
+        == rule_names()
+        == ("clipped", "mean", "weighted", "push-sum", "trimmed-mean", "median", "robust")
+    )
+    assert DEFAULT_RULE in RULES
+    for name in RULES:
+        rule = get_rule(name)
+        assert isinstance(rule, Rule) and rule.name == name
+    assert [r for r in RULES if get_rule(r).needs_reputation] == ["robust"]
+    assert [r for r in RULES if get_rule(r).clips] == ["clipped", "robust"]
+    assert COORDINATE_RULES == ("trimmed-mean", "median")
+
+
+def test_node_rules_exclude_push_sum() -> None:
+    assert "push-sum" in RULES and "push-sum" not in node_rules()
+    assert node_rules() == tuple(r for r in RULES if r != "push-sum")
+    assert not get_rule("push-sum").node_capable
+
+
+def test_unknown_rule_is_a_config_error_listing_the_known_rules() -> None:
+    with pytest.raises(ConfigError) as err:
+        get_rule("krum")
+    assert "krum" in str(err.value) and all(name in str(err.value) for name in RULES)
+    x = np.zeros(3, dtype=np.float32)
+    with pytest.raises(ConfigError, match="known: clipped, mean"):
+        mix(x, 1, [], rule="krum")
+    with pytest.raises(ConfigError, match="unknown aggregation rule"):
+        mix_many(x[None, :], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(1), "krum")
+
+
+def test_a_new_rule_is_one_registered_class(monkeypatch) -> None:
+    """A rule registered with @register is found by name and run by mix / mix_many."""
+    from p2pfl.aggregation.rules.linear import LinearRule
+
+    monkeypatch.setattr(agg_base, "_REGISTRY", dict(agg_base._REGISTRY))
+
+    @register
+    class Lazy(LinearRule):  # keeps half of every MH weight at home
+        name = "lazy"
+        node_capable = False
+
+        def reweight(self, s, tau):
+            for nb in s.usable:
+                s.weights[nb.node_id] *= 0.5
+
+        def reweight_many(self, m, coef, tau):
+            coef = coef * 0.5
+            return coef, coef
+
+    assert rule_names()[-1] == "lazy" and "lazy" not in node_rules()
+    with pytest.raises(ValueError, match="twice"):
+        register(Lazy)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    rows, cols, deg = edge_arrays(build_graph("ring", 6))
+    many = mix_many(x, rows, cols, deg, "lazy")
+    for i in range(6):
+        got = [nb(str(j), x[j], int(deg[j])) for j in cols[rows == i]]
+        one = mix(x[i], int(deg[i]), got, "lazy")
+        assert np.allclose(one.vector, many.vectors[i], atol=1e-6)
+        assert one.own_weight == pytest.approx(1 - 0.5 * 2 / 3)
+
+
+# ---------------------------------------------------------------------------------------- weight formulas
+
+
+def test_vectorised_weights_equal_the_scalar_ones() -> None:
+    di, dj = np.array([0, 1, 3, 5, 2, 7]), np.array([0, 4, 3, -1, 9, 2])
+    assert agg_weights.mh_weights(di, dj).tolist() == [mh_weight(a, b) for a, b in zip(di, dj, strict=True)]
+    si = np.array([0.0, 10.0, 10.0, -3.0, 5.0, 100.0])
+    sj = np.array([7.0, 5.0, 20.0, 4.0, -1.0, 100.0])
+    acc = agg_weights.sample_accepts(si, sj)
+    assert acc.tolist() == [sample_accept(a, b) for a, b in zip(si, sj, strict=True)]
+    assert acc.tolist() == [1.0, 0.5, 1.0, 1.0, 0.0, 1.0]
+
+
+def test_median_reference_scalar_and_vectorised_agree() -> None:
+    ref = agg_weights.median_reference
+    assert ref([]) == 0.0 and ref([1.0]) == 1.0 and ref([3.0, 1.0]) == 1.0  # votes 0, 1, 3
+    assert ref([2.0, 1.0, 5.0]) == 2.0 and ref([1.0, np.inf, np.nan, 2.0]) == 1.0
+    assert agg_weights.adaptive_radius([2.0, 1.0, 5.0]) == ADAPTIVE_SLACK * 2.0
+    rng = np.random.default_rng(2)
+    rows, _, _ = edge_arrays(build_graph("erdos-renyi:0.3", 15, seed=2))
+    d = rng.exponential(size=len(rows))
+    d[::7] = np.inf
+    per_node = [ref(d[rows == i].tolist()) for i in range(15)]
+    assert agg_weights.median_references(15, rows, d).tolist() == per_node
+    assert agg_weights.adaptive_radii(15, rows, d).tolist() == [ADAPTIVE_SLACK * v for v in per_node]
+    rep = Reputation(step_cap=0)
+    assert [rep.radius(d[rows == i].tolist()) for i in range(15)] == [ADAPTIVE_SLACK * v for v in per_node]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_topology_matrix_and_mix_many_use_the_same_weights(weighted: bool) -> None:
+    g = build_graph("random-regular:3", 12, seed=4)
+    g.add_edge(0, 6)
+    rows, cols, deg = edge_arrays(g)
+    samples = np.arange(1, 13, dtype=float) * 11.0
+    x = np.random.default_rng(5).normal(size=(12, 4)).astype(np.float32)
+    res = mix_many(x, rows, cols, deg, "weighted" if weighted else "mean", samples=samples)
+    w = mixing_matrix(g, samples if weighted else None)
+    got = res.matrix.toarray()
+    off = ~np.eye(12, dtype=bool)
+    assert np.array_equal(got[off], w[off]), "bit-identical edge weights: one formula"
+    assert np.allclose(np.diag(got), np.diag(w))

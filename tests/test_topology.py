@@ -23,10 +23,9 @@ from p2pfl.topology import (
     parse_topology,
     spectral_gap,
     topology_gap,
-    view,
 )
 
-TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
+TOPOLOGIES = Path(__file__).resolve().parent.parent / "p2pfl" / "topologies"
 
 
 def edges(graph: nx.Graph) -> list[tuple[int, int]]:
@@ -334,11 +333,12 @@ def test_every_node_derives_the_same_graph_without_a_coordinator(name: str) -> N
     rng = np.random.default_rng(1)
     ids = [f"{int(v):016x}" for v in rng.integers(0, 2**62, size=11)]
     names = {nid: f"node-{k}" for k, nid in enumerate(ids)}
+    topo = parse_topology(name)
     for rnd in (1, 2, 3):
         views = {}
         for me in ids:
             seen_by_me = list(rng.permutation(ids))  # each node learns the members in its own order
-            views[me] = view(name, seen_by_me, me, rnd, seed=4, names=names)
+            views[me] = topo.view(seen_by_me, me, rnd, seed=4, names=names)
         assert len({v.epoch for v in views.values()}) == 1
         for me, v in views.items():
             assert v.degree == len(v.neighbours) and me not in v.neighbours
@@ -354,8 +354,9 @@ def test_every_node_derives_the_same_graph_without_a_coordinator(name: str) -> N
 
 def test_membership_change_moves_to_a_new_epoch() -> None:
     ids = [f"n{k}" for k in range(8)]
-    before = view("ring", ids, "n0", 5)
-    after = view("ring", ids[:-1], "n0", 5)  # n7 left
+    ring = parse_topology("ring")
+    before = ring.view(ids, "n0", 5)
+    after = ring.view(ids[:-1], "n0", 5)  # n7 left
     assert before.epoch == epoch_id(ids) == epoch_id(reversed(ids))
     assert after.epoch == epoch_id(ids[:-1]) != before.epoch
     assert before.neighbours == ["n1", "n7"] and after.neighbours == ["n1", "n6"]
@@ -396,3 +397,69 @@ def test_topology_gap_for_static_time_varying_and_weighted() -> None:
     assert np.allclose(
         mixing_matrix(build_graph("ring", 8), samples=np.full(8, 5.0)), mixing_matrix(build_graph("ring", 8))
     )
+
+
+# ---------------------------------------------------------------------------------------- Topology.view
+
+
+@pytest.mark.parametrize("name", ["ring", "random-regular:3", "one-peer-exponential", "edges_4.toml"])
+def test_topology_view_equals_the_graph_and_neighbours(name: str) -> None:
+    ids = [f"id{k:02d}" for k in range(9)]
+    names = {nid: f"node-{k}" for k, nid in enumerate(ids)}
+    topo = parse_topology(name)
+    for rnd in range(4):
+        g = topo.graph(len(ids), seed=5, round=rnd, labels=[names[m] for m in ids])
+        for k, me in enumerate(ids):
+            v = topo.view(ids[::-1], me, rnd, seed=5, names=names)
+            expect = sorted(ids[j] for j in g.neighbors(k))
+            assert (v.index, v.n, v.neighbours, v.degree) == (k, len(ids), expect, len(expect))
+            assert v.epoch == epoch_id(ids)
+            assert neighbours(name, ids, me, rnd, seed=5, names=names) == expect
+
+
+def test_topology_view_does_not_read_the_file_again(tmp_path, monkeypatch) -> None:
+    f = tmp_path / "line.toml"
+    f.write_text('[topology]\nkind = "edges"\nedges = [["a", "b"], ["b", "c"]]\n')
+    topo = parse_topology(str(f))
+    f.unlink()  # parsed once: later rounds need only the Topology
+    monkeypatch.setattr(Path, "read_text", lambda *a, **k: pytest.fail("topology file read again"))
+    for rnd in range(3):
+        assert topo.view(["a", "b", "c"], "b", rnd).neighbours == ["a", "c"]
+
+
+def test_me_is_a_member_even_when_not_listed() -> None:
+    v = parse_topology("full").view(["b", "c"], "a", 0)
+    assert (v.index, v.n, v.neighbours, v.epoch) == (0, 3, ["b", "c"], epoch_id(["a", "b", "c"]))
+
+
+# ---------------------------------------------------------------------------------------- files in the package
+
+
+def test_topology_files_ship_inside_the_package() -> None:
+    import p2pfl
+    import p2pfl.topology as topology
+
+    pkg = Path(p2pfl.__file__).resolve().parent / "topologies"
+    assert topology._TOPOLOGY_DIR == pkg and (pkg / "torus.toml").is_file()
+    assert parse_topology("torus.toml").source == str(pkg / "torus.toml")
+    assert parse_topology("edges_4").kind == "edges", "bare names resolve in the package directory"
+    top = Path(__file__).resolve().parent.parent / "topologies"
+    if top.exists():  # the repo's top-level topologies/ is a link to the package's
+        assert top.resolve() == pkg
+
+
+# ---------------------------------------------------------------------------------------- one weight formula
+
+
+def test_mixing_matrix_uses_the_aggregation_weights() -> None:
+    from p2pfl.aggregation.weights import mh_weight, sample_accept
+
+    g = build_graph("random-regular:3", 10, seed=2)
+    g.add_edge(0, 5)  # irregular degrees
+    deg = dict(g.degree)
+    samples = np.arange(10, dtype=float) * 7.0
+    w, ws = mixing_matrix(g), mixing_matrix(g, samples)
+    for i, j in g.edges:
+        assert w[i, j] == w[j, i] == mh_weight(deg[i], deg[j])
+        assert ws[i, j] == mh_weight(deg[i], deg[j]) * sample_accept(samples[i], samples[j])
+        assert ws[j, i] == mh_weight(deg[j], deg[i]) * sample_accept(samples[j], samples[i])
