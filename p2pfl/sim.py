@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from p2pfl import codec
-from p2pfl.aggregation import RULES, Neighbour, Reputation, mix, mix_many
+from p2pfl.aggregation import RULES, Neighbour, Reputation, mix_many
 from p2pfl.attacks import ATTACKS, Attack, make_attack
 from p2pfl.errors import ConfigError
 from p2pfl.learning.batched import BatchedTrainer, batchable, share_test_split
@@ -56,6 +56,7 @@ from p2pfl.learning.data import DIGITS_CLASSES, PartitionCache, load_digits, loa
 from p2pfl.learning.params import flatten, get_params, set_params, unflatten
 from p2pfl.learning.spec import PARTITION_SCHEMES, TaskSettings, TaskSpec
 from p2pfl.learning.tasks import Task, TensorTask, load_task, tensor_task
+from p2pfl.round import Mixer
 from p2pfl.topology import Topology, edge_arrays, parse_topology, topology_gap
 
 DIGITS_LOGREG = "p2pfl.sim:digits_logreg"
@@ -410,7 +411,6 @@ class Simulation:
         }
         for b, attack in self.attacks.items():
             self.tasks[b] = attack.poison_task(self.tasks[b])
-        self.heard: dict[int, list[np.ndarray]] = {b: [] for b in self.byzantine}
         self.reputations = [cfg.make_reputation() for _ in range(n)] if cfg.rule == "robust" else None
         self._flagged: tuple[int, int] | None = None
         # every node builds its own initial model, as the real node does
@@ -426,6 +426,18 @@ class Simulation:
             raise ValueError(f"x0 must be {n} x P, got {self.x.shape}")
         self.samples = np.array([t.num_samples for t in self.tasks], dtype=np.int64)
         self.mass = self.samples.astype(np.float64)  # push-sum masses start at the sample counts
+        # each virtual node's mixing state, as a real node's round core holds it
+        self.mixers = [
+            Mixer(
+                rule=cfg.rule,
+                samples=int(self.samples[i]),
+                clip_radius=cfg.radius,
+                reputation=None if self.reputations is None else self.reputations[i],
+                attack=self.attacks.get(i),
+                trim=cfg.trim,
+            )
+            for i in range(n)
+        ]
         self.trainer: BatchedTrainer | None = None
         if cfg.vectorised and batchable(self.tasks, self.models[0]):
             self.trainer = BatchedTrainer(self.tasks, self.models[0])
@@ -454,8 +466,10 @@ class Simulation:
         if not self.attacks:
             return None
         sent = self.x.copy()
-        for b, attack in self.attacks.items():
-            sent[b] = attack.craft(self.x[b], self.heard[b], round)
+        for b in self.attacks:
+            crafted = self.mixers[b].craft(self.x[b], round)
+            assert crafted is not None
+            sent[b] = crafted
         return sent
 
     def _mix(self, round: int) -> None:
@@ -470,9 +484,9 @@ class Simulation:
         sent = self._craft(round)
         src = self.x if sent is None else sent
         ids = list(cfg.ids) if cfg.ids is not None else None
-        for b in self.byzantine:  # what the attacker heard this round, for its next craft
-            self.heard[b] = [self.x[j] for j in cols[rows == b].tolist() if self.honest[j]]
         if cfg.vectorised:
+            for b in self.byzantine:  # what the attacker received this round (Mixer.mix records it per node)
+                self.mixers[b].heard = [src[j] for j in cols[rows == b].tolist()]
             many = mix_many(
                 self.x,
                 rows,
@@ -507,17 +521,7 @@ class Simulation:
                 )
                 for j in cols[starts[i] : starts[i + 1]].tolist()
             ]
-            one = mix(
-                self.x[i],
-                int(deg[i]),
-                got,
-                cfg.rule,
-                cfg.radius,
-                own_samples=int(self.samples[i]),
-                own_mass=float(self.mass[i]),
-                reputation=None if self.reputations is None else self.reputations[i],
-                trim=cfg.trim,
-            )
+            one = self.mixers[i].mix(self.x[i], int(deg[i]), got, own_mass=float(self.mass[i]))
             new[i] = one.vector
             if one.mass is not None:
                 new_mass[i] = one.mass
