@@ -1,22 +1,27 @@
-"""Local testbed: N real node processes on 127.0.0.1 with real discovery, brokers and crypto.
+"""Local testbed and fault lab: N real node processes with real discovery, brokers and crypto.
 
-It creates a throwaway federation, certifies every node, starts one `p2pfl node` process per node,
-shows live progress, and ends with a summary table, `summary.json` and `accuracy.png`.
+It creates a throwaway federation, certifies every node, starts one `p2pfl node` process per node
+(on 127.0.0.1, or with --netns each in its own network namespace behind one private bridge, optionally
+shaped with tc netem), applies a --fault schedule (kill, restart, freeze, partition, join), shows live
+progress, and ends with a summary table, `summary.json` and `accuracy.png`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from rich.console import Console
@@ -26,25 +31,51 @@ from rich.table import Table
 from p2pfl import aggregation
 from p2pfl import config as config_mod
 from p2pfl.attacks import ATTACKS
+from p2pfl.errors import ConfigError
+from p2pfl.faultlab import (
+    PARENT_PID_ENV,
+    FaultRunner,
+    LabError,
+    NetLab,
+    child_setup,
+    cleanup_stale,
+    netns_unavailable,
+    signal_group,
+)
+from p2pfl.faults import (
+    FaultError,
+    Scheduler,
+    check_schedule,
+    frontier,
+    join_indices,
+    last_round,
+    parse_netem,
+    parse_schedule,
+)
 from p2pfl.federation import FederationAuthority
 from p2pfl.identity import load_or_create
 from p2pfl.learning.spec import PARTITION_SCHEMES, TaskSpec
-from p2pfl.metrics import read_jsonl
+from p2pfl.topology import parse_topology
 
 __all__ = [
     "HOST",
+    "PARENT_PID_ENV",
+    "MetricsTail",
     "NodeProcess",
     "build_parser",
     "byzantine_indices",
+    "consensus_by_round",
     "consensus_distances",
     "free_ports",
     "launch",
+    "launch_node",
     "main",
     "node_config",
     "parse_args",
     "plot",
     "prepare",
     "progress_table",
+    "read_metrics",
     "stop_all",
     "summarize",
     "summary_table",
@@ -52,6 +83,54 @@ __all__ = [
 
 HOST = "127.0.0.1"
 YEAR = 365 * 86400.0
+STOP_GRACE_S = 10.0
+POLL_S = 0.1
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every well-formed record of a metrics file. Lines that do not parse (a last line cut short by a
+    kill -9 during a write, or such a fragment followed by a restarted node's records) are skipped."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    return [r for r in (_parse_line(line) for line in text.splitlines()) if r is not None]
+
+
+def _parse_line(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+@dataclass
+class MetricsTail:
+    """A metrics file read incrementally: the live loop polls it twice a second for a run that may last
+    thousands of rounds, so each poll reads only the new complete lines."""
+
+    path: Path
+    records: list[dict[str, Any]] = field(default_factory=list)
+    _offset: int = 0
+
+    def refresh(self) -> list[dict[str, Any]]:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            size = 0
+        if size < self._offset:  # the node started a fresh file (restart)
+            self.records, self._offset = [], 0
+        if size == self._offset:
+            return self.records
+        with self.path.open("rb") as fh:
+            fh.seek(self._offset)
+            data = fh.read(size - self._offset)
+        complete = data[: data.rfind(b"\n") + 1]  # a half-written last line waits for the next poll
+        self._offset += len(complete)
+        lines = complete.decode("utf-8", errors="replace").splitlines()
+        self.records.extend(r for r in (_parse_line(line) for line in lines) if r is not None)
+        return self.records
 
 
 @dataclass
@@ -59,10 +138,17 @@ class NodeProcess:
     name: str
     directory: Path
     proc: subprocess.Popen[bytes]
+    tail: MetricsTail | None = None
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.directory / "metrics.jsonl")
+        if self.tail is None:
+            self.tail = MetricsTail(self.directory / "metrics.jsonl")
+        return self.tail.refresh()
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
 
 
 def free_ports(count: int) -> list[int]:
@@ -77,20 +163,29 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def node_config(args: argparse.Namespace, index: int, directory: Path, port: int) -> config_mod.NodeConfig:
+def total_nodes(args: argparse.Namespace) -> int:
+    """Nodes launched at start plus those a `join` event launches later."""
+    return int(args.nodes + len(getattr(args, "joiners", [])))
+
+
+def node_config(
+    args: argparse.Namespace, index: int, directory: Path, port: int, host: str = HOST
+) -> config_mod.NodeConfig:
+    """One node's config; a late joiner waits for the nodes before it, the others only for each other."""
     cfg = config_mod.NodeConfig()
     cfg.node.name, cfg.node.data_dir, cfg.node.host, cfg.node.port = (
         f"node-{index}",
         str(directory),
-        HOST,
+        host,
         port,
     )
-    cfg.discovery.interfaces, cfg.discovery.expect_peers = [HOST], args.nodes - 1
+    cfg.discovery.interfaces = [host]
+    cfg.discovery.expect_peers = args.nodes - 1 if index < args.nodes else index
     cfg.discovery.wait_s = args.wait
     cfg.task = TaskSpec(
         name=args.task,
         shard=index,
-        num_shards=args.nodes,
+        num_shards=total_nodes(args),
         partition=args.partition,
         alpha=args.alpha,
         seed=args.seed,
@@ -112,128 +207,183 @@ def byzantine_indices(nodes: int, count: int) -> list[int]:
     return sorted({(i * nodes) // count for i in range(count)}) if count else []
 
 
-def prepare(args: argparse.Namespace, out: Path) -> list[Path]:
-    """Create the federation and one certified, configured data directory per node."""
+def prepare(args: argparse.Namespace, out: Path, hosts: list[str] | None = None) -> list[Path]:
+    """Create the federation and one certified, configured data directory per node (joiners included:
+    a late joiner is a member certified at setup whose process starts later)."""
     authority = FederationAuthority.create(out / "federation")
     configs = []
-    ports = free_ports(args.nodes)
-    for i in range(args.nodes):
+    count = total_nodes(args)
+    ports = free_ports(count)
+    for i in range(count):
         directory = out / f"node-{i}"
         identity = load_or_create(directory)
         cert = authority.issue(f"node-{i}", identity.verify_key_bytes, identity.box_public_bytes, YEAR)
         (directory / "certificate").write_bytes(cert.to_bytes())
         authority.root.save(directory / "federation.pub")
         path = directory / "node.toml"
-        path.write_text(config_mod.to_toml(node_config(args, i, directory, ports[i])))
+        host = hosts[i] if hosts else HOST
+        path.write_text(config_mod.to_toml(node_config(args, i, directory, ports[i], host)))
         configs.append(path)
     return configs
 
 
-def launch(configs: list[Path], procs: list[NodeProcess] | None = None) -> list[NodeProcess]:
+def launch_node(path: Path, prefix: list[str] | None = None) -> NodeProcess:
+    """Start one node in its own session (so it can be signalled as a group), told who its parent is:
+    the kernel sends it SIGTERM when the testbed dies (PR_SET_PDEATHSIG), and $P2PFL_PARENT_PID lets
+    the node notice that portably. `prefix` runs it elsewhere (`ip netns exec NS`)."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        PARENT_PID_ENV: str(os.getpid()),
+    }
+    cmd = [*(prefix or []), sys.executable, "-m", "p2pfl", "node", "--config", str(path)]
+    with (path.parent / "node.log").open("ab") as log:  # append: a restarted node keeps its history
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=child_setup(os.getpid()),
+        )
+    return NodeProcess(path.parent.name, path.parent, proc)
+
+
+def launch(
+    configs: list[Path], procs: list[NodeProcess] | None = None, prefixes: list[list[str]] | None = None
+) -> list[NodeProcess]:
     """Start one node process per config; appends to `procs` as it goes, so a failure halfway still
     leaves the caller a list of every child to stop."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     procs = [] if procs is None else procs
-    for path in configs:
-        log = (path.parent / "node.log").open("wb")
-        cmd = [sys.executable, "-m", "p2pfl", "node", "--config", str(path)]
-        procs.append(
-            NodeProcess(
-                path.parent.name,
-                path.parent,
-                subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True),
-            )
-        )
+    for i, path in enumerate(configs):
+        procs.append(launch_node(path, prefixes[i] if prefixes else None))
     return procs
 
 
-def stop_all(procs: list[NodeProcess], grace_s: float = 5.0) -> None:
-    """Terminate every child that is still running; kill those that ignore it. A second Ctrl-C while
-    this runs is ignored, so cleanup always finishes."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+@contextlib.contextmanager
+def _shielded() -> Iterator[None]:
+    """Ignore Ctrl-C, SIGTERM and SIGHUP while cleaning up, so cleanup always finishes."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
     try:
-        _stop(procs, grace_s)
+        yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _stop(procs: list[NodeProcess], grace_s: float) -> None:
-    for p in procs:
-        if p.proc.poll() is None:
-            p.proc.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.proc.kill()
-            p.proc.wait()
+def stop_all(procs: list[NodeProcess], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM every node's process group (and SIGCONT, in case it is frozen), then SIGKILL the groups
+    still there after `grace_s`. SIGINT would not do: a non-interactive shell's children ignore it."""
+    with _shielded():
+        for p in procs:
+            if p.running:
+                signal_group(p.proc.pid, signal.SIGTERM)
+                signal_group(p.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + grace_s
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for p in procs:
+            if p.running:  # not yet reaped, so its group id cannot have been reused
+                signal_group(p.proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.proc.wait(timeout=10)
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def progress_table(procs: list[NodeProcess], rounds: int, started: float) -> Table:
+def _state(p: NodeProcess, frozen: set[str]) -> str:
+    code = p.proc.poll()
+    if code is None:
+        return "frozen" if p.name in frozen else "running"
+    return "done" if code == 0 else f"exit {code}"
+
+
+def progress_table(
+    procs: list[NodeProcess], rounds: int, started: float, frozen: set[str] | None = None
+) -> Table:
     table = Table(title=f"p2pfl testbed - {time.monotonic() - started:.0f} s")
     for col in ("node", "round", "accuracy", "train loss", "neighbours", "rejected", "state"):
         table.add_column(col)
     for p in procs:
         m = p.metrics
         last = m[-1] if m else {}
-        code = p.proc.poll()
-        state = "running" if code is None else ("done" if code == 0 else f"exit {code}")
-        got = sum(1 for n in last.get("neighbours", {}) if n not in last.get("missing", []))
+        neighbours, missing = last.get("neighbours") or {}, last.get("missing") or []
+        got = sum(1 for n in neighbours if n not in missing)
         table.add_row(
             p.name,
-            f"{len(m)}/{rounds}",
-            f"{last.get('accuracy', 0):.3f}",
-            f"{last.get('train_loss', 0):.3f}",
-            f"{got}/{len(last.get('neighbours', {}))}",
-            str(sum(last.get("rejected", {}).values())),
-            state,
+            f"{last_round(m)}/{rounds or 'inf'}",
+            f"{last.get('accuracy') or 0:.3f}",
+            f"{last.get('train_loss') or 0:.3f}",
+            f"{got}/{len(neighbours)}",
+            str(sum((last.get("rejected") or {}).values())),
+            _state(p, frozen or set()),
         )
     return table
 
 
+def _load_model(path: Path) -> np.ndarray | None:
+    """A saved model, or None if it is missing or was cut short by a kill."""
+    try:
+        return np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+def consensus_by_round(procs: list[NodeProcess], rounds: int) -> tuple[list[float | None], list[int]]:
+    """Per round: mean squared distance of the given nodes' models from their average, over the nodes
+    that saved a readable model for that round (None when fewer than 2 did), and how many did."""
+    distances: list[float | None] = []
+    counts: list[int] = []
+    for r in range(1, rounds + 1):
+        loaded = [_load_model(p.directory / "models" / f"round_{r:04d}.npy") for p in procs]
+        models = [m for m in loaded if m is not None]
+        if len({m.shape for m in models}) > 1:
+            models = []
+        counts.append(len(models))
+        if len(models) < 2:
+            distances.append(None)
+            continue
+        stack = np.stack(models)
+        distances.append(float(np.mean(np.sum((stack - stack.mean(axis=0)) ** 2, axis=1))))
+    return distances, counts
+
+
 def consensus_distances(procs: list[NodeProcess], rounds: int) -> list[float | None]:
     """Mean squared distance of the node models from their average, per round (None if a model is missing)."""
-    out: list[float | None] = []
-    for r in range(1, rounds + 1):
-        files = [p.directory / "models" / f"round_{r:04d}.npy" for p in procs]
-        if not all(f.exists() for f in files):
-            out.append(None)
-            continue
-        models = np.stack([np.load(f, allow_pickle=False) for f in files])
-        out.append(float(np.mean(np.sum((models - models.mean(axis=0)) ** 2, axis=1))))
-    return out
+    distances, counts = consensus_by_round(procs, rounds)
+    return [d if c == len(procs) else None for d, c in zip(distances, counts, strict=True)]
 
 
-def summarize(procs: list[NodeProcess], rounds: int, wall_s: float, byzantine: list[int]) -> dict[str, Any]:
-    """Accuracy and consensus are over the honest nodes; Byzantine ones are listed but not averaged."""
-    nodes = []
-    for i, p in enumerate(procs):
-        m = p.metrics
-        last = m[-1] if m else {}
-        nodes.append(
-            {
-                "name": p.name,
-                "byzantine": i in byzantine,
-                "final_accuracy": last.get("accuracy"),
-                "rounds_completed": len(m),
-                "rejected": sum(last.get("rejected", {}).values()),
-                "rejected_by_reason": last.get("rejected", {}),
-                "bytes_sent": last.get("bytes_out", 0),
-                "bytes_received": last.get("bytes_in", 0),
-                "exit_code": p.proc.returncode,
-                "accuracy_by_round": [r["accuracy"] for r in m],
-            }
-        )
-    accs = [n["final_accuracy"] for n in nodes if n["final_accuracy"] is not None and not n["byzantine"]]
-    cd = consensus_distances([p for i, p in enumerate(procs) if i not in byzantine], rounds)
-    known = [d for d in cd if d is not None]
+def summarize(
+    procs: list[NodeProcess],
+    rounds: int,
+    wall_s: float,
+    byzantine: list[int],
+    alive: set[str] | None = None,
+    faults: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Accuracy and consensus are over the honest nodes alive at the end: a killed or silent node's
+    stale last round must not enter them. Every node is still listed."""
+    alive = {p.name for p in procs if p.proc.returncode in (None, 0)} if alive is None else alive
+    nodes = [
+        _node_summary(p.name, p.directory, p.proc.returncode, i in byzantine, p.name in alive)
+        for i, p in enumerate(procs)
+    ]
+    counted = [n for n in nodes if n["alive_at_end"] and not n["byzantine"]]
+    accs = [n["final_accuracy"] for n in counted if n["final_accuracy"] is not None]
+    horizon = max([rounds] + [n["rounds_completed"] for n in counted])
+    members = [p for p, n in zip(procs, nodes, strict=True) if n in counted]
+    cd, counts = consensus_by_round(members, horizon)
+    full = [d for d, c in zip(cd, counts, strict=True) if d is not None and c == len(members)]
+    known = full or [d for d in cd if d is not None]
     return {
         "nodes": nodes,
+        "alive_at_end": sorted(n["name"] for n in nodes if n["alive_at_end"]),
         "mean_accuracy": float(np.mean(accs)) if accs else None,
         "min_accuracy": float(np.min(accs)) if accs else None,
         "accuracy_spread": float(np.max(accs) - np.min(accs)) if accs else None,
@@ -241,9 +391,37 @@ def summarize(procs: list[NodeProcess], rounds: int, wall_s: float, byzantine: l
             "first": known[0] if known else None,
             "last": known[-1] if known else None,
             "by_round": cd,
+            "nodes_by_round": counts,
         },
+        "faults": faults or [],
         "wall_s": wall_s,
         "bytes_sent_total": int(sum(n["bytes_sent"] for n in nodes)),
+    }
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _node_summary(
+    name: str, directory: Path, exit_code: int | None, byzantine: bool, alive: bool
+) -> dict[str, Any]:
+    m = read_metrics(directory / "metrics.jsonl")
+    last = m[-1] if m else {}
+    raw = last.get("rejected")
+    rejected: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    return {
+        "name": name,
+        "byzantine": byzantine,
+        "alive_at_end": alive,
+        "final_accuracy": _number(last.get("accuracy")),
+        "rounds_completed": last_round(m),
+        "rejected": int(sum(v for v in rejected.values() if isinstance(v, int))),
+        "rejected_by_reason": rejected,
+        "bytes_sent": int(_number(last.get("bytes_out")) or 0),
+        "bytes_received": int(_number(last.get("bytes_in")) or 0),
+        "exit_code": exit_code,
+        "accuracy_by_round": [_number(r.get("accuracy")) for r in m],
     }
 
 
@@ -256,6 +434,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for n in summary["nodes"]:
         ax1.plot(range(1, len(n["accuracy_by_round"]) + 1), n["accuracy_by_round"], label=n["name"])
+    for f in summary.get("faults", []):
+        ax1.axvline(f["at_round"], color="grey", lw=0.8, ls=":")
     ax1.set(xlabel="round", ylabel="test accuracy", title="accuracy per node")
     ax1.legend(fontsize="small")
     cd = [(i + 1, d) for i, d in enumerate(summary["consensus_distance"]["by_round"]) if d]
@@ -273,8 +453,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
         table.add_column(col)
     for n in summary["nodes"]:
         acc = n["final_accuracy"]
+        tags = (" (byzantine)" if n["byzantine"] else "") + ("" if n["alive_at_end"] else " (down)")
         table.add_row(
-            n["name"] + (" (byzantine)" if n["byzantine"] else ""),
+            n["name"] + tags,
             "-" if acc is None else f"{acc:.4f}",
             str(n["rounds_completed"]),
             str(n["rejected"]),
@@ -283,83 +464,297 @@ def summary_table(summary: dict[str, Any]) -> Table:
         )
     cd = summary["consensus_distance"]
     table.caption = (
-        f"honest nodes: mean acc {summary['mean_accuracy'] or 0:.4f}, min {summary['min_accuracy'] or 0:.4f}, "
+        f"honest live nodes: mean acc {summary['mean_accuracy'] or 0:.4f}, min {summary['min_accuracy'] or 0:.4f}, "
         f"spread {summary['accuracy_spread'] or 0:.4f}; consensus distance first {cd['first'] or 0:.3g} "
         f"-> last {cd['last'] or 0:.3g}; wall {summary['wall_s']:.1f} s; "
-        f"sent {summary['bytes_sent_total'] / 1e6:.1f} MB"
+        f"sent {summary['bytes_sent_total'] / 1e6:.1f} MB; faults {len(summary['faults'])}"
     )
     return table
 
 
+# -- command line ------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad input ends with one line and exit status 2 (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_above(low: float, inclusive: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'>=' if inclusive else '>'} {low:g}, got {text}"
+            )
+        return value
+
+    return parse
+
+
+def _topology(text: str) -> str:
+    try:
+        parse_topology(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser(prog: str = "testbed") -> argparse.ArgumentParser:
     """The testbed's options; `p2pfl testbed` and scripts/testbed.py both parse with it."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__)
-    p.add_argument("--nodes", type=int, default=4)
-    p.add_argument("--topology", default="ring", help="ring, full, or a topology file path")
-    p.add_argument("--rounds", type=int, default=20)
+    p = _Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=_int_at_least(2), default=4, help="nodes launched at start (>= 2)")
+    p.add_argument(
+        "--topology", type=_topology, default="ring", help="ring, full, exponential, ... or a file"
+    )
+    p.add_argument("--rounds", type=_int_at_least(0), default=20, help="rounds per node (0: until stopped)")
     p.add_argument("--task", default="digits-mlp")
     p.add_argument("--partition", default="iid", choices=PARTITION_SCHEMES)
     p.add_argument(
-        "--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition dirichlet"
+        "--alpha",
+        type=_float_above(0.0),
+        default=0.5,
+        help="Dirichlet concentration for --partition dirichlet",
     )
     p.add_argument("--rule", default="robust", choices=aggregation.node_rules())
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--byzantine", type=int, default=0, help="how many nodes attack (spread evenly)")
+    p.add_argument(
+        "--byzantine", type=_int_at_least(0), default=0, help="how many nodes attack (spread evenly)"
+    )
     p.add_argument("--attack", default="sign-flip", choices=ATTACKS, help="what the Byzantine nodes send")
-    p.add_argument("--round-timeout", type=float, default=30.0)
-    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for all peers before round 1")
-    p.add_argument("--timeout", type=float, default=900.0, help="stop everything after this many seconds")
+    p.add_argument("--round-timeout", type=_float_above(0.0), default=30.0)
+    p.add_argument(
+        "--wait",
+        type=_float_above(0.0, inclusive=True),
+        default=30.0,
+        help="seconds to wait for all peers before round 1",
+    )
+    p.add_argument(
+        "--timeout", type=_float_above(0.0), default=900.0, help="stop everything after this many seconds"
+    )
     p.add_argument("--out", default=None, help="output directory (default runs/testbed-TIMESTAMP)")
+    p.add_argument(
+        "--fault",
+        default="",
+        help="fault schedule, e.g. 'kill node-2@r20; restart node-2@r30; freeze node-3@r40 for 60s; "
+        "partition 0-2|3-5@r60 for 60s; join node-6@r80' (@rN: once the most advanced live node "
+        "finished round N; join node-K with --nodes K prepares K+1 nodes and holds the last back)",
+    )
+    p.add_argument(
+        "--netns", action="store_true", help="one network namespace per node on a private bridge (root)"
+    )
+    p.add_argument(
+        "--netem",
+        action="append",
+        default=[],
+        help="with --netns: tc netem on every node's link, e.g. 'delay=20ms,loss=1%%,rate=10mbit', "
+        "or one node's: 'node-2:delay=100ms' (repeatable)",
+    )
     return p
 
 
 def parse_args(argv: list[str] | None, prog: str = "testbed") -> argparse.Namespace:
     p = build_parser(prog)
     args = p.parse_args(argv)
-    if args.nodes < 2:
-        p.error("--nodes must be >= 2")
     if not 0 <= args.byzantine < args.nodes:
         p.error("--byzantine must be in 0..nodes-1")
+    try:
+        args.events = parse_schedule(args.fault)
+        check_schedule(args.events, args.nodes, netns=args.netns)
+        args.joiners = join_indices(args.events)
+        if args.netem and not args.netns:
+            raise FaultError("--netem needs --netns (it shapes each node's own link)")
+        args.netem_by_node = parse_netem(args.netem, total_nodes(args))
+    except FaultError as exc:
+        p.error(str(exc))
+    if args.netns and (why := netns_unavailable()):
+        p.error(why)
     return args
+
+
+def check_config(args: argparse.Namespace) -> None:
+    """Build and validate one node's config before anything is created, so that a value the nodes
+    refuse (e.g. --rounds 0 while they need rounds >= 1) fails here with the nodes' own message."""
+    try:
+        node_config(args, 0, Path("node-0"), 18830)
+    except ConfigError as exc:
+        if args.rounds == 0:
+            raise ConfigError(f"--rounds 0 (run until stopped) is not supported by the nodes: {exc}") from exc
+        raise
+
+
+# -- running -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One testbed run's moving parts, so cleanup can reach whatever had been started."""
+
+    args: argparse.Namespace
+    out: Path
+    console: Console
+    procs: list[NodeProcess] = field(default_factory=list)
+    lab: NetLab | None = None
+    runner: FaultRunner | None = None
+    alive: set[str] = field(default_factory=set)
+    started: float = field(default_factory=time.monotonic)
+
+    def log(self, message: str) -> None:
+        self.console.print(message, markup=False, highlight=False)
+
+    def setup_lab(self) -> list[str] | None:
+        """With --netns: remove stale labs, build ours, shape links; returns each node's address."""
+        if not self.args.netns:
+            return None
+        for name in cleanup_stale():
+            self.log(f"removed stale namespace {name}")
+        self.lab = NetLab(total_nodes(self.args))
+        self.lab.setup()
+        for index, netem in self.args.netem_by_node.items():
+            self.lab.netem(index, netem)
+            self.log(f"netem on node-{index}: {' '.join(netem)}")
+        return [self.lab.address(i) for i in range(total_nodes(self.args))]
+
+    def start(self) -> None:
+        configs = prepare(self.args, self.out, self.setup_lab())
+
+        def start_node(index: int) -> NodeProcess:
+            return launch_node(configs[index], self.lab.exec_prefix(index) if self.lab else None)
+
+        for i in range(self.args.nodes):
+            self.procs.append(start_node(i))
+        scheduler = Scheduler(self.args.events)
+        self.runner = FaultRunner(scheduler, self.procs, start_node, self.lab, self.log, self.started)
+
+    def finished(self) -> bool:
+        """Every node has exited or is frozen for good, and no freeze or partition is still to end."""
+        assert self.runner is not None
+        idle = all(not p.running or p.name in self.runner.frozen for p in self.procs)
+        return idle and not self.runner.scheduler.ends_pending()
+
+    def watch(self) -> None:
+        assert self.runner is not None
+        runner = self.runner
+        table = progress_table(self.procs, self.args.rounds, self.started, runner.frozen)
+        shown = time.monotonic()
+        with Live(table, console=self.console, refresh_per_second=2) as live:
+            while True:
+                rounds = {p.name: last_round(p.metrics) for p in self.procs}
+                runner.step(frontier(rounds, {p.name for p in self.procs if p.running}))
+                if self.finished():
+                    break
+                if time.monotonic() - self.started > self.args.timeout:
+                    self.log(f"timeout after {self.args.timeout:.0f} s; stopping nodes")
+                    break
+                time.sleep(POLL_S)  # short, so an event fires close to its round; reads are incremental
+                if time.monotonic() - shown >= 0.5:
+                    shown = time.monotonic()
+                    live.update(progress_table(self.procs, self.args.rounds, self.started, runner.frozen))
+
+    def note_alive(self) -> None:
+        """Which nodes count as alive at the end: still running and not frozen, or finished cleanly."""
+        frozen = self.runner.frozen if self.runner else set()
+        self.alive = {
+            p.name for p in self.procs if (p.running and p.name not in frozen) or p.proc.returncode == 0
+        }
+
+    def cleanup(self) -> None:
+        with _shielded():
+            if self.runner is not None:
+                self.runner.release()
+            stop_all(self.procs)
+            if self.lab is not None:
+                self.lab.teardown()
+
+    def report(self) -> int:
+        """Write summary.json (always), the plot and the table; non-zero if a node failed that no
+        fault took down."""
+        args, faults = self.args, self.runner.records if self.runner else []
+        summary = summarize(
+            self.procs, args.rounds, time.monotonic() - self.started, byzantine_indices(args.nodes, args.byzantine),
+            alive=self.alive, faults=faults,
+        )  # fmt: skip
+        launched = {p.name for p in self.procs}
+        summary["nodes"] += [  # joiners whose join never fired: listed, never counted
+            _node_summary(f"node-{i}", self.out / f"node-{i}", None, False, False)
+            for i in args.joiners
+            if f"node-{i}" not in launched
+        ]
+        summary["faults_not_fired"] = (
+            [e.clause for e in self.runner.scheduler.unfired()] if self.runner else []
+        )
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:
+            plot(summary, self.out / "accuracy.png")
+        except Exception as exc:  # a plot must never cost the summary
+            self.log(f"could not draw accuracy.png: {exc}")
+        self.console.print(summary_table(summary))
+        self.log(f"wrote {self.out / 'summary.json'}, accuracy.png, per-node logs and metrics in {self.out}")
+        down = _expected_down(faults) | ((self.runner.frozen if self.runner else set()) - self.alive)
+        failed = [
+            n["name"]
+            for n in summary["nodes"]
+            if n["name"] not in down
+            and (n["exit_code"] != 0 or (args.rounds and n["rounds_completed"] < args.rounds))
+        ]
+        if failed:
+            self.console.print(f"[red]failed nodes: {failed} (see their node.log)")
+        return 1 if failed else 0
+
+
+def _expected_down(faults: list[dict[str, Any]]) -> set[str]:
+    """Nodes whose last fault left them dead (killed and not restarted)."""
+    last: dict[str, str] = {}
+    for f in faults:
+        last[f["node"]] = f["action"]
+    return {name for name, action in last.items() if action == "kill"}
 
 
 def main(argv: list[str] | None = None, prog: str = "testbed") -> int:
     args = parse_args(argv, prog)
-    out = Path(args.out or f"runs/testbed-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        check_config(args)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"runs/testbed-{time.strftime('%Y%m%d-%H%M%S')}").absolute()
     if out.exists() and any(out.iterdir()):
-        print(f"error: {out} is not empty; choose another --out", file=sys.stderr)
+        print(f"{prog}: error: {out} is not empty; choose another --out", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    console = Console()
-    # a killed testbed must not orphan its nodes
+    run = Run(args, out, Console())
+    # a killed testbed must not orphan its nodes: SIGTERM/SIGHUP stop them like Ctrl-C does
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    procs: list[NodeProcess] = []
-    started = time.monotonic()
+    status = 0
     try:
-        procs = launch(prepare(args, out), procs)
-        with Live(progress_table(procs, args.rounds, started), console=console, refresh_per_second=2) as live:
-            while any(p.proc.poll() is None for p in procs):
-                if time.monotonic() - started > args.timeout:
-                    console.print(f"[red]timeout after {args.timeout:.0f} s; stopping nodes")
-                    break
-                time.sleep(0.5)
-                live.update(progress_table(procs, args.rounds, started))
+        run.start()
+        run.watch()
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted; stopping nodes")
+        run.log("interrupted; stopping nodes")
+    except (LabError, ConfigError, OSError) as exc:
+        run.log(f"error: {exc}")
+        status = 2
     finally:
-        stop_all(procs)
+        run.note_alive()
+        run.cleanup()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    wall = time.monotonic() - started
-    summary = summarize(procs, args.rounds, wall, byzantine_indices(args.nodes, args.byzantine))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot(summary, out / "accuracy.png")
-    console.print(summary_table(summary))
-    console.print(f"wrote {out / 'summary.json'}, {out / 'accuracy.png'}, per-node logs and metrics in {out}")
-    failed = [
-        n["name"] for n in summary["nodes"] if n["exit_code"] != 0 or n["rounds_completed"] < args.rounds
-    ]
-    if failed:
-        console.print(f"[red]failed nodes: {failed} (see their node.log)")
-        return 1
-    return 0
+    return max(status, run.report())
