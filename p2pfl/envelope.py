@@ -525,6 +525,15 @@ class ReplayGuard:
             while len(self._last) > self.max_senders:
                 self._last.popitem(last=False)
 
+    def state(self) -> dict[str, int]:
+        """Last sequence number per sender, for a checkpoint (a restarted node must not accept replays)."""
+        with self._lock:
+            return dict(self._last)
+
+    def restore(self, last: Mapping[str, int]) -> None:
+        with self._lock:
+            self._last = OrderedDict((str(k), int(v)) for k, v in last.items())
+
     def last_seq(self, sender: str) -> int | None:
         with self._lock:
             return self._last.get(sender)

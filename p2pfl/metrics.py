@@ -23,8 +23,7 @@ class Metrics:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")  # one run per file: a restarted node starts a fresh log
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # appended to: a restarted node's log goes on
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -41,8 +40,11 @@ class Metrics:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
         }
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk or no file descriptor left must not stop the training
+            log.error("could not append to %s: %s", self.path, exc)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

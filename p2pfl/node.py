@@ -10,8 +10,9 @@ neighbour links keep serving while a round computes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -20,20 +21,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from p2pfl import codec
+from p2pfl import checkpoint, codec
 from p2pfl.aggregation import MixResult
 from p2pfl.attacks import make_attack
 from p2pfl.config import NodeConfig
-from p2pfl.errors import IdentityError, Rejected
+from p2pfl.errors import IdentityError, P2PFLError, Rejected
 from p2pfl.federation import Certificate, FederationRoot
 from p2pfl.identity import Identity, load_or_create
 from p2pfl.learning import get_params, load_task, set_params, unflatten
 from p2pfl.mesh import Mesh, MqttMesh
 from p2pfl.metrics import Metrics
-from p2pfl.round import Plan, RoundCore
+from p2pfl.round import CatchUp, Pace, Plan, RoundCore
 from p2pfl.topology import parse_topology
 
-__all__ = ["Node", "load_credentials", "run_node"]
+__all__ = ["Node", "TrainingDiverged", "load_credentials", "run_node"]
+
+PARENT_PID_ENV = "P2PFL_PARENT_PID"  # set by a launcher (the testbed): stop when that process is gone
+PARENT_POLL_S = 1.0
+DIVERGED_LOSS = 1e6  # a mean training loss above this (or not finite) stops the node
 
 log = logging.getLogger("p2pfl.node")
 
@@ -60,6 +65,10 @@ def load_credentials(data_dir: Path) -> tuple[Identity, Certificate, FederationR
     except Rejected as exc:
         raise IdentityError(f"own certificate is not valid for this federation: {exc}") from exc
     return identity, cert, root
+
+
+class TrainingDiverged(P2PFLError):
+    """Local training produced a non-finite or exploding loss: going on would only spread it."""
 
 
 class Node:
@@ -91,10 +100,14 @@ class Node:
             max_skew_s=cfg.security.max_skew_s,
             attack=attack,
         )
+        self.pace = Pace(ceiling_s=cfg.gossip.round_timeout_s)
         self.mesh: Mesh = mesh or MqttMesh(
             cfg, identity=self.identity, cert=self.cert, root=self.root, metrics=self.metrics
         )
         self.changed = asyncio.Event()  # an update arrived or membership may have changed
+        self.stopping = asyncio.Event()  # a stop was asked for (signal, parent gone)
+        self.checkpoint_path = cfg.data_dir / "checkpoint.npz"
+        self._resume()
 
     def members(self) -> dict[str, Certificate]:
         """Proven peers we can currently reach, plus ourselves: the input of the topology."""
@@ -107,45 +120,60 @@ class Node:
         self.metrics.bytes_in += len(message)
         try:
             round_, neighbour = await asyncio.to_thread(self.core.admit, publisher, message, self.members())
-            self.core.accept(round_, neighbour)  # re-checks the round, which may have closed meanwhile
+            self.core.accept(round_, neighbour, time.monotonic())  # it may have gone stale meanwhile
         except Rejected as exc:
             self.metrics.reject(exc.reason, exc.detail, peer=publisher)
             return
+        self.pace.heard(neighbour.node_id)
         self.changed.set()
 
     # -- one round ----------------------------------------------------------------------------------
 
-    async def _collect(self, plan: Plan) -> None:
-        """Wait for every neighbour's update of this round, a timeout, or the missing ones to vanish."""
-        deadline = time.monotonic() + self.cfg.gossip.round_timeout_s
+    async def _collect(self, plan: Plan, started: float) -> float:
+        """Wait for the expected neighbours' updates of this round, as long as Pace allows.
+
+        Never waits on a neighbour that is gone, or that missed its last rounds (until it is heard
+        again); returns how long the round was allowed to wait.
+        """
         while True:
-            missing = self.core.missing(plan, self.mesh.members())
-            remaining = deadline - time.monotonic()
+            reachable = self.mesh.members()
+            expected = [n for n in self.pace.expected(plan.neighbours) if n in reachable]
+            missing = self.core.missing(plan, expected)
+            arrivals = [
+                p.arrived - started for n, p in self.core.inbox.latest.items() if n in plan.neighbours
+            ]
+            allowed = self.pace.wait_s(arrivals)
+            remaining = started + allowed - time.monotonic()
             if not missing or remaining <= 0:
-                if missing:
-                    log.warning(
-                        "round %d: no update from %s within %.0f s; mixing without them",
-                        plan.round,
-                        [plan.name(n) for n in missing],
-                        self.cfg.gossip.round_timeout_s,
-                    )
-                return
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
+                return allowed
+            await self._wait(min(remaining, 1.0))
+
+    def _note_pace(self, plan: Plan, started: float) -> None:
+        for n in plan.neighbours:
+            pending = self.core.inbox.latest.get(n)
+            if pending is not None and pending.round >= plan.round:
+                self.pace.arrived(n, pending.arrived - started)
+            else:
+                self.pace.missed(n)
 
     async def _round(self, round_: int) -> None:
         started = time.monotonic()
         plan = self.core.plan(round_, self.members())
         loss = await asyncio.to_thread(self.task.train, self.model)
+        self._check_loss(round_, loss)
         params = get_params(self.model)
         own = self.core.flatten(params)
         message = await asyncio.to_thread(self.core.pack, params, own, plan)
         if message is not None:
             await self.mesh.publish(message, plan.neighbours)
             self.metrics.bytes_out += len(message) * plan.degree
-        await self._collect(plan)
-        result, missing = await asyncio.to_thread(self.core.mix, own, plan)
+        allowed = await self._collect(plan, started)
+        self._note_pace(plan, started)
+        jump = self.core.catch_up(plan)
+        if jump is not None:
+            await self._adopt(plan, jump, loss, started)
+            return
+        result, staleness = await asyncio.to_thread(self.core.mix, own, plan)
         for n, why in result.downweighted.items():
             log.warning(
                 "round %d: down-weighting %s (reputation %.2f): %s",
@@ -156,29 +184,49 @@ class Node:
             )
         set_params(self.model, unflatten(result.vector, self.core.spec))
         accuracy, test_loss = await asyncio.to_thread(self.task.evaluate, self.model)
-        self._save_model(round_, result.vector)
-        self.metrics.write(self._record(plan, result, missing, loss, accuracy, test_loss, started))
+        await asyncio.to_thread(self._persist, round_, result.vector)
+        record = self._record(plan, result, staleness, loss, accuracy, test_loss, started)
+        self.metrics.write({**record, "wait_allowed_s": allowed})
         log.info(
             "round %d: loss %.4f acc %.4f neighbours %d/%d (%.1f s)",
             round_,
             loss,
             accuracy,
-            plan.degree - len(missing),
+            len(staleness),
             plan.degree,
             time.monotonic() - started,
         )
 
-    def _record(
-        self,
-        plan: Plan,
-        result: MixResult,
-        missing: list[str],
-        loss: float,
-        accuracy: float,
-        test_loss: float,
-        started: float,
+    async def _adopt(self, plan: Plan, jump: CatchUp, loss: float, started: float) -> None:
+        """We were behind: take the neighbours' round and model instead of mixing our stale one."""
+        log.warning(
+            "round %d: behind the federation; caught up to round %d with the models of %s",
+            jump.from_round,
+            jump.to_round,
+            ", ".join(plan.name(n) for n in jump.sources),
+        )
+        set_params(self.model, unflatten(jump.vector, self.core.spec))
+        accuracy, test_loss = await asyncio.to_thread(self.task.evaluate, self.model)
+        await asyncio.to_thread(self._persist, jump.to_round, jump.vector)
+        self.metrics.write(
+            {
+                **self._base_record(plan, loss, accuracy, test_loss, started),
+                "round": jump.to_round,
+                "caught_up_from": jump.from_round,
+                "adopted_from": [plan.name(n) for n in jump.sources],
+            }
+        )
+
+    def _check_loss(self, round_: int, loss: float) -> None:
+        if not math.isfinite(loss) or loss > DIVERGED_LOSS:
+            raise TrainingDiverged(
+                f"local training diverged in round {round_} (mean loss {loss}); lower [task] lr "
+                f"(now {self.cfg.task.lr}) or check the data for extreme values, then restart"
+            )
+
+    def _base_record(
+        self, plan: Plan, loss: float, accuracy: float, test_loss: float, started: float
     ) -> dict[str, Any]:
-        """One metrics.jsonl line: the round's learning figures and what each neighbour weighed."""
         return {
             "round": plan.round,
             "time": time.time(),
@@ -190,10 +238,26 @@ class Node:
             "round_s": time.monotonic() - started,
             "epoch": plan.epoch,
             "members": len(plan.members),
+            "attack": self.cfg.attack.kind or None,
+        }
+
+    def _record(
+        self,
+        plan: Plan,
+        result: MixResult,
+        staleness: dict[str, int],
+        loss: float,
+        accuracy: float,
+        test_loss: float,
+        started: float,
+    ) -> dict[str, Any]:
+        """One metrics.jsonl line: the round's learning figures and what each neighbour weighed."""
+        return {
+            **self._base_record(plan, loss, accuracy, test_loss, started),
             "own_weight": result.own_weight,
             "radius": result.radius,
-            "attack": self.cfg.attack.kind or None,
-            "missing": [plan.name(n) for n in missing],
+            "missing": [plan.name(n) for n in plan.neighbours if n not in staleness],
+            "staleness": {plan.name(n): s for n, s in staleness.items()},
             "neighbours": {
                 plan.name(n): {
                     "id": n,
@@ -202,28 +266,87 @@ class Node:
                     "clipped": result.clipped.get(n, False),
                     "reputation": result.reputation.get(n),
                     "downweighted": result.downweighted.get(n),
+                    "staleness": staleness.get(n),
                 }
                 for n in plan.neighbours
             },
         }
 
-    def _save_model(self, round_: int, vector: np.ndarray) -> None:
+    # -- state on disk ------------------------------------------------------------------------------
+
+    def _persist(self, round_: int, vector: np.ndarray) -> None:
+        """Checkpoint (every round, atomically) and, if asked, keep this round's model too."""
+        rep = self.core.mixer.reputation
+        values, arrays = rep.state() if rep is not None else ({}, {})
+        state = checkpoint.Checkpoint(
+            round=round_,
+            seq=self.core.seq,
+            model=vector,
+            spec=checkpoint.spec_shapes(self.core.spec),
+            reputation=values,
+            reputation_arrays=arrays,
+            replay=self.core.replay.state(),
+        )
+        checkpoint.save(self.checkpoint_path, state)
         if self.cfg.metrics.save_models:
-            out = self.cfg.data_dir / "models"
-            out.mkdir(exist_ok=True)
-            np.save(out / f"round_{round_:04d}.npy", vector)
+            checkpoint.atomic_save_array(self.cfg.data_dir / "models" / f"round_{round_:04d}.npy", vector)
+
+    def _resume(self) -> None:
+        """Continue from the last checkpoint, if this data dir has one (then catch up as needed)."""
+        state = checkpoint.load(self.checkpoint_path)
+        if state is None:
+            return
+        if state.spec != checkpoint.spec_shapes(self.core.spec):
+            raise checkpoint.CheckpointError(
+                f"{self.checkpoint_path} holds a model of another shape than [task] {self.cfg.task.name!r} "
+                "builds; move it away to start this node from scratch"
+            )
+        set_params(self.model, unflatten(state.model, self.core.spec))
+        self.core.round = state.round
+        self.core.seq = max(self.core.seq, state.seq)
+        self.core.replay.restore(state.replay)
+        rep = self.core.mixer.reputation
+        if rep is not None and state.reputation:
+            rep.restore(state.reputation, state.reputation_arrays)
+        log.info("resuming from the checkpoint of round %d", state.round)
+
+    def save_final_model(self) -> None:
+        """The model this node ends with, always (model.npy beside the checkpoint)."""
+        vector = self.core.flatten(get_params(self.model))
+        if not np.isfinite(vector).all():
+            log.error("the model is not finite; %s keeps the last good one", self.checkpoint_path)
+            return
+        checkpoint.atomic_save_array(self.cfg.data_dir / "model.npy", vector)
 
     # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def _wait(self, timeout: float) -> None:
+        """Until something changed, `timeout` passes, or a stop is asked for (then raise Cancelled).
+
+        No asyncio.wait_for here: on Python 3.11 it can swallow a cancellation that lands while the
+        awaited event fires, and the node would train on after SIGTERM.
+        """
+        self.changed.clear()
+        waiters = [asyncio.ensure_future(self.changed.wait()), asyncio.ensure_future(self.stopping.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        if self.stopping.is_set():
+            raise asyncio.CancelledError
 
     async def _wait_for_peers(self) -> None:
         """Start together: until `expect_peers` certified peers are reachable, or `wait_s` passes."""
         want = self.cfg.discovery.expect_peers
         deadline = time.monotonic() + self.cfg.discovery.wait_s
         while len(self.mesh.members()) < want and time.monotonic() < deadline:
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), timeout=0.5)
+            await self._wait(0.5)
         log.info("starting with %d peer(s) (expected %d)", len(self.mesh.members()), want)
+
+    def _finished(self) -> bool:
+        rounds = self.cfg.training.rounds
+        return self.stopping.is_set() or (rounds > 0 and self.core.round >= rounds)
 
     async def start(self) -> None:
         await self.mesh.start(self._on_update, self.changed.set)
@@ -231,29 +354,64 @@ class Node:
     async def stop(self) -> None:
         await self.mesh.stop()
 
+    def request_stop(self) -> None:
+        """Ask the node to stop at the next wait (signal handlers and the parent watchdog call it)."""
+        self.stopping.set()
+        self.changed.set()
+
     async def run(self) -> None:
-        """Start, run every round, linger so slower neighbours can fetch our last update, stop."""
+        """Start, run rounds until `rounds` (0: until stopped), linger so slower neighbours can fetch
+        our last update, save the final model, stop."""
         try:
             await self.start()
             await self._wait_for_peers()
-            for round_ in range(1, self.cfg.training.rounds + 1):
-                await self._round(round_)
-            await asyncio.sleep(self.cfg.gossip.linger_s)
+            while not self._finished():
+                await self._round(self.core.round + 1)
+            linger_until = time.monotonic() + self.cfg.gossip.linger_s
+            while not self.stopping.is_set() and time.monotonic() < linger_until:
+                await self._wait(linger_until - time.monotonic())
         finally:
+            await asyncio.shield(asyncio.to_thread(self.save_final_model))
             await self.stop()
 
 
-def run_node(cfg: NodeConfig) -> None:
-    """Run a node to completion; SIGTERM and Ctrl-C both stop it cleanly (broker, links, mDNS goodbye)."""
+async def _watch_parent(node: Node, parent: int) -> None:
+    """Stop when the process that launched us is gone (a killed testbed leaves no node behind)."""
+    while os.getppid() == parent:
+        await asyncio.sleep(PARENT_POLL_S)
+    log.warning("parent process %d is gone; stopping", parent)
+    node.request_stop()
 
-    async def main() -> None:
+
+def run_node(cfg: NodeConfig) -> None:
+    """Run a node to completion; SIGTERM and Ctrl-C both stop it cleanly (broker, links, mDNS goodbye).
+
+    The signal only sets a flag that every wait checks (and cancels the main task, for the steps in
+    between), so a stop is never lost; exit status 143 when stopped before the last round.
+    """
+
+    async def main() -> bool:
         node = Node(cfg)
         task = asyncio.current_task()
         assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        await node.run()
+        loop = asyncio.get_running_loop()
 
-    try:
-        asyncio.run(main())
-    except asyncio.CancelledError:
-        raise SystemExit(143) from None  # stopped by SIGTERM: not a completed run
+        def stop() -> None:
+            node.request_stop()
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, stop)
+        loop.add_signal_handler(signal.SIGINT, stop)
+        parent = os.environ.get(PARENT_PID_ENV, "")
+        watchdog = loop.create_task(_watch_parent(node, int(parent))) if parent.isdigit() else None
+        try:
+            await node.run()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+        return not node.stopping.is_set()
+
+    if not asyncio.run(main()):
+        raise SystemExit(143)  # stopped by a signal: not a completed run

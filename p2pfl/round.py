@@ -14,6 +14,15 @@ One round at node i:
   mix    own vector + the admitted neighbours of this round -> the aggregation rule (with the
          node's reputation record) -> the new own vector
 
+Rounds are not lock-step (bounded-staleness synchronous gossip). Each node keeps its own round
+counter and, in round r, mixes the freshest update each neighbour sent that it has not mixed yet,
+as long as it is at most `staleness` rounds old; the staleness of each is in the metrics. A round
+waits only for the neighbours that are expected (not those that missed `miss_limit` rounds in a
+row, until they are heard again), and only as long as `Pace` says neighbours usually take, with
+`round_timeout_s` as the ceiling. A node that finds most of its neighbours ahead of it (it was
+restarted, frozen, cut off, or joined late) catches up: it adopts the round and a mix of the
+models of those neighbours instead of sending them its stale one.
+
 The epoch (a hash of the member list) is local bookkeeping: it names the membership view a round
 was planned on in the metrics, and is not sent. Two members may briefly disagree about the member
 list (one has seen a newcomer, the other not yet); refusing each other's updates then would only
@@ -22,8 +31,10 @@ make a round wait for nothing, and the degree in the header already keeps the MH
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,9 +49,23 @@ from p2pfl.identity import Identity
 from p2pfl.learning.params import flatten, unflatten
 from p2pfl.topology import Topology
 
-__all__ = ["ROUNDS_AHEAD", "Inbox", "Mixer", "Plan", "RoundCore", "TensorSpec"]
+__all__ = [
+    "MAX_ROUNDS_AHEAD",
+    "ROUNDS_AHEAD",
+    "STALENESS",
+    "CatchUp",
+    "Inbox",
+    "Mixer",
+    "Pace",
+    "Pending",
+    "Plan",
+    "RoundCore",
+    "TensorSpec",
+]
 
-ROUNDS_AHEAD = 2  # a neighbour may run this many rounds ahead of us; its updates wait in the inbox
+ROUNDS_AHEAD = 2  # neighbours this many rounds ahead are normal jitter; further ahead, we are behind
+STALENESS = 4  # an update at most this many rounds old is still mixed (once)
+MAX_ROUNDS_AHEAD = 1 << 40  # a round number no honest node reaches: refused as a round-window lie
 
 TensorSpec = Mapping[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -63,24 +88,100 @@ class Plan:
         return cert.name if cert is not None else node_id
 
 
+@dataclass(frozen=True)
+class Pending:
+    """An admitted update waiting to be mixed: its round and when it arrived (monotonic seconds)."""
+
+    round: int
+    neighbour: Neighbour
+    arrived: float
+
+
 @dataclass
 class Inbox:
-    """Admitted updates by round: the newest per neighbour, until the round is closed."""
+    """The freshest admitted, not yet mixed update of each neighbour (an update is mixed once)."""
 
-    updates: dict[int, dict[str, Neighbour]] = field(default_factory=dict)
+    latest: dict[str, Pending] = field(default_factory=dict)
 
-    def put(self, round_: int, neighbour: Neighbour) -> None:
-        self.updates.setdefault(round_, {})[neighbour.node_id] = neighbour
+    def put(self, pending: Pending) -> None:
+        """Keep the newer of the waiting update and this one (by round; later arrivals win ties)."""
+        nid = pending.neighbour.node_id
+        old = self.latest.get(nid)
+        if old is None or pending.round >= old.round:
+            self.latest[nid] = pending
 
-    def of(self, round_: int) -> Mapping[str, Neighbour]:
-        return self.updates.get(round_, {})
+    def fresh(self, node_id: str, round_: int) -> bool:
+        """Has `node_id` an update for `round_` or later waiting?"""
+        p = self.latest.get(node_id)
+        return p is not None and p.round >= round_
 
-    def close(self, round_: int) -> dict[str, Neighbour]:
-        """Take this round's updates and forget everything older."""
-        taken = self.updates.pop(round_, {})
-        for old in [r for r in self.updates if r <= round_]:
-            del self.updates[old]
-        return taken
+    def take(self, node_ids: Iterable[str], oldest: int) -> dict[str, Pending]:
+        """Remove and return the waiting updates of `node_ids` whose round is >= oldest."""
+        out = {}
+        for nid in node_ids:
+            p = self.latest.get(nid)
+            if p is not None and p.round >= oldest:
+                out[nid] = self.latest.pop(nid)
+        return out
+
+    def drop_older(self, oldest: int) -> None:
+        for nid in [n for n, p in self.latest.items() if p.round < oldest]:
+            del self.latest[nid]
+
+
+class Pace:
+    """How long neighbours usually take to deliver a round's update, and who has stopped delivering.
+
+    A round waits for the expected neighbours at most `factor` x the 90th percentile of recent
+    arrival delays (at least `floor_s`, at most `ceiling_s` = round_timeout_s). Before any delay was
+    observed, the arrivals of the current round stand in; with none at all, the ceiling applies.
+    A neighbour that missed `miss_limit` rounds in a row is not waited for until it is heard again.
+    """
+
+    def __init__(
+        self,
+        *,
+        ceiling_s: float,
+        factor: float = 4.0,
+        floor_s: float = 1.0,
+        window: int = 32,
+        miss_limit: int = 2,
+    ) -> None:
+        self.ceiling_s, self.factor, self.floor_s, self.miss_limit = ceiling_s, factor, floor_s, miss_limit
+        self.delays: deque[float] = deque(maxlen=window)
+        self.misses: dict[str, int] = {}
+
+    def heard(self, node_id: str) -> None:
+        """Any admitted update proves a neighbour is alive: wait for it again."""
+        self.misses.pop(node_id, None)
+
+    def arrived(self, node_id: str, delay_s: float) -> None:
+        self.delays.append(max(0.0, delay_s))
+        self.heard(node_id)
+
+    def missed(self, node_id: str) -> None:
+        self.misses[node_id] = self.misses.get(node_id, 0) + 1
+
+    def expected(self, neighbours: Iterable[str]) -> list[str]:
+        return [n for n in neighbours if self.misses.get(n, 0) < self.miss_limit]
+
+    def wait_s(self, current: Sequence[float] = ()) -> float:
+        """How long this round may wait for missing neighbours, from its start."""
+        pool = sorted(self.delays) or sorted(max(0.0, d) for d in current)
+        if not pool:
+            return self.ceiling_s
+        typical = pool[min(len(pool) - 1, math.ceil(0.9 * len(pool)) - 1)]
+        return min(self.ceiling_s, max(self.floor_s, self.factor * typical))
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """A node found itself behind: the round it jumps to and the model it adopts."""
+
+    from_round: int
+    to_round: int
+    vector: np.ndarray
+    sources: tuple[str, ...]  # the neighbours whose models were adopted
 
 
 class Mixer:
@@ -150,6 +251,7 @@ class RoundCore:
         max_update_bytes: int = 1 << 30,
         max_skew_s: float = 300.0,
         attack: Attack | None = None,
+        staleness: int = STALENESS,
     ) -> None:
         self.identity, self.cert, self.root = identity, cert, root
         self.node_id = identity.node_id
@@ -158,6 +260,7 @@ class RoundCore:
         self.samples = samples
         self.seed = seed
         self.max_update_bytes = max_update_bytes
+        self.staleness = staleness
         self.replay = ReplayGuard(max_skew_s)
         self.mixer = Mixer(
             rule=rule, samples=samples, clip_radius=clip_radius, reputation=Reputation(), attack=attack
@@ -208,7 +311,8 @@ class RoundCore:
     ) -> tuple[int, Neighbour]:
         """Open, check and flatten one update; (its round, the neighbour) or Rejected with the reason.
 
-        `members` is the caller's snapshot of who is certified and reachable.
+        `members` is the caller's snapshot of who is certified and reachable. Updates from rounds
+        ahead of ours are admitted: they are how a node that fell behind learns it did.
         """
         meta, payload = open_envelope(
             message, self.identity, self.root, members.get, self.replay, max_bytes=self.max_update_bytes
@@ -223,27 +327,59 @@ class RoundCore:
         return meta.round, Neighbour(meta.sender, self.flatten(params), max(meta.degree, 1), meta.samples)
 
     def check_round(self, round_: int) -> None:
-        """Refuse an update for a round already closed or too far ahead (also re-checked after opening)."""
-        if round_ < self.round:
-            raise Rejected(Reason.LATE, f"update for round {round_} arrived in round {self.round}")
-        if round_ > self.round + ROUNDS_AHEAD:
-            raise Rejected(Reason.ROUND_WINDOW, f"update for round {round_}, we are in round {self.round}")
+        """Refuse an update older than the staleness bound (also re-checked after opening)."""
+        if round_ < self.round - self.staleness:
+            raise Rejected(
+                Reason.LATE,
+                f"update for round {round_} is more than {self.staleness} rounds behind our round {self.round}",
+            )
+        if round_ > MAX_ROUNDS_AHEAD:
+            raise Rejected(Reason.ROUND_WINDOW, f"update for round {round_}: no federation gets that far")
 
-    def accept(self, round_: int, neighbour: Neighbour) -> None:
-        """File an admitted update, unless its round closed while it was being opened."""
+    def accept(self, round_: int, neighbour: Neighbour, arrived: float) -> None:
+        """File an admitted update, unless it went stale while it was being opened."""
         self.check_round(round_)
-        self.inbox.put(round_, neighbour)
+        self.inbox.put(Pending(round_, neighbour, arrived))
 
-    def missing(self, plan: Plan, reachable: Sequence[str] | Mapping[str, object]) -> list[str]:
-        """Neighbours still reachable whose update for the round has not arrived."""
-        have = self.inbox.of(plan.round)
-        return [n for n in plan.neighbours if n not in have and n in reachable]
+    def missing(self, plan: Plan, expected: Iterable[str]) -> list[str]:
+        """Expected neighbours whose update for this round (or a later one) has not arrived."""
+        return [n for n in expected if not self.inbox.fresh(n, plan.round)]
+
+    # -- catch up -----------------------------------------------------------------------------------
+
+    def catch_up(self, plan: Plan) -> CatchUp | None:
+        """Jump ahead when most neighbours that sent something are more than ROUNDS_AHEAD ahead.
+
+        The target is the lower median of their rounds (one neighbour lying about its round cannot
+        drag a node with honest neighbours forward); the adopted model is the mean of the models of
+        the neighbours at or beyond it (coordinate-wise median from three on). Their updates are
+        consumed: they were not mixed against a stale model, and reputation saw no distance.
+        """
+        waiting = {n: p for n, p in self.inbox.latest.items() if n in plan.neighbours}
+        ahead = sorted((p.round, n) for n, p in waiting.items() if p.round > plan.round + ROUNDS_AHEAD)
+        if 2 * len(ahead) <= len(waiting):
+            return None
+        target = ahead[(len(ahead) - 1) // 2][0]
+        sources = tuple(n for r, n in ahead if r >= target)
+        stack = np.stack([waiting[n].neighbour.vector for n in sources])
+        vector = stack.mean(axis=0) if len(sources) < 3 else np.median(stack, axis=0)
+        vector = np.asarray(vector, dtype=np.float32)
+        self.inbox.take(sources, oldest=0)
+        self.round = target
+        self.inbox.drop_older(target - self.staleness)
+        if self.mixer.reputation is not None:
+            self.mixer.reputation.remember_output(vector)  # our next step is measured from here
+        return CatchUp(plan.round, target, vector, sources)
 
     # -- mix ----------------------------------------------------------------------------------------
 
-    def mix(self, own: np.ndarray, plan: Plan) -> tuple[MixResult, list[str]]:
-        """Close the round's inbox and mix; (the result, the neighbours that did not arrive)."""
-        received = self.inbox.close(plan.round)
-        got = [received[n] for n in plan.neighbours if n in received]
+    def mix(self, own: np.ndarray, plan: Plan) -> tuple[MixResult, dict[str, int]]:
+        """Mix the freshest waiting update of each neighbour within the staleness bound.
+
+        Returns the result and the staleness (our round - its round; negative: it is ahead) of each
+        neighbour mixed; a neighbour not in it contributed nothing and its weight stayed home.
+        """
+        taken = self.inbox.take(plan.neighbours, oldest=plan.round - self.staleness)
+        got = [taken[n].neighbour for n in plan.neighbours if n in taken]
         result = self.mixer.mix(own, plan.degree, got)
-        return result, [n for n in plan.neighbours if n not in received]
+        return result, {n: plan.round - p.round for n, p in taken.items()}

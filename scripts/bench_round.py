@@ -167,10 +167,10 @@ class BenchNode:
     def average(self) -> Any:
         """Node._round's mix step: RoundCore.mix (rule "mean" on the full graph: 1/5 each)."""
         for round_, neighbour in self.vectors.values():
-            self.core.accept(round_, neighbour)
-        result, missing = self.core.mix(self.core.flatten(self.params), self.plan)
-        if missing:
-            raise RuntimeError(f"node {self.index}: mixed without {missing}")
+            self.core.accept(round_, neighbour, time.monotonic())
+        result, staleness = self.core.mix(self.core.flatten(self.params), self.plan)
+        if sorted(staleness) != self.others:
+            raise RuntimeError(f"node {self.index}: mixed only {sorted(staleness)}")
         return result.vector
 
     def _begin_round(self, r: int, start_at: float) -> None:

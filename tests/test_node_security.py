@@ -26,6 +26,7 @@ from p2pfl.federation import Certificate, FederationAuthority, make_broker_proof
 from p2pfl.identity import Identity, load_or_create
 from p2pfl.learning import get_params
 from p2pfl.node import Node
+from p2pfl.round import MAX_ROUNDS_AHEAD, STALENESS
 from p2pfl.transport import Outbox
 
 HOST = "127.0.0.1"
@@ -127,7 +128,7 @@ async def _scenario(tmp: Path) -> None:
     try:
         await until(lambda: a.identity.node_id in node.members())
         await until(lambda: node.metrics.rejected["bad_signature"] == 1)  # the impostor's proof (see below)
-        node.core.round = 1
+        node.core.round = 10
         b_id, b_box = node.node_id, node.identity.box_public_bytes
         good = get_params(node.model)
 
@@ -140,15 +141,15 @@ async def _scenario(tmp: Path) -> None:
         def rejected(reason: str) -> int:
             return node.metrics.rejected[reason]
 
-        first = sealed(good, a.meta(1))
+        first = sealed(good, a.meta(10))
         await send(first)
-        await until(lambda: a.identity.node_id in node.core.inbox.of(1))
+        await until(lambda: a.identity.node_id in node.core.inbox.latest)
 
         await send(first)  # captured and replayed later
         await until(lambda: rejected("replay") == 1)
 
         await send(
-            forge(sealed(good, a.meta(1)), c.identity)
+            forge(sealed(good, a.meta(10)), c.identity)
         )  # re-signed by a key A's certificate does not hold
         await until(lambda: rejected("bad_signature") == 2)
 
@@ -157,25 +158,25 @@ async def _scenario(tmp: Path) -> None:
 
         poisoned = {k: v.copy() for k, v in good.items()}
         next(iter(poisoned.values())).flat[0] = np.nan
-        await send(sealed(poisoned, a.meta(1)))
+        await send(sealed(poisoned, a.meta(10)))
         await until(lambda: rejected("non_finite") == 1)
 
         reshaped = {k: (v.reshape(-1) if v.ndim > 1 else v) for k, v in good.items()}
-        await send(sealed(reshaped, a.meta(1)))
+        await send(sealed(reshaped, a.meta(10)))
         await until(lambda: rejected("shape_mismatch") == 1)
 
-        await send(sealed(good, a.meta(0)))  # a round the node has already closed
+        await send(sealed(good, a.meta(10 - STALENESS - 1)))  # older than the staleness bound
         await until(lambda: rejected("late") == 1)
 
-        await send(sealed(good, a.meta(9)))  # far ahead of the node
+        await send(sealed(good, a.meta(MAX_ROUNDS_AHEAD + 1)))  # a round no federation reaches
         await until(lambda: rejected("round_window") == 1)
 
-        await send(sealed(good, a.meta(1, federation=c.cert.federation_id)))
+        await send(sealed(good, a.meta(10, federation=c.cert.federation_id)))
         await until(lambda: rejected("wrong_federation") == 1)
 
         stranger = Identity.generate()
         await send(
-            seal(codec.encode(good), a.meta(1), a.identity, {stranger.node_id: stranger.box_public_bytes})
+            seal(codec.encode(good), a.meta(10), a.identity, {stranger.node_id: stranger.box_public_bytes})
         )
         await until(lambda: rejected("not_recipient") == 1)
 
@@ -185,17 +186,22 @@ async def _scenario(tmp: Path) -> None:
         assert c.identity.node_id not in node.members()
         assert impostor.identity.node_id not in node.members()
         await impostor.outbox.publish_update(
-            seal(codec.encode(good), impostor.meta(1), impostor.identity, {b_id: b_box}), [b_id]
+            seal(codec.encode(good), impostor.meta(10), impostor.identity, {b_id: b_box}), [b_id]
         )
         await asyncio.sleep(2)  # the link never subscribed to the unproven broker's inbox: nothing arrives
-        assert impostor.identity.node_id not in node.core.inbox.of(1)
+        assert impostor.identity.node_id not in node.core.inbox.latest
         impostor_link = next(p.link for p in node.mesh.peers.values() if p.cert and p.cert.name == "node-d")
         assert impostor_link.trusted_publisher is None
 
         # Nothing was lost: the next honest update is still accepted.
-        node.core.round = 2
-        await send(sealed(good, a.meta(2)))
-        await until(lambda: a.identity.node_id in node.core.inbox.of(2))
+        node.core.round = 11
+        await send(sealed(good, a.meta(11)))
+        await until(
+            lambda: (
+                a.identity.node_id in node.core.inbox.latest
+                and node.core.inbox.latest[a.identity.node_id].round == 11
+            )
+        )
 
         # A plain MQTT client without credentials can neither connect to subscribe nor publish.
         with pytest.raises(MqttConnectError):

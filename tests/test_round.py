@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from p2pfl.identity import Identity, load_or_create
 from p2pfl.learning import TaskSpec
 from p2pfl.metrics import read_jsonl
 from p2pfl.node import Node
-from p2pfl.round import ROUNDS_AHEAD, RoundCore
+from p2pfl.round import MAX_ROUNDS_AHEAD, ROUNDS_AHEAD, STALENESS, Pace, RoundCore
 from p2pfl.topology import parse_topology
 
 YEAR = 365 * 86400.0
@@ -88,10 +90,10 @@ def test_pack_admit_mix_round_trip(cores: list[RoundCore]) -> None:
             message = c.pack(own, c.flatten(own), plans[c.node_id])
             assert message is not None
             round_, nb = a.admit(c.node_id, message, members)
-            a.accept(round_, nb)
-    assert a.missing(plans[a.node_id], members) == []
-    result, missing = a.mix(a.flatten(params(0.0)), plans[a.node_id])
-    assert missing == []
+            a.accept(round_, nb, arrived=0.0)
+    assert a.missing(plans[a.node_id], plans[a.node_id].neighbours) == []
+    result, staleness = a.mix(a.flatten(params(0.0)), plans[a.node_id])
+    assert staleness == {n: 0 for n in plans[a.node_id].neighbours}
     # MH on a ring: 1/3 per neighbour, both neighbours at 1.0 -> 2/3 everywhere
     np.testing.assert_allclose(result.vector, np.full(8, 2 / 3, np.float32), rtol=1e-6)
 
@@ -120,21 +122,22 @@ def test_admit_refuses_by_round_and_publisher(cores: list[RoundCore]) -> None:
         assert message is not None
         return message
 
-    a.plan(5, members)
+    a.plan(10, members)
     reasons = []
     for message, publisher in [
-        (update(4), b.node_id),
-        (update(5 + ROUNDS_AHEAD + 1), b.node_id),
-        (update(5), next(c.node_id for c in cores if c not in (a, b))),
+        (update(10 - STALENESS - 1), b.node_id),
+        (update(MAX_ROUNDS_AHEAD + 1), b.node_id),
+        (update(10), next(c.node_id for c in cores if c not in (a, b))),
         (b"\x00" * 64, b.node_id),
     ]:
         with pytest.raises(Rejected) as info:
             a.admit(publisher, message, members)
         reasons.append(info.value.reason.value)
     assert reasons == ["late", "round_window", "unknown_sender", "malformed"]
-    round_, nb = a.admit(b.node_id, update(5 + ROUNDS_AHEAD), members)  # ahead, inside the window
-    a.accept(round_, nb)
-    assert nb.node_id in a.inbox.of(5 + ROUNDS_AHEAD)
+    for r in (10 - STALENESS, 10 + ROUNDS_AHEAD + 5):  # stale within the bound, and far ahead: both kept
+        round_, nb = a.admit(b.node_id, update(r), members)
+        a.accept(round_, nb, arrived=0.0)
+        assert a.inbox.latest[b.node_id].round == r
 
 
 def test_shape_mismatch_is_refused(cores: list[RoundCore]) -> None:
@@ -155,17 +158,79 @@ def test_a_round_without_neighbours_sends_nothing(cores: list[RoundCore]) -> Non
     a = cores[0]
     plan = a.plan(1, {})
     assert plan.neighbours == () and a.pack(params(1.0), a.flatten(params(1.0)), plan) is None
-    result, missing = a.mix(a.flatten(params(3.0)), plan)
-    assert missing == [] and np.all(result.vector == 3.0)
+    result, staleness = a.mix(a.flatten(params(3.0)), plan)
+    assert staleness == {} and np.all(result.vector == 3.0)
+
+
+def deliver(sender: RoundCore, receiver: RoundCore, round_: int, value: float, members: dict) -> None:
+    """`sender` packs an update for `round_` and `receiver` admits and files it."""
+    sender.round = round_
+    p = params(value)
+    message = sender.pack(p, sender.flatten(p), sender.plan(round_, members))
+    assert message is not None
+    r, nb = receiver.admit(sender.node_id, message, members)
+    receiver.accept(r, nb, arrived=0.0)
+
+
+def test_a_stale_update_is_mixed_once_within_the_bound(cores: list[RoundCore]) -> None:
+    members = members_of(cores)
+    a, b = pair(cores)
+    a.plan(6, members)
+    deliver(b, a, 4, 1.0, members)  # two rounds old: still mixed, with its staleness
+    plan = a.plan(6, members)
+    assert a.missing(plan, [b.node_id]) == [b.node_id]  # not fresh: the round may wait for a newer one
+    result, staleness = a.mix(a.flatten(params(0.0)), plan)
+    assert staleness == {b.node_id: 2} and result.weights[b.node_id] > 0
+    result, staleness = a.mix(a.flatten(params(0.0)), a.plan(7, members))
+    assert staleness == {}, "an update is mixed once, never again in a later round"
+
+
+def test_pace_waits_as_long_as_neighbours_usually_take() -> None:
+    pace = Pace(ceiling_s=30.0, factor=4.0, floor_s=1.0, miss_limit=2)
+    assert pace.wait_s() == 30.0  # nothing known yet: the ceiling
+    assert pace.wait_s([0.5]) == 2.0  # this round's first arrival stands in
+    for d in [0.5] * 9 + [5.0]:  # one slow outlier does not set the pace
+        pace.arrived("x", d)
+    assert pace.wait_s() == pytest.approx(2.0) and pace.wait_s([9.0]) == pytest.approx(2.0)
+    pace.missed("y")
+    assert pace.expected(["x", "y"]) == ["x", "y"]
+    pace.missed("y")
+    assert pace.expected(["x", "y"]) == ["x"]  # missed twice in a row: not waited for ...
+    pace.heard("y")
+    assert pace.expected(["x", "y"]) == ["x", "y"]  # ... until it is heard again
+
+
+def test_a_node_behind_its_neighbours_catches_up(cores: list[RoundCore]) -> None:
+    members = members_of(cores)
+    a = cores[0]
+    plan = a.plan(3, members)
+    n1, n2 = (next(c for c in cores if c.node_id == n) for n in plan.neighbours)
+    deliver(n1, a, 50, 1.0, members)
+    deliver(n2, a, 52, 3.0, members)
+    jump = a.catch_up(plan)
+    assert jump is not None and (jump.from_round, jump.to_round) == (3, 50)
+    np.testing.assert_allclose(jump.vector, 2.0)  # the mean of the neighbours' models
+    assert a.round == 50 and a.inbox.latest == {}
+
+
+def test_one_neighbour_claiming_a_far_round_does_not_drag_a_node_along(cores: list[RoundCore]) -> None:
+    members = members_of(cores)
+    a = cores[0]
+    plan = a.plan(3, members)
+    honest, liar = (next(c for c in cores if c.node_id == n) for n in plan.neighbours)
+    deliver(honest, a, 3, 1.0, members)
+    deliver(liar, a, 10**9, 1.0, members)
+    assert a.catch_up(plan) is None and a.round == 3
 
 
 # -- several real Nodes in one loop, over the in-memory mesh ------------------------------------------
 
 
-def node_config(tmp: Path, i: int, n: int, rounds: int) -> NodeConfig:
+def node_config(tmp: Path, i: int, n: int, rounds: int, expect: int | None = None) -> NodeConfig:
     cfg = NodeConfig()
     cfg.node.name, cfg.node.data_dir = f"node-{i}", str(tmp / f"n{i}")
-    cfg.discovery.expect_peers, cfg.discovery.wait_s = n - 1, 120.0  # discovery is the hub here
+    cfg.discovery.expect_peers = n - 1 if expect is None else expect  # discovery is the hub here
+    cfg.discovery.wait_s = 120.0
     cfg.task = TaskSpec(name="synthetic-logreg", shard=i, num_shards=n, lr=0.5)
     cfg.training.rounds = rounds
     cfg.gossip.round_timeout_s = 300.0  # a stall would hit pytest's timeout, not this
@@ -173,11 +238,11 @@ def node_config(tmp: Path, i: int, n: int, rounds: int) -> NodeConfig:
     return validate(cfg)
 
 
-def make_nodes(tmp: Path, n: int, rounds: int, hub: Hub) -> list[Node]:
+def make_nodes(tmp: Path, n: int, rounds: int, hub: Hub, expect: int | None = None) -> list[Node]:
     authority = FederationAuthority.create(tmp / "federation")
     nodes = []
     for i in range(n):
-        cfg = node_config(tmp, i, n, rounds)
+        cfg = node_config(tmp, i, n, rounds, expect)
         _, cert = certify(authority, cfg.node.name, cfg.data_dir)
         nodes.append(Node(cfg, mesh=hub.mesh(cert)))
     return nodes
@@ -229,3 +294,68 @@ def test_a_node_that_leaves_does_not_stall_the_others(tmp_path: Path) -> None:
         records = read_jsonl(node.cfg.metrics_path)
         assert [r["round"] for r in records] == list(range(1, 7))
         assert records[-1]["members"] == 3
+
+
+async def until(predicate: Callable[[], bool], ceiling_s: float = 120.0) -> None:
+    """Wait for a state of the federation (a generous ceiling: the machine may be busy)."""
+    deadline = asyncio.get_running_loop().time() + ceiling_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.timeout(240)
+def test_a_late_joiner_catches_up_and_nobody_waits_for_it(tmp_path: Path) -> None:
+    hub = Hub()
+    nodes = make_nodes(tmp_path, 4, 16, hub, expect=2)
+    first, late = nodes[:3], nodes[3]
+
+    async def join_late() -> None:
+        await until(lambda: first[0].core.round >= 8)
+        await late.run()
+
+    async def main() -> None:
+        await asyncio.gather(*(node.run() for node in first), join_late())
+
+    asyncio.run(main())
+    records = read_jsonl(late.cfg.metrics_path)
+    jumps = [r for r in records if "caught_up_from" in r]
+    assert jumps and jumps[0]["caught_up_from"] == 1 and jumps[0]["round"] >= 8
+    assert records[-1]["round"] == 16
+    others = [read_jsonl(n.cfg.metrics_path)[-1]["accuracy"] for n in first]
+    assert records[-1]["accuracy"] >= min(others) - 0.1
+    for node in first:  # nobody refused the newcomer's catch-up or stalled on it
+        assert read_jsonl(node.cfg.metrics_path)[-1]["round"] == 16
+
+
+@pytest.mark.timeout(240)
+def test_a_restarted_node_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    hub = Hub()
+    nodes = make_nodes(tmp_path, 4, 12, hub)
+    victim = nodes[3]
+
+    async def crash_after(rounds: int) -> None:
+        original = victim._round
+
+        async def counted(round_: int) -> None:
+            await original(round_)
+            if round_ == rounds:
+                raise asyncio.CancelledError  # killed after its checkpoint of this round
+
+        victim._round = counted  # type: ignore[method-assign]
+        with contextlib.suppress(asyncio.CancelledError):
+            await victim.run()
+
+    async def main() -> None:
+        survivors = [asyncio.ensure_future(node.run()) for node in nodes[:3]]
+        await crash_after(4)
+        await until(lambda: nodes[0].core.round >= 7)
+        restarted = Node(victim.cfg, mesh=hub.mesh(victim.cert))
+        assert restarted.core.round == 4  # from the checkpoint, not from scratch
+        await asyncio.gather(*survivors, restarted.run())
+
+    asyncio.run(main())
+    rounds = [r["round"] for r in read_jsonl(victim.cfg.metrics_path)]
+    assert rounds[:4] == [1, 2, 3, 4], "metrics of the first life are kept (appended, not truncated)"
+    assert rounds[-1] == 12 and rounds[4] > 4
+    assert (victim.cfg.data_dir / "model.npy").exists()

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -206,6 +207,25 @@ class Reputation:
 
     def __contains__(self, node_id: object) -> bool:
         return node_id in self._records
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What a checkpoint keeps: the records as plain values, and the sketches as arrays."""
+        records = {
+            nid: {k: v for k, v in asdict(r).items() if k != "sketch"} for nid, r in self._records.items()
+        }
+        arrays = {f"sketch/{nid}": r.sketch for nid, r in self._records.items() if r.sketch is not None}
+        if self._out_sketch is not None:
+            arrays["out_sketch"] = self._out_sketch
+        return {"rounds": self.rounds, "records": records}, arrays
+
+    def restore(self, values: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        """Load what `state` returned (a node resuming from its checkpoint)."""
+        self.rounds = int(values["rounds"])
+        self._records = {
+            nid: _Record(**fields, sketch=arrays.get(f"sketch/{nid}"))
+            for nid, fields in values["records"].items()
+        }
+        self._out_sketch = arrays.get("out_sketch")
 
     def forget(self, node_id: str) -> None:
         """Drop what is known about one neighbour (no error if unknown)."""
