@@ -187,6 +187,8 @@ class NetLab:
         """Shape what node `index` sends (its veth's egress)."""
         cmd = [*self.exec_prefix(index), "tc", "qdisc", "replace", "dev", "eth0", "root", "netem", *args]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=IP_TIMEOUT_S)
+        if "kind is unknown" in done.stderr:
+            raise LabError("--netem: this kernel has no sch_netem module, so tc netem is unavailable here")
         if done.returncode != 0:
             raise LabError(f"`{' '.join(cmd)}` failed: {done.stderr.strip() or done.returncode}")
 

@@ -437,7 +437,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     for f in summary.get("faults", []):
         ax1.axvline(f["at_round"], color="grey", lw=0.8, ls=":")
     ax1.set(xlabel="round", ylabel="test accuracy", title="accuracy per node")
-    ax1.legend(fontsize="small")
+    if summary["nodes"]:
+        ax1.legend(fontsize="small")
     cd = [(i + 1, d) for i, d in enumerate(summary["consensus_distance"]["by_round"]) if d]
     if cd:
         ax2.semilogy(*zip(*cd, strict=True), marker=".")
