@@ -18,33 +18,25 @@ import aiomqtt
 import numpy as np
 import pytest
 from aiomqtt.exceptions import MqttConnectError
+from helpers import certify
 
 from p2pfl import codec
 from p2pfl.config import NodeConfig, validate
 from p2pfl.envelope import SIGN_DOMAIN, UpdateMeta, seal
-from p2pfl.federation import Certificate, FederationAuthority, make_broker_proof, make_token, verify_token
-from p2pfl.identity import Identity, load_or_create
+from p2pfl.federation import FederationAuthority, make_broker_proof, make_token, verify_token
+from p2pfl.identity import Identity
 from p2pfl.learning import get_params
 from p2pfl.node import Node
 from p2pfl.round import MAX_ROUNDS_AHEAD, STALENESS
 from p2pfl.transport import Outbox
 
 HOST = "127.0.0.1"
-YEAR = 365 * 86400.0
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-def certify(authority: FederationAuthority, name: str, directory: Path) -> tuple[Identity, Certificate]:
-    identity = load_or_create(directory)
-    cert = authority.issue(name, identity.verify_key_bytes, identity.box_public_bytes, YEAR)
-    (directory / "certificate").write_bytes(cert.to_bytes())
-    authority.root.save(directory / "federation.pub")
-    return identity, cert
 
 
 def forge(message: bytes, signer: Identity) -> bytes:

@@ -9,29 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import certify
 from memory_mesh import Hub
 
 from p2pfl import codec
 from p2pfl.config import NodeConfig, validate
 from p2pfl.errors import Rejected
 from p2pfl.federation import Certificate, FederationAuthority
-from p2pfl.identity import Identity, load_or_create
 from p2pfl.learning import TaskSpec
 from p2pfl.metrics import read_jsonl
 from p2pfl.node import Node
 from p2pfl.round import MAX_ROUNDS_AHEAD, ROUNDS_AHEAD, STALENESS, Pace, RoundCore
 from p2pfl.topology import parse_topology
 
-YEAR = 365 * 86400.0
 SPEC = {"w": ((3, 2), np.dtype(np.float32)), "b": ((2,), np.dtype(np.float32))}
-
-
-def certify(authority: FederationAuthority, name: str, directory: Path) -> tuple[Identity, Certificate]:
-    identity = load_or_create(directory)
-    cert = authority.issue(name, identity.verify_key_bytes, identity.box_public_bytes, YEAR)
-    (directory / "certificate").write_bytes(cert.to_bytes())
-    authority.root.save(directory / "federation.pub")
-    return identity, cert
 
 
 def params(value: float) -> dict[str, np.ndarray]:
@@ -248,6 +239,21 @@ def make_nodes(tmp: Path, n: int, rounds: int, hub: Hub, expect: int | None = No
     return nodes
 
 
+async def run_until_crash(node: Node, rounds: int) -> None:
+    """Run `node` and let it die right after round `rounds` (its checkpoint of that round is written):
+    run()'s cleanup takes it off the mesh, as a crash takes a node off the network."""
+    original = node._round
+
+    async def counted(round_: int) -> None:
+        await original(round_)
+        if round_ == rounds:
+            raise asyncio.CancelledError
+
+    node._round = counted  # type: ignore[method-assign]
+    with contextlib.suppress(asyncio.CancelledError):
+        await node.run()
+
+
 @pytest.mark.timeout(240)
 def test_nodes_over_an_in_memory_mesh_learn_together(tmp_path: Path) -> None:
     hub = Hub()
@@ -273,20 +279,9 @@ def test_a_node_that_leaves_does_not_stall_the_others(tmp_path: Path) -> None:
     nodes = make_nodes(tmp_path, 4, 6, hub)
     leaver = nodes[3]
 
-    async def leave_after(rounds: int) -> None:
-        original = leaver._round
-
-        async def counted(round_: int) -> None:
-            await original(round_)
-            if round_ == rounds:
-                raise asyncio.CancelledError  # the node dies here; run()'s finally leaves the hub
-
-        leaver._round = counted  # type: ignore[method-assign]
-        await leaver.run()
-
     async def main() -> None:
         survivors = [node.run() for node in nodes[:3]]
-        results = await asyncio.gather(*survivors, leave_after(2), return_exceptions=True)
+        results = await asyncio.gather(*survivors, run_until_crash(leaver, 2), return_exceptions=True)
         assert all(r is None for r in results[:3]), results
 
     asyncio.run(main())
@@ -334,21 +329,9 @@ def test_a_restarted_node_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     nodes = make_nodes(tmp_path, 4, 12, hub)
     victim = nodes[3]
 
-    async def crash_after(rounds: int) -> None:
-        original = victim._round
-
-        async def counted(round_: int) -> None:
-            await original(round_)
-            if round_ == rounds:
-                raise asyncio.CancelledError  # killed after its checkpoint of this round
-
-        victim._round = counted  # type: ignore[method-assign]
-        with contextlib.suppress(asyncio.CancelledError):
-            await victim.run()
-
     async def main() -> None:
         survivors = [asyncio.ensure_future(node.run()) for node in nodes[:3]]
-        await crash_after(4)
+        await run_until_crash(victim, 4)
         await until(lambda: nodes[0].core.round >= 7)
         restarted = Node(victim.cfg, mesh=hub.mesh(victim.cert))
         assert restarted.core.round == 4  # from the checkpoint, not from scratch
