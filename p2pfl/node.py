@@ -173,6 +173,7 @@ class Node:
         if jump is not None:
             await self._adopt(plan, jump, loss, started)
             return
+        resynced = self.core.resync(plan)
         result, staleness = await asyncio.to_thread(self.core.mix, own, plan)
         for n, why in result.downweighted.items():
             log.warning(
@@ -186,7 +187,7 @@ class Node:
         accuracy, test_loss = await asyncio.to_thread(self.task.evaluate, self.model)
         await asyncio.to_thread(self._persist, round_, result.vector)
         record = self._record(plan, result, staleness, loss, accuracy, test_loss, started)
-        self.metrics.write({**record, "wait_allowed_s": allowed})
+        self.metrics.write({**record, "wait_allowed_s": allowed, "resynced_to": resynced})
         log.info(
             "round %d: loss %.4f acc %.4f neighbours %d/%d (%.1f s)",
             round_,

@@ -20,8 +20,10 @@ as long as it is at most `staleness` rounds old; the staleness of each is in the
 waits only for the neighbours that are expected (not those that missed `miss_limit` rounds in a
 row, until they are heard again), and only as long as `Pace` says neighbours usually take, with
 `round_timeout_s` as the ceiling. A node that finds most of its neighbours ahead of it (it was
-restarted, frozen, cut off, or joined late) catches up: it adopts the round and a mix of the
-models of those neighbours instead of sending them its stale one.
+restarted, frozen, or joined late) catches up: it adopts the round and a mix of the models of those
+neighbours instead of sending them its stale one. After a partition heals, the two sides have
+counted rounds apart; the side behind advances its round counter (not its model) by at most
+`staleness` per round until the other side accepts its updates again (`resync`).
 
 The epoch (a hash of the member list) is local bookkeeping: it names the membership view a round
 was planned on in the metrics, and is not sent. Two members may briefly disagree about the member
@@ -370,6 +372,21 @@ class RoundCore:
         if self.mixer.reputation is not None:
             self.mixer.reputation.remember_output(vector)  # our next step is measured from here
         return CatchUp(plan.round, target, vector, sources)
+
+    def resync(self, plan: Plan) -> int | None:
+        """Advance the round counter (not the model) towards a neighbour beyond the staleness bound.
+
+        After a partition heals, each side has counted its own rounds; a side that counted fewer
+        sends updates the other refuses as too stale, while its models are as current as theirs. So
+        a node with a neighbour more than `staleness` rounds ahead skips up to `staleness` round
+        numbers per round until it is within reach (a neighbour lying about its round can make a node
+        skip at most that many per round). Returns the new round, or None.
+        """
+        furthest = max((p.round for n, p in self.inbox.latest.items() if n in plan.neighbours), default=0)
+        if furthest - plan.round <= self.staleness:
+            return None
+        self.round = plan.round + min(self.staleness, furthest - plan.round - self.staleness)
+        return self.round
 
     # -- mix ----------------------------------------------------------------------------------------
 

@@ -214,6 +214,20 @@ def test_one_neighbour_claiming_a_far_round_does_not_drag_a_node_along(cores: li
     assert a.catch_up(plan) is None and a.round == 3
 
 
+def test_after_a_partition_the_side_behind_resyncs_its_round_counter(cores: list[RoundCore]) -> None:
+    members = members_of(cores)
+    a = cores[0]
+    plan = a.plan(100, members)
+    same, far = (next(c for c in cores if c.node_id == n) for n in plan.neighbours)
+    deliver(same, a, 100, 1.0, members)
+    deliver(far, a, 130, 3.0, members)  # the other side of a healed partition: no majority ahead
+    assert a.catch_up(plan) is None
+    assert a.resync(plan) == 100 + STALENESS  # skips at most `staleness` round numbers per round
+    result, staleness = a.mix(a.flatten(params(2.0)), plan)  # the model is mixed, not adopted
+    assert staleness == {same.node_id: 0, far.node_id: -30}
+    np.testing.assert_allclose(result.vector, 2.0)
+
+
 # -- several real Nodes in one loop, over the in-memory mesh ------------------------------------------
 
 
