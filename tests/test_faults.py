@@ -327,14 +327,16 @@ def test_kill_and_freeze_fire_at_their_rounds_and_are_recorded(tmp_path: Path) -
     )  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     faults = summary["faults"]
-    assert [(f["action"], f["node"]) for f in faults] == [
+    # the kill and the thaw race (the frozen node stalls its neighbours' round 3 until the timeout)
+    assert sorted((f["action"], f["node"]) for f in faults) == [
         ("freeze", "node-1"),
         ("kill", "node-3"),
         ("thaw", "node-1"),
     ]
-    freeze, kill, thaw = faults
+    freeze, kill, thaw = (next(f for f in faults if f["action"] == a) for a in ("freeze", "kill", "thaw"))
+    assert faults[0] is freeze
     assert freeze["at_round"] >= 2 and kill["at_round"] >= 3
-    assert thaw["time"] - freeze["time"] >= 5.0
+    assert thaw["elapsed_s"] - freeze["elapsed_s"] >= 4.9  # elapsed_s: monotonic clock, rounded to ms
     assert all(f["clause"] for f in faults) and summary["faults_not_fired"] == []
     nodes = {n["name"]: n for n in summary["nodes"]}
     assert nodes["node-3"]["exit_code"] == -signal.SIGKILL and not nodes["node-3"]["alive_at_end"]
