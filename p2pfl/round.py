@@ -135,8 +135,10 @@ class Pace:
     """How long neighbours usually take to deliver a round's update, and who has stopped delivering.
 
     A round waits for the expected neighbours at most `factor` x the 90th percentile of recent
-    arrival delays (at least `floor_s`, at most `ceiling_s` = round_timeout_s). Before any delay was
-    observed, the arrivals of the current round stand in; with none at all, the ceiling applies.
+    arrival delays (at least `floor_s`, at most `ceiling_s` = round_timeout_s). Until `min_history`
+    delays were observed (the first rounds, when nodes start apart and warm up), the arrivals of the
+    current round count too and the wait is at least `warmup_floor_s`; with no arrival at all, the
+    ceiling applies.
     A neighbour that missed `miss_limit` rounds in a row is not waited for until it is heard again.
     """
 
@@ -148,8 +150,11 @@ class Pace:
         floor_s: float = 1.0,
         window: int = 32,
         miss_limit: int = 2,
+        min_history: int = 8,
+        warmup_floor_s: float = 5.0,
     ) -> None:
         self.ceiling_s, self.factor, self.floor_s, self.miss_limit = ceiling_s, factor, floor_s, miss_limit
+        self.min_history, self.warmup_floor_s = min_history, warmup_floor_s
         self.delays: deque[float] = deque(maxlen=window)
         self.misses: dict[str, int] = {}
 
@@ -169,11 +174,13 @@ class Pace:
 
     def wait_s(self, current: Sequence[float] = ()) -> float:
         """How long this round may wait for missing neighbours, from its start."""
-        pool = sorted(self.delays) or sorted(max(0.0, d) for d in current)
+        warm = len(self.delays) >= self.min_history
+        pool = sorted([*self.delays] if warm else [*self.delays, *(max(0.0, d) for d in current)])
         if not pool:
             return self.ceiling_s
         typical = pool[min(len(pool) - 1, math.ceil(0.9 * len(pool)) - 1)]
-        return min(self.ceiling_s, max(self.floor_s, self.factor * typical))
+        floor = self.floor_s if warm else self.warmup_floor_s
+        return min(self.ceiling_s, max(floor, self.factor * typical))
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,11 @@ def test_three_processes_discover_each_other_and_learn_together(tmp_path: Path) 
     records = {n["name"]: read_jsonl(out / n["name"] / "metrics.jsonl") for n in summary["nodes"]}
 
     # Every node ran every round with the whole federation as members (found by mDNS: no static peers),
-    # and heard from its neighbours in the last round.
+    # and mixed nearly every neighbour's update of nearly every round.
     for name, rows in records.items():
         assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1)), name
         assert all(r["members"] == NODES for r in rows), name
-        assert rows[-1]["missing"] == [], name
+        assert missed_share(rows) <= 0.1, name  # bounded staleness: a late update waits for the next round
         assert rows[-1]["rejected"] == {}, name
 
     # Accuracy rises well above chance (10 classes).
@@ -60,6 +60,12 @@ def test_three_processes_discover_each_other_and_learn_together(tmp_path: Path) 
     before_mixing = sum(pairs.values()) / NODES**2  # complete graph: mean squared distance from the average
     after_mixing = summary["consensus_distance"]["last"]
     assert after_mixing < 0.5 * before_mixing
+
+
+def missed_share(rows: list[dict[str, Any]]) -> float:
+    """Share of (round, neighbour) pairs in which the neighbour's update was not mixed."""
+    planned = sum(len(r["neighbours"]) for r in rows)
+    return sum(len(r["missing"]) for r in rows) / max(planned, 1)
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -121,7 +127,7 @@ def test_a_killed_peer_does_not_stall_the_others(tmp_path: Path) -> None:
         first = left_after_joining(rows)
         assert first is not None, p.name
         assert all(r["members"] == 3 for r in rows[first:]), p.name  # the dead node stays out...
-        assert rows[-1]["missing"] == [], p.name  # ...so the ring re-formed without waiting on it
+        assert victim.name not in rows[-1]["neighbours"], p.name  # ...so the ring re-formed without it
         assert rows[-1]["accuracy"] > 0.5, p.name
 
 

@@ -177,9 +177,10 @@ def test_a_stale_update_is_mixed_once_within_the_bound(cores: list[RoundCore]) -
 
 
 def test_pace_waits_as_long_as_neighbours_usually_take() -> None:
-    pace = Pace(ceiling_s=30.0, factor=4.0, floor_s=1.0, miss_limit=2)
+    pace = Pace(ceiling_s=30.0, factor=4.0, floor_s=1.0, miss_limit=2, min_history=8, warmup_floor_s=5.0)
     assert pace.wait_s() == 30.0  # nothing known yet: the ceiling
-    assert pace.wait_s([0.5]) == 2.0  # this round's first arrival stands in
+    assert pace.wait_s([0.5]) == 5.0  # warming up: this round's arrivals stand in, generously
+    assert pace.wait_s([3.0]) == 12.0
     for d in [0.5] * 9 + [5.0]:  # one slow outlier does not set the pace
         pace.arrived("x", d)
     assert pace.wait_s() == pytest.approx(2.0) and pace.wait_s([9.0]) == pytest.approx(2.0)
