@@ -38,9 +38,11 @@ def package_version() -> str:
 
 def _node(args: argparse.Namespace) -> int:
     from p2pfl import config as config_mod
+
+    cfg = config_mod.load(args.config)  # a bad config is refused before torch is even imported
     from p2pfl.node import run_node  # torch is imported only when a node really starts
 
-    run_node(config_mod.load(args.config))
+    run_node(cfg)
     return 0
 
 

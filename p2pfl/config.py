@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
+
+import networkx as nx
 
 from p2pfl import aggregation, topology
 from p2pfl.errors import ConfigError
@@ -27,6 +31,13 @@ __all__ = [
     "to_toml",
     "validate",
 ]
+
+MAX_DURATION_S = 7 * 86400.0  # a wait, timeout or linger longer than a week is a typo, not a plan
+MAX_NAME_BYTES = 64  # discovery's limit on an advertised name (p2pfl.discovery.MAX_NAME_BYTES)
+# The largest update framing can carry: MAX_PARTS (65536) parts of DEFAULT_CHUNK_BYTES (4 MiB).
+# Not imported: p2pfl.transport pulls in the MQTT stack, and config must stay light.
+MAX_UPDATE_MB = 65536 * 4.0
+MAX_LR = 100.0  # plain SGD with a step this large diverges on any model we train
 
 
 @dataclass
@@ -126,18 +137,8 @@ def _section(name: str, cls: type, raw: Any) -> Any:
 
 
 def validate(cfg: NodeConfig) -> NodeConfig:
-    """Range checks that types alone cannot express."""
-    finite = {
-        "[discovery] wait_s": cfg.discovery.wait_s,
-        "[gossip] round_timeout_s": cfg.gossip.round_timeout_s,
-        "[gossip] max_update_mb": cfg.gossip.max_update_mb,
-        "[gossip] linger_s": cfg.gossip.linger_s,
-        "[gossip] clip_radius": cfg.gossip.clip_radius,
-        "[security] max_skew_s": cfg.security.max_skew_s,
-    }
-    for key, value in finite.items():
-        if not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    """Range checks that types alone cannot express; the first problem found is raised."""
+    _check_finite(cfg)
     rules = aggregation.node_rules()
     checks = [
         (1 <= cfg.node.port <= 65535, "[node] port must be 1..65535"),
@@ -145,6 +146,7 @@ def validate(cfg: NodeConfig) -> NodeConfig:
             cfg.node.host not in ("", "0.0.0.0", "::"),
             "[node] host must be this device's own address, not a wildcard",
         ),
+        (bool(cfg.node.data_dir), "[node] data_dir must not be empty (it holds the node's keys)"),
         (
             bool(cfg.discovery.interfaces) or not cfg.discovery.mdns,
             "[discovery] interfaces must not be empty",
@@ -152,7 +154,10 @@ def validate(cfg: NodeConfig) -> NodeConfig:
         (cfg.discovery.wait_s >= 0, "[discovery] wait_s must be >= 0"),
         (cfg.discovery.expect_peers >= 0, "[discovery] expect_peers must be >= 0"),
         (cfg.gossip.linger_s >= 0, "[gossip] linger_s must be >= 0"),
-        (cfg.gossip.max_update_mb >= 0.001, "[gossip] max_update_mb must be >= 0.001"),
+        (
+            0.001 <= cfg.gossip.max_update_mb <= MAX_UPDATE_MB,
+            f"[gossip] max_update_mb must be 0.001..{MAX_UPDATE_MB:g} (the most one update can carry)",
+        ),
         (cfg.security.max_skew_s > 0, "[security] max_skew_s must be > 0"),
         (cfg.training.rounds >= 1, "[training] rounds must be >= 1"),
         (cfg.training.threads >= 1, "[training] threads must be >= 1"),
@@ -165,10 +170,17 @@ def validate(cfg: NodeConfig) -> NodeConfig:
             cfg.discovery.mdns or bool(cfg.discovery.static_peers) or cfg.discovery.expect_peers == 0,
             "[discovery] with mdns = false, list static_peers",
         ),
+        (cfg.attack.seed >= 0, "[attack] seed must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _check_threads(cfg.training.threads)
+    _check_name(cfg.node.name)
+    _check_task(cfg.task)
+    _check_metrics_path(cfg)
+    if cfg.discovery.mdns:
+        _check_mdns_addresses(cfg)
     if cfg.attack.kind:  # only experiments set it; p2pfl.attacks imports torch, so only then
         from p2pfl.attacks import ATTACKS
 
@@ -178,11 +190,128 @@ def validate(cfg: NodeConfig) -> NodeConfig:
         host, _, port = peer.rpartition(":")
         if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ConfigError(f"[discovery] static_peers entry {peer!r} must look like 'host:port'")
+    _check_topology(cfg)
+    return cfg
+
+
+def _check_finite(cfg: NodeConfig) -> None:
+    """NaN and inf pass every comparison below (or pass them all wrongly): refuse them first, and
+    durations past MAX_DURATION_S, which would make a node wait or linger practically forever."""
+    durations = {
+        "[discovery] wait_s": cfg.discovery.wait_s,
+        "[gossip] round_timeout_s": cfg.gossip.round_timeout_s,
+        "[gossip] linger_s": cfg.gossip.linger_s,
+        "[security] max_skew_s": cfg.security.max_skew_s,
+    }
+    others = {
+        "[gossip] max_update_mb": cfg.gossip.max_update_mb,
+        "[gossip] clip_radius": cfg.gossip.clip_radius,
+    }
+    for key, value in {**durations, **others}.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    for key, value in durations.items():
+        if value > MAX_DURATION_S:
+            raise ConfigError(f"{key} = {value:g} is longer than a week; use at most {MAX_DURATION_S:g} s")
+
+
+def _check_threads(threads: int) -> None:
+    """More torch threads than CPUs only spin; far more cannot even be started."""
+    cpus = os.cpu_count() or 1
+    if threads > cpus:
+        raise ConfigError(f"[training] threads = {threads} but this machine has {cpus} CPU(s); use 1..{cpus}")
+
+
+def _check_name(name: str) -> None:
+    """The name is advertised by mDNS and matched by edge-list topologies: it must be usable there."""
+    if not name or not name.isprintable() or len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ConfigError(f"[node] name must be printable text of 1..{MAX_NAME_BYTES} bytes, got {name!r}")
+
+
+def _check_task(task: TaskSpec) -> None:
+    """What TaskSpec itself leaves open but the data and model code cannot take."""
+    if task.seed < 0:
+        raise ConfigError(f"[task] seed must be >= 0, got {task.seed}")
+    if task.lr > MAX_LR:
+        raise ConfigError(f"[task] lr = {task.lr:g} is far too large for SGD; use 0 < lr <= {MAX_LR:g}")
+    module, colon, func = task.name.partition(":")
+    if colon and not (module.strip() and func.strip()):
+        raise ConfigError(f"[task] name {task.name!r} must look like 'module:function'")
+
+
+def _check_metrics_path(cfg: NodeConfig) -> None:
+    """An explicit metrics path must be a file whose directory can exist (the default lives in
+    data_dir, which key creation checks)."""
+    if not cfg.metrics.path:
+        return
+    path = cfg.metrics_path
+    if path.is_dir():
+        raise ConfigError(f"[metrics] path {str(path)!r} is a directory; name a file in it")
+    existing = next((a for a in path.parents if a.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(
+            f"[metrics] path {str(path)!r} is under {str(existing)!r}, which is a file, not a directory"
+        )
+
+
+def _check_mdns_addresses(cfg: NodeConfig) -> None:
+    """mDNS advertises and binds IPv4 addresses only: a host name or IPv6 would fail after start."""
+    for key, address in [("[node] host", cfg.node.host)] + [
+        ("[discovery] interfaces entry", a) for a in cfg.discovery.interfaces
+    ]:
+        try:
+            ok = ipaddress.ip_address(address).version == 4
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(
+                f"{key} {address!r} must be an IPv4 address with mdns = true "
+                "(or set [discovery] mdns = false and list static_peers)"
+            )
+
+
+def _check_topology(cfg: NodeConfig) -> None:
     try:
-        topology.parse_topology(cfg.gossip.topology)
+        topo = topology.parse_topology(cfg.gossip.topology)
     except ConfigError as exc:
         raise ConfigError(f"[gossip] topology: {exc}") from exc
-    return cfg
+    if topo.kind == "edges":
+        _check_edge_list(topo, cfg.node.name, cfg.task.seed)
+
+
+def _check_edge_list(topo: topology.Topology, name: str, seed: int) -> None:
+    """An edge list is fixed before any peer is known: refuse one that leaves this node alone every
+    round or splits the federation into groups that never mix. Families are built for whoever joins."""
+    ends = {v for edge in topo.edges for v in edge}
+    where = f"[gossip] topology {topo.source or 'edge list'!r}"
+    if not ends:
+        raise ConfigError(f"{where} has no edges; every node would train alone")
+    numeric = [isinstance(v, int) or str(v).isdigit() for v in ends]
+    if any(numeric) and not all(numeric):
+        return  # names and indices mixed: resolvable only once the members are known
+    if all(numeric):  # members are numbered by node id at run time: our own index is not known yet
+        labels = [str(i) for i in range(max(int(v) for v in ends) + 1)]
+        graph = topo.graph(len(labels), seed=seed)
+    else:
+        labels = sorted(str(v) for v in ends)
+        graph = topo.graph(len(labels), seed=seed, labels=labels)
+        if name not in labels or graph.degree(labels.index(name)) == 0:
+            raise ConfigError(
+                f"{where} gives this node ([node] name = {name!r}) no neighbour, so it would train alone "
+                f"every round; add an edge for it or set [node] name to one of {_shorten(labels)}"
+            )
+    parts = [sorted(labels[i] for i in c) for c in nx.connected_components(graph)]
+    if len(parts) > 1:
+        groups = " | ".join(_shorten(p) for p in parts)
+        raise ConfigError(
+            f"{where} is disconnected ({len(parts)} groups that never exchange models: {groups}); "
+            "add edges that join them"
+        )
+
+
+def _shorten(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 def from_dict(raw: dict[str, Any]) -> NodeConfig:
@@ -198,16 +327,26 @@ def load(path: Path | str | None) -> NodeConfig:
     """Read and validate a TOML file; None gives the built-in defaults."""
     if path is None:
         return validate(NodeConfig())
-    path = Path(path)
+    return from_dict(_read_toml(Path(path)))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The parsed file, or a ConfigError that says what is wrong with it and what to pass instead."""
+    hint = "pass --config PATH to a TOML file (`p2pfl config > node.toml` writes one)"
     try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(
-            f"config file {path} not found; pass --config PATH to an existing TOML file"
-        ) from exc
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found; {hint}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; {hint}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); {hint}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}; {hint}") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    return from_dict(raw)
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
 def to_toml(cfg: NodeConfig) -> str:

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SIGNING_KEY_FILE = "signing.key"
 BOX_KEY_FILE = "box.key"
 _KEY_BYTES = 32
+_DIR_HINT = "set [node] data_dir (or --data-dir) to a directory this user can write"
 
 
 def node_id_for(verify_key: bytes) -> str:
@@ -117,8 +118,13 @@ def ensure_private_dir(directory: Path) -> Path:
     """Create `directory` (mode 0700) if missing; refuse a path that exists but is no directory."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise IdentityError(f"{directory} exists and is not a directory")
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        raise IdentityError(f"{directory} exists and is not a directory; {_DIR_HINT}")
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IdentityError(
+            f"cannot create data dir {directory}: {exc.strerror or exc}; {_DIR_HINT}"
+        ) from None
     return directory
 
 
@@ -157,7 +163,12 @@ def load_or_create(data_dir: Path) -> Identity:
             "(a new key would no longer match the node's certificate)"
         )
     identity = Identity.generate()
-    write_private_file(sign_path, bytes(identity.signing_key))
-    write_private_file(box_path, bytes(identity.box_key))
+    try:
+        write_private_file(sign_path, bytes(identity.signing_key))
+        write_private_file(box_path, bytes(identity.box_key))
+    except OSError as exc:  # a read-only dir or a full disk: say where, not a traceback
+        raise IdentityError(
+            f"cannot write keys into {data_dir}: {exc.strerror or exc}; {_DIR_HINT}"
+        ) from None
     log.info("created node identity %s in %s", identity.node_id, data_dir)
     return identity

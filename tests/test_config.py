@@ -45,11 +45,24 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("not toml at all [", "not valid TOML"),
         ("[gossip]\nlinger_s = nan\n", "linger_s must be a finite number"),
         ("[gossip]\nround_timeout_s = inf\n", "round_timeout_s must be a finite number"),
-        ("[gossip]\nmax_update_mb = 1e-9\n", "max_update_mb must be >= 0.001"),
+        ("[gossip]\nmax_update_mb = 1e-9\n", "max_update_mb must be 0.001.."),
         ("[security]\nmax_skew_s = 0\n", "max_skew_s must be > 0"),
         ('[node]\nhost = "0.0.0.0"\n', "not a wildcard"),
         ('[discovery]\nstatic_peers = ["h:0"]\n', "host:port"),
         ('[gossip]\ntopology = "hypercube-ish"\n', "unknown topology"),
+        ("[task]\nlr = 1e30\n", r"lr = 1e\+30 is far too large"),
+        ("[task]\nseed = -1\n", "seed must be >= 0"),
+        ("[attack]\nseed = -1\n", "seed must be >= 0"),
+        ("[gossip]\nmax_update_mb = 1e300\n", "max_update_mb must be 0.001.."),
+        ("[gossip]\nlinger_s = 1e9\n", "linger_s = 1e\\+09 is longer than a week"),
+        ("[discovery]\nwait_s = 1e9\n", "wait_s .* longer than a week"),
+        ("[training]\nthreads = 100000\n", "threads = 100000 but this machine has"),
+        ('[node]\nname = ""\n', "name must be printable"),
+        ('[node]\ndata_dir = ""\n', "data_dir must not be empty"),
+        ('[node]\nhost = "localhost"\n', "IPv4 address with mdns = true"),
+        ('[discovery]\ninterfaces = ["eth0"]\n', "interfaces entry 'eth0' must be an IPv4"),
+        ('[task]\nname = ":make"\n', "must look like 'module:function'"),
+        ('[gossip]\ntopology = "edges_4.toml"\n', "no neighbour"),
     ],
 )
 def test_mistakes_are_explained(tmp_path: Path, text: str, message: str) -> None:
@@ -139,3 +152,19 @@ def test_other_commands_still_refuse_unknown_arguments(capsys: pytest.CaptureFix
         main(["config", "--nodes", "3"])
     assert exit_.value.code == 2
     assert "unrecognized arguments: --nodes 3" in capsys.readouterr().err
+
+
+def test_metrics_path_that_cannot_be_a_file_is_refused(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for target, message in ((tmp_path, "is a directory"), (blocker / "sub" / "m.jsonl", "which is a file")):
+        path = tmp_path / "node.toml"
+        path.write_text(f"[metrics]\npath = {str(target)!r}\n")
+        with pytest.raises(ConfigError, match=message):
+            config.load(path)
+
+
+def test_update_cap_matches_what_framing_can_carry() -> None:
+    from p2pfl.transport.framing import DEFAULT_CHUNK_BYTES, MAX_PARTS
+
+    assert config.MAX_UPDATE_MB == MAX_PARTS * DEFAULT_CHUNK_BYTES / (1 << 20)

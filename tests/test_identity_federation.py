@@ -323,3 +323,13 @@ def test_broker_proof_binds_key_client_and_session(tmp_path: Path) -> None:
     impostor = make_broker_proof(Identity.generate(), fed, "client-1", "token-A")
     assert not verify_broker_proof(cert, "client-1", "token-A", impostor)  # serves a cert it does not hold
     assert not verify_broker_proof(cert, "client-1", "token-A", b"\x00" * 3)
+
+
+def test_an_uncreatable_data_dir_is_an_identity_error(tmp_path: Path) -> None:
+    """Tests run as root, so a path under a regular file stands in for a read-only location."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(
+        IdentityError, match=r"cannot create data dir .*a-file/sub: Not a directory; set \[node\] data_dir"
+    ):
+        load_or_create(blocker / "sub")

@@ -229,6 +229,23 @@ def test_user_npz_sizes_the_mlp_and_trains(tmp_path) -> None:
         ({"X": np.zeros((10, 3)), "y": -np.ones(10, dtype=int)}, ">= 0"),
         ({"X": np.full((10, 3), np.nan), "y": np.zeros(10, dtype=int)}, "NaN"),
         ({"X": np.array([[object()]] * 10, dtype=object), "y": np.zeros(10, dtype=int)}, "readable"),
+        # a stray huge label would size the output layer (1e9 classes: 256 GB): refused, not allocated
+        ({"X": np.zeros((10, 3)), "y": np.array([10**9] + [0] * 9)}, "label 1000000000 is too large"),
+        ({"X": np.zeros((10, 3)), "y": np.array([2.0**62] + [0.0] * 9)}, "too large"),
+        (
+            {"X": np.zeros((10, 3)), "y": np.zeros(10, dtype=int), "num_classes": np.int64(10**9)},
+            "num_classes",
+        ),
+        (
+            {"X": np.zeros((10, 3)), "y": np.zeros(10, dtype=int), "num_classes": np.float64(3.5)},
+            "single integer",
+        ),
+        (
+            {"X": np.zeros((10, 3)), "y": np.zeros(10, dtype=int), "num_classes": np.arange(2)},
+            "single integer",
+        ),
+        ({"X": np.full((10, 3), 1e39), "y": np.zeros(10, dtype=int)}, "too large for float32"),
+        ({"X": np.zeros((10, 3)), "y": np.full(10, np.nan)}, "integer class labels"),
     ],
 )
 def test_user_npz_is_validated(tmp_path, arrays: dict, match: str) -> None:
@@ -266,7 +283,7 @@ def test_module_function_task(tmp_path, monkeypatch) -> None:
     task = load_task(TaskSpec(name="my_p2pfl_task:make", shard=1, num_shards=2))
     assert task.num_samples > 0
     assert task.build_model()(torch.zeros(1, 20)).shape == (1, 4)
-    with pytest.raises(ConfigError, match="without"):
+    with pytest.raises(ConfigError, match="broken\\(spec\\) returned object, not a Task"):
         load_task(TaskSpec(name="my_p2pfl_task:broken"))
 
 

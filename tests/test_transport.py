@@ -17,7 +17,7 @@ from amqtt.contexts import Action
 from amqtt.session import Session
 
 from p2pfl.envelope import ReplayGuard, UpdateMeta, open_envelope, seal
-from p2pfl.errors import ConfigError, Reason, Rejected
+from p2pfl.errors import ConfigError, Reason, Rejected, TransportError
 from p2pfl.federation import Certificate, FederationAuthority, FederationRoot, make_token, verify_token
 from p2pfl.identity import Identity
 from p2pfl.transport import (
@@ -967,3 +967,20 @@ def test_silent_tcp_client_is_dropped_without_connect(
             await outbox.stop()
 
     run(main, 20)
+
+
+def test_a_port_in_use_is_one_clear_error_without_amqtt_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as busy:
+        busy.bind((HOST, 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        outbox = Outbox(HOST, port, "fed", "own", authenticate=lambda u, p: u, on_reject=lambda r, d: None)
+        with pytest.raises(TransportError, match=rf"port {port} on {HOST} is in use: set \[node\] port"):
+            asyncio.run(outbox.start())
+    assert "Broker startup failed" not in caplog.text
+
+
+def test_a_host_that_is_not_ours_says_so() -> None:
+    outbox = Outbox("10.255.255.1", 0, "fed", "own", authenticate=lambda u, p: u, on_reject=lambda r, d: None)
+    with pytest.raises(TransportError, match=r"\[node\] host 10.255.255.1 is not an address of this machine"):
+        asyncio.run(outbox.start())

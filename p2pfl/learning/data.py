@@ -31,6 +31,7 @@ SYNTHETIC_CLASSES = 4
 DIGITS_CLASSES = 10
 DIRICHLET_MIN_SAMPLES = 10  # resample the Dirichlet draw until every shard has this many (when possible)
 DIRICHLET_ATTEMPTS = 100
+MAX_CLASSES = 10_000  # the output layer has one row per class: a stray huge label must not size it
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def load_synthetic() -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """Read a user data set: X (n, features) finite numbers, y (n,) integer labels >= 0.
+    """Read a user data set: X (n, features) finite numbers, y (n,) integer labels 0..MAX_CLASSES-1.
 
     Never unpickles (allow_pickle=False). The class count is max(y)+1 unless the file carries a
     scalar `num_classes` (useful when nodes hold different files that must agree on the model).
@@ -202,11 +203,20 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
             if "X" not in z.files or "y" not in z.files:
                 raise ConfigError(f"task.data {str(p)!r} must contain arrays 'X' and 'y' (has {z.files})")
             x, y = z["X"], z["y"]
-            declared = int(z["num_classes"]) if "num_classes" in z.files else None
+            declared = z["num_classes"] if "num_classes" in z.files else None
     except ConfigError:
         raise
     except Exception as exc:  # zip / format errors, object arrays refused by allow_pickle=False, ...
         raise ConfigError(f"task.data {str(p)!r} is not a readable .npz file: {exc}") from exc
+    x = _features(x, y)
+    y = _labels(y)
+    classes = int(y.max()) + 1
+    if declared is not None:
+        classes = _declared_classes(declared, classes)
+    return x, y, max(classes, 2)
+
+
+def _features(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
         raise ConfigError(
             f"task.data: need X of shape (n, features) and y of shape (n,), got {x.shape} and {y.shape}"
@@ -215,20 +225,36 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
         raise ConfigError("task.data: need at least 2 samples and 1 feature")
     if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
         raise ConfigError(f"task.data: X must be real numbers, got dtype {x.dtype}")
-    x = x.astype(np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
+        x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
-        raise ConfigError("task.data: X contains NaN or infinite values")
+        raise ConfigError("task.data: X contains NaN or infinite values (or values too large for float32)")
+    return x
+
+
+def _labels(y: np.ndarray) -> np.ndarray:
+    """Integer class labels, checked in their own dtype: a cast first would wrap huge values."""
     if np.issubdtype(y.dtype, np.floating):
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise ConfigError("task.data: y must hold integer class labels")
+            raise ConfigError("task.data: y must hold integer class labels (found NaN, inf or fractions)")
     elif not np.issubdtype(y.dtype, np.integer):
         raise ConfigError(f"task.data: y must hold integer class labels, got dtype {y.dtype}")
-    y = y.astype(np.int64)
     if y.min() < 0:
-        raise ConfigError("task.data: labels must be >= 0")
-    classes = int(y.max()) + 1
-    if declared is not None:
-        if declared < classes:
-            raise ConfigError(f"task.data: num_classes={declared} but labels go up to {classes - 1}")
-        classes = declared
-    return x, y, max(classes, 2)
+        raise ConfigError(f"task.data: labels must be >= 0, found {y.min()}")
+    if y.max() >= MAX_CLASSES:
+        raise ConfigError(
+            f"task.data: label {y.max()} is too large; labels must be class indices 0..{MAX_CLASSES - 1}"
+        )
+    return y.astype(np.int64)
+
+
+def _declared_classes(declared: np.ndarray, needed: int) -> int:
+    value = declared.item() if declared.ndim == 0 else None
+    if not (isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer()):
+        raise ConfigError(f"task.data: num_classes must be a single integer, got {declared!r}")
+    classes = int(value)
+    if not needed <= classes <= MAX_CLASSES:
+        raise ConfigError(
+            f"task.data: num_classes={classes} must be in {needed}..{MAX_CLASSES} (labels go up to {needed - 1})"
+        )
+    return classes

@@ -15,7 +15,7 @@ import copy
 import importlib
 import math
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -265,25 +265,48 @@ def load_task(spec: TaskSpec) -> Task:
     if spec.name in BUILTIN_TASKS:
         return _builtin(spec)
     if ":" in spec.name:
-        module_name, _, func_name = spec.name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ConfigError(
-                f"task.name {spec.name!r}: cannot import module {module_name!r}: {exc}"
-            ) from exc
-        func = getattr(module, func_name, None)
-        if not callable(func):
-            raise ConfigError(
-                f"task.name {spec.name!r}: module {module_name!r} has no callable {func_name!r}"
-            )
-        task = func(spec)
-        missing = [a for a in ("num_samples", "build_model", "train", "evaluate") if not hasattr(task, a)]
-        if missing:
-            raise ConfigError(
-                f"task.name {spec.name!r} returned {type(task).__name__} without {', '.join(missing)}"
-            )
-        return task
+        return _custom(spec)
     raise ConfigError(
         f"unknown task {spec.name!r}; built-ins: {', '.join(BUILTIN_TASKS)}, or 'module:function' returning a Task"
     )
+
+
+def _custom(spec: TaskSpec) -> Task:
+    """Import and call a user's task function. Anything it raises is the user's code failing, so it
+    becomes one ConfigError naming the function, not a traceback through the node."""
+    module_name, _, func_name = spec.name.partition(":")
+    where = f"task.name {spec.name!r}"
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, but also whatever the module's own top level raises
+        raise ConfigError(f"{where}: cannot import module {module_name!r}: {_describe(exc)}") from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ConfigError(f"{where}: module {module_name!r} has no callable {func_name!r}")
+    try:
+        task = func(spec)
+    except Exception as exc:
+        raise ConfigError(f"{where}: {func_name}(spec) raised {_describe(exc)}") from exc
+    _check_task(where, func_name, task)
+    return task
+
+
+def _check_task(where: str, func_name: str, task: Any) -> None:
+    """The node calls these on every round: a wrong return value is refused here, at start."""
+    missing = [a for a in ("build_model", "train", "evaluate") if not callable(getattr(task, a, None))]
+    if not hasattr(task, "num_samples"):
+        missing.append("num_samples")
+    if missing:
+        raise ConfigError(
+            f"{where}: {func_name}(spec) returned {type(task).__name__}, not a Task "
+            f"(missing {', '.join(missing)})"
+        )
+    samples = task.num_samples
+    if not isinstance(samples, int | np.integer) or isinstance(samples, bool) or samples < 1:
+        raise ConfigError(f"{where}: the task's num_samples must be an integer >= 1, got {samples!r}")
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: the exception type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

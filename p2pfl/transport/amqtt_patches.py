@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from amqtt.broker import Broker
@@ -45,6 +46,33 @@ class _ShortPacketArgs(logging.Filter):
         return True
 
 
+class _DropStartupFailure(logging.Filter):
+    """Drops amqtt's "Broker startup failed" traceback: Outbox.start raises one TransportError that
+    says what failed and what to do (a port in use, an address not on this machine)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Broker startup failed"
+
+
+class _SnapshotDict(dict):
+    """amqtt's topic filter -> subscribers table, iterated over snapshots.
+
+    Stock amqtt awaits inside `for ... in self._subscriptions.items()` (the broadcast loop awaits the
+    topic plugin per subscriber) and inside `for topic in self._subscriptions` (retained replay on
+    connect); a client subscribing or disconnecting meanwhile adds or removes a filter, and the loop
+    dies with "dictionary changed size during iteration", taking every later broadcast with it.
+    Iterating a copy (and a copy of each subscriber list) makes those loops see one consistent table.
+    """
+
+    __slots__ = ()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(super().keys()))
+
+    def items(self) -> Any:
+        return [(key, list(value)) for key, value in super().items()]
+
+
 _logging_tamed = False
 
 
@@ -59,6 +87,7 @@ def tame_amqtt_logging() -> None:
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.WARNING)
     logging.getLogger("amqtt.mqtt.protocol.handler").addFilter(_ShortPacketArgs())
+    logging.getLogger("amqtt.broker").addFilter(_DropStartupFailure())
 
 
 class PatchedBroker(Broker):
@@ -71,8 +100,14 @@ class PatchedBroker(Broker):
     - a client must send CONNECT within CONNECT_TIMEOUT_S;
     - sessions refused at authentication (never marked with SESSION_NODE) are dropped (stock code
       keeps them forever);
-    - IPv6 literals bind (stock code passes "[::1]" with brackets to the resolver).
+    - IPv6 literals bind (stock code passes "[::1]" with brackets to the resolver);
+    - the subscription table is iterated over snapshots (stock loops await while iterating it and
+      die when a client subscribes or leaves meanwhile; see _SnapshotDict).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._subscriptions = _SnapshotDict()
 
     async def _broadcast_message(
         self,

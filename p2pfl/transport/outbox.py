@@ -10,8 +10,10 @@ its own inbox, so only the addressed neighbour ever gets a copy.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import secrets
+import socket
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -140,12 +142,29 @@ class Outbox:
             await broker.start()
         except Exception as exc:
             _OUTBOXES.pop(self._token, None)
-            raise TransportError(f"cannot start broker on {bind}: {exc.__cause__ or exc}") from exc
+            raise TransportError(self._start_failure(exc)) from None
         self._broker = broker
         self._bound_port = self._find_bound_port(broker)
         self._retained = {}
         self._recipients = frozenset()
         log.info("outbox broker listening on %s:%s", self._host, self.port)
+
+    def _start_failure(self, exc: BaseException) -> str:
+        """One line saying why the broker could not listen and which setting fixes it."""
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        where = f"port {self._port} on {self._host}"
+        if isinstance(cause, socket.gaierror):
+            return f"[node] host {self._host!r} is not an address of this machine ({cause.strerror}); set it to one"
+        if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+            return f"{where} is in use: set [node] port to a free port (or stop the process using it)"
+        if isinstance(cause, OSError) and cause.errno == errno.EADDRNOTAVAIL:
+            return f"[node] host {self._host} is not an address of this machine: set it to one of its own addresses"
+        if isinstance(cause, OSError) and cause.errno == errno.EACCES:
+            return f"{where} needs privileges to bind: set [node] port to 1024 or above"
+        detail = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause or exc)
+        return f"cannot start the broker on {where}: {detail}"
 
     @staticmethod
     def _find_bound_port(broker: Broker) -> int | None:
