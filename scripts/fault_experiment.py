@@ -42,8 +42,8 @@ TESTBED = Path(__file__).resolve().parent / "testbed.py"
 SCENARIOS = ("baseline", "restart", "freeze", "partition", "join", "silent")
 FULL = {"rounds": 600, "fault_round": 100, "join_round": 500, "restart_after": 10, "freeze_s": 60.0,
         "partition_s": 60.0, "round_timeout": 30.0, "wait": 120.0, "scenario_timeout": 3600.0}  # fmt: skip
-QUICK = {"rounds": 14, "fault_round": 4, "join_round": 6, "restart_after": 2, "freeze_s": 15.0,
-         "partition_s": 15.0, "round_timeout": 8.0, "wait": 90.0, "scenario_timeout": 420.0}  # fmt: skip
+QUICK = {"rounds": 40, "fault_round": 10, "join_round": 20, "restart_after": 5, "freeze_s": 10.0,
+         "partition_s": 10.0, "round_timeout": 8.0, "wait": 90.0, "scenario_timeout": 420.0}  # fmt: skip
 SLOWDOWN = 2.0  # "recovered" = round time back within this factor of before
 
 
@@ -191,6 +191,8 @@ def analyze(run: Path, sc: Scenario, baseline: dict[str, Any] | None) -> dict[st
         others_acc=_mean_acc(summary, others),
         rounds_done=max(rounds.seconds, default=0),
     )
+    if not sc.fault:  # nothing to recover from
+        row.update(rounds_to_time="-", rounds_to_consensus="-")
     row.setdefault("status", "ok")
     return row
 
