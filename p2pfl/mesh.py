@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -123,12 +124,18 @@ class MqttMesh:
         await self.outbox.publish_update(message, list(recipients))
 
     async def stop(self) -> None:
+        t0 = time.monotonic()
         if self.discovery is not None:
             await self.discovery.stop()
+        t1 = time.monotonic()
         await asyncio.gather(
             *(p.link.stop() for p in self.peers.values()), *self._tasks, return_exceptions=True
         )
+        t2 = time.monotonic()
         await self.outbox.stop()
+        log.info(
+            "stopped: discovery %.2f s, links %.2f s, broker %.2f s", t1 - t0, t2 - t1, time.monotonic() - t2
+        )
 
     # -- links --------------------------------------------------------------------------------------
 

@@ -384,11 +384,12 @@ async def _watch_parent(node: Node, parent: int) -> None:
     node.request_stop()
 
 
-def run_node(cfg: NodeConfig) -> None:
+def run_node(cfg: NodeConfig) -> int:
     """Run a node to completion; SIGTERM and Ctrl-C both stop it cleanly (broker, links, mDNS goodbye).
 
     The signal only sets a flag that every wait checks (and cancels the main task, for the steps in
-    between), so a stop is never lost; exit status 143 when stopped before the last round.
+    between), so a stop is never lost. Returns the exit status: 0 when every round ran, 143 when
+    stopped before.
     """
 
     async def main() -> bool:
@@ -414,5 +415,4 @@ def run_node(cfg: NodeConfig) -> None:
                 watchdog.cancel()
         return not node.stopping.is_set()
 
-    if not asyncio.run(main()):
-        raise SystemExit(143)  # stopped by a signal: not a completed run
+    return 0 if asyncio.run(main()) else 143  # 143: stopped by a signal, not a completed run
