@@ -59,7 +59,7 @@ class DiscoverySection:
 
 @dataclass
 class TrainingSection:
-    rounds: int = 20
+    rounds: int = 20  # 0 = run until stopped (a device's service); checkpoints are written every round
     threads: int = 1  # torch intra-op threads; several nodes often share one machine
 
 
@@ -71,6 +71,10 @@ class GossipSection:
     round_timeout_s: float = 30.0
     max_update_mb: float = 1024.0
     linger_s: float = 3.0  # keep the broker up after the last round so slower neighbours can fetch it
+    staleness: int = 4  # an update at most this many rounds old is still mixed (once)
+    wait_factor: float = 4.0  # a round waits up to this x the usual neighbour delay (90th percentile) ...
+    min_wait_s: float = 1.0  # ... but at least this long, and never longer than round_timeout_s
+    miss_limit: int = 2  # a neighbour that missed this many rounds in a row is not waited for until heard
 
 
 @dataclass
@@ -90,6 +94,7 @@ class AttackSection:
 
     kind: str = ""  # "" = honest; else one of p2pfl.attacks.ATTACKS
     seed: int = 0
+    silent: bool = False  # a certified member that stays connected but never sends an update
 
 
 @dataclass
@@ -141,7 +146,7 @@ def validate(cfg: NodeConfig) -> NodeConfig:
     _check_finite(cfg)
     rules = aggregation.node_rules()
     checks = [
-        (1 <= cfg.node.port <= 65535, "[node] port must be 1..65535"),
+        (0 <= cfg.node.port <= 65535, "[node] port must be 0..65535 (0: any free port, advertised by mDNS)"),
         (
             cfg.node.host not in ("", "0.0.0.0", "::"),
             "[node] host must be this device's own address, not a wildcard",
@@ -159,13 +164,21 @@ def validate(cfg: NodeConfig) -> NodeConfig:
             f"[gossip] max_update_mb must be 0.001..{MAX_UPDATE_MB:g} (the most one update can carry)",
         ),
         (cfg.security.max_skew_s > 0, "[security] max_skew_s must be > 0"),
-        (cfg.training.rounds >= 1, "[training] rounds must be >= 1"),
+        (cfg.training.rounds >= 0, "[training] rounds must be >= 0 (0: run until stopped)"),
         (cfg.training.threads >= 1, "[training] threads must be >= 1"),
         # the registry's node rules: simulator-only ones (push-sum: its mass is conserved only if no
         # update is ever lost, and a real round mixes without a neighbour that timed out) are refused
         (cfg.gossip.rule in rules, f"[gossip] rule must be one of {', '.join(rules)}"),
         (cfg.gossip.round_timeout_s > 0, "[gossip] round_timeout_s must be > 0"),
         (cfg.gossip.clip_radius >= 0, "[gossip] clip_radius must be >= 0 (0 = adaptive)"),
+        (0 <= cfg.gossip.staleness <= 1000, "[gossip] staleness must be 0..1000 rounds"),
+        (1.0 <= cfg.gossip.wait_factor <= 100.0, "[gossip] wait_factor must be 1..100"),
+        (cfg.gossip.min_wait_s >= 0, "[gossip] min_wait_s must be >= 0"),
+        (1 <= cfg.gossip.miss_limit <= 1000, "[gossip] miss_limit must be 1..1000 rounds"),
+        (
+            cfg.node.port != 0 or cfg.discovery.mdns,
+            "[node] port = 0 needs mdns = true (peers learn the port from the advertisement)",
+        ),
         (
             cfg.discovery.mdns or bool(cfg.discovery.static_peers) or cfg.discovery.expect_peers == 0,
             "[discovery] with mdns = false, list static_peers",
@@ -201,11 +214,13 @@ def _check_finite(cfg: NodeConfig) -> None:
         "[discovery] wait_s": cfg.discovery.wait_s,
         "[gossip] round_timeout_s": cfg.gossip.round_timeout_s,
         "[gossip] linger_s": cfg.gossip.linger_s,
+        "[gossip] min_wait_s": cfg.gossip.min_wait_s,
         "[security] max_skew_s": cfg.security.max_skew_s,
     }
     others = {
         "[gossip] max_update_mb": cfg.gossip.max_update_mb,
         "[gossip] clip_radius": cfg.gossip.clip_radius,
+        "[gossip] wait_factor": cfg.gossip.wait_factor,
     }
     for key, value in {**durations, **others}.items():
         if not math.isfinite(value):

@@ -116,7 +116,9 @@ class MqttMesh:
             self._add_link(host, int(port), None)
         if self.cfg.discovery.mdns:
             node = self.cfg.node
-            ad = PeerAd(self.node_id, self.fed, node.name, node.host, node.port, self.cert.fingerprint())
+            ad = PeerAd(
+                self.node_id, self.fed, node.name, node.host, self.outbox.port, self.cert.fingerprint()
+            )
             self.discovery = Discovery(ad, self.cfg.discovery.interfaces, on_change=self._sync_links)
             await self.discovery.start()
 
@@ -144,7 +146,7 @@ class MqttMesh:
 
     def _add_link(self, host: str, port: int, fingerprint: str | None) -> None:
         address = f"{host}:{port}"
-        if address in self.peers or (host, port) == (self.cfg.node.host, self.cfg.node.port):
+        if address in self.peers or (host, port) == (self.cfg.node.host, self.outbox.port):
             return
         link = PeerLink(
             host,

@@ -39,6 +39,7 @@ __all__ = ["Node", "TrainingDiverged", "load_credentials", "run_node"]
 PARENT_PID_ENV = "P2PFL_PARENT_PID"  # set by a launcher (the testbed): stop when that process is gone
 PARENT_POLL_S = 1.0
 DIVERGED_LOSS = 1e6  # a mean training loss above this (or not finite) stops the node
+WARMUP_WAIT_S = 5.0  # the least a round waits for neighbours before their usual delays are known
 
 log = logging.getLogger("p2pfl.node")
 
@@ -99,8 +100,19 @@ class Node:
             max_update_bytes=int(cfg.gossip.max_update_mb * (1 << 20)),
             max_skew_s=cfg.security.max_skew_s,
             attack=attack,
+            staleness=cfg.gossip.staleness,
+            silent=cfg.attack.silent,
         )
-        self.pace = Pace(ceiling_s=cfg.gossip.round_timeout_s)
+        if cfg.attack.silent:
+            log.warning("SILENT member for experiments: this node never sends an update")
+        gossip = cfg.gossip
+        self.pace = Pace(
+            ceiling_s=gossip.round_timeout_s,
+            factor=gossip.wait_factor,
+            floor_s=gossip.min_wait_s,
+            miss_limit=gossip.miss_limit,
+            warmup_floor_s=max(WARMUP_WAIT_S, gossip.min_wait_s),
+        )
         self.mesh: Mesh = mesh or MqttMesh(
             cfg, identity=self.identity, cert=self.cert, root=self.root, metrics=self.metrics
         )
@@ -371,6 +383,9 @@ class Node:
             linger_until = time.monotonic() + self.cfg.gossip.linger_s
             while not self.stopping.is_set() and time.monotonic() < linger_until:
                 await self._wait(linger_until - time.monotonic())
+        except asyncio.CancelledError:
+            if not self.stopping.is_set():
+                raise  # cancelled from outside, not a stop we were asked for
         finally:
             await asyncio.shield(asyncio.to_thread(self.save_final_model))
             await self.stop()
@@ -409,7 +424,7 @@ def run_node(cfg: NodeConfig) -> int:
         try:
             await node.run()
         except asyncio.CancelledError:
-            pass
+            pass  # a signal landed between two waits: node.run() has cleaned up
         finally:
             if watchdog is not None:
                 watchdog.cancel()

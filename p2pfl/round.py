@@ -261,6 +261,7 @@ class RoundCore:
         max_skew_s: float = 300.0,
         attack: Attack | None = None,
         staleness: int = STALENESS,
+        silent: bool = False,
     ) -> None:
         self.identity, self.cert, self.root = identity, cert, root
         self.node_id = identity.node_id
@@ -270,6 +271,7 @@ class RoundCore:
         self.seed = seed
         self.max_update_bytes = max_update_bytes
         self.staleness = staleness
+        self.silent = silent  # experiments: a member that never sends
         self.replay = ReplayGuard(max_skew_s)
         self.mixer = Mixer(
             rule=rule, samples=samples, clip_radius=clip_radius, reputation=Reputation(), attack=attack
@@ -296,7 +298,7 @@ class RoundCore:
 
     def pack(self, params: Mapping[str, np.ndarray], own: np.ndarray, plan: Plan) -> bytes | None:
         """The sealed update for this round's neighbours; None when the round has no neighbour."""
-        if not plan.neighbours:
+        if not plan.neighbours or self.silent:
             return None
         crafted = self.mixer.craft(own, plan.round)
         sent = params if crafted is None else unflatten(crafted, self.spec)

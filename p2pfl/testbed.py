@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -66,7 +65,6 @@ __all__ = [
     "byzantine_indices",
     "consensus_by_round",
     "consensus_distances",
-    "free_ports",
     "launch",
     "launch_node",
     "main",
@@ -151,33 +149,24 @@ class NodeProcess:
         return self.proc.poll() is None
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct free ports: every socket stays bound until all are chosen, so none is handed out twice."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def total_nodes(args: argparse.Namespace) -> int:
     """Nodes launched at start plus those a `join` event launches later."""
     return int(args.nodes + len(getattr(args, "joiners", [])))
 
 
 def node_config(
-    args: argparse.Namespace, index: int, directory: Path, port: int, host: str = HOST
+    args: argparse.Namespace, index: int, directory: Path, host: str = HOST
 ) -> config_mod.NodeConfig:
-    """One node's config; a late joiner waits for the nodes before it, the others only for each other."""
+    """One node's config; a late joiner waits for the nodes before it, the others only for each other.
+
+    Port 0: each broker binds a free port itself and advertises the one it got (no reserve-then-bind
+    race between nodes, and a restarted node simply advertises its new port)."""
     cfg = config_mod.NodeConfig()
     cfg.node.name, cfg.node.data_dir, cfg.node.host, cfg.node.port = (
         f"node-{index}",
         str(directory),
         host,
-        port,
+        0,
     )
     cfg.discovery.interfaces = [host]
     cfg.discovery.expect_peers = args.nodes - 1 if index < args.nodes else index
@@ -213,7 +202,6 @@ def prepare(args: argparse.Namespace, out: Path, hosts: list[str] | None = None)
     authority = FederationAuthority.create(out / "federation")
     configs = []
     count = total_nodes(args)
-    ports = free_ports(count)
     for i in range(count):
         directory = out / f"node-{i}"
         identity = load_or_create(directory)
@@ -222,7 +210,7 @@ def prepare(args: argparse.Namespace, out: Path, hosts: list[str] | None = None)
         authority.root.save(directory / "federation.pub")
         path = directory / "node.toml"
         host = hosts[i] if hosts else HOST
-        path.write_text(config_mod.to_toml(node_config(args, i, directory, ports[i], host)))
+        path.write_text(config_mod.to_toml(node_config(args, i, directory, host)))
         configs.append(path)
     return configs
 
@@ -595,7 +583,7 @@ def check_config(args: argparse.Namespace) -> None:
     """Build and validate one node's config before anything is created, so that a value the nodes
     refuse (e.g. --rounds 0 while they need rounds >= 1) fails here with the nodes' own message."""
     try:
-        node_config(args, 0, Path("node-0"), 18830)
+        node_config(args, 0, Path("node-0"))
     except ConfigError as exc:
         if args.rounds == 0:
             raise ConfigError(f"--rounds 0 (run until stopped) is not supported by the nodes: {exc}") from exc

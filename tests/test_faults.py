@@ -251,24 +251,6 @@ def test_bad_input_ends_with_one_line(
     assert err.count("\n") == 1 and needle in err and "Traceback" not in err
 
 
-def test_rounds_zero_is_refused_while_nodes_need_rounds(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    from p2pfl import config as config_mod
-
-    probe = config_mod.NodeConfig()
-    probe.training.rounds = 0
-    try:
-        config_mod.validate(probe)
-    except Exception:
-        assert testbed.main(["--rounds", "0", "--out", str(tmp_path / "x")]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "--rounds 0" in err
-        assert not (tmp_path / "x").exists()
-    else:
-        pytest.skip("nodes accept rounds = 0 now: the testbed runs until stopped")
-
-
 # -- real processes -----------------------------------------------------------------------------------
 
 

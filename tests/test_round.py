@@ -357,3 +357,22 @@ def test_a_restarted_node_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert rounds[:4] == [1, 2, 3, 4], "metrics of the first life are kept (appended, not truncated)"
     assert rounds[-1] == 12 and rounds[4] > 4
     assert (victim.cfg.data_dir / "model.npy").exists()
+
+
+@pytest.mark.timeout(240)
+def test_rounds_zero_runs_until_stopped(tmp_path: Path) -> None:
+    """An edge device's service: no last round; a stop request ends it cleanly, with its state saved."""
+    hub = Hub()
+    nodes = make_nodes(tmp_path, 2, 0, hub)
+
+    async def main() -> None:
+        running = [asyncio.ensure_future(node.run()) for node in nodes]
+        await until(lambda: all(node.core.round >= 6 for node in nodes))  # round 5 done, 6 running
+        for node in nodes:
+            node.request_stop()
+        await asyncio.gather(*running)  # run() returns normally after a requested stop
+
+    asyncio.run(main())
+    for node in nodes:
+        assert len(read_jsonl(node.cfg.metrics_path)) >= 5
+        assert (node.cfg.data_dir / "checkpoint.npz").exists() and (node.cfg.data_dir / "model.npy").exists()
