@@ -188,6 +188,7 @@ def node_config(
     cfg.metrics.save_models = True
     if index in byzantine_indices(args.nodes, args.byzantine):
         cfg.attack.kind, cfg.attack.seed = args.attack, args.seed + index
+    cfg.attack.silent = args.nodes - getattr(args, "silent", 0) <= index < args.nodes
     return config_mod.validate(cfg)
 
 
@@ -529,6 +530,12 @@ def build_parser(prog: str = "testbed") -> argparse.ArgumentParser:
         "--byzantine", type=_int_at_least(0), default=0, help="how many nodes attack (spread evenly)"
     )
     p.add_argument("--attack", default="sign-flip", choices=ATTACKS, help="what the Byzantine nodes send")
+    p.add_argument(
+        "--silent",
+        type=_int_at_least(0),
+        default=0,
+        help="how many members (the last ones) stay connected but never send an update",
+    )
     p.add_argument("--round-timeout", type=_float_above(0.0), default=30.0)
     p.add_argument(
         "--wait",

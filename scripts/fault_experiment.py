@@ -12,7 +12,8 @@ by --scenario-timeout, so a stalled federation (one round per round timeout) can
 Scenarios: baseline; restart (kill node-2 at the fault round, restart it --restart-after rounds later);
 freeze (SIGSTOP node-2 for --freeze-s); partition (split the bridge into two halves for --partition-s;
 needs --netns, so root and iproute2); join (N-1 nodes start, the N-th joins at --join-round); silent
-(a certified node SIGSTOPped right after launch, for the whole run; its "before" is the baseline's).
+(a certified member that stays connected but never sends an update, testbed --silent 1, for the
+whole run; its "before" is the baseline's).
 
 Writes OUT/fault_experiment.csv, OUT/fault_experiment.md and one testbed run folder per scenario.
 
@@ -56,6 +57,7 @@ class Scenario:
     nodes: int
     affected: list[str]
     netns: bool = False
+    options: tuple[str, ...] = ()  # more testbed options
 
 
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
@@ -75,7 +77,7 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
             netns=True,
         ),
         "join": Scenario("join", f"join node-{n - 1}@r{args.join_round}", n - 1, [f"node-{n - 1}"]),
-        "silent": Scenario("silent", f"freeze node-{n - 1}@r0", n, [f"node-{n - 1}"]),
+        "silent": Scenario("silent", "", n, [f"node-{n - 1}"], options=("--silent", "1")),
     }
     return [table[name] for name in args.scenarios]
 
@@ -88,6 +90,7 @@ def run_testbed(args: argparse.Namespace, sc: Scenario, out: Path) -> int | None
            "--out", str(out)]  # fmt: skip
     if sc.fault:
         cmd += ["--fault", sc.fault]
+    cmd += sc.options
     if sc.netns or args.netns:
         cmd.append("--netns")
     with (out.parent / f"{sc.name}.log").open("wb") as log:
@@ -132,7 +135,7 @@ def fault_window(summary: dict[str, Any], sc: Scenario) -> tuple[float, float] |
     itself; a silent member spans the whole run. None: no fault (baseline) or it never fired."""
     faults = summary.get("faults") or []
     if sc.name == "silent":
-        return (0.0, 0.0) if faults else None
+        return (0.0, 0.0)  # silent from the start
     starts = [f["time"] for f in faults if f["action"] in ("kill", "freeze", "partition", "join")]
     ends = [f["time"] for f in faults if f["action"] in ("restart", "thaw", "heal", "join")]
     if not starts:
