@@ -18,7 +18,7 @@ whole run; its "before" is the baseline's).
 Writes OUT/fault_experiment.csv, OUT/fault_experiment.md and one testbed run folder per scenario.
 
     python scripts/fault_experiment.py --quick          # small smoke run (a few minutes)
-    python scripts/fault_experiment.py                   # full: 600 rounds, faults at 100, join at 500
+    python scripts/fault_experiment.py                   # full: 2000 rounds, faults at 100, join at 500
     python scripts/fault_experiment.py --scenarios baseline,freeze --freeze-s 30 --topology exponential
 """
 
@@ -41,9 +41,11 @@ from p2pfl.testbed import read_metrics
 
 TESTBED = Path(__file__).resolve().parent / "testbed.py"
 SCENARIOS = ("baseline", "restart", "freeze", "partition", "join", "silent")
-FULL = {"rounds": 600, "fault_round": 100, "join_round": 500, "restart_after": 10, "freeze_s": 60.0,
+# A round takes ~0.07 s on this task: the federation must still be running when a 60 s fault ends
+# (~850 rounds) and a restarted node is back (~15 s of start-up), with rounds left to recover.
+FULL = {"rounds": 2000, "fault_round": 100, "join_round": 500, "restart_after": 10, "freeze_s": 60.0,
         "partition_s": 60.0, "round_timeout": 30.0, "wait": 120.0, "scenario_timeout": 3600.0}  # fmt: skip
-QUICK = {"rounds": 40, "fault_round": 10, "join_round": 20, "restart_after": 5, "freeze_s": 10.0,
+QUICK = {"rounds": 500, "fault_round": 100, "join_round": 250, "restart_after": 5, "freeze_s": 10.0,
          "partition_s": 10.0, "round_timeout": 8.0, "wait": 90.0, "scenario_timeout": 420.0}  # fmt: skip
 SLOWDOWN = 2.0  # "recovered" = round time back within this factor of before
 
