@@ -87,7 +87,8 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
 def run_testbed(args: argparse.Namespace, sc: Scenario, out: Path) -> int | None:
     """One bounded testbed run; None if it had to be stopped from outside."""
     cmd = [sys.executable, str(TESTBED), "--nodes", str(sc.nodes), "--rounds", str(args.rounds),
-           "--topology", args.topology, "--task", "digits-mlp", "--round-timeout", str(args.round_timeout),
+           "--topology", args.topology, "--rule", args.rule, "--task", "digits-mlp",
+           "--round-timeout", str(args.round_timeout),
            "--wait", str(args.wait), "--timeout", str(args.scenario_timeout), "--seed", str(args.seed),
            "--out", str(out)]  # fmt: skip
     if sc.fault:
@@ -259,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
     p.add_argument("--nodes", type=int, default=6)
     p.add_argument("--topology", default="ring", help="ring or exponential (any testbed topology works)")
+    p.add_argument(
+        "--rule", default="robust", help="aggregation rule of every node (the node's default: robust)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--netns", action="store_true", help="run every scenario in network namespaces")
     p.add_argument("--out", default=None, help="default runs/faults-TIMESTAMP")
