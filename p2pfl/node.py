@@ -136,7 +136,8 @@ class Node:
         except Rejected as exc:
             self.metrics.reject(exc.reason, exc.detail, peer=publisher)
             return
-        self.pace.heard(neighbour.node_id)
+        if round_ >= self.core.round:  # a neighbour that keeps sending stale updates is not waited for
+            self.pace.heard(neighbour.node_id)
         self.changed.set()
 
     # -- one round ----------------------------------------------------------------------------------

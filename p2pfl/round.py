@@ -53,7 +53,6 @@ from p2pfl.topology import Topology
 
 __all__ = [
     "MAX_ROUNDS_AHEAD",
-    "ROUNDS_AHEAD",
     "STALENESS",
     "CatchUp",
     "Inbox",
@@ -65,7 +64,6 @@ __all__ = [
     "TensorSpec",
 ]
 
-ROUNDS_AHEAD = 2  # neighbours this many rounds ahead are normal jitter; further ahead, we are behind
 STALENESS = 4  # an update at most this many rounds old is still mixed (once)
 MAX_ROUNDS_AHEAD = 1 << 40  # a round number no honest node reaches: refused as a round-window lie
 
@@ -359,7 +357,9 @@ class RoundCore:
     # -- catch up -----------------------------------------------------------------------------------
 
     def catch_up(self, plan: Plan) -> CatchUp | None:
-        """Jump ahead when most neighbours that sent something are more than ROUNDS_AHEAD ahead.
+        """Jump ahead when most neighbours that sent something are more than `staleness` rounds ahead
+        (then our updates are too stale for them: we would only train alone). A few rounds of lag are
+        normal jitter, which mixing within the staleness bound absorbs.
 
         The target is the lower median of their rounds (one neighbour lying about its round cannot
         drag a node with honest neighbours forward); the adopted model is the mean of the models of
@@ -367,7 +367,7 @@ class RoundCore:
         consumed: they were not mixed against a stale model, and reputation saw no distance.
         """
         waiting = {n: p for n, p in self.inbox.latest.items() if n in plan.neighbours}
-        ahead = sorted((p.round, n) for n, p in waiting.items() if p.round > plan.round + ROUNDS_AHEAD)
+        ahead = sorted((p.round, n) for n, p in waiting.items() if p.round > plan.round + self.staleness)
         if 2 * len(ahead) <= len(waiting):
             return None
         target = ahead[(len(ahead) - 1) // 2][0]

@@ -265,12 +265,13 @@ class Reputation:
                 if math.isfinite(c):
                     moved[nid] = c
         votes = list(moved.values())
-        if (
-            own_sketch is not None
-            and self._own_sketch is not None
-            and self._own_sketch.shape == own_sketch.shape
-        ):
-            c = float(np.linalg.norm(np.asarray(own_sketch, dtype=np.float64) - self._own_sketch))
+        # The node's own vote is its training step (own model against its last mixed output) when
+        # known: its move between rounds also holds its mixing pull, which a neighbour that mixes
+        # less (or not with us) does not share, and comparing the two made honest neighbours look
+        # stale once mixing was uneven (a node left with one neighbour, after a freeze).
+        base = self._out_sketch if self._out_sketch is not None else self._own_sketch
+        if own_sketch is not None and base is not None and base.shape == own_sketch.shape:
+            c = float(np.linalg.norm(np.asarray(own_sketch, dtype=np.float64) - base))
             if math.isfinite(c):
                 votes.append(c)
         return moved, (upper_median(votes) if len(votes) >= 2 else 0.0)
