@@ -39,7 +39,7 @@ __all__ = ["Node", "TrainingDiverged", "load_credentials", "run_node"]
 PARENT_PID_ENV = "P2PFL_PARENT_PID"  # set by a launcher (the testbed): stop when that process is gone
 PARENT_POLL_S = 1.0
 DIVERGED_LOSS = 1e6  # a mean training loss above this (or not finite) stops the node
-WARMUP_WAIT_S = 5.0  # the least a round waits for neighbours before their usual delays are known
+WARMUP_WAIT_S = 10.0  # the least a round waits before neighbours' usual delays are known (start-up skew)
 
 log = logging.getLogger("p2pfl.node")
 

@@ -158,7 +158,7 @@ def test_real_nodes_follow_time_varying_and_file_topologies(tmp_path: Path) -> N
     for pairing in partners:  # every node has exactly one partner, and partnership is mutual
         assert all(len(p) == 1 and name in pairing[next(iter(p))] for name, p in pairing.items())
     assert partners[0] != partners[1] and partners[0] == partners[2]  # period log2(4) = 2
-    assert all(r[k]["missing"] == [] for r in rows.values() for k in range(3))
+    assert all(sum(len(r[k]["staleness"]) for k in range(3)) >= 1 for r in rows.values())  # partners mixed
 
     out = tmp_path / "edges"
     assert (
@@ -186,8 +186,9 @@ def test_real_nodes_follow_time_varying_and_file_topologies(tmp_path: Path) -> N
         "node-3": {"node-0", "node-2"},
     }
     for name, neighbours in expected.items():
-        row = read_jsonl(out / name / "metrics.jsonl")[-1]
-        assert set(row["neighbours"]) == neighbours and row["missing"] == [], name
+        rows_of = read_jsonl(out / name / "metrics.jsonl")
+        assert all(set(row["neighbours"]) == neighbours for row in rows_of), name
+        assert sum(len(row["staleness"]) for row in rows_of) >= 1, name  # neighbours' updates were mixed
 
 
 @pytest.mark.slow
