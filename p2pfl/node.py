@@ -153,7 +153,9 @@ class Node:
             expected = [n for n in self.pace.expected(plan.neighbours) if n in reachable]
             missing = self.core.missing(plan, expected)
             arrivals = [
-                p.arrived - started for n, p in self.core.inbox.latest.items() if n in plan.neighbours
+                t - started
+                for n in plan.neighbours
+                if (t := self.core.inbox.arrival(n, plan.round)) is not None
             ]
             allowed = self.pace.wait_s(arrivals)
             remaining = started + allowed - time.monotonic()
@@ -163,9 +165,9 @@ class Node:
 
     def _note_pace(self, plan: Plan, started: float) -> None:
         for n in plan.neighbours:
-            pending = self.core.inbox.latest.get(n)
-            if pending is not None and pending.round >= plan.round:
-                self.pace.arrived(n, pending.arrived - started)
+            arrived = self.core.inbox.arrival(n, plan.round)
+            if arrived is not None:
+                self.pace.arrived(n, arrived - started)
             else:
                 self.pace.missed(n)
 

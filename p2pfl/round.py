@@ -15,8 +15,9 @@ One round at node i:
          node's reputation record) -> the new own vector
 
 Rounds are not lock-step (bounded-staleness synchronous gossip). Each node keeps its own round
-counter and, in round r, mixes the freshest update each neighbour sent that it has not mixed yet,
-as long as it is at most `staleness` rounds old; the staleness of each is in the metrics. A round
+counter and, in round r, mixes each neighbour's update for round r, or if none came in time, that
+neighbour's newest older update at most `staleness` rounds old (each update once; the staleness of
+each is in the metrics). A round
 waits only for the neighbours that are expected (not those that missed `miss_limit` rounds in a
 row, until they are heard again), and only as long as `Pace` says neighbours usually take, with
 `round_timeout_s` as the ceiling. A node that finds most of its neighbours ahead of it (it was
@@ -97,36 +98,70 @@ class Pending:
     arrived: float
 
 
+MAX_PENDING = 16  # updates kept per neighbour (a neighbour far ahead only needs its newest ones)
+
+
 @dataclass
 class Inbox:
-    """The freshest admitted, not yet mixed update of each neighbour (an update is mixed once)."""
+    """Admitted, not yet mixed updates of each neighbour, by round (an update is mixed once).
 
-    latest: dict[str, Pending] = field(default_factory=dict)
+    In round r a node mixes a neighbour's update for r if it has one, else its newest older one
+    within the staleness bound; updates for later rounds wait for their round. So when every update
+    arrives in time, rounds mix exactly as lock-step gossip would.
+    """
 
-    def put(self, pending: Pending) -> None:
-        """Keep the newer of the waiting update and this one (by round; later arrivals win ties)."""
-        nid = pending.neighbour.node_id
-        old = self.latest.get(nid)
-        if old is None or pending.round >= old.round:
-            self.latest[nid] = pending
+    pending: dict[str, dict[int, Pending]] = field(default_factory=dict)
+
+    def put(self, p: Pending) -> None:
+        """File an update (a later one for the same round replaces the earlier)."""
+        rounds = self.pending.setdefault(p.neighbour.node_id, {})
+        rounds[p.round] = p
+        while len(rounds) > MAX_PENDING:
+            del rounds[min(rounds)]
+
+    def newest(self, node_id: str) -> Pending | None:
+        rounds = self.pending.get(node_id)
+        return rounds[max(rounds)] if rounds else None
 
     def fresh(self, node_id: str, round_: int) -> bool:
-        """Has `node_id` an update for `round_` or later waiting?"""
-        p = self.latest.get(node_id)
+        """Has `node_id` an update for `round_` or a later one waiting?"""
+        p = self.newest(node_id)
         return p is not None and p.round >= round_
 
-    def take(self, node_ids: Iterable[str], oldest: int) -> dict[str, Pending]:
-        """Remove and return the waiting updates of `node_ids` whose round is >= oldest."""
+    def arrival(self, node_id: str, round_: int) -> float | None:
+        """When the update of `node_id` that round `round_` would mix arrived (None: none yet)."""
+        rounds = self.pending.get(node_id, {})
+        usable = [r for r in rounds if r >= round_]
+        return rounds[min(usable)].arrived if usable else None
+
+    def take(self, node_ids: Iterable[str], round_: int, oldest: int) -> dict[str, Pending]:
+        """Remove and return, per neighbour, the update for `round_`, else its newest older one that
+        is not older than `oldest`; what it supersedes is dropped, later rounds stay."""
         out = {}
         for nid in node_ids:
-            p = self.latest.get(nid)
-            if p is not None and p.round >= oldest:
-                out[nid] = self.latest.pop(nid)
+            rounds = self.pending.get(nid, {})
+            usable = [r for r in rounds if oldest <= r <= round_]
+            if usable:
+                chosen = max(usable)
+                out[nid] = rounds[chosen]
+                for r in [r for r in rounds if r <= chosen]:
+                    del rounds[r]
+        return out
+
+    def take_newest(self, node_ids: Iterable[str]) -> dict[str, Pending]:
+        """Remove every waiting update of `node_ids` and return the newest of each (a catch-up)."""
+        out = {}
+        for nid in node_ids:
+            p = self.newest(nid)
+            if p is not None:
+                out[nid] = p
+                del self.pending[nid]
         return out
 
     def drop_older(self, oldest: int) -> None:
-        for nid in [n for n, p in self.latest.items() if p.round < oldest]:
-            del self.latest[nid]
+        for rounds in self.pending.values():
+            for r in [r for r in rounds if r < oldest]:
+                del rounds[r]
 
 
 class Pace:
@@ -366,7 +401,7 @@ class RoundCore:
         the neighbours at or beyond it (coordinate-wise median from three on). Their updates are
         consumed: they were not mixed against a stale model, and reputation saw no distance.
         """
-        waiting = {n: p for n, p in self.inbox.latest.items() if n in plan.neighbours}
+        waiting = {n: p for n in plan.neighbours if (p := self.inbox.newest(n)) is not None}
         ahead = sorted((p.round, n) for n, p in waiting.items() if p.round > plan.round + self.staleness)
         if 2 * len(ahead) <= len(waiting):
             return None
@@ -375,7 +410,7 @@ class RoundCore:
         stack = np.stack([waiting[n].neighbour.vector for n in sources])
         vector = stack.mean(axis=0) if len(sources) < 3 else np.median(stack, axis=0)
         vector = np.asarray(vector, dtype=np.float32)
-        self.inbox.take(sources, oldest=0)
+        self.inbox.take_newest(sources)
         self.round = target
         self.inbox.drop_older(target - self.staleness)
         if self.mixer.reputation is not None:
@@ -391,7 +426,9 @@ class RoundCore:
         numbers per round until it is within reach (a neighbour lying about its round can make a node
         skip at most that many per round). Returns the new round, or None.
         """
-        furthest = max((p.round for n, p in self.inbox.latest.items() if n in plan.neighbours), default=0)
+        furthest = max(
+            (p.round for n in plan.neighbours if (p := self.inbox.newest(n)) is not None), default=0
+        )
         if furthest - plan.round <= self.staleness:
             return None
         self.round = plan.round + min(self.staleness, furthest - plan.round - self.staleness)
@@ -400,12 +437,12 @@ class RoundCore:
     # -- mix ----------------------------------------------------------------------------------------
 
     def mix(self, own: np.ndarray, plan: Plan) -> tuple[MixResult, dict[str, int]]:
-        """Mix the freshest waiting update of each neighbour within the staleness bound.
+        """Mix each neighbour's update for this round (else its newest older one within the bound).
 
-        Returns the result and the staleness (our round - its round; negative: it is ahead) of each
-        neighbour mixed; a neighbour not in it contributed nothing and its weight stayed home.
+        Returns the result and the staleness (our round - its round) of each neighbour mixed; a
+        neighbour not in it contributed nothing and its weight stayed home.
         """
-        taken = self.inbox.take(plan.neighbours, oldest=plan.round - self.staleness)
+        taken = self.inbox.take(plan.neighbours, plan.round, oldest=plan.round - self.staleness)
         got = [taken[n].neighbour for n in plan.neighbours if n in taken]
         result = self.mixer.mix(own, plan.degree, got)
         return result, {n: plan.round - p.round for n, p in taken.items()}

@@ -135,7 +135,7 @@ async def _scenario(tmp: Path) -> None:
 
         first = sealed(good, a.meta(10))
         await send(first)
-        await until(lambda: a.identity.node_id in node.core.inbox.latest)
+        await until(lambda: node.core.inbox.newest(a.identity.node_id) is not None)
 
         await send(first)  # captured and replayed later
         await until(lambda: rejected("replay") == 1)
@@ -181,7 +181,7 @@ async def _scenario(tmp: Path) -> None:
             seal(codec.encode(good), impostor.meta(10), impostor.identity, {b_id: b_box}), [b_id]
         )
         await asyncio.sleep(2)  # the link never subscribed to the unproven broker's inbox: nothing arrives
-        assert impostor.identity.node_id not in node.core.inbox.latest
+        assert node.core.inbox.newest(impostor.identity.node_id) is None
         impostor_link = next(p.link for p in node.mesh.peers.values() if p.cert and p.cert.name == "node-d")
         assert impostor_link.trusted_publisher is None
 
@@ -189,10 +189,7 @@ async def _scenario(tmp: Path) -> None:
         node.core.round = 11
         await send(sealed(good, a.meta(11)))
         await until(
-            lambda: (
-                a.identity.node_id in node.core.inbox.latest
-                and node.core.inbox.latest[a.identity.node_id].round == 11
-            )
+            lambda: (newest := node.core.inbox.newest(a.identity.node_id)) is not None and newest.round == 11
         )
 
         # A plain MQTT client without credentials can neither connect to subscribe nor publish.
