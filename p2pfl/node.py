@@ -87,6 +87,9 @@ class Node:
             self.task = attack.poison_task(self.task)
         torch.set_num_threads(cfg.training.threads)
         self.model = self.task.build_model()
+        # The first optimizer pulls in torch's compiler stack (seconds): pay that before the federation
+        # waits on us, not in round 1, where neighbours would take it for our usual pace.
+        torch.optim.SGD(self.model.parameters(), lr=0.1)
         self.core = RoundCore(
             identity=self.identity,
             cert=self.cert,
