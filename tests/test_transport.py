@@ -409,6 +409,19 @@ class Sink:
         self.rejects.append((reason, detail))
 
 
+def small_part_outbox(fed: Federation, owner: str) -> Outbox:
+    """The owner's broker on a free port, cutting updates into 64 KiB parts (many parts per test)."""
+    return Outbox(
+        HOST,
+        0,
+        fed.fid,
+        owner,
+        authenticate=fed.authenticate,
+        on_reject=lambda r, d: None,
+        chunk_bytes=64 << 10,
+    )
+
+
 def make_link(port: int, fid: str, credentials: Callable[[], tuple[str, str]], sink: Sink) -> PeerLink:
     return PeerLink(
         HOST,
@@ -675,15 +688,7 @@ def test_update_reaches_only_its_recipients(tmp_path: Path) -> None:
     owner, a, b, c = fed.members
 
     async def main() -> None:
-        outbox = Outbox(
-            HOST,
-            0,
-            fed.fid,
-            owner.node_id,
-            authenticate=fed.authenticate,
-            on_reject=lambda r, d: None,
-            chunk_bytes=64 << 10,
-        )
+        outbox = small_part_outbox(fed, owner.node_id)
         await outbox.start()
         sinks = {m.node_id: Sink() for m in (a, b, c)}
         links = {
@@ -757,15 +762,7 @@ def test_retained_updates_follow_the_recipient_list(tmp_path: Path) -> None:
     owner, a, b = fed.members
 
     async def main() -> None:
-        outbox = Outbox(
-            HOST,
-            0,
-            fed.fid,
-            owner.node_id,
-            authenticate=fed.authenticate,
-            on_reject=lambda r, d: None,
-            chunk_bytes=64 << 10,
-        )
+        outbox = small_part_outbox(fed, owner.node_id)
         await outbox.start()
         started: list[PeerLink] = []
 
@@ -875,15 +872,7 @@ def test_multipart_update_reaches_four_subscribers_intact(tmp_path: Path) -> Non
     owner, *subs = fed.members
 
     async def main() -> None:
-        outbox = Outbox(
-            HOST,
-            0,
-            fed.fid,
-            owner.node_id,
-            authenticate=fed.authenticate,
-            on_reject=lambda r, d: None,
-            chunk_bytes=64 << 10,
-        )
+        outbox = small_part_outbox(fed, owner.node_id)
         await outbox.start()
         sinks = [Sink() for _ in subs]
         links = [make_link(outbox.port, fed.fid, m.credentials, s) for m, s in zip(subs, sinks, strict=True)]
