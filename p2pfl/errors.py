@@ -52,6 +52,16 @@ class Reason(StrEnum):
     DTYPE_MISMATCH = "dtype_mismatch"  # tensor dtype differs from the local model
     NON_FINITE = "non_finite"  # NaN or Inf in the values
     AUTH_FAILED = "auth_failed"  # broker refused a client's credentials
+    # the front door (before any MQTT byte is parsed) and the TLS session
+    CONN_LIMIT = "conn_limit"  # too many unauthenticated connections, in all or from one address
+    HANDSHAKE = "handshake"  # TLS handshake failed or did not finish in time
+    PEER_IDENTITY = "peer_identity"  # TLS peer certificate names another node than expected / its client id
+    # bounded work per certified update
+    TOO_MANY_PARTS = "too_many_parts"  # more parts (or smaller ones) than the message size allows
+    TOO_MANY_TENSORS = "too_many_tensors"  # header lists more tensors than allowed
+    NEIGHBOUR_BUDGET = "neighbour_budget"  # a neighbour sent more bytes in a round than allowed
+    # discovery
+    FOREIGN_ADVERT = "foreign_advert"  # mDNS advertisement from outside the configured networks
 
 
 class Rejected(P2PFLError):
