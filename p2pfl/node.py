@@ -139,8 +139,7 @@ class Node:
         except Rejected as exc:
             self.metrics.reject(exc.reason, exc.detail, peer=publisher)
             return
-        if round_ >= self.core.round:  # a neighbour that keeps sending stale updates is not waited for
-            self.pace.heard(neighbour.node_id)
+        self.pace.heard(neighbour.node_id)  # alive and within the bound: wait for it again
         self.changed.set()
 
     # -- one round ----------------------------------------------------------------------------------

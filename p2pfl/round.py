@@ -23,8 +23,9 @@ row, until they are heard again), and only as long as `Pace` says neighbours usu
 `round_timeout_s` as the ceiling. A node that finds most of its neighbours ahead of it (it was
 restarted, frozen, or joined late) catches up: it adopts the round and a mix of the models of those
 neighbours instead of sending them its stale one. After a partition heals, the two sides have
-counted rounds apart; the side behind advances its round counter (not its model) by at most
-`staleness` per round until the other side accepts its updates again (`resync`).
+counted rounds apart; the side behind moves its round counter (not its model) up to the other
+side's (`resync`), so each side accepts the other's updates again. A node skips in all at most as
+many round numbers as it has run, so no neighbour, lying or honest, can make a counter run away.
 
 The epoch (a hash of the member list) is local bookkeeping: it names the membership view a round
 was planned on in the metrics, and is not sent. Two members may briefly disagree about the member
@@ -311,6 +312,8 @@ class RoundCore:
         )
         self.inbox = Inbox()
         self.round = 0
+        self.ran = 0  # rounds this process entered, and round numbers it skipped by resync: the
+        self.skipped = 0  # skips never outnumber the rounds run
         self.seq = time.time_ns() // 1000  # monotonic across restarts: receivers never see a reused seq
 
     # -- plan ---------------------------------------------------------------------------------------
@@ -318,6 +321,7 @@ class RoundCore:
     def plan(self, round_: int, members: Mapping[str, Certificate]) -> Plan:
         """Enter `round_` and derive its neighbours from the current members (self included)."""
         self.round = round_
+        self.ran += 1
         everyone = {**members, self.node_id: self.cert}
         names = {nid: c.name for nid, c in everyone.items()}
         view = self.topology.view(list(everyone), self.node_id, round_, seed=self.seed, names=names)
@@ -418,20 +422,26 @@ class RoundCore:
         return CatchUp(plan.round, target, vector, sources)
 
     def resync(self, plan: Plan) -> int | None:
-        """Advance the round counter (not the model) towards a neighbour beyond the staleness bound.
+        """Move the round counter (not the model) up to a neighbour beyond the staleness bound.
 
-        After a partition heals, each side has counted its own rounds; a side that counted fewer
+        After a partition heals, each side has counted its own rounds; the side that counted fewer
         sends updates the other refuses as too stale, while its models are as current as theirs. So
-        a node with a neighbour more than `staleness` rounds ahead skips up to `staleness` round
-        numbers per round until it is within reach (a neighbour lying about its round can make a node
-        skip at most that many per round). Returns the new round, or None.
+        a node with a neighbour more than `staleness` rounds ahead (and no majority ahead, or it
+        would catch up instead) skips to just below that neighbour's round: its next update is for
+        the same round as the neighbour's. Skips are budgeted: in all, a node skips at most as many
+        round numbers as it has run, so a neighbour lying about its round can at most double a
+        node's pace, and honest nodes following each other cannot make counters run away.
+        Returns the new round, or None.
         """
         furthest = max(
             (p.round for n in plan.neighbours if (p := self.inbox.newest(n)) is not None), default=0
         )
-        if furthest - plan.round <= self.staleness:
+        budget = self.ran - self.skipped
+        if furthest - plan.round <= self.staleness or budget <= 0:
             return None
-        self.round = plan.round + min(self.staleness, furthest - plan.round - self.staleness)
+        step = min(furthest - 1 - plan.round, budget)
+        self.skipped += step
+        self.round = plan.round + step
         return self.round
 
     # -- mix ----------------------------------------------------------------------------------------

@@ -238,10 +238,24 @@ def test_after_a_partition_the_side_behind_resyncs_its_round_counter(cores: list
     deliver(same, a, 100, 1.0, members)
     deliver(far, a, 130, 3.0, members)  # the other side of a healed partition: no majority ahead
     assert a.catch_up(plan) is None
-    assert a.resync(plan) == 100 + STALENESS  # skips at most `staleness` round numbers per round
+    a.ran = 200  # it has run rounds enough to skip the whole gap at once
+    assert a.resync(plan) == 129  # its next round is the far side's round
     result, staleness = a.mix(a.flatten(params(2.0)), plan)  # the model is mixed, not adopted
     assert staleness == {same.node_id: 0}  # the far update waits for its round (or a catch-up)
     np.testing.assert_allclose(result.vector, 2.0 + (1.0 - 2.0) / 3, rtol=1e-6)  # MH 1/3 on a ring
+
+
+def test_a_neighbour_lying_about_its_round_can_at_most_double_a_nodes_pace(cores: list[RoundCore]) -> None:
+    members = members_of(cores)
+    a = cores[0]
+    honest, liar = (next(c for c in cores if c.node_id == n) for n in a.plan(1, members).neighbours)
+    for round_ in range(1, 41):  # a.round moves by resync: each round plans the next number
+        plan = a.plan(a.round + 1, members)
+        deliver(honest, a, plan.round, 1.0, members)
+        deliver(liar, a, 10**9 + round_, 1.0, members)
+        a.resync(plan)
+        a.mix(a.flatten(params(1.0)), plan)
+    assert 40 < a.round <= 2 * a.ran  # it was dragged, but no faster than its own rounds run
 
 
 # -- several real Nodes in one loop, over the in-memory mesh ------------------------------------------
