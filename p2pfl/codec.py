@@ -9,6 +9,12 @@ Each tensor starts on an 8-byte boundary (zero padding between tensors), so deco
 aligned, zero-copy, read-only np.frombuffer views. Packing costs one copy of the data (no per-tensor
 msgpack bin fields, which cost several times more). decode trusts nothing: any inconsistency is
 Rejected(MALFORMED), and the layout must be exactly the canonical one encode produces.
+
+Bounded work: decoding costs a few microseconds per tensor (msgpack objects, checks, one numpy view)
+whatever the tensor's size, so a header of 100,000 empty tensors cost ~0.9 s. decode reads the
+declared tensor count from the header's first bytes and refuses, before unpacking anything, a count
+above `max_tensors` (MAX_TENSORS, far above any real model's few hundred) or other than the local
+model's (`expected_tensors`), and a header longer than that many entries can be.
 """
 
 from __future__ import annotations
@@ -37,10 +43,15 @@ __all__ = [
 MAGIC = b"P2T1"
 _PREFIX = struct.Struct("<4sI")
 ALIGN = 8
-MAX_TENSORS = 100_000
+MAX_TENSORS = 4096  # a ResNet-50 has ~320 tensors, a large transformer a few thousand at most
 MAX_HEADER_BYTES = 16 << 20
 MAX_NDIM = 32
 MAX_NAME_CHARS = 1024
+# Bytes one header entry [name, dtype, shape, offset, nbytes] can take in msgpack, at least (a
+# fixarray, an empty name, "int8", an empty shape, two fixints) and at most (32-bit container
+# headers, a name of MAX_NAME_CHARS 4-byte characters, "float16", MAX_NDIM uint64s, two uint64s).
+_MIN_ENTRY_BYTES = 1 + 1 + 5 + 1 + 1 + 1
+_MAX_ENTRY_BYTES = 5 + (5 + 4 * MAX_NAME_CHARS) + (5 + 7) + (5 + 9 * MAX_NDIM) + 9 + 9
 
 ALLOWED_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<")
@@ -60,8 +71,12 @@ def _dtype_name(dtype: np.dtype) -> str:
     return name
 
 
-def encode(params: Mapping[str, np.ndarray]) -> bytes:
-    """Pack named tensors into one frame with a single copy of the data."""
+def encode(params: Mapping[str, np.ndarray], *, max_tensors: int = MAX_TENSORS) -> bytes:
+    """Pack named tensors into one frame with a single copy of the data.
+
+    Refuses more than `max_tensors` tensors: receivers refuse them too (see decode)."""
+    if len(params) > max_tensors:
+        raise ValueError(f"{len(params)} tensors; at most {max_tensors} per frame")
     arrays: list[np.ndarray] = []
     entries: list[list] = []
     offset = 0
@@ -78,8 +93,6 @@ def encode(params: Mapping[str, np.ndarray]) -> bytes:
         entries.append([name, dname, list(arr.shape), offset, arr.nbytes])
         arrays.append(arr)
         offset = _align(offset + arr.nbytes)
-    if len(entries) > MAX_TENSORS:
-        raise ValueError(f"at most {MAX_TENSORS} tensors per frame")
     header = msgpack.packb(entries, use_bin_type=True)
     if len(header) > MAX_HEADER_BYTES:
         raise ValueError("codec header too large")
@@ -103,10 +116,20 @@ def _bad(detail: str) -> Rejected:
     return Rejected(Reason.MALFORMED, detail)
 
 
-def decode(buf: bytes | memoryview) -> dict[str, np.ndarray]:
-    """Unpack a frame into read-only zero-copy views; Rejected(MALFORMED) on anything malformed."""
+def decode(
+    buf: bytes | memoryview,
+    *,
+    max_tensors: int = MAX_TENSORS,
+    expected_tensors: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Unpack a frame into read-only zero-copy views; Rejected(MALFORMED) on anything malformed.
+
+    Before any per-tensor work: more than `max_tensors` tensors is Rejected(TOO_MANY_TENSORS), and
+    so is more than `expected_tensors` (the local model's count, when the caller knows it); fewer
+    is Rejected(SHAPE_MISMATCH), which check_against would say after decoding them all.
+    """
     try:
-        return _decode(buf)
+        return _decode(buf, max_tensors, expected_tensors)
     except Rejected:
         raise
     except Exception as exc:  # any surprise while parsing peer bytes is still just malformed input
@@ -117,10 +140,39 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _decode(buf: bytes | memoryview) -> dict[str, np.ndarray]:
+def _declared_count(mv: memoryview, start: int, end: int) -> tuple[int, int]:
+    """(entries, bytes of the array header) from the msgpack array header at mv[start:end]: O(1)."""
+    if start >= end:
+        raise _bad("codec header is empty")
+    first = mv[start]
+    if 0x90 <= first <= 0x9F:
+        return first & 0x0F, 1
+    if first == 0xDC and end - start >= 3:
+        return int.from_bytes(mv[start + 1 : start + 3], "big"), 3
+    if first == 0xDD and end - start >= 5:
+        return int.from_bytes(mv[start + 1 : start + 5], "big"), 5
+    raise _bad("codec header is not a list")
+
+
+def _check_count(n: int, body: int, max_tensors: int, expected: int | None) -> None:
+    """Refuse a declared tensor count from its value and the header length alone."""
+    if n * _MIN_ENTRY_BYTES > body:
+        raise _bad(f"codec header declares {n} tensors in {body} bytes")
+    if body > n * _MAX_ENTRY_BYTES:
+        raise _bad(f"codec header of {body} bytes is longer than {n} tensor entries can be")
+    if n > max_tensors:
+        raise Rejected(Reason.TOO_MANY_TENSORS, f"{n} tensors in one frame; at most {max_tensors}")
+    if expected is not None and n > expected:
+        raise Rejected(Reason.TOO_MANY_TENSORS, f"{n} tensors; the local model has {expected}")
+    if expected is not None and n < expected:
+        raise Rejected(Reason.SHAPE_MISMATCH, f"{n} tensors; the local model has {expected}")
+
+
+def _decode(buf: bytes | memoryview, max_tensors: int, expected: int | None) -> dict[str, np.ndarray]:
     mv = memoryview(buf)
-    if mv.ndim != 1 or mv.itemsize != 1:
+    if mv.ndim != 1 or mv.format != "B":
         mv = mv.cast("B")
+    mv = mv.toreadonly()  # numpy views of it are read-only, whatever the caller passed
     total = mv.nbytes
     if total < _PREFIX.size:
         raise _bad("codec frame shorter than its prefix")
@@ -137,24 +189,24 @@ def _decode(buf: bytes | memoryview) -> dict[str, np.ndarray]:
         raise _bad("codec frame truncated before the blob")
     if any(mv[head_end:blob_start]):
         raise _bad("codec header padding is not zero")
+    n, array_header = _declared_count(mv, _PREFIX.size, head_end)
+    _check_count(n, hlen - array_header, max_tensors, expected)
     header = msgpack.unpackb(
         mv[_PREFIX.size : head_end],
         raw=False,
         use_list=True,
         strict_map_key=True,
-        max_array_len=MAX_TENSORS * 5,
+        max_array_len=max(n, MAX_NDIM + 1, 5),
         max_map_len=0,
         max_ext_len=0,
         max_str_len=MAX_NAME_CHARS * 4,
         max_bin_len=0,
     )
-    if not isinstance(header, list):
+    if not isinstance(header, list) or len(header) != n:
         raise _bad("codec header is not a list")
-    if len(header) > MAX_TENSORS:
-        raise _bad(f"more than {MAX_TENSORS} tensors")
     blob_len = total - blob_start
     out: dict[str, np.ndarray] = {}
-    expected = 0
+    expected_offset = 0
     for i, entry in enumerate(header):
         if not (isinstance(entry, list) and len(entry) == 5):
             raise _bad(f"tensor entry {i} is not [name, dtype, shape, offset, nbytes]")
@@ -177,18 +229,17 @@ def _decode(buf: bytes | memoryview) -> dict[str, np.ndarray]:
             count *= d
         if count * dtype.itemsize != nbytes:
             raise _bad(f"tensor {name[:80]!r}: shape {shape[:8]} x {dname} != {nbytes} bytes")
-        if offset != expected:
+        if offset != expected_offset:
             # The canonical layout rules out overlaps, gaps and misalignment in one check.
-            raise _bad(f"tensor {name[:80]!r}: offset {offset} is not the expected {expected}")
+            raise _bad(f"tensor {name[:80]!r}: offset {offset} is not the expected {expected_offset}")
         if offset + nbytes > blob_len:
             raise _bad(f"tensor {name[:80]!r}: bytes {offset}..{offset + nbytes} lie outside the blob")
-        arr = np.frombuffer(mv, dtype=dtype, count=count, offset=blob_start + offset).reshape(shape)
-        if arr.flags.writeable:
-            arr.flags.writeable = False
-        out[name] = arr
-        expected = _align(offset + nbytes)
-    if expected != blob_len:
-        raise _bad(f"codec blob is {blob_len} bytes, header accounts for {expected}")
+        # np.ndarray over the read-only view: a zero-copy, read-only, aligned view (cheaper than
+        # np.frombuffer + reshape + clearing the writeable flag, which mattered per tensor).
+        out[name] = np.ndarray(tuple(shape), dtype, mv, blob_start + offset)
+        expected_offset = _align(offset + nbytes)
+    if expected_offset != blob_len:
+        raise _bad(f"codec blob is {blob_len} bytes, header accounts for {expected_offset}")
     return out
 
 

@@ -11,6 +11,12 @@ The content key is wrapped for each recipient with an X25519 sealed box. The hea
 update metadata, the AEAD parameters, a BLAKE2b-256 digest of every ciphertext chunk and the wrapped
 keys, and only the header is signed: signing 45 MB directly costs ~6x more than digest-then-sign.
 
+Bounded work: a certified sender chooses the chunk size and the recipient list, and each chunk
+(a digest, a decryption, a pool task) and each wrapped key (msgpack objects, checks) costs the
+receiver a fixed amount. So a chunk count above what MIN_CHUNK_BYTES chunks need is refused
+(TOO_MANY_PARTS), more than MAX_RECIPIENTS wrapped keys is refused (OVERSIZE), and the header length
+is bounded from the message size before it is unpacked (OVERSIZE), all before any per-item work.
+
 Encryption, decryption and hashing run chunk-wise in a small shared thread pool; libsodium and
 hashlib release the GIL, so two cores work at once. Chunks stay well below glibc's 32 MB mmap
 threshold so their buffers are reused instead of being mapped and faulted in afresh each time.
@@ -63,9 +69,17 @@ CHUNK_AAD = b"p2pfl-chunk-v1\x00"
 # under numpy's 4 MiB hugepage-madvise threshold (synchronous compaction made 4 MiB chunks ~25% slower).
 CHUNK_BYTES = 2 << 20
 MAX_CHUNK_BYTES = 64 << 20
+# Smallest average chunk open_envelope accepts: per-chunk overhead (~tens of microseconds) stays
+# small next to decrypting 64 KiB. seal's CHUNK_BYTES must not be smaller.
+MIN_CHUNK_BYTES = 64 << 10
 MAX_HEADER_BYTES = 4 << 20
-MAX_RECIPIENTS = 10_000
+MAX_RECIPIENTS = 1024  # a node's neighbours: topologies give a handful, a full mesh of 1,025 nodes 1,024
 _MAX_ID = 64
+# msgpack bytes of the header's fixed fields (two ids of _MAX_ID 4-byte characters, field names,
+# numbers, nonce), of one chunk digest (bin8) and of one wrapped key (str16 id + bin8 key), at most.
+_HEADER_FIXED_BYTES = 4096
+_DIGEST_ENTRY_BYTES = 2 + DIGEST_BYTES
+_KEY_ENTRY_BYTES = (3 + 4 * _MAX_ID) + (2 + WRAPPED_KEY_BYTES)
 
 AES = "aes256gcm"
 XCHACHA = "xchacha20poly1305"
@@ -204,6 +218,17 @@ def _chunk_count(length: int, chunk: int) -> int:
     return max(1, -(-length // chunk))
 
 
+def max_chunks(length: int) -> int:
+    """The most ciphertext chunks open_envelope accepts for a payload of `length` bytes."""
+    return max(1, -(-length // MIN_CHUNK_BYTES))
+
+
+def max_header_bytes(total: int) -> int:
+    """The longest header an honest message of `total` bytes can have (MAX_HEADER_BYTES at most)."""
+    digests = max_chunks(total) * _DIGEST_ENTRY_BYTES
+    return min(MAX_HEADER_BYTES, _HEADER_FIXED_BYTES + digests + MAX_RECIPIENTS * _KEY_ENTRY_BYTES)
+
+
 # ---------------------------------------------------------------- seal
 
 
@@ -228,6 +253,10 @@ def seal(payload: bytes, meta: UpdateMeta, identity: Identity, recipients: Mappi
     length = src.nbytes
     chunk = CHUNK_BYTES
     count = _chunk_count(length, chunk)
+    if count > max_chunks(length):
+        raise ValueError(
+            f"CHUNK_BYTES {chunk} is below MIN_CHUNK_BYTES {MIN_CHUNK_BYTES}: receivers refuse it"
+        )
     key = os.urandom(KEY_BYTES)
     prefix = os.urandom(_NONCE_BYTES[aead] - _INDEX_BYTES)
 
@@ -341,6 +370,13 @@ def _parse(message: Any) -> _Parsed:
     body_start = head_end + SIG_BYTES
     if body_start > total:
         raise _bad("envelope truncated inside header or signature")
+    limit = max_header_bytes(total)
+    if hlen > limit:  # before unpacking: the header's items cost per item, the bytes alone do not
+        raise Rejected(
+            Reason.OVERSIZE,
+            f"envelope header of {hlen} bytes; a {total}-byte message with at most {MAX_RECIPIENTS} "
+            f"recipients needs at most {limit}",
+        )
     header_mv = mv[_PREFIX.size : head_end]
     h = msgpack.unpackb(
         header_mv,
@@ -350,7 +386,7 @@ def _parse(message: Any) -> _Parsed:
         max_ext_len=0,
         max_str_len=1 << 12,
         max_bin_len=1 << 10,
-        max_map_len=MAX_RECIPIENTS + 16,
+        max_map_len=8 * MAX_RECIPIENTS,  # more than MAX_RECIPIENTS is refused below, with its reason
         max_array_len=MAX_HEADER_BYTES // DIGEST_BYTES,
     )
     if not isinstance(h, dict) or set(h) != _HEADER_KEYS:
@@ -380,21 +416,29 @@ def _parse(message: Any) -> _Parsed:
     if not (_is_int(length) and length >= 0):
         raise _bad("payload length must be a non-negative int")
     count = _chunk_count(length, chunk)
+    if count > max_chunks(length):
+        raise Rejected(
+            Reason.TOO_MANY_PARTS,
+            f"{length} bytes in {count} chunks of {chunk}; at most {max_chunks(length)} "
+            f"(chunks of at least {MIN_CHUNK_BYTES} bytes)",
+        )
+    if total - body_start != length + count * TAG_BYTES:
+        raise _bad(f"ciphertext is {total - body_start} bytes, header says {length + count * TAG_BYTES}")
     digests = h["digests"]
     if not (isinstance(digests, list) and len(digests) == count):
         raise _bad(f"expected {count} chunk digests")
     if not all(isinstance(d, bytes) and len(d) == DIGEST_BYTES for d in digests):
         raise _bad("chunk digests must be 32 bytes each")
     keys = h["keys"]
-    if not (isinstance(keys, dict) and len(keys) <= MAX_RECIPIENTS):
+    if not isinstance(keys, dict):
         raise _bad("wrapped keys must be a map")
+    if len(keys) > MAX_RECIPIENTS:
+        raise Rejected(Reason.OVERSIZE, f"{len(keys)} wrapped keys; at most {MAX_RECIPIENTS} recipients")
     for node_id, wrapped in keys.items():
         if not (isinstance(node_id, str) and 0 < len(node_id) <= _MAX_ID):
             raise _bad("recipient ids must be short strings")
         if not (isinstance(wrapped, bytes) and len(wrapped) == WRAPPED_KEY_BYTES):
             raise _bad("wrapped keys must be 80 bytes each")
-    if total - body_start != length + count * TAG_BYTES:
-        raise _bad(f"ciphertext is {total - body_start} bytes, header says {length + count * TAG_BYTES}")
     return _Parsed(
         meta=meta,
         header=header_mv,

@@ -84,7 +84,9 @@ def fed(tmp_path: Path) -> Fed:
 
 @pytest.fixture()
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Chunks of 1000 bytes on both sides, so a few KB exercise the multi-chunk paths."""
     monkeypatch.setattr(E, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(E, "MIN_CHUNK_BYTES", 1000)
     return 1000
 
 
@@ -314,7 +316,7 @@ def test_signed_but_malformed_headers(fed: Fed, small_chunks) -> None:
         "aead": {"aead": "rot13"},
         "chunk zero": {"chunk": 0},
         "chunk huge": {"chunk": 1 << 40},
-        "chunk differs": {"chunk": 500},
+        "chunk differs": {"chunk": 2000},
         "nonce size": {"nonce": b"123"},
         "length": {"length": 2501},
         "negative length": {"length": -1},

@@ -2,13 +2,23 @@
 
 Why parts: no single MQTT packet is huge, and a receiver can bound what it buffers. Every part
 carries a fixed header, so each part is checked on its own before anything is kept.
+
+Bounded work per message: every part costs the receiver a fixed amount (an MQTT packet, a topic, a
+header) whatever its size, so the number of parts a message may have is derived from its size
+(`max_parts`: parts of at least MIN_PART_BYTES on average, and never more than MAX_PARTS). The
+header of any part, the first one included, says (count, total), so a message cut too finely is
+refused before anything of it is buffered. Each publisher also has a byte budget per time window
+(a token bucket), and a cap on the bytes it may have buffered, so one neighbour cannot make the
+receiver do or hold more than a few updates' worth of work without being refused.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from p2pfl.errors import Reason, Rejected
@@ -20,6 +30,22 @@ _PART = struct.Struct(">4s16sIIQ")
 PART_HEADER_BYTES = _PART.size
 MAX_PARTS = 1 << 16  # bounds per-message bookkeeping even for tiny parts
 MESSAGE_ID_BYTES = 16
+# Smallest average part a receiver accepts. Equal to outbox.MIN_CHUNK_BYTES (the smallest chunk a
+# node may be configured to send; not imported: outbox imports this module), so no honest sender
+# is refused.
+MIN_PART_BYTES = 1024
+# Per-publisher byte budget: a token bucket holding BUDGET_UPDATES max-size messages (at least
+# MIN_BUDGET_BYTES), refilled over BUDGET_WINDOW_S. An honest neighbour sends one update per round,
+# delivered once or twice (retained + live) and again after a reconnect; the floor keeps small
+# `max_message_bytes` settings from throttling fast rounds (0.8 MB updates every 0.09 s measured).
+BUDGET_UPDATES = 4
+MIN_BUDGET_BYTES = 256 << 20
+BUDGET_WINDOW_S = 10.0
+
+
+def max_parts(total: int) -> int:
+    """The most parts a receiver accepts for a message of `total` bytes (at least 1)."""
+    return min(MAX_PARTS, max(1, -(-total // MIN_PART_BYTES)))
 
 
 def split_message(
@@ -30,7 +56,8 @@ def split_message(
     """Cut one sealed message into parts of at most `chunk_bytes` payload, each with a part header.
 
     Parts are near-equal in size (count = ceil(total / chunk), size = ceil(total / count)), so a
-    receiver can check every part's length from (count, total) alone.
+    receiver can check every part's length from (count, total) alone. Refuses (ValueError) to cut
+    more finely than a receiver accepts (`max_parts`), so a sender never publishes refused parts.
     """
     total = len(message)
     if total == 0:
@@ -38,8 +65,12 @@ def split_message(
     if chunk_bytes < 1:
         raise ValueError("chunk_bytes must be positive")
     count = -(-total // chunk_bytes)
-    if count > MAX_PARTS:
-        raise ValueError(f"{total} bytes in parts of {chunk_bytes} exceeds {MAX_PARTS} parts")
+    allowed = max_parts(total)
+    if count > allowed:
+        raise ValueError(
+            f"{total} bytes in parts of {chunk_bytes} make {count} parts; receivers accept at most "
+            f"{allowed} (parts of at least {MIN_PART_BYTES} bytes, at most {MAX_PARTS} parts)"
+        )
     size = -(-total // count)
     mid = message_id if message_id is not None else os.urandom(MESSAGE_ID_BYTES)
     if len(mid) != MESSAGE_ID_BYTES:
@@ -52,140 +83,271 @@ def split_message(
     return parts
 
 
-@dataclass(frozen=True)
-class _Header:
-    mid: bytes
-    index: int
-    count: int
-    total: int
-
-
 @dataclass
 class _Partial:
     count: int
     total: int
     parts: dict[int, memoryview] = field(default_factory=dict)
+    held: int = 0  # body bytes in `parts`
+
+
+@dataclass
+class _Publisher:
+    """What the reassembler keeps for one publisher: incomplete messages and recent message ids."""
+
+    messages: OrderedDict[bytes, _Partial]
+    done: deque[bytes]  # completed: later deliveries (retained + live) are ignored
+    refused: deque[bytes]  # refused as a whole: its other parts are dropped without another report
+    held: int = 0  # body bytes buffered over all of `messages`
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
 
 
 class Reassembler:
     """Rebuilds whole messages from update parts, per publisher, with strict bounds.
 
-    Holds at most `max_pending` incomplete messages per publisher (oldest dropped) and at most
-    `max_publishers` publishers (least recently active dropped); remembers the last few completed
-    message ids so duplicate deliveries (retained + live) do not start a new message.
+    Holds at most `max_pending` incomplete messages and `max_buffered_bytes` of parts per publisher
+    (oldest messages dropped) and at most `max_publishers` publishers (least recently active
+    dropped); remembers the last few completed message ids so duplicate deliveries (retained + live)
+    do not start a new message, and the last few refused ones so their remaining parts cost no
+    further report. Each publisher may send at most `max_bytes_per_window` bytes per `window_s`
+    (token bucket; every part counts as at least MIN_PART_BYTES); beyond that its parts are refused
+    as NEIGHBOUR_BUDGET, and other publishers are not affected.
     """
 
     def __init__(
-        self, max_message_bytes: int, *, max_pending: int = 2, max_publishers: int = 8, remember: int = 4
+        self,
+        max_message_bytes: int,
+        *,
+        max_pending: int = 2,
+        max_publishers: int = 8,
+        remember: int = 4,
+        max_buffered_bytes: int | None = None,
+        max_bytes_per_window: int | None = None,
+        window_s: float = BUDGET_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_message_bytes < 1:
             raise ValueError("max_message_bytes must be positive")
         self.max_message_bytes = max_message_bytes
         self.max_pending = max(1, max_pending)
         self.max_publishers = max(1, max_publishers)
-        self._pending: OrderedDict[str, OrderedDict[bytes, _Partial]] = OrderedDict()
-        self._done: OrderedDict[str, deque[bytes]] = OrderedDict()
+        self.max_buffered_bytes = max_message_bytes if max_buffered_bytes is None else max_buffered_bytes
+        if self.max_buffered_bytes < max_message_bytes:
+            raise ValueError("max_buffered_bytes must hold at least one message of max_message_bytes")
+        if max_bytes_per_window is None:
+            max_bytes_per_window = max(BUDGET_UPDATES * max_message_bytes, MIN_BUDGET_BYTES)
+        if max_bytes_per_window < max_message_bytes:
+            raise ValueError("max_bytes_per_window must allow at least one message of max_message_bytes")
+        if not window_s > 0:
+            raise ValueError("window_s must be positive")
+        self.max_bytes_per_window = max_bytes_per_window
+        self.window_s = float(window_s)
+        self._rate = max_bytes_per_window / self.window_s  # bytes per second refilled
+        self._clock = clock
         self._remember = max(1, remember)
+        self._publishers: OrderedDict[str, _Publisher] = OrderedDict()
+        # Budgets outlive reassembly state (a reconnect or an evicted publisher must not refill them);
+        # a full bucket is forgotten first, as forgetting it changes nothing.
+        self._budgets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._max_budgets = 4 * self.max_publishers
 
     def add(
         self, publisher: str, part: bytes | bytearray | memoryview, index: int | None = None
     ) -> bytes | None:
-        """Take one part; return the whole message once complete, else None. Raises Rejected."""
-        view = memoryview(part).cast("B")
-        header = self._check(view, index)
-        body = view[PART_HEADER_BYTES:]
-        done = self._done.get(publisher)
-        if done is not None and header.mid in done:
-            return None  # duplicate delivery of a message already handed out
-        if header.count == 1:
-            messages = self._pending.get(publisher)
-            if messages is not None:
-                messages.pop(header.mid, None)
-            self._mark_done(publisher, header.mid)
-            return bytes(body)
-        return self._collect(publisher, header, body)
+        """Take one part; return the whole message once complete, else None. Raises Rejected.
 
-    def _check(self, view: memoryview, index: int | None) -> _Header:
-        """Validate one part's header and length against itself, the topic index and our bounds."""
+        O(1) per part until the last one (which joins the message): the header is checked against
+        itself, the topic index, our size bounds and the publisher's budget before anything is kept.
+        """
+        view = memoryview(part).cast("B")
         if len(view) < PART_HEADER_BYTES:
             raise Rejected(Reason.MALFORMED, f"update part of {len(view)} bytes is shorter than its header")
         magic, mid, idx, count, total = _PART.unpack_from(view)
         if magic != PART_MAGIC:
             raise Rejected(Reason.MALFORMED, "update part has a bad magic")
-        if index is not None and index != idx:
-            raise Rejected(Reason.MALFORMED, f"part index {idx} does not match its topic index {index}")
+        state = self._publishers.get(publisher)
+        if state is not None and (mid in state.done or mid in state.refused):
+            return None  # a message already handed out, or already refused and reported
+        try:
+            self._spend(publisher, max(len(view), MIN_PART_BYTES))
+            self._check_message(count, total)
+        except Rejected:
+            self._refuse(publisher, mid)
+            raise
+        self._check_part(view, idx, count, total, index)
+        body = view[PART_HEADER_BYTES:]
+        if count == 1:
+            if state is not None:
+                self._drop(state, mid)
+            self._mark_done(publisher, mid)
+            return bytes(body)
+        return self._collect(publisher, mid, idx, count, total, body)
+
+    # -- checks ------------------------------------------------------------------------------------
+
+    def _check_message(self, count: int, total: int) -> None:
+        """Refusals that follow from (count, total) alone, so they hold for every part of a message."""
+        if total == 0 or count == 0 or count > total:
+            raise Rejected(Reason.MALFORMED, f"bad part numbering (count {count}, total {total})")
         if total > self.max_message_bytes:
             raise Rejected(Reason.OVERSIZE, f"message of {total} bytes exceeds {self.max_message_bytes}")
-        if total == 0 or count == 0 or count > MAX_PARTS or count > total or idx >= count:
+        allowed = max_parts(total)
+        if count > allowed:
             raise Rejected(
-                Reason.MALFORMED, f"bad part numbering (index {idx}, count {count}, total {total})"
+                Reason.TOO_MANY_PARTS,
+                f"message of {total} bytes in {count} parts; at most {allowed} "
+                f"(parts of at least {MIN_PART_BYTES} bytes, at most {MAX_PARTS} parts)",
             )
         size = -(-total // count)
-        last = total - (count - 1) * size
-        if last <= 0:
+        if total - (count - 1) * size <= 0:
             raise Rejected(Reason.MALFORMED, f"count {count} inconsistent with total {total}")
-        expected = size if idx < count - 1 else last
+
+    @staticmethod
+    def _check_part(view: memoryview, idx: int, count: int, total: int, index: int | None) -> None:
+        """Refusals of this one part: its index (against the topic's) and its length."""
+        if index is not None and index != idx:
+            raise Rejected(Reason.MALFORMED, f"part index {idx} does not match its topic index {index}")
+        if idx >= count:
+            raise Rejected(Reason.MALFORMED, f"bad part numbering (index {idx}, count {count})")
+        size = -(-total // count)
+        expected = size if idx < count - 1 else total - (count - 1) * size
         body_len = len(view) - PART_HEADER_BYTES
         if body_len != expected:
             raise Rejected(Reason.MALFORMED, f"part {idx}/{count} has {body_len} bytes, expected {expected}")
-        return _Header(mid, idx, count, total)
 
-    def _collect(self, publisher: str, header: _Header, body: memoryview) -> bytes | None:
-        """Keep one part of a multi-part message; return the message once all parts are in."""
-        messages = self._pending_for(publisher)
-        partial = messages.get(header.mid)
-        if partial is None:
-            partial = _Partial(header.count, header.total)
-            messages[header.mid] = partial
-            while len(messages) > self.max_pending:
-                messages.popitem(last=False)
+    def _spend(self, publisher: str, charge: int) -> None:
+        """Take `charge` bytes from the publisher's token bucket, or refuse as NEIGHBOUR_BUDGET."""
+        now = self._clock()
+        cap = self.max_bytes_per_window
+        bucket = self._budgets.get(publisher)
+        if bucket is None:
+            self._forget_full_budgets(now)
+            if len(self._budgets) >= self._max_budgets:
+                raise Rejected(
+                    Reason.NEIGHBOUR_BUDGET, f"{len(self._budgets)} other publishers are over their budget"
+                )
+            bucket = _Bucket(float(cap), now)
+            self._budgets[publisher] = bucket
         else:
-            if partial.count != header.count or partial.total != header.total:
-                raise Rejected(Reason.MALFORMED, "parts of one message disagree on count or length")
-            messages.move_to_end(header.mid)
-        partial.parts[header.index] = body
-        if len(partial.parts) < header.count:
-            return None
-        del messages[header.mid]
-        if not messages:
-            del self._pending[publisher]
-        self._mark_done(publisher, header.mid)
-        parts = partial.parts
-        return b"".join([parts[i] for i in range(header.count)])
+            self._refill(bucket, now)
+            self._budgets.move_to_end(publisher)
+        if charge > bucket.tokens:
+            raise Rejected(
+                Reason.NEIGHBOUR_BUDGET,
+                f"more than {cap} bytes within {self.window_s:g} s (part of {charge} bytes, "
+                f"{int(bucket.tokens)} left)",
+            )
+        bucket.tokens -= charge
 
-    def _pending_for(self, publisher: str) -> OrderedDict[bytes, _Partial]:
-        """This publisher's incomplete messages, marked most recently active (evicting the least)."""
-        messages = self._pending.get(publisher)
-        if messages is not None:
-            self._pending.move_to_end(publisher)
-            return messages
-        messages = OrderedDict()
-        self._pending[publisher] = messages
-        while len(self._pending) > self.max_publishers:
-            old, _ = self._pending.popitem(last=False)
-            self._done.pop(old, None)
-        return messages
+    def _refill(self, bucket: _Bucket, now: float) -> None:
+        elapsed = max(0.0, now - bucket.stamp)
+        bucket.tokens = min(float(self.max_bytes_per_window), bucket.tokens + elapsed * self._rate)
+        bucket.stamp = now
+
+    def _forget_full_budgets(self, now: float) -> None:
+        """Make room for a new publisher's bucket by forgetting buckets that have refilled."""
+        if len(self._budgets) < self._max_budgets:
+            return
+        for name in list(self._budgets):
+            bucket = self._budgets[name]
+            self._refill(bucket, now)
+            if bucket.tokens >= self.max_bytes_per_window:
+                del self._budgets[name]
+                return
+
+    def budget_left(self, publisher: str) -> int:
+        """Bytes the publisher may still send now (the full budget for one not seen yet)."""
+        bucket = self._budgets.get(publisher)
+        if bucket is None:
+            return self.max_bytes_per_window
+        self._refill(bucket, self._clock())
+        return int(bucket.tokens)
+
+    # -- buffering ---------------------------------------------------------------------------------
+
+    def _collect(
+        self, publisher: str, mid: bytes, idx: int, count: int, total: int, body: memoryview
+    ) -> bytes | None:
+        """Keep one part of a multi-part message; return the message once all parts are in."""
+        state = self._state(publisher)
+        messages = state.messages
+        partial = messages.get(mid)
+        if partial is None:
+            partial = _Partial(count, total)
+            messages[mid] = partial
+            while len(messages) > self.max_pending:
+                self._drop(state, next(iter(messages)))
+        else:
+            if partial.count != count or partial.total != total:
+                raise Rejected(Reason.MALFORMED, "parts of one message disagree on count or length")
+            messages.move_to_end(mid)
+        if idx in partial.parts:
+            return None  # a duplicate part
+        partial.parts[idx] = body
+        partial.held += len(body)
+        state.held += len(body)
+        # Older incomplete messages make room; this one alone always fits (total <= the bound).
+        while state.held > self.max_buffered_bytes and len(messages) > 1:
+            self._drop(state, next(iter(messages)))
+        if len(partial.parts) < count:
+            return None
+        self._drop(state, mid)
+        self._mark_done(publisher, mid)
+        parts = partial.parts
+        return b"".join([parts[i] for i in range(count)])
+
+    def _state(self, publisher: str) -> _Publisher:
+        """This publisher's state, marked most recently active (evicting the least)."""
+        state = self._publishers.get(publisher)
+        if state is not None:
+            self._publishers.move_to_end(publisher)
+            return state
+        state = _Publisher(OrderedDict(), deque(maxlen=self._remember), deque(maxlen=self._remember))
+        self._publishers[publisher] = state
+        while len(self._publishers) > self.max_publishers:
+            self._publishers.popitem(last=False)
+        return state
+
+    @staticmethod
+    def _drop(state: _Publisher, mid: bytes) -> None:
+        partial = state.messages.pop(mid, None)
+        if partial is not None:
+            state.held -= partial.held
 
     def _mark_done(self, publisher: str, mid: bytes) -> None:
-        done = self._done.get(publisher)
-        if done is None:
-            done = deque(maxlen=self._remember)
-            self._done[publisher] = done
-            while len(self._done) > self.max_publishers:
-                self._done.popitem(last=False)
-        else:
-            self._done.move_to_end(publisher)
-        done.append(mid)
+        self._state(publisher).done.append(mid)
+
+    def _refuse(self, publisher: str, mid: bytes) -> None:
+        """Forget a refused message's parts and its id's future parts (one report per message)."""
+        state = self._state(publisher)
+        self._drop(state, mid)
+        state.refused.append(mid)
+
+    # -- introspection -----------------------------------------------------------------------------
 
     def pending(self, publisher: str | None = None) -> int:
         """Number of incomplete messages held (for one publisher, or in all)."""
         if publisher is not None:
-            return len(self._pending.get(publisher, ()))
-        return sum(len(m) for m in self._pending.values())
+            state = self._publishers.get(publisher)
+            return 0 if state is None else len(state.messages)
+        return sum(len(s.messages) for s in self._publishers.values())
 
-    def pending_bytes(self) -> int:
-        return sum(len(v) for m in self._pending.values() for p in m.values() for v in p.parts.values())
+    def pending_bytes(self, publisher: str | None = None) -> int:
+        """Part bytes buffered in incomplete messages (for one publisher, or in all)."""
+        if publisher is not None:
+            state = self._publishers.get(publisher)
+            return 0 if state is None else state.held
+        return sum(s.held for s in self._publishers.values())
 
     def drop_incomplete(self) -> None:
-        """Drop held parts but remember completed ids, so a replayed retained message is not re-emitted."""
-        self._pending.clear()
+        """Drop held parts but remember completed ids, so a replayed retained message is not re-emitted.
+
+        Budgets are kept: a reconnect must not refill them."""
+        for state in self._publishers.values():
+            state.messages.clear()
+            state.held = 0
