@@ -6,23 +6,50 @@ is only a hint about where to connect: mDNS is unauthenticated, so anyone on the
 anything. Trust comes later, from the certificate the peer's broker serves and the signatures on its
 updates. Here we just keep the advertisements well-formed, of our federation, and current.
 
-mDNS is bound only to the interfaces the caller names (tests and scripts: ``["127.0.0.1"]``); we
-never bind every interface of the host. Several processes on one host share port 5353 (zeroconf
-sets SO_REUSEADDR / SO_REUSEPORT), so many nodes can run on loopback, each with its own broker port.
+mDNS is scoped to the interfaces the caller names (tests and scripts: ``["127.0.0.1"]``); nothing
+is ever bound to 0.0.0.0. Stock zeroconf receives on a wildcard socket (0.0.0.0:5353), which takes
+unicast from anyone who can route to the host and, on Linux, multicast joined on *any* interface.
+We hand zeroconf our own sockets instead (see `open_zeroconf`):
+
+- one receiving socket bound to the group, 224.0.0.251:5353, so unicast cannot reach it, with the
+  group joined only on the configured interface addresses and IP_MULTICAST_ALL off, so multicast
+  from other interfaces is not delivered to it either; a kernel socket filter (classic BPF) drops
+  datagrams whose IPv4 source lies outside the configured networks (each interface address with
+  its prefix; 127.0.0.1 gives 127.0.0.0/8) before zeroconf parses a byte;
+- one sending socket per interface, bound to interface-address:5353 (mDNS wants source port 5353),
+  with a drop-everything socket filter, so unsolicited unicast sent to it is never read.
+
+So no mDNS arrives by unicast at all. We ask only QM questions, whose answers are multicast; what
+is lost is zeroconf's unicast answers to its QU name probes, so a clash of instance names (random
+node ids) is detected from multicast answers only.
+
+zeroconf does not tell its listeners which address a record came from, so on top of the kernel
+filter `Discovery` checks the advertised address (the one we would connect to) against the same
+networks and ignores, counts (Reason.FOREIGN_ADVERT) and logs once per address what falls outside.
+Several processes on one host share port 5353 (SO_REUSEADDR / SO_REUSEPORT), so many nodes can run
+on loopback, each with its own broker port. The kernel filters are Linux-only; elsewhere only the
+advertised-address check applies (logged as a warning at start).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import ipaddress
 import logging
 import re
-from collections.abc import Callable
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import ifaddr
+import zeroconf._core as _zc_core  # only to hand Zeroconf our sockets; see open_zeroconf
 from zeroconf import (
     BadTypeInNameException,
     DNSQuestionType,
@@ -34,14 +61,18 @@ from zeroconf import (
 from zeroconf import ServiceStateChange as Change
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from .errors import ConfigError, P2PFLError
+from .errors import ConfigError, P2PFLError, Reason
 
 __all__ = [
     "Discovery",
+    "MDNS_GROUP",
+    "MDNS_PORT",
     "PeerAd",
     "SERVICE_TYPE",
     "TXT_VERSION",
     "ad_from_info",
+    "allowed_networks",
+    "open_zeroconf",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,6 +87,12 @@ RESOLVE_TIMEOUT_MS = 3000  # one resolution of an added / updated service, then 
 RECORD_TTL_S = 120
 MAX_TXT_BYTES = 512  # whole TXT record; ours is ~100 bytes, anything much bigger is not ours
 MAX_NAME_BYTES = 64  # UTF-8; keeps "name=..." well inside one 255-byte TXT item
+
+MAX_INTERFACES = 16  # bounds the socket filter program (3 instructions a network) and the group joins
+MAX_FOREIGN_TRACKED = 1024  # distinct foreign addresses counted / logged; beyond that, ignored silently
+
+MDNS_GROUP = "224.0.0.251"
+MDNS_PORT = 5353
 
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 _REQUIRED_KEYS = ("id", "fed", "name", "fp", "v")
@@ -94,6 +131,14 @@ def _check_own(own: PeerAd) -> None:
         problems.append("port must be 1-65535")
     if problems:
         raise ConfigError("discovery advertisement invalid: " + "; ".join(problems))
+
+
+def _in_networks(address: str, networks: Sequence[ipaddress.IPv4Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def _service_name(node_id: str) -> str:
@@ -167,18 +212,210 @@ def ad_from_info(info: ServiceInfo) -> PeerAd:
     )
 
 
+# --- sockets scoped to the configured interfaces ---------------------------------------------------
+
+_IS_LINUX = sys.platform.startswith("linux")
+# Linux values; Python's socket module lacks both names
+_IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+# classic BPF opcodes (linux/filter.h) and the offset that addresses the IP header from a UDP socket
+_BPF_LD_W_ABS = 0x00 | 0x00 | 0x20
+_BPF_ALU_AND_K = 0x04 | 0x50 | 0x00
+_BPF_JMP_JEQ_K = 0x05 | 0x10 | 0x00
+_BPF_RET_K = 0x06 | 0x00
+_SKF_NET_OFF = -0x100000
+_IPV4_SRC_OFFSET = 12
+
+
+def allowed_networks(interfaces: Sequence[str]) -> list[ipaddress.IPv4Network]:
+    """Each configured interface address with the prefix this host gives it (127.0.0.1 -> 127.0.0.0/8).
+
+    These are the networks whose members may advertise to us; an address the host does not have is a
+    configuration error (we could not join the group there anyway).
+    """
+    if not 0 < len(interfaces) <= MAX_INTERFACES:
+        raise ConfigError(f"discovery needs 1-{MAX_INTERFACES} interface addresses, got {len(interfaces)}")
+    prefixes: dict[str, int] = {}
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if ip.is_IPv4 and isinstance(ip.ip, str):
+                prefixes.setdefault(ip.ip, ip.network_prefix)
+    networks: list[ipaddress.IPv4Network] = []
+    for address in interfaces:
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigError(f"discovery interface {address!r} is not an IPv4 address") from None
+        if parsed.version != 4 or parsed.is_unspecified or parsed.is_multicast:
+            raise ConfigError(f"discovery interface {address!r} must be one IPv4 address of this host")
+        if address not in prefixes:
+            raise ConfigError(f"discovery interface {address} is not an address of this host")
+        network = ipaddress.IPv4Network(f"{address}/{prefixes[address]}", strict=False)
+        if network not in networks:
+            networks.append(network)
+    return networks
+
+
+def _source_filter(networks: Sequence[ipaddress.IPv4Network]) -> bytes:
+    """A classic BPF program that keeps datagrams whose IPv4 source is in `networks`, drops the rest.
+
+    No networks: drop everything (the sending sockets, which must never read anything).
+    """
+    program: list[tuple[int, int, int, int]] = []
+    count = len(networks)
+    for i, network in enumerate(networks):
+        program.append((_BPF_LD_W_ABS, 0, 0, (_SKF_NET_OFF + _IPV4_SRC_OFFSET) & 0xFFFFFFFF))
+        program.append((_BPF_ALU_AND_K, 0, 0, int(network.netmask)))
+        # on a match skip the remaining networks and the drop, landing on the accept
+        program.append((_BPF_JMP_JEQ_K, 3 * (count - i - 1) + 1, 0, int(network.network_address)))
+    program.append((_BPF_RET_K, 0, 0, 0))  # drop
+    if networks:
+        program.append((_BPF_RET_K, 0, 0, 0xFFFFFFFF))  # accept the whole datagram
+    return b"".join(struct.pack("HBBI", *ins) for ins in program)
+
+
+def _attach_filter(sock: socket.socket, program: bytes) -> None:
+    """Attach a classic BPF program (SO_ATTACH_FILTER): the kernel copies it, so the buffer can go."""
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("HL", len(program) // 8, ctypes.addressof(buffer))  # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+
+
+def _udp_socket() -> socket.socket:
+    """A UDP socket that can share port 5353 with other mDNS stacks and nodes on this host."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
+def _listen_socket(interfaces: Sequence[str], networks: Sequence[ipaddress.IPv4Network]) -> socket.socket:
+    """The one receiving socket: bound to the group, member only on `interfaces`, sources filtered.
+
+    Filters are set before bind, so no datagram is ever queued unfiltered.
+    """
+    sock = _udp_socket()
+    try:
+        if _IS_LINUX:
+            # else a socket receives every group joined by any socket of the host, on any interface
+            sock.setsockopt(socket.IPPROTO_IP, _IP_MULTICAST_ALL, 0)
+            _attach_filter(sock, _source_filter(networks))
+        sock.bind((MDNS_GROUP, MDNS_PORT))  # the group address: unicast to this host never matches
+        for address in interfaces:
+            membership = socket.inet_aton(MDNS_GROUP) + socket.inet_aton(address)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _respond_socket(address: str) -> socket.socket:
+    """A sending socket for one interface: source address:5353, multicast out of that interface only.
+
+    It is bound to a unicast address, so it would take unicast from anyone; its filter drops all of it.
+    """
+    sock = _udp_socket()
+    try:
+        if _IS_LINUX:
+            _attach_filter(sock, _source_filter([]))
+        sock.bind((address, MDNS_PORT))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(address))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, struct.pack("B", 255))  # RFC 6762 11
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, struct.pack("B", 1))  # same-host nodes
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+_zc_patch_lock = threading.Lock()
+
+
+async def open_zeroconf(
+    interfaces: Sequence[str], networks: Sequence[ipaddress.IPv4Network] | None = None
+) -> AsyncZeroconf:
+    """An AsyncZeroconf on the running loop that uses only our scoped sockets (see the module doc).
+
+    zeroconf 0.154 has no way to pass sockets in; its constructor calls `create_sockets` from
+    `zeroconf._core`, which we swap for one returning ours while (synchronously) constructing, for
+    this thread only. If a zeroconf version ignores the swap and opens sockets itself, the check
+    at the end refuses to go on rather than run on a wildcard socket.
+    """
+    interfaces = list(dict.fromkeys(interfaces))  # one sending socket per address
+    if networks is None:
+        networks = allowed_networks(interfaces)
+    if not _IS_LINUX:
+        log.warning("discovery: no kernel filters on %s; only advertised addresses are checked", sys.platform)
+    listen = _listen_socket(interfaces, networks)
+    respond: list[socket.socket] = []
+    try:
+        for address in interfaces:
+            respond.append(_respond_socket(address))
+    except BaseException:
+        for sock in (listen, *respond):
+            sock.close()
+        raise
+    ours = [listen, *respond]
+    owner = threading.get_ident()
+
+    def create_sockets(*args: Any, **kwargs: Any) -> tuple[socket.socket | None, list[socket.socket]]:
+        if threading.get_ident() != owner:
+            return original(*args, **kwargs)
+        return listen, list(respond)
+
+    with _zc_patch_lock:
+        original = _zc_core.create_sockets
+        _zc_core.create_sockets = create_sockets
+        try:
+            zc = Zeroconf(interfaces=list(interfaces), ip_version=IPVersion.V4Only)  # on our loop
+        except BaseException:
+            for sock in ours:
+                sock.close()
+            raise
+        finally:
+            _zc_core.create_sockets = original
+    aiozc = AsyncZeroconf(zc=zc)
+    try:
+        await zc.async_wait_for_start()
+        # zeroconf reads every socket it holds: ours are the group socket plus the (filtered) senders
+        read = {wrapped.sock.getsockname() for wrapped in zc.engine.readers}
+        sent = {wrapped.sock.getsockname() for wrapped in zc.engine.senders}
+        senders = {(address, MDNS_PORT) for address in interfaces}
+        if read != {(MDNS_GROUP, MDNS_PORT)} | senders or sent != senders:
+            raise P2PFLError(f"zeroconf is not using our scoped sockets: reads {read}, sends {sent}")
+    except BaseException:
+        await aiozc.async_close()
+        raise
+    return aiozc
+
+
 class Discovery:
-    """Advertise our broker and keep the set of our federation's other nodes that are advertised now."""
+    """Advertise our broker and keep the set of our federation's other nodes that are advertised now.
+
+    `on_reject(reason, detail)` hears about each foreign advertisement once per advertised address
+    (Reason.FOREIGN_ADVERT), so the owner can count and log it (without one, we log a warning); ads
+    that are merely malformed or of another federation are only debug-logged, as before.
+    """
 
     def __init__(
-        self, own: PeerAd, interfaces: list[str], on_change: Callable[[], None] | None = None
+        self,
+        own: PeerAd,
+        interfaces: list[str],
+        on_change: Callable[[], None] | None = None,
+        on_reject: Callable[[Reason, str], None] | None = None,
     ) -> None:
         _check_own(own)
         if not interfaces:
             raise ConfigError("discovery needs at least one interface address (e.g. ['127.0.0.1'])")
         self._own = own
-        self._interfaces = list(interfaces)
+        self._interfaces = list(dict.fromkeys(interfaces))
         self._on_change = on_change
+        self._on_reject = on_reject
+        self._networks: list[ipaddress.IPv4Network] = []
+        self._foreign_seen: set[str] = set()  # advertised addresses already counted, bounded
+        self._foreign_full = False
         self._aiozc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: ServiceInfo | None = None
@@ -196,8 +433,16 @@ class Discovery:
         if self._aiozc is not None:
             return
         self._stopping = False
+        networks = allowed_networks(self._interfaces)
+        if not _in_networks(self._own.host, networks):
+            nets = ", ".join(map(str, networks))
+            raise ConfigError(
+                f"node host {self._own.host} is outside the discovery interfaces' networks ({nets}); "
+                "peers would ignore our advertisement"
+            )
+        self._networks = networks
         try:
-            self._aiozc = AsyncZeroconf(interfaces=self._interfaces, ip_version=IPVersion.V4Only)
+            self._aiozc = await open_zeroconf(self._interfaces, networks)
         except OSError as exc:
             raise P2PFLError(f"cannot open mDNS sockets on {self._interfaces}: {exc}") from exc
         try:
@@ -223,12 +468,17 @@ class Discovery:
             await self.stop()
             raise
         log.info(
-            "discovery: advertising %s (%s) at %s:%d on %s",
+            "discovery: advertising %s (%s) at %s:%d; mDNS received on %s:%d joined on %s, "
+            "from %s only; sent from %s",
             self._own.node_id,
             self._own.name,
             self._own.host,
             self._own.port,
+            MDNS_GROUP,
+            MDNS_PORT,
             self._interfaces,
+            ", ".join(map(str, networks)),
+            ", ".join(f"{a}:{MDNS_PORT}" for a in self._interfaces),
         )
 
     async def stop(self) -> None:
@@ -300,6 +550,10 @@ class Discovery:
             log.debug("discovery: ignoring %s: %s", name, exc)
             self._drop(key)
             return
+        if not _in_networks(ad.host, self._networks):
+            self._foreign(name, ad.host)
+            self._drop(key)
+            return
         if ad.node_id == self._own.node_id:
             log.debug("discovery: ignoring %s: claims our own node id", name)
             self._drop(key)
@@ -312,6 +566,25 @@ class Discovery:
             self._by_name[key] = ad
             log.info("discovery: %s (%s) at %s:%d", ad.node_id, ad.name, ad.host, ad.port)
             self._notify()
+
+    def _foreign(self, name: str, host: str) -> None:
+        """Count and log a foreign advertisement once per address; an attacker can vary the name."""
+        if host in self._foreign_seen:
+            return
+        if len(self._foreign_seen) >= MAX_FOREIGN_TRACKED:  # still ignored, no longer counted
+            if not self._foreign_full:
+                self._foreign_full = True
+                log.warning("discovery: over %d foreign addresses, no longer counted", MAX_FOREIGN_TRACKED)
+            return
+        self._foreign_seen.add(host)
+        detail = f"{name} advertises {host}, outside {', '.join(map(str, self._networks))}"
+        if self._on_reject is None:
+            log.warning("discovery: ignoring %s", detail)
+            return
+        try:
+            self._on_reject(Reason.FOREIGN_ADVERT, detail)  # the owner counts and logs it
+        except Exception:  # a faulty callback must not break discovery
+            log.exception("discovery: on_reject callback failed")
 
     def _drop(self, key: str) -> None:
         if self._by_name.pop(key, None) is not None:

@@ -1,34 +1,54 @@
 """Discovery over mDNS on loopback only: separate OS processes find each other and notice departures.
 
-Run as a script (``python tests/test_discovery.py child SPEC``) this file is the child node the
-multi-process tests spawn: it advertises, prints its peer set as JSON lines on every change, and
-stops when told to on stdin.
+Also what mDNS is bound to (the group and the configured interface, never 0.0.0.0) and what it
+ignores (unicast, foreign sources, foreign advertised addresses); the one test that needs other
+interfaces builds its own network namespaces (root only, marked slow).
+
+Run as a script (``python tests/test_discovery.py child AD [INTERFACES]``) this file is the child
+node the multi-process tests spawn: it advertises, prints its peer set as JSON lines on every
+change, and stops when told to on stdin.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
-from zeroconf import IPVersion, ServiceInfo
-from zeroconf.asyncio import AsyncZeroconf
+from zeroconf import DNSOutgoing, ServiceInfo
 
-from p2pfl.discovery import SERVICE_TYPE, Discovery, PeerAd, ad_from_info
-from p2pfl.errors import ConfigError
+from p2pfl.discovery import (
+    MDNS_GROUP,
+    MDNS_PORT,
+    SERVICE_TYPE,
+    Discovery,
+    PeerAd,
+    ad_from_info,
+    allowed_networks,
+    open_zeroconf,
+)
+from p2pfl.errors import ConfigError, Reason
 
 LOOPBACK = ["127.0.0.1"]
 FIND_TIMEOUT_S = 15.0
 DROP_TIMEOUT_S = 10.0
+# what the kernel has bound / dropped is read from /proc; the socket filters are Linux-only too
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux (/proc, BPF)")
 
 
 def hex16() -> str:
@@ -49,7 +69,7 @@ def make_ad(federation_id: str, port: int, name: str = "node") -> PeerAd:
 # ---------------------------------------------------------------- child process (script mode)
 
 
-async def _child_main(ad: PeerAd) -> None:
+async def _child_main(ad: PeerAd, interfaces: list[str]) -> None:
     def emit(event: str, **fields: object) -> None:
         print(json.dumps({"event": event, **fields}), flush=True)
 
@@ -64,7 +84,7 @@ async def _child_main(ad: PeerAd) -> None:
         stop.set()
 
     loop.add_reader(sys.stdin.fileno(), on_stdin)
-    disc = Discovery(ad, LOOPBACK, on_change=changed)
+    disc = Discovery(ad, interfaces, on_change=changed)
     await disc.start()
     emit("started")
     changed()
@@ -81,14 +101,17 @@ async def _child_main(ad: PeerAd) -> None:
 class Child:
     """One node in its own OS process; its latest peer set is mirrored here by a reader thread."""
 
-    def __init__(self, ad: PeerAd, log_dir: Path) -> None:
+    def __init__(
+        self, ad: PeerAd, log_dir: Path, interfaces: list[str] = LOOPBACK, prefix: list[str] | None = None
+    ) -> None:
         self.ad = ad
         self.peers: dict[str, dict] = {}
         self.events: list[str] = []
         self._cond = threading.Condition()
         self._stderr = open(log_dir / f"child-{ad.port}.log", "w")  # noqa: SIM115 - closed in close()
+        args = [sys.executable, "-u", __file__, "child", json.dumps(asdict(ad)), json.dumps(interfaces)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-u", __file__, "child", json.dumps(asdict(ad))],
+            [*(prefix or []), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -134,8 +157,8 @@ class Child:
 def spawn(tmp_path):
     children: list[Child] = []
 
-    def _spawn(ad: PeerAd) -> Child:
-        child = Child(ad, tmp_path)
+    def _spawn(ad: PeerAd, interfaces: list[str] = LOOPBACK, prefix: list[str] | None = None) -> Child:
+        child = Child(ad, tmp_path, interfaces, prefix)
         children.append(child)
         return child
 
@@ -210,7 +233,7 @@ async def _rogue_scenario() -> str:
     me = Discovery(make_ad(fed, 21021, "me"), LOOPBACK, on_change=lambda: me_changes.append(me.peers()))
     good_ad = make_ad(fed, 21022, "good")
     good = Discovery(good_ad, LOOPBACK)
-    rogue_zc = AsyncZeroconf(interfaces=LOOPBACK, ip_version=IPVersion.V4Only)
+    rogue_zc = await open_zeroconf(LOOPBACK)  # never a stock zeroconf: it would bind 0.0.0.0
     rogue_id = hex16()
     bad_props = {"id": rogue_id, "fed": fed, "name": "x" * 200, "fp": hex16(), "v": "1"}  # name too long
     rogue = ServiceInfo(
@@ -236,6 +259,312 @@ async def _rogue_scenario() -> str:
         await rogue_zc.async_close()
     assert me.peers() == {}
     return rogue_id
+
+
+# ---------------------------------------------------------------- what is bound, what is ignored
+
+
+class Changes:
+    """A Discovery callback as an asyncio event, so tests wait on a condition instead of sleeping."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def __call__(self, *_: object) -> None:
+        self._event.set()
+
+    async def until(self, predicate: Callable[[], bool], timeout: float = FIND_TIMEOUT_S) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._event.clear()
+            try:
+                await asyncio.wait_for(self._event.wait(), remaining)
+            except TimeoutError:
+                return predicate()
+        return True
+
+
+def _udp_table(text: str) -> dict[int, tuple[str, int, int]]:
+    """Rows of a /proc/net/udp table by socket inode: (local address, local port, drops)."""
+    rows = {}
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        address, port = fields[1].split(":")
+        local = socket.inet_ntoa(struct.pack("=I", int(address, 16)))  # the kernel prints it in host order
+        rows[int(fields[9])] = (local, int(port, 16), int(fields[12]))
+    return rows
+
+
+def _mdns_sockets_of_this_process() -> dict[int, tuple[int, str, int]]:
+    """What the kernel says this process has on port 5353: inode -> (fd, local address, drops)."""
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            match = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(f"/proc/self/fd/{fd}"))
+            if match:
+                fds[int(match.group(1))] = int(fd)
+    table = _udp_table(Path("/proc/net/udp").read_text())
+    return {
+        inode: (fds[inode], local, drops)
+        for inode, (local, port, drops) in table.items()
+        if inode in fds and port == MDNS_PORT
+    }
+
+
+def _advert_packet(ad: PeerAd) -> bytes:
+    """An unsolicited mDNS response announcing `ad`, exactly as a node's announcement looks."""
+    info = _info(ad)
+    out = DNSOutgoing(0x8400)  # QR (a response) | AA
+    for record in (info.dns_pointer(), info.dns_service(), info.dns_text(), *info.dns_addresses()):
+        out.add_answer_at_time(record, 0)
+    (packet,) = out.packets()
+    return packet
+
+
+@linux_only
+def test_instances_find_each_other_on_scoped_sockets():
+    """Two instances find each other; the kernel shows only the group and 127.0.0.1 bound, never 0.0.0.0."""
+    asyncio.run(asyncio.wait_for(_scoped_scenario(), timeout=60))
+
+
+async def _scoped_scenario() -> None:
+    before = set(_mdns_sockets_of_this_process())
+    fed = hex16()
+    a_ad, b_ad = make_ad(fed, 21031, "a"), make_ad(fed, 21032, "b")
+    a_changes, b_changes = Changes(), Changes()
+    a = Discovery(a_ad, LOOPBACK, on_change=a_changes)
+    b = Discovery(b_ad, LOOPBACK, on_change=b_changes)
+    try:
+        await asyncio.gather(a.start(), b.start())
+        new = {k: v for k, v in _mdns_sockets_of_this_process().items() if k not in before}
+        bound = sorted(local for _, local, _ in new.values())
+        assert "0.0.0.0" not in bound
+        # each instance: one receiving socket on the group, one sending socket on the interface
+        assert bound == sorted([MDNS_GROUP, "127.0.0.1"] * 2)
+        for fd, local, _ in new.values():
+            if local == MDNS_GROUP:  # and it takes only groups it joined itself (Linux)
+                with socket.socket(fileno=os.dup(fd)) as sock:
+                    assert sock.getsockopt(socket.IPPROTO_IP, 49) == 0  # IP_MULTICAST_ALL
+        assert await a_changes.until(lambda: a.peers() == {b_ad.node_id: b_ad}), a.peers()
+        assert await b_changes.until(lambda: b.peers() == {a_ad.node_id: a_ad}), b.peers()
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
+    assert not set(_mdns_sockets_of_this_process()) - before  # stop() closed them all
+
+
+def test_foreign_advertised_address_ignored_and_counted():
+    """A well-formed ad of our federation from loopback that points outside 127.0.0.0/8 is not a peer."""
+    rejects, peers, rogue_id = asyncio.run(asyncio.wait_for(_foreign_scenario(), timeout=60))
+    assert [reason for reason, _ in rejects] == [Reason.FOREIGN_ADVERT]
+    assert "198.51.100.7" in rejects[0][1] and rogue_id in rejects[0][1]
+    assert rogue_id not in peers
+
+
+async def _foreign_scenario() -> tuple[list[tuple[Reason, str]], dict[str, PeerAd], str]:
+    fed = hex16()
+    changes = Changes()
+    rejects: list[tuple[Reason, str]] = []
+
+    def on_reject(reason: Reason, detail: str) -> None:
+        rejects.append((reason, detail))
+        changes()
+
+    me = Discovery(make_ad(fed, 21041, "me"), LOOPBACK, on_change=changes, on_reject=on_reject)
+    good_ad = make_ad(fed, 21042, "good")
+    good = Discovery(good_ad, LOOPBACK)
+    rogue_zc = await open_zeroconf(LOOPBACK)
+    rogue_ad = replace(make_ad(fed, 21043, "rogue"), host="198.51.100.7")  # TEST-NET-2, off this host
+    try:
+        await rogue_zc.async_register_service(_info(rogue_ad, addresses=(rogue_ad.host,)))
+        await asyncio.gather(me.start(), good.start())
+        assert await changes.until(lambda: bool(rejects) and good_ad.node_id in me.peers()), (
+            rejects,
+            me.peers(),
+        )
+        peers = me.peers()
+        assert peers == {good_ad.node_id: good_ad}
+    finally:
+        await asyncio.gather(good.stop(), me.stop())
+        await rogue_zc.async_close()
+    return rejects, peers, rogue_ad.node_id
+
+
+@linux_only
+def test_unsolicited_unicast_advert_dropped_multicast_one_accepted():
+    """The attack as found: an advert sent by unicast to port 5353 never reaches zeroconf.
+
+    The same bytes sent the way mDNS works (multicast, from inside 127.0.0.0/8) are accepted, which
+    shows the packet itself is good and only the unicast path is closed.
+    """
+    asyncio.run(asyncio.wait_for(_unicast_scenario(), timeout=60))
+
+
+async def _unicast_scenario() -> None:
+    fed = hex16()
+    changes = Changes()
+    me = Discovery(make_ad(fed, 21051, "me"), LOOPBACK, on_change=changes)
+    before = set(_mdns_sockets_of_this_process())
+    await me.start()
+    try:
+        mine = {k: v for k, v in _mdns_sockets_of_this_process().items() if k not in before}
+        (sender,) = [inode for inode, (_, local, _) in mine.items() if local == "127.0.0.1"]
+        drops_before = mine[sender][2]
+        intruder = make_ad(fed, 21052, "intruder")
+        packet = _advert_packet(intruder)
+        # Other processes may share 127.0.0.1:5353 (SO_REUSEPORT picks one socket per source), so send
+        # from 32 source ports: all but certainly at least one lands on ours. Bounded in count and time.
+        for _ in range(32):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+                attacker.bind(("127.0.0.1", 0))
+                attacker.sendto(packet, ("127.0.0.1", MDNS_PORT))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DROP_TIMEOUT_S
+        while _mdns_sockets_of_this_process()[sender][2] == drops_before and loop.time() < deadline:
+            await asyncio.sleep(0.05)  # polling a kernel counter; there is no event to wait on
+        assert _mdns_sockets_of_this_process()[sender][2] > drops_before, "no unicast reached our socket"
+        assert intruder.node_id not in me.peers()
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as neighbour:
+            neighbour.bind(("127.0.0.1", 0))
+            neighbour.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+            neighbour.sendto(packet, (MDNS_GROUP, MDNS_PORT))
+        assert await changes.until(lambda: intruder.node_id in me.peers()), me.peers()
+        assert me.peers()[intruder.node_id] == intruder
+    finally:
+        await me.stop()
+
+
+@linux_only
+def test_source_filter_drops_other_sources():
+    """The kernel filter on the receiving socket keeps allowed IPv4 sources only (checked on loopback)."""
+    from p2pfl.discovery import _attach_filter, _source_filter  # the mechanism itself
+
+    def drops(sock: socket.socket) -> int:
+        return _udp_table(Path("/proc/net/udp").read_text())[os.fstat(sock.fileno()).st_ino][2]
+
+    def send_from(source: str, to: tuple[str, int]) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.bind((source, 0))
+            sender.sendto(source.encode(), to)
+
+    allowed = [ipaddress.IPv4Network("10.0.0.0/8"), ipaddress.IPv4Network("127.0.0.2/32")]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        _attach_filter(receiver, _source_filter(allowed))
+        receiver.bind(("127.0.0.1", 0))
+        for source in ("127.0.0.1", "127.0.0.3", "127.0.0.2"):  # the allowed one last
+            send_from(source, receiver.getsockname())
+        receiver.settimeout(DROP_TIMEOUT_S)  # a ceiling: the allowed datagram arrives at once
+        data, (address, _) = receiver.recvfrom(64)
+        assert (data, address) == (b"127.0.0.2", "127.0.0.2")  # the two sent before it were dropped...
+        assert drops(receiver) == 2  # ...by the filter, as the kernel counts
+        receiver.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            receiver.recvfrom(64)
+
+        _attach_filter(receiver, _source_filter([]))  # no networks (the sending sockets): drop all
+        send_from("127.0.0.2", receiver.getsockname())
+        deadline = time.monotonic() + DROP_TIMEOUT_S
+        while drops(receiver) == 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling a kernel counter
+        assert drops(receiver) == 3
+        with pytest.raises(BlockingIOError):
+            receiver.recvfrom(64)
+
+
+def test_allowed_networks():
+    assert allowed_networks(["127.0.0.1"]) == [ipaddress.IPv4Network("127.0.0.0/8")]
+    assert allowed_networks(["127.0.0.1", "127.0.0.1"]) == [ipaddress.IPv4Network("127.0.0.0/8")]
+    for bad in (["198.51.100.7"], ["0.0.0.0"], ["224.0.0.251"], ["::1"], ["eth0"], []):
+        with pytest.raises(ConfigError):
+            allowed_networks(bad)
+
+
+def test_own_host_outside_interfaces_refused():
+    """Peers would ignore our ad as foreign, so say so at start (before any socket is opened)."""
+    disc = Discovery(replace(make_ad(hex16(), 1883), host="198.51.100.7"), LOOPBACK)
+    with pytest.raises(ConfigError, match="outside"):
+        asyncio.run(disc.start())
+
+
+def test_foreign_counted_once_per_address(caplog):
+    import p2pfl.discovery as discovery
+
+    caplog.set_level(logging.WARNING, logger="p2pfl.discovery")
+    rejects: list[tuple[Reason, str]] = []
+    disc = Discovery(make_ad(hex16(), 1883), LOOPBACK, on_reject=lambda r, d: rejects.append((r, d)))
+    disc._networks = allowed_networks(LOOPBACK)
+    for name in ("a", "b", "c"):  # one address under several names: counted once
+        disc._foreign(name, "198.51.100.7")
+    disc._foreign("d", "198.51.100.8")
+    assert len(rejects) == 2
+    assert "198.51.100.7" in rejects[0][1] and "198.51.100.8" in rejects[1][1]
+    assert {r for r, _ in rejects} == {Reason.FOREIGN_ADVERT}
+    for i in range(discovery.MAX_FOREIGN_TRACKED + 10):  # memory and log lines stay bounded
+        disc._foreign("x", str(ipaddress.IPv4Address("10.0.0.0") + i))
+    assert len(rejects) == discovery.MAX_FOREIGN_TRACKED
+    assert sum("no longer counted" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.slow
+def test_netns_bridge_scoped_and_outsider_dropped(spawn):
+    """Three namespaces on one bridge: two nodes in 10.213.X.0/24 find each other; a third on the same
+    bridge but in another subnet (a LAN attacker outside the configured network) is dropped by the
+    kernel filter of both (its datagrams show in their sockets' drop counters) and never listed.
+    """
+    from p2pfl.faultlab import NetLab, netns_unavailable
+
+    why = netns_unavailable()
+    if why is not None:
+        pytest.skip(f"needs network namespaces: {why}")
+    lab = NetLab(nodes=3)
+    outsider = f"10.214.{int(lab.run_id) % 200 + 20}.10"
+
+    def ns_run(index: int, *cmd: str) -> str:
+        done = subprocess.run([*lab.exec_prefix(index), *cmd], capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def group_drops(index: int) -> int:
+        rows = _udp_table(ns_run(index, "cat", "/proc/net/udp")).values()
+        return sum(drops for local, port, drops in rows if (local, port) == (MDNS_GROUP, MDNS_PORT))
+
+    try:
+        lab.setup()
+        for i in range(3):  # no reverse-path filtering: only our filter stands between them
+            for conf in ("all", "eth0"):
+                ns_run(i, "sysctl", "-qw", f"net.ipv4.conf.{conf}.rp_filter=0")
+        ns_run(2, "ip", "addr", "flush", "dev", "eth0")
+        ns_run(2, "ip", "addr", "add", f"{outsider}/24", "dev", "eth0")
+        ns_run(2, "ip", "route", "replace", "224.0.0.0/4", "dev", "eth0")
+
+        fed = hex16()
+        hosts = [lab.address(0), lab.address(1), outsider]
+        nodes = [
+            spawn(replace(make_ad(fed, 21061 + i, f"n{i}"), host=host), [host], lab.exec_prefix(i))
+            for i, host in enumerate(hosts)
+        ]
+        a, b, c = nodes
+        assert a.wait_for(sees(b), FIND_TIMEOUT_S), a.log_text()
+        assert b.wait_for(sees(a), FIND_TIMEOUT_S), b.log_text()
+
+        for i in range(2):  # the outsider's browsing queries reach both and are dropped in the kernel
+            deadline = time.monotonic() + FIND_TIMEOUT_S
+            while group_drops(i) == 0 and time.monotonic() < deadline:
+                time.sleep(0.2)  # polling a kernel counter in another namespace
+            assert group_drops(i) > 0, f"node {i} saw no datagram from the outsider"
+            bound = sorted(
+                (local, port) for local, port, _ in _udp_table(ns_run(i, "cat", "/proc/net/udp")).values()
+            )
+            assert bound == sorted([(MDNS_GROUP, MDNS_PORT), (hosts[i], MDNS_PORT)])
+        assert a.peers == {b.ad.node_id: asdict(b.ad)}
+        assert b.peers == {a.ad.node_id: asdict(a.ad)}
+        assert c.peers == {}  # and the outsider, filtering by its own subnet, lists neither
+    finally:
+        lab.teardown()
 
 
 # ---------------------------------------------------------------- TXT validation (no network)
@@ -329,4 +658,6 @@ def test_interfaces_required():
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
-    asyncio.run(_child_main(PeerAd(**json.loads(sys.argv[2]))))
+    asyncio.run(
+        _child_main(PeerAd(**json.loads(sys.argv[2])), json.loads(sys.argv[3]) if sys.argv[3:] else LOOPBACK)
+    )
