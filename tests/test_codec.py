@@ -164,7 +164,8 @@ def test_handcrafted_bad_frames() -> None:
         "gap": _frame([["w", "float32", [2], 8, 8]], good_blob),
         "trailing blob": _frame([["w", "float32", [2], 0, 8]], good_blob),
         "nonzero pad": _nonzero_pad_frame(good_blob),
-        "too many tensors": _frame([["t", "uint8", [0], 0, 0]] * (codec.MAX_TENSORS + 1)),
+        "declares more entries than fit": b"P2T1" + struct.pack("<I", 5) + b"\xdd\xff\xff\xff\xff" + bytes(3),
+        "longer than its entries": b"P2T1" + struct.pack("<I", 5000) + b"\x91" + bytes(4999),
         "map in header": _frame([["w", "float32", {"a": 1}, 0, 16]], good_blob),
         "bin in header": _frame([["w", "float32", [4], 0, 16, b"x"]], good_blob),
     }
@@ -204,6 +205,92 @@ def test_fuzz_random_bytes_only_raise_malformed() -> None:
             decoded += 1
             assert all(isinstance(a, np.ndarray) for a in out.values())
     assert decoded > 0  # flips inside the tensor data still decode
+
+
+# ---------------------------------------------------------------- bounded work per frame
+
+
+def _empty_tensors(n: int) -> bytes:
+    """The measured attack: n empty tensors, a valid frame of ~20 header bytes each."""
+    return _frame([[f"t{i}", "float32", [0], 0, 0] for i in range(n)])
+
+
+@pytest.fixture()
+def unpacks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts msgpack header unpacks (the first per-tensor work decode does)."""
+    calls: list[int] = []
+    real = codec.msgpack.unpackb
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(codec.msgpack, "unpackb", counting)
+    return calls
+
+
+def test_many_empty_tensors_are_refused_before_any_per_tensor_work(unpacks: list[int]) -> None:
+    frame = _empty_tensors(100_000)
+    with pytest.raises(Rejected) as err:
+        codec.decode(frame)
+    assert err.value.reason is Reason.TOO_MANY_TENSORS
+    assert "100000" in err.value.detail
+    assert unpacks == []  # refused from the header's first bytes
+    with pytest.raises(Rejected) as err:
+        codec.decode(_empty_tensors(codec.MAX_TENSORS + 1))
+    assert err.value.reason is Reason.TOO_MANY_TENSORS
+    assert unpacks == []
+
+
+def test_max_tensors_still_decodes_and_is_configurable(unpacks: list[int]) -> None:
+    params = {f"t{i}": np.zeros(0, np.float32) for i in range(codec.MAX_TENSORS)}
+    assert len(codec.decode(codec.encode(params))) == codec.MAX_TENSORS
+    with pytest.raises(ValueError):
+        codec.encode(params | {"one more": np.zeros(1)})
+    three = codec.encode(_model())
+    with pytest.raises(Rejected) as err:
+        codec.decode(three, max_tensors=2)
+    assert err.value.reason is Reason.TOO_MANY_TENSORS
+    with pytest.raises(ValueError):
+        codec.encode(_model(), max_tensors=2)
+    assert len(unpacks) == 1  # only the frame that was decoded was unpacked
+
+
+def test_expected_tensor_count_refuses_in_constant_time(unpacks: list[int]) -> None:
+    spec = codec.spec_of(_model())
+    frame = _empty_tensors(codec.MAX_TENSORS)  # within the global cap, far above the model
+    with pytest.raises(Rejected) as err:
+        codec.decode(frame, expected_tensors=len(spec))
+    assert err.value.reason is Reason.TOO_MANY_TENSORS
+    with pytest.raises(Rejected) as err:  # fewer: what check_against would say, but before decoding
+        codec.decode(codec.encode({"w": np.ones((3, 4), np.float32)}), expected_tensors=len(spec))
+    assert err.value.reason is Reason.SHAPE_MISMATCH
+    assert unpacks == []
+    out = codec.decode(codec.encode(_model()), expected_tensors=len(spec))
+    codec.check_against(out, spec)
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 65_535, 65_536])
+def test_every_msgpack_array_header_size_is_read(n: int) -> None:
+    """fixarray (< 16 entries), array16 (< 65,536) and array32 headers give the same count."""
+    frame = _empty_tensors(n)
+    if n <= codec.MAX_TENSORS:
+        assert len(codec.decode(frame)) == n
+    else:
+        with pytest.raises(Rejected) as err:
+            codec.decode(frame)
+        assert err.value.reason is Reason.TOO_MANY_TENSORS and str(n) in err.value.detail
+
+
+def test_header_length_is_bounded_by_its_entry_count(unpacks: list[int]) -> None:
+    one = _frame([["w", "float32", [4], 0, 16]], np.arange(4, dtype=np.float32).tobytes())
+    assert codec.decode(one)["w"].shape == (4,)
+    hlen = struct.unpack_from("<I", one, 4)[0]
+    # the same single entry, followed by 64 KB that no single entry can need
+    bloated = b"P2T1" + struct.pack("<I", hlen + 65_536) + one[8 : 8 + hlen] + bytes(65_536)
+    bloated += bytes(-len(bloated) % 8) + one[-16:]
+    assert "longer than" in _malformed(bloated)
+    assert len(unpacks) == 1
 
 
 # ---------------------------------------------------------------- check_against / spec_of
