@@ -388,3 +388,103 @@ def test_real_clock_defaults(fed: Fed) -> None:
         message, reader, fed.root, {sender.node_id: cert}.get, ReplayGuard(), 1 << 20
     )
     assert payload == b"now" and meta.sender == sender.node_id
+
+
+# ---------------------------------------------------------------- bounded work per update
+
+
+class Counter:
+    """Counts calls of a wrapped function (how much per-item work a refusal cost)."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def test_tiny_chunks_are_too_many_parts_before_any_chunk_work(fed: Fed, monkeypatch) -> None:
+    """A certified sender seals a valid, signed update in 1-byte chunks: refused from the header,
+    with no digest, decryption or certificate lookup done."""
+    sender, reader = fed.members[:2]
+    payload = os.urandom(5000)
+    with monkeypatch.context() as m:  # the attacker's own, patched sealer
+        m.setattr(E, "CHUNK_BYTES", 1)
+        m.setattr(E, "MIN_CHUNK_BYTES", 1)
+        message = seal(payload, fed.meta(sender), sender, fed.recipients(reader))
+    digests, decrypts = Counter(E._digest), Counter(E._decrypt_chunk)
+    monkeypatch.setattr(E, "_digest", digests)
+    monkeypatch.setattr(E, "_decrypt_chunk", decrypts)
+    certs = Counter(fed.certs.get)
+    with pytest.raises(Rejected) as err:
+        fed.open(message, reader, certs=certs)
+    assert err.value.reason is Reason.TOO_MANY_PARTS
+    assert "5000 chunks" in err.value.detail
+    assert (digests.calls, decrypts.calls, certs.calls) == (0, 0, 0)
+
+
+def test_chunk_count_boundary(fed: Fed, small_chunks) -> None:
+    sender, reader = fed.members[:2]
+    message = seal(os.urandom(2500), fed.meta(sender), sender, fed.recipients(reader))
+    assert fed.open(message, reader)[1]  # 3 chunks of 1000: the most 2,500 bytes may have
+    assert E.max_chunks(2500) == 3
+    assert _reason(fed.open, _repack(message, sender, chunk=833), reader) is Reason.TOO_MANY_PARTS  # 4
+
+
+def test_seal_never_produces_what_open_refuses(fed: Fed, monkeypatch) -> None:
+    sender, reader = fed.members[:2]
+    assert E.CHUNK_BYTES >= E.MIN_CHUNK_BYTES
+    monkeypatch.setattr(E, "CHUNK_BYTES", E.MIN_CHUNK_BYTES // 2)
+    assert fed.open(seal(b"s" * 100, fed.meta(sender), sender, fed.recipients(reader)), reader)[1]
+    with pytest.raises(ValueError, match="MIN_CHUNK_BYTES"):
+        seal(os.urandom(E.MIN_CHUNK_BYTES + 1), fed.meta(sender), sender, fed.recipients(reader))
+    too_many = {f"r{i}": reader.box_public_bytes for i in range(E.MAX_RECIPIENTS + 1)}
+    with pytest.raises(ValueError, match="recipients"):
+        seal(b"u", fed.meta(sender), sender, too_many)
+
+
+def _crowd(reader: Identity, n: int, id_chars: int = 16) -> dict[str, bytes]:
+    """`reader` plus n - 1 made-up recipients with ids of `id_chars` characters."""
+    crowd = {f"{i:0{id_chars}d}": os.urandom(32) for i in range(n - 1)}
+    return crowd | {reader.node_id: reader.box_public_bytes}
+
+
+@pytest.mark.parametrize("size", [0, 1, 5000, E.MIN_CHUNK_BYTES * 3 + 1])
+def test_max_recipients_with_the_longest_ids_still_opens(fed: Fed, size: int) -> None:
+    sender, reader = fed.members[:2]
+    recipients = _crowd(reader, E.MAX_RECIPIENTS, id_chars=64)
+    message = seal(os.urandom(size), fed.meta(sender), sender, recipients)
+    assert _header_len(message) <= E.max_header_bytes(len(message))
+    assert len(fed.open(message, reader)[1]) == size
+
+
+def test_too_many_recipients_is_oversize_before_the_signature(fed: Fed) -> None:
+    sender, reader = fed.members[:2]
+    message = seal(b"p" * 100, fed.meta(sender), sender, fed.recipients(reader))
+    wrapped = msgpack.unpackb(message[8 : 8 + _header_len(message)], raw=False)["keys"][reader.node_id]
+    keys = {f"{i:x}": wrapped for i in range(E.MAX_RECIPIENTS)} | {reader.node_id: wrapped}
+    hostile = _repack(message, sender, keys=keys)  # short ids: the header itself is short enough
+    assert _header_len(hostile) <= E.max_header_bytes(len(hostile))
+    certs = Counter(fed.certs.get)
+    with pytest.raises(Rejected) as err:
+        fed.open(hostile, reader, certs=certs)
+    assert err.value.reason is Reason.OVERSIZE
+    assert str(E.MAX_RECIPIENTS + 1) in err.value.detail
+    assert certs.calls == 0
+
+
+def test_a_header_longer_than_the_message_needs_is_refused_before_unpacking(fed: Fed, monkeypatch) -> None:
+    sender, reader = fed.members[:2]
+    message = seal(b"p" * 100, fed.meta(sender), sender, fed.recipients(reader))
+    wrapped = msgpack.unpackb(message[8 : 8 + _header_len(message)], raw=False)["keys"][reader.node_id]
+    keys = {f"{i:016x}": wrapped for i in range(10_000)} | {reader.node_id: wrapped}
+    hostile = _repack(message, sender, keys=keys)
+    unpacks = Counter(E.msgpack.unpackb)
+    monkeypatch.setattr(E.msgpack, "unpackb", unpacks)
+    with pytest.raises(Rejected) as err:
+        fed.open(hostile, reader)
+    assert err.value.reason is Reason.OVERSIZE
+    assert unpacks.calls == 0
+    assert E.max_header_bytes(len(hostile)) < _header_len(hostile) <= E.MAX_HEADER_BYTES
