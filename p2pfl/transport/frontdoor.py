@@ -328,17 +328,18 @@ class FrontDoor:
         back. The backlog drains with refusals instead of hanging clients, and the loop does not spin
         on a listener that stays readable. False when there was no spare or no client waiting."""
         if self._spare is None:
-            self._spare = _spare_fd()
-            return False
+            self._spare = _spare_fd()  # lost when the limit was reached with it closed: take it back
+            if self._spare is None:
+                return False
         os.close(self._spare)
         self._spare = None
         try:
             conn, address = listener.accept()
         except OSError:
-            return False
-        finally:
             self._spare = _spare_fd()
+            return False
         _reset(conn)
+        self._spare = _spare_fd()  # after the reset: that freed the descriptor it needs
         self._refuse(Reason.CONN_LIMIT, self._source(address), "out of file descriptors")
         return True
 
