@@ -157,8 +157,10 @@ def test_six_megabytes_in_120000_parts_is_refused_at_the_first_part_and_reported
             refused += 1
     assert refused == 0  # one report for the whole message
     assert r.pending() == 0 and r.pending_bytes() == 0
-    # the silently dropped parts were not charged either: the budget saw one part
-    assert r.budget_left("mallory") == r.max_bytes_per_window - MIN_PART_BYTES
+    # the dropped parts still count against mallory's budget (each as a minimum part)...
+    assert r.budget_left("mallory") == r.max_bytes_per_window - count * MIN_PART_BYTES
+    # ...and only against mallory's
+    assert r.budget_left("alice") == r.max_bytes_per_window
 
 
 @pytest.mark.parametrize(
@@ -380,3 +382,21 @@ def test_default_budget_is_a_few_max_size_updates() -> None:
         Reassembler(1000, max_buffered_bytes=999)
     with pytest.raises(ValueError):
         Reassembler(1000, window_s=0)
+
+
+def test_flooding_a_refused_message_spends_the_budget_quietly() -> None:
+    clock = Clock()
+    r = Reassembler(10_000, max_bytes_per_window=64 * MIN_PART_BYTES, clock=clock)
+    mid = b"f" * 16
+    with pytest.raises(Rejected) as e:
+        r.add("mallory", _forge(mid, 0, 1000, 5000, 5), 0)
+    assert e.value.reason is Reason.TOO_MANY_PARTS
+    for i in range(1, 1000):  # no further report, however many parts follow
+        assert r.add("mallory", _forge(mid, i, 1000, 5000, 5), i) is None
+    assert r.budget_left("mallory") == 0
+    with pytest.raises(Rejected) as e:  # so mallory's next message waits for the budget to refill
+        r.add("mallory", split_message(b"next", 1024)[0])
+    assert e.value.reason is Reason.NEIGHBOUR_BUDGET
+    assert r.add("alice", split_message(b"fine", 1024)[0]) == b"fine"
+    clock.t += r.window_s
+    assert r.add("mallory", split_message(b"later", 1024)[0]) == b"later"

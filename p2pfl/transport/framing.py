@@ -170,11 +170,15 @@ class Reassembler:
         magic, mid, idx, count, total = _PART.unpack_from(view)
         if magic != PART_MAGIC:
             raise Rejected(Reason.MALFORMED, "update part has a bad magic")
+        charge = max(len(view), MIN_PART_BYTES)
         state = self._publishers.get(publisher)
         if state is not None and (mid in state.done or mid in state.refused):
-            return None  # a message already handed out, or already refused and reported
+            # A message already handed out, or already refused and reported: dropped, but its bytes
+            # still count against the budget, so flooding a refused message delays the next one.
+            self._spend(publisher, charge, quiet=True)
+            return None
         try:
-            self._spend(publisher, max(len(view), MIN_PART_BYTES))
+            self._spend(publisher, charge)
             self._check_message(count, total)
         except Rejected:
             self._refuse(publisher, mid)
@@ -220,14 +224,18 @@ class Reassembler:
         if body_len != expected:
             raise Rejected(Reason.MALFORMED, f"part {idx}/{count} has {body_len} bytes, expected {expected}")
 
-    def _spend(self, publisher: str, charge: int) -> None:
-        """Take `charge` bytes from the publisher's token bucket, or refuse as NEIGHBOUR_BUDGET."""
+    def _spend(self, publisher: str, charge: int, quiet: bool = False) -> None:
+        """Take `charge` bytes from the publisher's token bucket, or refuse as NEIGHBOUR_BUDGET.
+
+        `quiet`: for parts dropped anyway; take what is left, never refuse."""
         now = self._clock()
         cap = self.max_bytes_per_window
         bucket = self._budgets.get(publisher)
         if bucket is None:
             self._forget_full_budgets(now)
             if len(self._budgets) >= self._max_budgets:
+                if quiet:
+                    return
                 raise Rejected(
                     Reason.NEIGHBOUR_BUDGET, f"{len(self._budgets)} other publishers are over their budget"
                 )
@@ -236,6 +244,9 @@ class Reassembler:
         else:
             self._refill(bucket, now)
             self._budgets.move_to_end(publisher)
+        if quiet:
+            bucket.tokens = max(0.0, bucket.tokens - charge)
+            return
         if charge > bucket.tokens:
             raise Rejected(
                 Reason.NEIGHBOUR_BUDGET,
