@@ -118,12 +118,21 @@ class NodeConfig:
 
 
 def _coerce(section: str, key: str, value: Any, expected: Any) -> Any:
-    """Check one value against its annotated type; ints are accepted where floats are expected."""
+    """Check one value against its annotated type; ints are accepted where floats are expected.
+    TOML arrays become tuples where the field is a tuple (TaskSpec is frozen and hashable)."""
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected == list[str]:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
+    elif expected == tuple[str, ...]:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f'[{section}] {key} must be a list of strings, e.g. ["a", "b"], got {value!r}')
+    elif expected == tuple[int, ...]:
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        raise ConfigError(f"[{section}] {key} must be a list of integers, e.g. [64], got {value!r}")
     elif isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
     name = getattr(expected, "__name__", str(expected))
@@ -191,6 +200,7 @@ def validate(cfg: NodeConfig) -> NodeConfig:
     _check_threads(cfg.training.threads)
     _check_name(cfg.node.name)
     _check_task(cfg.task)
+    cfg.task = _resolve_task(cfg.task, cfg.training)
     _check_metrics_path(cfg)
     if cfg.discovery.mdns:
         _check_mdns_addresses(cfg)
@@ -252,6 +262,19 @@ def _check_task(task: TaskSpec) -> None:
     module, colon, func = task.name.partition(":")
     if colon and not (module.strip() and func.strip()):
         raise ConfigError(f"[task] name {task.name!r} must look like 'module:function'")
+
+
+def _resolve_task(task: TaskSpec, training: TrainingSection) -> TaskSpec:
+    """Fill in what the [task] section leaves to [training]: a cosine schedule with lr_rounds = 0
+    anneals over [training] rounds (which must then be finite)."""
+    if task.lr_schedule != "cosine" or task.lr_rounds > 0:
+        return task
+    if training.rounds == 0:
+        raise ConfigError(
+            "[task] lr_schedule = cosine with [training] rounds = 0 (run until stopped) needs [task] lr_rounds: "
+            "the number of rounds to anneal over (the rate then stays at lr_min)"
+        )
+    return dataclasses.replace(task, lr_rounds=training.rounds)
 
 
 def _check_metrics_path(cfg: NodeConfig) -> None:
@@ -364,13 +387,39 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
+# one-line reminders `p2pfl config` prints beside the keys (the README's configuration table has more)
+KEY_NOTES: dict[str, dict[str, str]] = {
+    "task": {
+        "name": "digits-mlp, digits-cnn, synthetic-logreg, mlp, logreg, or module:function",
+        "shard": "which part of a built-in data set this node holds (own data: leave 0 / 1)",
+        "data": "own data: a .csv (header row) or .npz (X, y) file",
+        "test_data": "a separate test file; empty: hold out test_fraction of data",
+        "test_fraction": "share of data held out for testing when test_data is empty",
+        "label_column": "CSV column holding the class",
+        "features": "CSV feature columns in model order; empty: every column but the label",
+        "num_classes": "classes of the federation's model; 0: max label + 1 (declare it with own data)",
+        "class_names": "text labels in the CSV, in class order (sets num_classes)",
+        "standardize": "scale features to mean 0, std 1 with this site's training statistics",
+        "hidden": "hidden layer widths of the mlp tasks",
+        "optimizer": "sgd or adam (adam: lr 0.001..0.01)",
+        "momentum": "sgd momentum, 0 <= m < 1",
+        "optimizer_state": "keep (momentum / Adam moments survive mixing) or reset every round",
+        "lr_schedule": "constant, step (x lr_gamma every lr_step_rounds) or cosine (to lr_min)",
+        "lr_rounds": "cosine: rounds to anneal over; 0: [training] rounds",
+    },
+    "training": {"rounds": "0: run until stopped"},
+}
+
+
 def to_toml(cfg: NodeConfig) -> str:
     """Render a config as TOML (the testbed writes one per node; users get a commented starting point)."""
     lines: list[str] = []
     for section in dataclasses.fields(cfg):
         lines.append(f"[{section.name}]")
+        notes = KEY_NOTES.get(section.name, {})
         for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            note = f"  # {notes[key]}" if key in notes else ""
+            lines.append(f"{key} = {_toml_value(value)}{note}")
         lines.append("")
     return "\n".join(lines)
 
@@ -380,6 +429,6 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)

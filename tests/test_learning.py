@@ -411,14 +411,20 @@ def test_package_exports_every_public_name_lazily() -> None:
 
 
 def test_task_spec_fields_keep_their_order_and_settings_are_keyword_only() -> None:
-    assert [f.name for f in dataclasses.fields(TaskSpec)] == [
+    names = [f.name for f in dataclasses.fields(TaskSpec)]
+    assert names[:10] == [
         "name", "shard", "num_shards", "partition", "alpha", "seed", "local_epochs", "batch_size", "lr", "data",
     ]  # fmt: skip
     spec = TaskSpec("digits-cnn", 1, 3, lr=0.1, seed=5)
     assert (spec.name, spec.shard, spec.num_shards, spec.lr, spec.seed) == ("digits-cnn", 1, 3, 0.1, 5)
-    assert spec.task_settings() == {
+    settings = spec.task_settings()
+    assert list(settings) == names[3:]
+    assert {k: settings[k] for k in names[3:10]} == {
         "partition": "iid", "alpha": 0.5, "seed": 5, "local_epochs": 1, "batch_size": 32, "lr": 0.1, "data": "",
     }  # fmt: skip
+    # the own-data and optimizer keys default to the earlier behaviour: plain SGD, constant rate
+    assert spec.plain_sgd and spec.test_fraction == 0.25 and spec.num_classes == 0 and not spec.standardize
+    assert hash(TaskSpec(features=["a", "b"], data="x.csv")) is not None  # lists become tuples
     with pytest.raises(TypeError):
         TaskSpec("digits-cnn", 1, 3, "iid")  # type: ignore[misc]
 

@@ -1,9 +1,11 @@
 """Learning: what a node learns (spec), its data (data), its task (tasks), parameter plumbing (params),
 and many tasks trained at once (batched, for the simulator).
 
-    spec     TaskSpec, TaskSettings, BUILTIN_TASKS, PARTITION_SCHEMES          (no torch, no numpy)
-    data     data sources, the shared test split, partition_indices, PartitionCache
-    tasks    the Task protocol, TensorTask, the built-in models, load_task
+    spec     TaskSpec, TaskSettings, BUILTIN_TASKS, PARTITION_SCHEMES, OPTIMIZERS, LR_SCHEDULES
+             (no torch, no numpy)
+    data     data sources, own .csv / .npz files (read_table), the shared test split,
+             partition_indices, PartitionCache, Standardizer, check_classes
+    tasks    the Task protocol, TensorTask, the built-in models (model_factory), load_task
     params   get_params / set_params (torch modules) <-> flatten / unflatten (numpy)
     batched  BatchedTrainer, batchable, share_test_split
 
@@ -21,36 +23,64 @@ if TYPE_CHECKING:  # the lazily imported names, for type checkers
     from p2pfl.learning.batched import BatchedTrainer, batchable, share_test_split
     from p2pfl.learning.data import (
         PartitionCache,
+        Standardizer,
+        Table,
+        check_classes,
+        label_histogram,
         load_digits,
         load_npz,
         load_synthetic,
         partition_indices,
+        read_table,
         split_test,
     )
     from p2pfl.learning.params import SpecLike, flatten, get_params, set_params, unflatten
-    from p2pfl.learning.spec import BUILTIN_TASKS, PARTITION_SCHEMES, TaskSettings, TaskSpec
-    from p2pfl.learning.tasks import SmallCNN, Task, TensorTask, load_task, mlp, tensor_task
+    from p2pfl.learning.spec import (
+        BUILTIN_TASKS,
+        LR_SCHEDULES,
+        OPTIMIZERS,
+        PARTITION_SCHEMES,
+        TaskSettings,
+        TaskSpec,
+    )
+    from p2pfl.learning.tasks import (
+        SmallCNN,
+        Task,
+        TensorTask,
+        load_task,
+        mlp,
+        model_factory,
+        tensor_task,
+    )
 
 __all__ = [
     "BUILTIN_TASKS",
     "BatchedTrainer",
+    "LR_SCHEDULES",
+    "OPTIMIZERS",
     "PARTITION_SCHEMES",
     "PartitionCache",
     "SmallCNN",
     "SpecLike",
+    "Standardizer",
+    "Table",
     "Task",
     "TaskSettings",
     "TaskSpec",
     "TensorTask",
     "batchable",
+    "check_classes",
     "flatten",
     "get_params",
+    "label_histogram",
     "load_digits",
     "load_npz",
     "load_synthetic",
     "load_task",
     "mlp",
+    "model_factory",
     "partition_indices",
+    "read_table",
     "set_params",
     "share_test_split",
     "split_test",

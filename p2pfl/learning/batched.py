@@ -36,8 +36,10 @@ def _exactly_tensor_tasks(tasks: Sequence[object]) -> TypeGuard[Sequence[TensorT
 
 
 def batchable(tasks: Sequence[object], model: nn.Module) -> TypeGuard[Sequence[TensorTask]]:
-    """True when every task is a TensorTask with the same hyper-parameters and test split, and the
-    model's state is exactly its trainable parameters (no buffers such as batch-norm statistics)."""
+    """True when every task is a TensorTask with the same hyper-parameters and test split, trains
+    with constant-rate SGD without momentum or weight decay (the only optimizer vmapped here; the
+    others fall back to each task's own train), and the model's state is exactly its trainable
+    parameters (no buffers such as batch-norm statistics)."""
     if not tasks or not _exactly_tensor_tasks(tasks):
         return False
     state, params = model.state_dict(), dict(model.named_parameters())
@@ -46,7 +48,7 @@ def batchable(tasks: Sequence[object], model: nn.Module) -> TypeGuard[Sequence[T
     first = tasks[0]
     key = (first.spec.lr, first.spec.batch_size, first.spec.local_epochs)
     for t in tasks:
-        if (t.spec.lr, t.spec.batch_size, t.spec.local_epochs) != key:
+        if not t.spec.plain_sgd or (t.spec.lr, t.spec.batch_size, t.spec.local_epochs) != key:
             return False
         if not t.same_test_split(first):
             return False

@@ -1,26 +1,31 @@
 """The data side of a task: sources, the shared test split, and partitioning among shards.
 
 Data sources give (X float32 (n, features), y int64 (n,)): sklearn's digits, a constant-seeded
-synthetic softmax-regression set, or a user .npz file (load_npz). The test split is fixed by a
-constant seed so all nodes evaluate on the same examples (split_test); the training split is
-partitioned among `num_shards` by partition_indices ("iid" or Dirichlet label skew), optionally
-through a PartitionCache when one process loads many shards of the same split (the simulator).
+synthetic softmax-regression set, or a user file: .npz (load_npz) or .csv with a header row
+(read_table reads both, by column name for CSV). The test split is fixed by a constant seed so all
+nodes evaluate on the same examples (split_test); the training split is partitioned among
+`num_shards` by partition_indices ("iid" or Dirichlet label skew), optionally through a
+PartitionCache when one process loads many shards of the same split (the simulator).
+Feature standardisation (Standardizer) and the class-count checks (check_classes) live here too,
+so the node, the model file and the `evaluate` / `predict` commands treat data the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import csv
 import functools
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from p2pfl.errors import ConfigError
-from p2pfl.learning.spec import PARTITION_SCHEMES
+from p2pfl.learning.spec import MAX_CLASSES, PARTITION_SCHEMES
 
 TEST_FRACTION = 0.25
 SPLIT_SEED = 20240917  # constant: every node must hold the same test split whatever its spec.seed
@@ -31,7 +36,8 @@ SYNTHETIC_CLASSES = 4
 DIGITS_CLASSES = 10
 DIRICHLET_MIN_SAMPLES = 10  # resample the Dirichlet draw until every shard has this many (when possible)
 DIRICHLET_ATTEMPTS = 100
-MAX_CLASSES = 10_000  # the output layer has one row per class: a stray huge label must not size it
+MIN_STD = 1e-6  # a feature this flat (constant in the shard) is centred, not blown up
+DATA_SUFFIXES = (".csv", ".npz")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,10 +163,10 @@ def _dirichlet_shards(labels: np.ndarray, k: int, alpha: float, rng: np.random.G
 # the shared test split and the data sources
 
 
-def split_test(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed (constant-seeded) train / test index split shared by every node."""
+def split_test(n: int, fraction: float = TEST_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed (constant-seeded) train / test index split shared by every node; at least one of each."""
     perm = np.random.default_rng(SPLIT_SEED).permutation(n)
-    n_test = min(n - 1, max(1, round(TEST_FRACTION * n)))
+    n_test = min(n - 1, max(1, round(fraction * n)))
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
@@ -195,66 +201,344 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
     Never unpickles (allow_pickle=False). The class count is max(y)+1 unless the file carries a
     scalar `num_classes` (useful when nodes hold different files that must agree on the model).
     """
+    table = read_table(path)
+    assert table.y is not None  # labels are required by default
+    classes = int(table.y.max()) + 1
+    if table.declared_classes is not None:
+        classes = _declared_classes(table.declared_classes, classes, "task.data")
+    return table.x, table.y, max(classes, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# own data: .csv and .npz files, read the same way by the node and by `evaluate` / `predict`
+
+
+@dataclass(frozen=True)
+class Table:
+    """A user data file, parsed and checked: float32 features, int64 labels (None when the file has
+    no label column and labels were optional), the feature column names (CSV, or an .npz's
+    `feature_names`), and the class count the file declares (.npz `num_classes`), if any."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    feature_names: tuple[str, ...] | None
+    declared_classes: np.ndarray | None = None
+    ignored_columns: tuple[str, ...] = ()
+
+
+def read_table(
+    path: str | Path,
+    *,
+    label_column: str = "label",
+    features: Sequence[str] = (),
+    class_names: Sequence[str] = (),
+    labels: bool | None = True,
+    what: str = "task.data",
+) -> Table:
+    """Read a .csv (header row, numeric features, by column name) or .npz (X, y) file.
+
+    labels: True = the label column / y array is required, None = read it if present, False =
+    ignore it. Errors are ConfigErrors that start with `what` (the config key or the command's
+    argument) and say which row / column is wrong and how to fix it; nothing is unpickled.
+    """
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(f"task.data: no such file {str(p)!r}")
+        raise ConfigError(f"{what}: no such file {str(p)!r}")
+    suffix = p.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(p, label_column, tuple(features), tuple(class_names), labels, what)
+    if suffix == ".npz":
+        if features:
+            raise ConfigError(f"{what}: [task] features selects CSV columns; {str(p)!r} is an .npz file")
+        return _read_npz(p, labels, what)
+    raise ConfigError(f"{what}: {str(p)!r} must be a .csv (header row) or .npz file (by its name's suffix)")
+
+
+def _read_npz(p: Path, labels: bool | None, what: str) -> Table:
     try:
         with np.load(p, allow_pickle=False) as z:
-            if "X" not in z.files or "y" not in z.files:
-                raise ConfigError(f"task.data {str(p)!r} must contain arrays 'X' and 'y' (has {z.files})")
-            x, y = z["X"], z["y"]
+            need = ["X"] + (["y"] if labels else [])
+            if any(k not in z.files for k in need):
+                raise ConfigError(
+                    f"{what} {str(p)!r} must contain arrays {' and '.join(repr(k) for k in need)} (has {z.files})"
+                )
+            x = z["X"]
+            y = z["y"] if labels is not False and "y" in z.files else None
             declared = z["num_classes"] if "num_classes" in z.files else None
+            names = z["feature_names"] if "feature_names" in z.files else None
     except ConfigError:
         raise
     except Exception as exc:  # zip / format errors, object arrays refused by allow_pickle=False, ...
-        raise ConfigError(f"task.data {str(p)!r} is not a readable .npz file: {exc}") from exc
-    x = _features(x, y)
-    y = _labels(y)
-    classes = int(y.max()) + 1
-    if declared is not None:
-        classes = _declared_classes(declared, classes)
-    return x, y, max(classes, 2)
+        raise ConfigError(f"{what} {str(p)!r} is not a readable .npz file: {exc}") from exc
+    x = _features(x, y if y is not None else np.zeros(len(x)), what)
+    y = _labels(y, what) if y is not None else None
+    feature_names = None
+    if names is not None:
+        if names.ndim != 1 or names.dtype.kind != "U" or len(names) != x.shape[1]:
+            raise ConfigError(
+                f"{what}: feature_names must be {x.shape[1]} strings, got {names.shape} {names.dtype}"
+            )
+        feature_names = tuple(str(n) for n in names)
+    return Table(x, y, feature_names, declared)
 
 
-def _features(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _delimiter(line: str) -> str:
+    """Comma, else semicolon (spreadsheets in many locales), else tab, as the header line uses."""
+    for d in (",", ";", "\t"):
+        if d in line:
+            return d
+    return ","
+
+
+def _read_csv(
+    p: Path,
+    label_column: str,
+    features: tuple[str, ...],
+    class_names: tuple[str, ...],
+    labels: bool | None,
+    what: str,
+) -> Table:
+    try:
+        with p.open(encoding="utf-8-sig", newline="") as fh:
+            first = fh.readline()
+            fh.seek(0)
+            reader = csv.reader(fh, delimiter=_delimiter(first))
+            header = next(reader, None)
+            if header is None:
+                raise ConfigError(f"{what} {str(p)!r} is empty; it needs a header row naming the columns")
+            header = [h.strip() for h in header]
+            cols = _columns(p, header, label_column, features, labels, what)
+            rows: list[list[str]] = []
+            lines: list[int] = []
+            for row in reader:
+                if not row or all(not c.strip() for c in row):
+                    continue  # blank lines (often one at the end)
+                if len(row) != len(header):
+                    raise ConfigError(
+                        f"{what} {str(p)!r} line {reader.line_num}: {len(row)} values, but the header has "
+                        f"{len(header)} columns; every row needs one value per column"
+                    )
+                rows.append(row)
+                lines.append(reader.line_num)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{what} {str(p)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
+        ) from None
+    except csv.Error as exc:
+        raise ConfigError(f"{what} {str(p)!r} is not valid CSV: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {str(p)!r}: {exc.strerror or exc}") from None
+    if len(rows) < 1:
+        raise ConfigError(f"{what} {str(p)!r} has a header but no data rows")
+    feature_idx, label_idx, ignored = cols
+    x = _csv_features(p, rows, lines, header, feature_idx, what)
+    y = None
+    if label_idx is not None:
+        y = _csv_labels(p, [r[label_idx] for r in rows], lines, header[label_idx], class_names, what)
+    names = tuple(header[i] for i in feature_idx)
+    return Table(_features(x, np.zeros(len(x)), what), y, names, None, ignored)
+
+
+def _columns(
+    p: Path,
+    header: list[str],
+    label_column: str,
+    features: tuple[str, ...],
+    labels: bool | None,
+    what: str,
+) -> tuple[list[int], int | None, tuple[str, ...]]:
+    """(feature column indices in model order, label column index or None, ignored column names)."""
+    if any(not h for h in header):
+        raise ConfigError(f"{what} {str(p)!r}: column {header.index('') + 1} has no name in the header row")
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:
+        raise ConfigError(f"{what} {str(p)!r}: column name(s) {dup} appear more than once in the header")
+    label_idx = header.index(label_column) if label_column in header and labels is not False else None
+    if labels and label_idx is None:
+        raise ConfigError(
+            f"{what} {str(p)!r} has no label column {label_column!r} (columns: {_short(header)}); "
+            "set [task] label_column to the column holding the class"
+        )
+    if features:
+        missing = [f for f in features if f not in header]
+        if missing:
+            raise ConfigError(
+                f"{what} {str(p)!r} lacks feature column(s) {_short(missing)} (columns: {_short(header)}); "
+                "the features must be named as when the model was trained ([task] features)"
+            )
+        idx = [header.index(f) for f in features]
+    else:
+        idx = [i for i, h in enumerate(header) if h != label_column]
+    ignored = tuple(h for i, h in enumerate(header) if i not in idx and h != label_column)
+    if not idx:
+        raise ConfigError(f"{what} {str(p)!r} has no feature columns besides the label {label_column!r}")
+    return idx, label_idx, ignored
+
+
+def _short(items: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(repr(i) for i in items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def _csv_features(
+    p: Path, rows: list[list[str]], lines: list[int], header: list[str], idx: list[int], what: str
+) -> np.ndarray:
+    cells = [[r[i] for i in idx] for r in rows]
+    try:
+        return np.array(cells, dtype=np.float64)
+    except ValueError:
+        pass
+    for row, line in zip(cells, lines, strict=True):  # find the first bad cell, to name it
+        for value, i in zip(row, idx, strict=True):
+            text = value.strip()
+            if not text:
+                raise ConfigError(
+                    f"{what} {str(p)!r} line {line}, column {header[i]!r}: empty value; missing values are "
+                    "not supported: fill them in or drop the row"
+                )
+            try:
+                float(text)
+            except ValueError:
+                raise ConfigError(
+                    f"{what} {str(p)!r} line {line}, column {header[i]!r}: {value!r} is not a number; "
+                    "features must be numeric (encode categories as numbers, or leave the column out "
+                    "with [task] features)"
+                ) from None
+    raise ConfigError(f"{what} {str(p)!r}: the feature values are not all numbers")  # pragma: no cover
+
+
+def _csv_labels(
+    p: Path, cells: list[str], lines: list[int], column: str, class_names: tuple[str, ...], what: str
+) -> np.ndarray:
+    out = np.empty(len(cells), dtype=np.int64)
+    index = {name: i for i, name in enumerate(class_names)}
+    for k, (cell, line) in enumerate(zip(cells, lines, strict=True)):
+        text = cell.strip()
+        if text in index:
+            out[k] = index[text]
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value.is_integer() and 0 <= value < MAX_CLASSES):
+            known = f"one of {list(class_names)} or " if class_names else ""
+            raise ConfigError(
+                f"{what} {str(p)!r} line {line}, column {column!r}: label {cell!r} is not {known}a class "
+                f"index 0..{MAX_CLASSES - 1}"
+                + ("" if class_names else "; name the classes with [task] class_names to use text labels")
+            )
+        out[k] = int(value)
+    return out
+
+
+def _features(x: np.ndarray, y: np.ndarray, what: str = "task.data") -> np.ndarray:
     if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
         raise ConfigError(
-            f"task.data: need X of shape (n, features) and y of shape (n,), got {x.shape} and {y.shape}"
+            f"{what}: need X of shape (n, features) and y of shape (n,), got {x.shape} and {y.shape}"
         )
-    if len(y) < 2 or x.shape[1] < 1:
-        raise ConfigError("task.data: need at least 2 samples and 1 feature")
+    if len(y) < 1 or x.shape[1] < 1:
+        raise ConfigError(f"{what}: need at least 1 sample and 1 feature")
     if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
-        raise ConfigError(f"task.data: X must be real numbers, got dtype {x.dtype}")
+        raise ConfigError(f"{what}: X must be real numbers, got dtype {x.dtype}")
     with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
         x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
-        raise ConfigError("task.data: X contains NaN or infinite values (or values too large for float32)")
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise ConfigError(
+            f"{what}: X contains NaN or infinite values (or values too large for float32), first at "
+            f"row {bad[0]} (0-based), feature {bad[1]}"
+        )
     return x
 
 
-def _labels(y: np.ndarray) -> np.ndarray:
+def _labels(y: np.ndarray, what: str = "task.data") -> np.ndarray:
     """Integer class labels, checked in their own dtype: a cast first would wrap huge values."""
+    if y.ndim != 1:
+        raise ConfigError(f"{what}: y must have shape (n,), got {y.shape}")
     if np.issubdtype(y.dtype, np.floating):
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise ConfigError("task.data: y must hold integer class labels (found NaN, inf or fractions)")
+            raise ConfigError(f"{what}: y must hold integer class labels (found NaN, inf or fractions)")
     elif not np.issubdtype(y.dtype, np.integer):
-        raise ConfigError(f"task.data: y must hold integer class labels, got dtype {y.dtype}")
-    if y.min() < 0:
-        raise ConfigError(f"task.data: labels must be >= 0, found {y.min()}")
-    if y.max() >= MAX_CLASSES:
+        raise ConfigError(f"{what}: y must hold integer class labels, got dtype {y.dtype}")
+    if len(y) and y.min() < 0:
+        raise ConfigError(f"{what}: labels must be >= 0, found {y.min()}")
+    if len(y) and y.max() >= MAX_CLASSES:
         raise ConfigError(
-            f"task.data: label {y.max()} is too large; labels must be class indices 0..{MAX_CLASSES - 1}"
+            f"{what}: label {y.max()} is too large; labels must be class indices 0..{MAX_CLASSES - 1}"
         )
     return y.astype(np.int64)
 
 
-def _declared_classes(declared: np.ndarray, needed: int) -> int:
+def _declared_classes(declared: np.ndarray, needed: int, what: str) -> int:
     value = declared.item() if declared.ndim == 0 else None
     if not (isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer()):
-        raise ConfigError(f"task.data: num_classes must be a single integer, got {declared!r}")
+        raise ConfigError(f"{what}: num_classes must be a single integer, got {declared!r}")
     classes = int(value)
     if not needed <= classes <= MAX_CLASSES:
         raise ConfigError(
-            f"task.data: num_classes={classes} must be in {needed}..{MAX_CLASSES} (labels go up to {needed - 1})"
+            f"{what}: num_classes={classes} must be in {needed}..{MAX_CLASSES} (labels go up to {needed - 1})"
         )
     return classes
+
+
+def check_classes(
+    labels: Sequence[np.ndarray | None], *, declared: int, file_declared: np.ndarray | None = None, what: str
+) -> int:
+    """The federation's class count for these labels: `declared` ([task] num_classes) when set, else
+    the file's own `num_classes`, else max label + 1 (at least 2). A label outside a declared range
+    is refused here, at start, with the key to change; a site that lacks a class still gets the
+    declared count, so its model has the federation's shape."""
+    nonempty = [y for y in labels if y is not None and len(y)]
+    needed = max((int(y.max()) + 1 for y in nonempty), default=0)
+    if file_declared is not None:
+        from_file = _declared_classes(file_declared, needed, what)
+        if declared and from_file != declared:
+            raise ConfigError(
+                f"{what}: the file declares num_classes = {from_file} but [task] num_classes = {declared}; "
+                "make them agree"
+            )
+        declared = declared or from_file
+    if declared:
+        if needed > declared:
+            y = np.concatenate(nonempty)
+            outside = np.unique(y[y >= declared])
+            raise ConfigError(
+                f"{what}: label(s) {outside[:10].tolist()} ({int((y >= declared).sum())} rows) are outside "
+                f"0..{declared - 1} ([task] num_classes = {declared}); fix those labels or raise num_classes"
+            )
+        return declared
+    return max(needed, 2)
+
+
+def label_histogram(y: np.ndarray, classes: int) -> list[int]:
+    """How many examples of each class 0..classes-1."""
+    return np.bincount(np.asarray(y, dtype=np.int64), minlength=classes)[:classes].astype(int).tolist()
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    """Per-feature (x - mean) / std with statistics of one node's training shard; a feature that is
+    (nearly) constant there is only centred. Kept with the model so predictions scale the same way."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> Standardizer:
+        x64 = np.asarray(x, dtype=np.float64)
+        std = x64.std(axis=0)
+        std[~(std > MIN_STD)] = 1.0
+        return cls(x64.mean(axis=0).astype(np.float32), std.astype(np.float32))
+
+    @classmethod
+    def from_lists(cls, mean: Sequence[float], std: Sequence[float], features: int) -> Standardizer:
+        m, s = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+        if m.shape != (features,) or s.shape != (features,) or not (np.isfinite(m).all() and (s > 0).all()):
+            raise ValueError(f"standardisation statistics must be {features} finite means and positive stds")
+        return cls(m, s)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        if x.shape[1:] != self.mean.shape:
+            raise ValueError(f"expected {self.mean.shape[0]} features, got {x.shape[1:]}")
+        return ((np.asarray(x, dtype=np.float32) - self.mean) / self.std).astype(np.float32)

@@ -4,17 +4,25 @@ Every node of a federation loads the same TaskSpec except for `shard`: its train
 partition (data.partition_indices with seed=spec.seed) and the shared test split (data.split_test).
 Models are initialised from `spec.seed`, so all nodes start gossiping from the same point.
 
-Local training is plain SGD without momentum or other optimizer state: the whole state that gossip
-has to carry is the model's state_dict. The built-ins are TensorTasks (in-memory tensors); a custom
-task is any object with the Task protocol, named "module:function" in the spec.
+Local training runs the spec's optimizer (SGD, optionally with momentum, or Adam) at the rate its
+schedule gives for the round (constant, step or cosine over rounds). Gossip carries only the model's
+state_dict: optimizer state (momentum buffers, Adam moments) stays on the node. With
+optimizer_state = "keep" (the default) it survives mixing, as in decentralized SGD with local
+momentum: mixing overwrites the weights in place, and the next round's steps keep the local
+moments; "reset" starts every round's optimizer afresh. It is not checkpointed: a restarted node
+starts with fresh moments. The built-ins are TensorTasks (in-memory tensors); a custom task is any
+object with the Task protocol, named "module:function" in the spec.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import math
+import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -26,9 +34,12 @@ from p2pfl.errors import ConfigError
 from p2pfl.learning.data import (
     DIGITS_CLASSES,
     SYNTHETIC_CLASSES,
+    Standardizer,
+    check_classes,
+    label_histogram,
     load_digits,
-    load_npz,
     load_synthetic,
+    read_table,
     shards_for,
     split_test,
 )
@@ -36,6 +47,10 @@ from p2pfl.learning.spec import BUILTIN_TASKS, TaskSpec
 
 EVAL_BATCH = 4096
 HIDDEN = 64
+MLP_TASKS = ("digits-mlp", "mlp")
+LINEAR_TASKS = ("synthetic-logreg", "logreg")
+
+log = logging.getLogger("p2pfl.learning")
 
 
 @runtime_checkable
@@ -58,10 +73,12 @@ class Task(Protocol):
 class TensorTask:
     """Classification over in-memory tensors: this node's training shard plus the shared test split.
 
-    Tensors are built once; `train` runs `local_epochs` of minibatch SGD (no momentum, so the model's
-    state_dict is the whole state) shuffled by a generator seeded from spec.seed + spec.shard.
-    Code that trains or evaluates the same way elsewhere (learning.batched) reads the tensors and the
-    generator through the read-only properties x_train, y_train, x_test, y_test and generator.
+    Tensors are built once; `train` runs `local_epochs` of minibatches shuffled by a generator seeded
+    from spec.seed + spec.shard, with the spec's optimizer at the rate its schedule gives for the
+    round (`set_round` tells the task which federation round comes next; otherwise it counts its own
+    train calls). Code that trains or evaluates the same way elsewhere (learning.batched) reads the
+    tensors and the generator through the read-only properties x_train, y_train, x_test, y_test and
+    generator. feature_names, class_names and standardizer describe the inputs for the model file.
     """
 
     def __init__(
@@ -74,16 +91,27 @@ class TensorTask:
         y_test: np.ndarray,
         make_model: Callable[[], nn.Module],
         num_classes: int,
+        feature_names: tuple[str, ...] | None = None,
+        standardizer: Standardizer | None = None,
     ) -> None:
         self.spec = spec
         self.num_classes = num_classes
         self.num_samples = len(y_train)
+        self.features = int(np.shape(x_train)[1]) if np.ndim(x_train) == 2 else None
+        self.feature_names = feature_names
+        self.class_names = spec.class_names or None
+        self.standardizer = standardizer
         self._x = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32))
         self._y = torch.from_numpy(np.ascontiguousarray(y_train, dtype=np.int64))
         self._x_test = torch.from_numpy(np.ascontiguousarray(x_test, dtype=np.float32))
         self._y_test = torch.from_numpy(np.ascontiguousarray(y_test, dtype=np.int64))
         self._make_model = make_model
         self._gen = torch.Generator().manual_seed(spec.seed + spec.shard)
+        self._next_round = 1
+        # one optimizer per model trained (the simulator trains one model per virtual node)
+        self._optimizers: weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def x_train(self) -> torch.Tensor:
@@ -152,11 +180,47 @@ class TensorTask:
             torch.manual_seed(self.spec.seed)
             return self._make_model()
 
+    @property
+    def next_round(self) -> int:
+        """The federation round the next `train` call trains for (its learning rate)."""
+        return self._next_round
+
+    def set_round(self, round_: int) -> None:
+        """The next `train` call is federation round `round_` (1-based): after a resume or a catch-up,
+        so the learning-rate schedule follows the federation's round, not this process's calls."""
+        self._next_round = max(1, int(round_))
+
+    def reset_optimizer(self, model: nn.Module | None = None) -> None:
+        """Forget optimizer state (momentum, Adam moments) for `model`, or for every model."""
+        if model is None:
+            self._optimizers.clear()
+        else:
+            self._optimizers.pop(model, None)
+
+    def lr(self, round_: int | None = None) -> float:
+        """The learning rate of `round_` (default: the next round) under the spec's schedule."""
+        return self.spec.lr_at(self._next_round if round_ is None else round_)
+
+    def _optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        spec = self.spec
+        opt = self._optimizers.get(model) if spec.optimizer_state == "keep" else None
+        if opt is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if spec.optimizer == "adam":
+                opt = torch.optim.Adam(params, lr=lr, weight_decay=spec.weight_decay)
+            else:
+                opt = torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+            if spec.optimizer_state == "keep":
+                self._optimizers[model] = opt
+        for group in opt.param_groups:
+            group["lr"] = lr
+        return opt
+
     def train(self, model: nn.Module) -> float:
-        """Run local_epochs of SGD over the own shard; returns the mean training loss."""
+        """Run local_epochs over the own shard at this round's rate; returns the mean training loss."""
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=self.spec.lr, momentum=0.0)
+        opt = self._optimizer(model, self.lr())
+        self._next_round += 1
         n, bs = self.num_samples, self.spec.batch_size
         total, count = 0.0, 0
         for _ in range(self.spec.local_epochs):
@@ -170,6 +234,13 @@ class TensorTask:
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
         return total / max(count, 1)
+
+    def label_histogram(self) -> dict[str, list[int]]:
+        """Examples per class in the training shard and the test split (index = class)."""
+        return {
+            "train": label_histogram(self._y.numpy(), self.num_classes),
+            "test": label_histogram(self._y_test.numpy(), self.num_classes),
+        }
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
@@ -190,8 +261,15 @@ class TensorTask:
 # models
 
 
-def mlp(features: int, classes: int, hidden: int = HIDDEN) -> nn.Module:
-    return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+def mlp(features: int, classes: int, hidden: int | tuple[int, ...] = HIDDEN) -> nn.Module:
+    """Linear -> ReLU per hidden width, then Linear -> classes (state_dict names 0., 2., 4., ...)."""
+    widths = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+    layers: list[nn.Module] = []
+    width = features
+    for h in widths:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    return nn.Sequential(*layers, nn.Linear(width, classes))
 
 
 class SmallCNN(nn.Module):
@@ -217,47 +295,156 @@ class SmallCNN(nn.Module):
 # loading
 
 
+def model_factory(spec: TaskSpec, features: int, classes: int) -> Callable[[], nn.Module]:
+    """How a built-in task builds its model for `features` inputs and `classes` outputs (the model
+    file rebuilds models with this, without the data)."""
+    if spec.name in MLP_TASKS:
+        hidden = spec.hidden
+        return lambda: mlp(features, classes, hidden)
+    if spec.name in LINEAR_TASKS:
+        return lambda: nn.Linear(features, classes)
+    if spec.name == "digits-cnn":
+        side = math.isqrt(features)
+        if side * side != features or side < 4:
+            raise ConfigError(
+                f"digits-cnn needs square images of side >= 4 (features = side*side), got {features} features"
+            )
+        return lambda: SmallCNN(side, classes)
+    raise ConfigError(f"task {spec.name!r} is not a built-in; built-ins: {', '.join(BUILTIN_TASKS)}")
+
+
 def tensor_task(
-    spec: TaskSpec, x: np.ndarray, y: np.ndarray, *, make_model: Callable[[], nn.Module], classes: int
+    spec: TaskSpec,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    make_model: Callable[[], nn.Module],
+    classes: int,
+    test: tuple[np.ndarray, np.ndarray] | None = None,
+    feature_names: tuple[str, ...] | None = None,
 ) -> TensorTask:
     """This node's TensorTask over the data set (x, y): its shard of the training split (partitioned
-    as spec says, through the active data.PartitionCache if any) and the shared test split."""
-    train_idx, test_idx = split_test(len(y))
-    shards = shards_for(
-        y[train_idx], spec.num_shards, scheme=spec.partition, alpha=spec.alpha, seed=spec.seed
-    )
-    own = train_idx[shards[spec.shard]]
+    as spec says, through the active data.PartitionCache if any) and the test examples: `test` when
+    given (a separate file), else the shared split holding out spec.test_fraction. With
+    spec.standardize the features are scaled with the training shard's own statistics."""
+    if test is None:
+        if len(y) < 2:
+            raise ConfigError("[task] data: need at least 2 samples (one to train on, one to test on)")
+        train_idx, test_idx = split_test(len(y), spec.test_fraction)
+        x_test, y_test = x[test_idx], y[test_idx]
+        x, y = x[train_idx], y[train_idx]
+    else:
+        x_test, y_test = test
+    shards = shards_for(y, spec.num_shards, scheme=spec.partition, alpha=spec.alpha, seed=spec.seed)
+    own = shards[spec.shard]
+    x_train, y_train = x[own], y[own]
+    standardizer = None
+    if spec.standardize:
+        standardizer = Standardizer.fit(x_train)
+        x_train, x_test = standardizer.apply(x_train), standardizer.apply(x_test)
     return TensorTask(
         spec,
-        x_train=x[own],
-        y_train=y[own],
-        x_test=x[test_idx],
-        y_test=y[test_idx],
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
         make_model=make_model,
         num_classes=classes,
+        feature_names=feature_names,
+        standardizer=standardizer,
     )
 
 
 def _builtin(spec: TaskSpec) -> TensorTask:
+    if spec.lr_schedule == "cosine" and spec.lr_rounds < 1:
+        raise ConfigError(
+            "[task] lr_schedule = cosine needs [task] lr_rounds (rounds to anneal over), e.g. [training] rounds"
+        )
     if spec.data:
-        x, y, classes = load_npz(spec.data)
-    elif spec.name == "synthetic-logreg":
+        return _own_data(spec)
+    if spec.name == "synthetic-logreg":
         x, y = load_synthetic()
         classes = SYNTHETIC_CLASSES
     else:
         x, y = load_digits()
         classes = DIGITS_CLASSES
-    features = x.shape[1]
-    if spec.name == "digits-mlp":
-        return tensor_task(spec, x, y, make_model=lambda: mlp(features, classes), classes=classes)
-    if spec.name == "synthetic-logreg":
-        return tensor_task(spec, x, y, make_model=lambda: nn.Linear(features, classes), classes=classes)
-    side = math.isqrt(features)
-    if side * side != features or side < 4:
+    if spec.num_classes not in (0, classes):
         raise ConfigError(
-            f"digits-cnn needs square images of side >= 4 (features = side*side), got {features} features"
+            f"[task] num_classes = {spec.num_classes}, but the built-in data of {spec.name!r} has {classes} "
+            "classes; remove num_classes or point [task] data at your own file"
         )
-    return tensor_task(spec, x, y, make_model=lambda: SmallCNN(side, classes), classes=classes)
+    return tensor_task(spec, x, y, make_model=model_factory(spec, x.shape[1], classes), classes=classes)
+
+
+def _own_data(spec: TaskSpec) -> TensorTask:
+    """A site's own file(s): read by column name, classes checked against [task] num_classes, the
+    label histogram logged (a missing class is worth knowing before round 1)."""
+    kwargs: dict[str, Any] = {
+        "label_column": spec.label_column,
+        "features": spec.features,
+        "class_names": spec.class_names,
+    }
+    train = read_table(spec.data, what="[task] data", **kwargs)
+    test = None
+    if spec.test_data:
+        names = train.feature_names if Path(spec.test_data).suffix.lower() == ".csv" else ()
+        if names and Path(spec.data).suffix.lower() == ".csv":
+            kwargs["features"] = names  # the same columns in the same order, whatever the file's order
+        test = read_table(spec.test_data, what="[task] test_data", **kwargs)
+        if test.x.shape[1] != train.x.shape[1]:
+            raise ConfigError(
+                f"[task] test_data has {test.x.shape[1]} features but [task] data has {train.x.shape[1]}; "
+                "both files need the same feature columns"
+            )
+    held_out = None if test is None or test.y is None else (test.x, test.y)  # labels are required here
+    classes = check_classes(
+        [train.y] + ([held_out[1]] if held_out is not None else []),
+        declared=len(spec.class_names) or spec.num_classes,
+        file_declared=train.declared_classes,
+        what="[task] data",
+    )
+    assert train.y is not None  # labels are required here
+    task = tensor_task(
+        spec,
+        train.x,
+        train.y,
+        make_model=model_factory(spec, train.x.shape[1], classes),
+        classes=classes,
+        test=held_out,
+        feature_names=train.feature_names,
+    )
+    _log_data(spec, task, train.ignored_columns)
+    return task
+
+
+def _log_data(spec: TaskSpec, task: TensorTask, ignored: tuple[str, ...]) -> None:
+    hist = task.label_histogram()
+    names = task.class_names or tuple(str(c) for c in range(task.num_classes))
+    counts = ", ".join(f"{n}: {c}" for n, c in zip(names, hist["train"], strict=True))
+    log.info(
+        "own data %s: %d features, %d classes; training examples per class: %s; %d test examples",
+        spec.data,
+        task.features,
+        task.num_classes,
+        counts,
+        task.num_test,
+    )
+    missing = [n for n, c in zip(names, hist["train"], strict=True) if c == 0]
+    if missing:
+        log.warning(
+            "this site has no training examples of class(es) %s; the model keeps the federation's %d "
+            "outputs and learns them from the neighbours",
+            ", ".join(missing),
+            task.num_classes,
+        )
+    if not spec.num_classes and not spec.class_names:
+        log.warning(
+            "[task] num_classes is not set: %d classes inferred from the labels here; a site missing the "
+            "highest class would build a model of another shape, so declare num_classes on every node",
+            task.num_classes,
+        )
+    if ignored:
+        log.info("[task] data: columns not used as features: %s", ", ".join(ignored))
 
 
 def load_task(spec: TaskSpec) -> Task:
