@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import resource
 import socket
@@ -139,7 +140,8 @@ def node_id_of(obj: ssl.SSLObject | None, allowed: frozenset[str] = frozenset({"
     cert = obj.getpeercert()
     if not cert:
         raise Rejected(Reason.PEER_IDENTITY, "no client certificate")
-    names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    subject: tuple[tuple[tuple[str, str], ...], ...] = cert.get("subject", ())  # type: ignore[assignment]
+    names = [value for rdn in subject for key, value in rdn if key == "commonName"]
     if not names or names[0] not in allowed:
         raise Rejected(Reason.PEER_IDENTITY, f"certificate for {names[:1]} is not a member's")
     return names[0]
@@ -183,8 +185,12 @@ class Door:
 
 
 @contextlib.asynccontextmanager
-async def started(ssl_context: ssl.SSLContext | None = None, **limits: float) -> AsyncIterator[Door]:
+async def started(
+    ssl_context: ssl.SSLContext | None = None, evict_after_s: float = math.inf, **limits: float
+) -> AsyncIterator[Door]:
+    """A started door; eviction off unless asked for (when it happens depends on the clock)."""
     door = Door(ssl_context, DoorLimits(**limits))  # type: ignore[arg-type]
+    door.door.evict_after_s = evict_after_s
     await door.door.start()
     try:
         yield door
@@ -258,6 +264,28 @@ def test_pending_cap_counts_connections_that_have_not_authenticated(pki: Pki) ->
             assert "max_pending 2" in d.rejects[0][1]
             await close_all([w for _, w in idle] + [writer])
             await until(lambda: d.stat("pending") == 0)  # a client that leaves mid-handshake frees its slot
+
+    asyncio.run(main())
+
+
+def test_a_member_evicts_the_oldest_idle_connection_when_pending_is_full(pki: Pki) -> None:
+    """Slowloris: idle connections fill the pending slots; a member's handshake must not wait for
+    them to reach the deadline."""
+
+    async def main() -> None:
+        d_ = pki.directory
+        ctx = server_context(pki.ca, d_ / "server.pem", d_ / "server.key")
+        member = client_context(pki.ca, d_ / "node-a.pem", d_ / "node-a.key")
+        async with started(ctx, evict_after_s=0.0, max_pending=2, handshake_s=CEILING_S) as d:
+            idle = [await asyncio.open_connection(HOST, d.door.port) for _ in range(2)]
+            await until(lambda: d.stat("pending") == 2)
+            line, writer = await greeting(member, d.door.port)
+            assert line == b"hello node-a\n"
+            assert await refused(idle[0][0])  # the oldest went
+            assert d.rejects[0][0] is Reason.HANDSHAKE and "evicted after" in d.rejects[0][1]
+            assert d.stat("refused_conn_limit") == 0 and d.stat("pending") == 1
+            await close_all([writer] + [w for _, w in idle])
+            await until(lambda: d.stat("pending") == 0 and d.stat("sessions") == 0)
 
     asyncio.run(main())
 
@@ -470,8 +498,8 @@ def serve_child(pki_dir: Path, soft_limit: int, limits: dict[str, float], free: 
     asyncio.run(main())
 
 
-class _Discard(list):  # type: ignore[type-arg]
-    def append(self, item: object) -> None:
+class _Discard(list[tuple[Reason, str]]):
+    def append(self, item: tuple[Reason, str]) -> None:
         pass
 
 

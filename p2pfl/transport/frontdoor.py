@@ -12,6 +12,11 @@ known:
   before any asyncio object exists), so a flood costs one accept and one close per connection;
 - the TLS handshake and the `verify` callback finish within `handshake_s` of the accept, or the
   socket is aborted (an idle or half-open connection is held `handshake_s` at most);
+- when the pending cap (or a source's cap) is full, a newcomer evicts the oldest unauthenticated
+  connection (of that source) that has waited more than `evict_after_s` (1 s), rather than being
+  refused: a member's handshake takes milliseconds, so idle connections cannot lock members out
+  for `handshake_s` (slowloris); connections younger than that are not evicted, so a connect
+  flood is refused and does not evict members mid-handshake;
 - the door never holds more connections than the open-file limit allows less a reserve for the
   rest of the node (links, files): with caps above what the limit allows, the limit wins;
 - out of file descriptors at accept anyway (EMFILE/ENFILE: something else holds them), the door
@@ -34,6 +39,7 @@ import os
 import socket
 import ssl
 import struct
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -54,6 +60,7 @@ _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 _GONE_BEFORE_ACCEPT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN})
 _LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close sends RST, frees the fd at once
 MAX_BACKOFF_S = 1.0
+EVICT_AFTER_S = 1.0  # an unauthenticated connection this old may give its slot to a newcomer
 FD_RESERVE = 128  # descriptors the door leaves to the rest of the node (see p2pfl.resources.FILES_MARGIN)
 
 
@@ -160,7 +167,9 @@ class FrontDoor:
         self._fresh: set[socket.socket] = set()  # accepted, not yet handed to asyncio
         self._spare: int | None = None
         self._stopping = False
-        self._pending = 0
+        # pending connections, oldest first: when accepted, source, socket
+        self._waiting: dict[asyncio.Task[None], tuple[float, str, socket.socket]] = {}
+        self._evicted: set[asyncio.Task[None]] = set()
         self._sessions = 0
         self._per_source: Counter[str] = Counter()
         self._refused: Counter[str] = Counter()
@@ -169,6 +178,8 @@ class FrontDoor:
         self._accept_errors = 0
         self._fd_budget = 1 << 30
         self._logs = LogLimiter(log)
+        # pending connections this old may be evicted for a newcomer when a cap is full (math.inf: never)
+        self.evict_after_s = min(EVICT_AFTER_S, limits.handshake_s / 2)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -261,14 +272,16 @@ class FrontDoor:
         if self._spare is not None:
             os.close(self._spare)
             self._spare = None
-        self._pending = self._sessions = 0
+        self._waiting.clear()
+        self._evicted.clear()
+        self._sessions = 0
         self._per_source.clear()
 
     def stats(self) -> dict[str, int]:
         """Now: pending, sessions, fd_budget (connections the door may hold); since start: accepted,
         established, accept_errors, refused_<reason>."""
         out = {
-            "pending": self._pending,
+            "pending": len(self._waiting),
             "sessions": self._sessions,
             "accepted": self._accepted,
             "established": self._established,
@@ -352,25 +365,61 @@ class FrontDoor:
         source = self._source(address)
         limits = self.limits
         over = ""
-        if self._pending >= limits.max_pending:
-            over = f"{self._pending} connections awaiting authentication (max_pending {limits.max_pending})"
-        elif self._per_source[source] >= limits.max_per_source:
+        if len(self._waiting) >= limits.max_pending and not self._evict(None):
+            over = (
+                f"{len(self._waiting)} connections awaiting authentication (max_pending {limits.max_pending})"
+            )
+        elif self._per_source[source] >= limits.max_per_source and not self._evict(source):
             over = f"{self._per_source[source]} connections from this source (max_per_source {limits.max_per_source})"
         elif self._sessions >= limits.max_sessions:
             over = f"{self._sessions} sessions (max_sessions {limits.max_sessions})"
-        elif self._pending + self._sessions >= self._fd_budget:
-            over = f"{self._pending + self._sessions} connections held (open-file limit allows {self._fd_budget})"
+        elif len(self._waiting) + self._sessions >= self._fd_budget:
+            over = f"{len(self._waiting) + self._sessions} connections held (open-file limit allows {self._fd_budget})"
         if over:
             _reset(conn)
             self._refuse(Reason.CONN_LIMIT, source, over)
             return
         self._accepted += 1
-        self._pending += 1
         self._per_source[source] += 1
         self._fresh.add(conn)
         task = asyncio.get_running_loop().create_task(self._serve(conn, source))
+        self._waiting[task] = (time.monotonic(), source, conn)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._evicted.discard)
+
+    def _evict(self, source: str | None) -> bool:
+        """Free the slot of the oldest pending connection (from `source`, or any) if it has waited over
+        evict_after_s; it is cancelled, reported as a HANDSHAKE refusal, and its fd freed next iteration."""
+        now = time.monotonic()
+        for task, (accepted_at, its_source, conn) in self._waiting.items():
+            if now - accepted_at < self.evict_after_s:
+                return False  # oldest first: all the others are younger still
+            if source is None or its_source == source:
+                self._release(task)
+                self._evicted.add(task)
+                task.cancel()
+                if conn in self._fresh:  # its handler never ran: asyncio never saw the socket
+                    self._fresh.discard(conn)
+                    _reset(conn)
+                self._refuse(
+                    Reason.HANDSHAKE,
+                    its_source,
+                    f"evicted after {now - accepted_at:.1f} s without authenticating (pending slots full)",
+                )
+                return True
+        return False
+
+    def _release(self, task: asyncio.Task[None]) -> None:
+        """Give back a pending connection's slots (at most once: eviction and the handler both call it)."""
+        entry = self._waiting.pop(task, None)
+        if entry is not None:
+            self._drop_source(entry[1])
+
+    def _drop_source(self, source: str) -> None:
+        self._per_source[source] -= 1
+        if self._per_source[source] <= 0:
+            del self._per_source[source]
 
     def _refuse(self, reason: Reason, source: str, detail: str) -> None:
         self._refused[reason.value] += 1
@@ -390,45 +439,52 @@ class FrontDoor:
     async def _serve(self, conn: socket.socket, source: str) -> None:
         """Handshake and verify within handshake_s, then hand the streams to on_session."""
         self._fresh.discard(conn)
-        established = False
+        me = asyncio.current_task()
+        assert me is not None
         try:
             streams = await self._authenticate(conn, source)
-            if streams is None:
+        except asyncio.CancelledError:
+            self._release(me)
+            if me in self._evicted:  # evicted for a newcomer: already reported; asyncio closed the socket
                 return
-            reader, writer, node_id = streams
-            if self._sessions >= self.limits.max_sessions:  # others finished their handshakes first
-                _abort(writer.transport)
-                self._refuse(
-                    Reason.CONN_LIMIT,
-                    source,
-                    f"{self._sessions} sessions (max_sessions {self.limits.max_sessions})",
-                )
-                return
-            self._pending -= 1
-            self._sessions += 1
-            self._established += 1
-            established = True
-            try:
-                await self._on_session(reader, writer, node_id)
-            except Exception as exc:  # noqa: BLE001 - one session's failure is not the door's
-                self._logs.log(
-                    logging.WARNING,
-                    "front door session failed",
-                    node_id,
-                    "front door: session of %s ended: %r",
-                    node_id,
-                    exc,
-                )
-            finally:
-                await self._close(writer)
+            raise
+        if me not in self._waiting:  # evicted after its handshake had completed
+            if streams is not None:
+                _abort(streams[1].transport)
+            return
+        if streams is None:
+            self._release(me)
+            return
+        reader, writer, node_id = streams
+        if self._sessions >= self.limits.max_sessions:  # others finished their handshakes first
+            self._release(me)
+            _abort(writer.transport)
+            self._refuse(
+                Reason.CONN_LIMIT,
+                source,
+                f"{self._sessions} sessions (max_sessions {self.limits.max_sessions})",
+            )
+            return
+        del self._waiting[me]  # its source slot stays taken while the session lasts
+        self._sessions += 1
+        self._established += 1
+        try:
+            await self._on_session(reader, writer, node_id)
+        except Exception as exc:  # noqa: BLE001 - one session's failure is not the door's
+            self._logs.log(
+                logging.WARNING,
+                "front door session failed",
+                node_id,
+                "front door: session of %s ended: %r",
+                node_id,
+                exc,
+            )
         finally:
-            if established:
+            try:
+                await self._close(writer)
+            finally:
                 self._sessions -= 1
-            else:
-                self._pending -= 1
-            self._per_source[source] -= 1
-            if self._per_source[source] <= 0:
-                del self._per_source[source]
+                self._drop_source(source)
 
     async def _authenticate(
         self, conn: socket.socket, source: str
