@@ -101,7 +101,7 @@ class _Publisher:
     held: int = 0  # body bytes buffered over all of `messages`
 
 
-@dataclass
+@dataclass(slots=True)
 class _Bucket:
     tokens: float
     stamp: float
@@ -147,6 +147,7 @@ class Reassembler:
             raise ValueError("window_s must be positive")
         self.max_bytes_per_window = max_bytes_per_window
         self.window_s = float(window_s)
+        self._cap = float(max_bytes_per_window)
         self._rate = max_bytes_per_window / self.window_s  # bytes per second refilled
         self._clock = clock
         self._remember = max(1, remember)
@@ -164,13 +165,15 @@ class Reassembler:
         O(1) per part until the last one (which joins the message): the header is checked against
         itself, the topic index, our size bounds and the publisher's budget before anything is kept.
         """
-        view = memoryview(part).cast("B")
-        if len(view) < PART_HEADER_BYTES:
-            raise Rejected(Reason.MALFORMED, f"update part of {len(view)} bytes is shorter than its header")
+        # bytes (what the link hands in) are read in place: this path runs once per received packet
+        view = part if isinstance(part, bytes) else memoryview(part).cast("B")
+        size = len(view)
+        if size < PART_HEADER_BYTES:
+            raise Rejected(Reason.MALFORMED, f"update part of {size} bytes is shorter than its header")
         magic, mid, idx, count, total = _PART.unpack_from(view)
         if magic != PART_MAGIC:
             raise Rejected(Reason.MALFORMED, "update part has a bad magic")
-        charge = max(len(view), MIN_PART_BYTES)
+        charge = size if size > MIN_PART_BYTES else MIN_PART_BYTES
         state = self._publishers.get(publisher)
         if state is not None and (mid in state.done or mid in state.refused):
             # A message already handed out, or already refused and reported: dropped, but its bytes
@@ -183,8 +186,8 @@ class Reassembler:
         except Rejected:
             self._refuse(publisher, mid)
             raise
-        self._check_part(view, idx, count, total, index)
-        body = view[PART_HEADER_BYTES:]
+        self._check_part(size, idx, count, total, index)
+        body = memoryview(view)[PART_HEADER_BYTES:]
         if count == 1:
             if state is not None:
                 self._drop(state, mid)
@@ -212,15 +215,15 @@ class Reassembler:
             raise Rejected(Reason.MALFORMED, f"count {count} inconsistent with total {total}")
 
     @staticmethod
-    def _check_part(view: memoryview, idx: int, count: int, total: int, index: int | None) -> None:
+    def _check_part(size: int, idx: int, count: int, total: int, index: int | None) -> None:
         """Refusals of this one part: its index (against the topic's) and its length."""
         if index is not None and index != idx:
             raise Rejected(Reason.MALFORMED, f"part index {idx} does not match its topic index {index}")
         if idx >= count:
             raise Rejected(Reason.MALFORMED, f"bad part numbering (index {idx}, count {count})")
-        size = -(-total // count)
-        expected = size if idx < count - 1 else total - (count - 1) * size
-        body_len = len(view) - PART_HEADER_BYTES
+        even = -(-total // count)
+        expected = even if idx < count - 1 else total - (count - 1) * even
+        body_len = size - PART_HEADER_BYTES
         if body_len != expected:
             raise Rejected(Reason.MALFORMED, f"part {idx}/{count} has {body_len} bytes, expected {expected}")
 
@@ -231,7 +234,9 @@ class Reassembler:
         now = self._clock()
         cap = self.max_bytes_per_window
         bucket = self._budgets.get(publisher)
-        if bucket is None:
+        if bucket is not None:
+            self._refill(bucket, now)
+        else:
             self._forget_full_budgets(now)
             if len(self._budgets) >= self._max_budgets:
                 if quiet:
@@ -241,11 +246,8 @@ class Reassembler:
                 )
             bucket = _Bucket(float(cap), now)
             self._budgets[publisher] = bucket
-        else:
-            self._refill(bucket, now)
-            self._budgets.move_to_end(publisher)
         if quiet:
-            bucket.tokens = max(0.0, bucket.tokens - charge)
+            bucket.tokens = bucket.tokens - charge if bucket.tokens > charge else 0.0
             return
         if charge > bucket.tokens:
             raise Rejected(
@@ -256,9 +258,10 @@ class Reassembler:
         bucket.tokens -= charge
 
     def _refill(self, bucket: _Bucket, now: float) -> None:
-        elapsed = max(0.0, now - bucket.stamp)
-        bucket.tokens = min(float(self.max_bytes_per_window), bucket.tokens + elapsed * self._rate)
-        bucket.stamp = now
+        if now > bucket.stamp:
+            tokens = bucket.tokens + (now - bucket.stamp) * self._rate
+            bucket.tokens = tokens if tokens < self._cap else self._cap
+            bucket.stamp = now
 
     def _forget_full_budgets(self, now: float) -> None:
         """Make room for a new publisher's bucket by forgetting buckets that have refilled."""
