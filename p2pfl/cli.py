@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -63,8 +62,10 @@ def _federation_init(args: argparse.Namespace) -> int:
     if (directory / "root.key").exists():
         raise P2PFLError(f"{directory} already holds a federation root key; pick another --dir")
     authority = FederationAuthority.create(directory)
-    print(f"federation {authority.root.federation_id} created in {directory}")
-    print(f"keep {directory / 'root.key'} offline; give {directory / 'federation.pub'} to every node")
+    print(
+        f"federation {authority.root.federation_id} created in {directory} (root key, federation.pub, ca.crt)"
+    )
+    print(f"keep {directory / 'root.key'} offline; `p2pfl federation issue` gives every node what it needs")
     return 0
 
 
@@ -99,14 +100,16 @@ def _public_keys(node_dir: Path) -> tuple[bytes, bytes]:
 
 def _federation_issue(args: argparse.Namespace) -> int:
     from p2pfl.federation import FederationAuthority
+    from p2pfl.tls import CA_FILE, NODE_CERT_FILE
 
-    authority = FederationAuthority.load(Path(args.dir))
+    authority = FederationAuthority.load(Path(args.dir))  # creates the CA file of an older federation
     node_dir = Path(args.node_dir)
     sign_key, box_key = _public_keys(node_dir)
-    cert = authority.issue(args.name, sign_key, box_key, args.ttl_days * DAY)
-    (node_dir / "certificate").write_bytes(cert.to_bytes())
-    shutil.copyfile(Path(args.dir) / "federation.pub", node_dir / "federation.pub")
-    print(f"issued {args.name} ({cert.node_id}), valid {args.ttl_days:g} days, into {node_dir}")
+    cert = authority.issue(args.name, sign_key, box_key, args.ttl_days * DAY, node_dir=node_dir)
+    print(
+        f"issued {args.name} ({cert.node_id}), valid {args.ttl_days:g} days, into {node_dir}: "
+        f"certificate, federation.pub, {NODE_CERT_FILE} (TLS), {CA_FILE}"
+    )
     return 0
 
 
@@ -148,11 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     init = fed.add_parser("init", help="create a federation root key")
-    init.add_argument("--dir", required=True, help="where root.key and federation.pub go")
+    init.add_argument("--dir", required=True, help="where root.key, federation.pub and ca.crt go")
     init.set_defaults(func=_federation_init)
     issue = fed.add_parser(
         "issue",
-        help="certify a node: from --node-dir/node.pub (see `p2pfl keys`), else its keys (created if missing)",
+        help="certify a node: from --node-dir/node.pub (see `p2pfl keys`), else its keys (created if missing); "
+        "writes certificate, federation.pub, node.crt and ca.crt into --node-dir",
     )
     issue.add_argument("name", help="human-readable node name, unique in the federation")
     issue.add_argument("--dir", required=True, help="the federation directory from `federation init`")

@@ -2,14 +2,13 @@
 
 The root signing key stays offline with the federation admin (FederationAuthority). Every node holds
 only the root public key and the revocation list (FederationRoot, the `federation.pub` file) and
-checks each peer's Certificate against it. Brokers authenticate MQTT clients with a short-lived
-token signed by the client's certified key (make_token / verify_token).
+checks each peer's Certificate against it. The root is also an X.509 CA (`ca.crt`, see p2pfl.tls):
+issuing a node writes its p2pfl Certificate and its TLS certificate, so MQTT sessions are mutual TLS
+between certified keys and need no passwords or tokens.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import math
@@ -24,37 +23,30 @@ import nacl.exceptions
 import nacl.signing
 
 from p2pfl.errors import IdentityError, Reason, Rejected
-from p2pfl.identity import Identity, ensure_private_dir, node_id_for, read_private_key, write_private_file
+from p2pfl.identity import ensure_private_dir, node_id_for, read_private_key, write_private_file
 
 __all__ = [
+    "CERTIFICATE_FILE",
     "CERT_TAG",
     "Certificate",
     "FEDERATION_FILE",
     "FederationAuthority",
     "FederationRoot",
     "MAX_CERT_BYTES",
-    "MAX_TOKEN_CHARS",
     "ROOT_KEY_FILE",
     "federation_id_for",
-    "make_broker_proof",
-    "make_token",
-    "verify_broker_proof",
-    "verify_token",
 ]
 
 CERT_TAG = "p2pfl-cert-1"
-TOKEN_DOMAIN = b"p2pfl-broker-auth"
-PROOF_DOMAIN = b"p2pfl-broker-proof"
 ROOT_KEY_FILE = "root.key"
 FEDERATION_FILE = "federation.pub"
+CERTIFICATE_FILE = "certificate"
 
 MAX_CERT_BYTES = 4096
-MAX_TOKEN_CHARS = 8192
 _MAX_NAME = 256
 _MAX_ID = 64
 _KEY = 32
 _SIG = 64
-_NONCE = 16
 # A certificate issued slightly "in the future" is accepted: node clocks differ a little.
 ISSUE_SKEW_S = 300.0
 
@@ -254,7 +246,9 @@ class FederationAuthority:
         write_private_file(key_path, bytes(key))
         root = FederationRoot(bytes(key.verify_key))
         root.save(directory / FEDERATION_FILE)
-        return cls(directory, key, root)
+        authority = cls(directory, key, root)
+        authority._ensure_ca_file()
+        return authority
 
     @classmethod
     def load(cls, directory: Path) -> FederationAuthority:
@@ -271,14 +265,44 @@ class FederationAuthority:
         else:
             root = FederationRoot(public)
             root.save(pub_path)
-        return cls(directory, key, root)
+        authority = cls(directory, key, root)
+        authority._ensure_ca_file()  # a federation made before TLS gets its CA here, from root.key
+        return authority
 
     @property
     def root(self) -> FederationRoot:
         return self._root
 
-    def issue(self, name: str, sign_key: bytes, box_key: bytes, ttl_s: float) -> Certificate:
-        """Certify a node's keys for `ttl_s` seconds from now."""
+    @property
+    def ca_pem(self) -> bytes:
+        """The federation's X.509 CA certificate (PEM); the same bytes every time (see p2pfl.tls)."""
+        from p2pfl.tls import ca_pem
+
+        return ca_pem(bytes(self._key))
+
+    def x509_pem(self, cert: Certificate) -> bytes:
+        """The X.509 (TLS) twin of `cert`, signed by the CA: same key, node id, name and validity."""
+        from p2pfl.tls import node_pem
+
+        if cert.federation_id != self._root.federation_id:
+            raise IdentityError(f"certificate of {cert.node_id!r} belongs to another federation")
+        return node_pem(bytes(self._key), cert)
+
+    def _ensure_ca_file(self) -> None:
+        from p2pfl.tls import CA_FILE
+
+        path = self._dir / CA_FILE
+        if not path.exists():
+            _write_public_file(path, self.ca_pem)
+
+    def issue(
+        self, name: str, sign_key: bytes, box_key: bytes, ttl_s: float, *, node_dir: Path | None = None
+    ) -> Certificate:
+        """Certify a node's keys for `ttl_s` seconds from now.
+
+        With `node_dir`, also write there everything the node reads at start besides its keys: the
+        certificate, federation.pub, its TLS certificate and the CA certificate.
+        """
         sign_key, box_key = bytes(sign_key), bytes(box_key)
         if len(sign_key) != _KEY or len(box_key) != _KEY:
             raise ValueError("sign_key and box_key must be 32 bytes each")
@@ -298,7 +322,21 @@ class FederationAuthority:
             signature=b"",
         )
         signature = self._key.sign(unsigned.signed_bytes()).signature
-        return replace(unsigned, signature=signature)
+        cert = replace(unsigned, signature=signature)
+        if node_dir is not None:
+            self.write_node_files(cert, Path(node_dir))
+        return cert
+
+    def write_node_files(self, cert: Certificate, node_dir: Path) -> None:
+        """Write `cert` and the TLS files for it into a node's data dir (created 0700 if missing)."""
+        from p2pfl.tls import CA_FILE, NODE_CERT_FILE
+
+        node_dir = ensure_private_dir(node_dir)
+        self._ensure_ca_file()
+        _write_public_file(node_dir / CERTIFICATE_FILE, cert.to_bytes())
+        self._root.save(node_dir / FEDERATION_FILE)
+        _write_public_file(node_dir / NODE_CERT_FILE, self.x509_pem(cert))
+        _write_public_file(node_dir / CA_FILE, self.ca_pem)
 
     def revoke(self, node_id: str) -> None:
         """Add `node_id` to the revocation list and rewrite federation.pub (distribute it to nodes)."""
@@ -306,118 +344,12 @@ class FederationAuthority:
         self._root.save(self._dir / FEDERATION_FILE)
 
 
-def _token_message(federation_id: str, username: str, ts: float, nonce: bytes) -> bytes:
-    # Domain tag plus an unambiguous (msgpack) encoding of the fields.
-    return TOKEN_DOMAIN + msgpack.packb([federation_id, username, float(ts), nonce], use_bin_type=True)
-
-
-def make_token(identity: Identity, cert: Certificate, now: float | None = None) -> str:
-    """MQTT password proving the client holds the certified key: base64(msgpack{cert, ts, nonce, sig})."""
-    if cert.node_id != identity.node_id or bytes(cert.sign_key) != identity.verify_key_bytes:
-        raise IdentityError("certificate does not belong to this identity")
-    ts = time.time() if now is None else float(now)
-    nonce = os.urandom(_NONCE)
-    sig = identity.sign(_token_message(cert.federation_id, cert.node_id, ts, nonce))
-    body = msgpack.packb({"cert": cert.to_bytes(), "ts": ts, "nonce": nonce, "sig": sig}, use_bin_type=True)
-    return base64.b64encode(body).decode("ascii")
-
-
-def verify_token(
-    root: FederationRoot,
-    username: str,
-    password: str,
-    now: float | None = None,
-    max_age_s: float = 120.0,
-) -> Certificate:
-    """Check an MQTT client's credentials; any failure is Rejected(AUTH_FAILED, why)."""
-    try:
-        return _verify_token(root, username, password, now, max_age_s)
-    except Rejected as exc:
-        if exc.reason is Reason.AUTH_FAILED:
-            raise
-        raise Rejected(Reason.AUTH_FAILED, f"{exc.reason.value}: {exc.detail}") from None
-    except Exception as exc:  # garbage must never escape as another exception type
-        raise Rejected(Reason.AUTH_FAILED, f"malformed token ({type(exc).__name__})") from None
-
-
-def _proof_message(federation_id: str, owner: str, client: str, password: str) -> bytes:
-    digest = hashlib.blake2b(password.encode("utf-8", "surrogatepass"), digest_size=32).digest()
-    return PROOF_DOMAIN + msgpack.packb([federation_id, owner, client, digest], use_bin_type=True)
-
-
-def make_broker_proof(identity: Identity, federation_id: str, client: str, password: str) -> bytes:
-    """A broker owner's answer to one client session: its signature over that session's fresh token.
-
-    Certificates are public, so anyone can run a broker that serves someone else's; only the
-    certified key can sign the token the client just sent, which a replayed proof cannot match.
-    """
-    return identity.sign(_proof_message(federation_id, identity.node_id, client, password))
-
-
-def verify_broker_proof(cert: Certificate, client: str, password: str, proof: bytes) -> bool:
-    """True if `proof` is `cert`'s holder answering the session that used `password`."""
-    try:
-        nacl.signing.VerifyKey(bytes(cert.sign_key)).verify(
-            _proof_message(cert.federation_id, cert.node_id, client, password), bytes(proof)
-        )
-    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
-        return False
-    return True
-
-
-def _fail(why: str) -> Rejected:
-    return Rejected(Reason.AUTH_FAILED, why)
-
-
-def _verify_token(
-    root: FederationRoot, username: Any, password: Any, now: float | None, max_age_s: float
-) -> Certificate:
-    if isinstance(username, bytes | bytearray):
-        username = bytes(username).decode("utf-8")
-    if isinstance(password, bytes | bytearray):
-        password = bytes(password).decode("ascii")
-    if not isinstance(username, str) or not username:
-        raise _fail("missing username")
-    if not isinstance(password, str) or not password:
-        raise _fail("missing password")
-    if len(password) > MAX_TOKEN_CHARS:
-        raise _fail("token too long")
-    try:
-        raw = base64.b64decode(password.encode("ascii"), validate=True)
-    except (UnicodeEncodeError, binascii.Error):
-        raise _fail("token is not base64") from None
-    try:
-        body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except Exception:
-        raise _fail("token is not msgpack") from None
-    if not isinstance(body, dict) or set(body) != {"cert", "ts", "nonce", "sig"}:
-        raise _fail("token has the wrong fields")
-    cert_bytes, ts, nonce, sig = body["cert"], body["ts"], body["nonce"], body["sig"]
-    if not isinstance(cert_bytes, bytes):
-        raise _fail("token certificate must be bytes")
-    if not _finite_number(ts):
-        raise _fail("token timestamp must be a finite number")
-    if not (isinstance(nonce, bytes) and len(nonce) == _NONCE):
-        raise _fail("token nonce must be 16 bytes")
-    if not (isinstance(sig, bytes) and len(sig) == _SIG):
-        raise _fail("token signature must be 64 bytes")
-    try:
-        cert = Certificate.from_bytes(cert_bytes)
-    except Rejected as exc:
-        raise _fail(f"token certificate is malformed: {exc.detail}") from None
-    if username != cert.node_id:
-        raise _fail(f"username {username[:64]!r} does not match certificate node id {cert.node_id!r}")
-    try:
-        root.verify(cert, now=now)
-    except Rejected as exc:
-        raise _fail(f"certificate refused ({exc.reason.value}): {exc.detail}") from None
-    try:
-        nacl.signing.VerifyKey(cert.sign_key).verify(
-            _token_message(cert.federation_id, username, float(ts), nonce), sig
-        )
-    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
-        raise _fail("token signature does not verify with the certified key") from None
-    t = time.time() if now is None else now
-    if not abs(t - float(ts)) <= max_age_s:
-        raise _fail(f"token timestamp is {t - float(ts):.0f} s off (limit {max_age_s:.0f} s)")
-    return cert
+def _write_public_file(path: Path, data: bytes) -> None:
+    """Write public `data` atomically (a torn certificate would lock the node out), mode 0644."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)

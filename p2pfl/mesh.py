@@ -4,12 +4,13 @@
 tested with an in-memory mesh while end-to-end tests run `MqttMesh`, the real thing:
 
 - its own broker (the outbox), where it publishes its certificate and one copy of each update per
-  recipient, on that recipient's inbox topic;
-- a link to every advertised peer's broker (mDNS, or static peers), which fetches the peer's
-  certificate and a fresh proof that the broker holds the certified key, then subscribes to the
-  peer's updates for us;
-- membership: the peers whose certificate chains to the federation root, matches what discovery
-  advertised, and whose broker proved possession of the key.
+  recipient, on that recipient's inbox topic; every client connects with mutual TLS and is known by
+  the node id its certificate proves;
+- a link to every advertised peer's broker (mDNS, or static peers), over mutual TLS: the broker's
+  certificate must prove the node id discovery advertised; the link fetches the peer's p2pfl
+  certificate (it carries the box key updates are sealed to) and subscribes to its updates for us;
+- membership: the peers whose broker proved its node id in the TLS handshake and whose p2pfl
+  certificate chains to the federation root, names that node, and matches what discovery advertised.
 """
 
 from __future__ import annotations
@@ -24,16 +25,10 @@ from typing import Any, Protocol
 from p2pfl.config import NodeConfig
 from p2pfl.discovery import Discovery, PeerAd
 from p2pfl.errors import Reason, Rejected
-from p2pfl.federation import (
-    Certificate,
-    FederationRoot,
-    make_broker_proof,
-    make_token,
-    verify_broker_proof,
-    verify_token,
-)
+from p2pfl.federation import Certificate, FederationRoot
 from p2pfl.identity import Identity
 from p2pfl.metrics import Metrics
+from p2pfl.tls import NodeTls, load_node_tls, peer_node_id
 from p2pfl.transport import Outbox, PeerLink
 
 __all__ = ["Mesh", "MqttMesh", "OnUpdate"]
@@ -64,11 +59,10 @@ class Peer:
     link: PeerLink
     cert: Certificate | None = None
     fingerprint: str | None = None  # what mDNS advertised; the certificate must match it
-    proof: tuple[str, bytes, str] | None = None  # (publisher, proof, session password) awaiting the cert
 
 
 class MqttMesh:
-    """Own embedded broker + links to peers' brokers + mDNS discovery, with certificate proofs."""
+    """Own embedded broker + links to peers' brokers + mDNS discovery, all sessions mutual TLS."""
 
     def __init__(
         self,
@@ -78,20 +72,25 @@ class MqttMesh:
         cert: Certificate,
         root: FederationRoot,
         metrics: Metrics,
+        tls: NodeTls | None = None,
     ) -> None:
+        """`tls`: the node's TLS credentials; read from the data dir (node.crt, ca.crt) when omitted,
+        and a data dir without them stops the node with the command that creates them."""
         self.cfg = cfg
         self.identity, self.cert, self.root, self.metrics = identity, cert, root, metrics
         self.node_id = identity.node_id
         self.fed = root.federation_id
+        self.tls = tls or load_node_tls(cfg.data_dir, identity, cert, root)
+        self._client_tls = self.tls.client_context()
         self.peers: dict[str, Peer] = {}  # by "host:port"
         self.outbox = Outbox(
             cfg.node.host,
             cfg.node.port,
             self.fed,
             self.node_id,
-            authenticate=lambda username, password: verify_token(root, username, password).node_id,
+            ssl_context=self.tls.server_context(),
+            verify=self._identify,
             on_reject=lambda reason, detail: metrics.reject(reason, detail, peer="broker client"),
-            prove=lambda client, password: make_broker_proof(identity, self.fed, client, password),
         )
         self.discovery: Discovery | None = None
         self._on_update: OnUpdate | None = None
@@ -104,7 +103,7 @@ class MqttMesh:
         return {
             p.cert.node_id: p.cert
             for p in self.peers.values()
-            if p.cert and p.link.connected and p.link.trusted_publisher == p.cert.node_id
+            if p.cert and p.link.connected and p.link.peer_id == p.cert.node_id
         }
 
     async def start(self, on_update: OnUpdate, on_change: Callable[[], None]) -> None:
@@ -113,7 +112,7 @@ class MqttMesh:
         await self.outbox.publish_certificate(self.cert.to_bytes())
         for peer in self.cfg.discovery.static_peers:
             host, _, port = peer.rpartition(":")
-            self._add_link(host, int(port), None)
+            self._add_link(host, int(port), None, None)
         if self.cfg.discovery.mdns:
             node = self.cfg.node
             ad = PeerAd(
@@ -141,23 +140,33 @@ class MqttMesh:
 
     # -- links --------------------------------------------------------------------------------------
 
-    def _credentials(self) -> tuple[str, str]:
-        return self.node_id, make_token(self.identity, self.cert)
+    def _identify(self, ssl_object: object) -> str:
+        """The node id a TLS peer's certificate proves (Rejected if revoked or not ours)."""
+        return peer_node_id(ssl_object, self.root)
 
-    def _add_link(self, host: str, port: int, fingerprint: str | None) -> None:
+    def _add_link(self, host: str, port: int, node_id: str | None, fingerprint: str | None) -> None:
         address = f"{host}:{port}"
-        if address in self.peers or (host, port) == (self.cfg.node.host, self.outbox.port):
+        if (host, port) == (self.cfg.node.host, self.outbox.port):
+            return
+        known = self.peers.get(address)
+        if known is not None:
+            if node_id is not None and known.link.expected != node_id:
+                # another node advertises this address now: the link must prove the new id
+                log.info("peer at %s now advertises node %s", address, node_id)
+                known.link.expected, known.fingerprint, known.cert = node_id, fingerprint, None
             return
         link = PeerLink(
             host,
             port,
             self.fed,
-            self._credentials,
+            self.node_id,
+            tls_context=self._client_tls,
+            identify=self._identify,
             on_certificate=lambda pub, data: self._on_certificate(address, pub, data),
             on_update=lambda pub, msg: self._deliver(pub, msg),
             on_reject=lambda reason, detail: self.metrics.reject(reason, detail, peer=address),
             max_message_bytes=int(self.cfg.gossip.max_update_mb * (1 << 20)),
-            on_proof=lambda pub, proof, password: self._on_proof(address, pub, proof, password),
+            expected=node_id,
         )
         self.peers[address] = Peer(link=link, fingerprint=fingerprint)
         self._spawn(link.start())
@@ -176,7 +185,7 @@ class MqttMesh:
         assert self.discovery is not None
         advertised = {f"{a.host}:{a.port}": a for a in self.discovery.peers().values()}
         for ad in advertised.values():
-            self._add_link(ad.host, ad.port, ad.fingerprint)
+            self._add_link(ad.host, ad.port, ad.node_id, ad.fingerprint)
         for address in list(self.peers):
             if address not in advertised and address not in self.cfg.discovery.static_peers:
                 peer = self.peers.pop(address)
@@ -184,47 +193,28 @@ class MqttMesh:
                 self._spawn(peer.link.stop())
         self._on_change()
 
-    # -- proving who a broker is --------------------------------------------------------------------
+    # -- who a broker is ----------------------------------------------------------------------------
 
     def _on_certificate(self, address: str, publisher: str, data: bytes) -> None:
+        """The p2pfl certificate on a broker whose TLS certificate proved `publisher`: it must chain to
+        the root, name that node, and match what discovery advertised."""
         peer = self.peers.get(address)
         if peer is None or publisher == self.node_id:
             return
         try:
             cert = Certificate.from_bytes(data)
             self.root.verify(cert)
-            if cert.node_id != publisher:
-                raise Rejected(Reason.UNCERTIFIED, f"certificate of {cert.node_id} published by {publisher}")
+            if cert.node_id != publisher or publisher != peer.link.peer_id:
+                raise Rejected(
+                    Reason.PEER_IDENTITY,
+                    f"certificate of {cert.node_id} on the broker of {peer.link.peer_id} at {address}",
+                )
             if peer.fingerprint and cert.fingerprint() != peer.fingerprint:
                 raise Rejected(Reason.UNCERTIFIED, "certificate does not match the advertised fingerprint")
         except Rejected as exc:
             self.metrics.reject(exc.reason, exc.detail, peer=address)
             return
+        if peer.cert is None or peer.cert.node_id != cert.node_id:
+            log.info("peer %s (%s) at %s certified, identity proven by TLS", cert.name, cert.node_id, address)
         peer.cert = cert
-        self._check_proof(address, peer)
-
-    def _on_proof(self, address: str, publisher: str, proof: bytes, password: str) -> None:
-        peer = self.peers.get(address)
-        if peer is not None:
-            peer.proof = (publisher, proof, password)
-            self._check_proof(address, peer)
-
-    def _check_proof(self, address: str, peer: Peer) -> None:
-        """Trust a link only once its broker signed our fresh token with the certificate's key:
-        certificates are public, so serving one proves nothing by itself."""
-        if peer.cert is None or peer.proof is None:
-            return
-        (publisher, proof, password), peer.proof = peer.proof, None
-        if publisher != peer.cert.node_id or not verify_broker_proof(
-            peer.cert, self.node_id, password, proof
-        ):
-            self.metrics.reject(
-                Reason.BAD_SIGNATURE,
-                f"broker at {address} could not prove it holds the key of {peer.cert.name} ({peer.cert.node_id})",
-                peer=address,
-            )
-            return
-        if peer.link.trusted_publisher is None:
-            log.info("peer %s (%s) at %s certified and proven", peer.cert.name, peer.cert.node_id, address)
-        peer.link.trusted_publisher = peer.cert.node_id
         self._on_change()

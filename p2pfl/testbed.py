@@ -206,9 +206,10 @@ def prepare(args: argparse.Namespace, out: Path, hosts: list[str] | None = None)
     for i in range(count):
         directory = out / f"node-{i}"
         identity = load_or_create(directory)
-        cert = authority.issue(f"node-{i}", identity.verify_key_bytes, identity.box_public_bytes, YEAR)
-        (directory / "certificate").write_bytes(cert.to_bytes())
-        authority.root.save(directory / "federation.pub")
+        # certificate, federation.pub and the TLS files (node.crt, ca.crt) into the node's data dir
+        authority.issue(
+            f"node-{i}", identity.verify_key_bytes, identity.box_public_bytes, YEAR, node_dir=directory
+        )
         path = directory / "node.toml"
         host = hosts[i] if hosts else HOST
         path.write_text(config_mod.to_toml(node_config(args, i, directory, host)))

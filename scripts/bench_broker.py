@@ -6,7 +6,8 @@ Everything runs in one process and one event loop, as in a node: the owner's emb
 baseline, measured in the same run, sends the same bytes over raw loopback TCP (blocking sockets:
 one sender thread writes to each receiver in turn, receiver threads read into preallocated
 buffers), so the ratio shows what MQTT framing, the broker and the reassembly cost on top of
-moving the bytes. Each figure is the time from the start of the publish
+moving the bytes (the MQTT sessions are mutual TLS, as in a node, so that includes encryption; the
+baseline is plain TCP). Each figure is the time from the start of the publish
 until the last receiver holds the whole message; medians over the reps are printed, then one JSON
 line (the last line).
 
@@ -30,8 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from p2pfl.errors import Reason
-from p2pfl.federation import Certificate, FederationAuthority, make_token, verify_token
+from p2pfl.federation import FederationAuthority
 from p2pfl.identity import Identity
+from p2pfl.tls import NodeTls, peer_node_id
 from p2pfl.transport import Outbox, PeerLink
 
 HOST = "127.0.0.1"
@@ -57,19 +59,15 @@ class Receiver:
         self.rejects.append(f"{reason.value}: {detail}")
 
 
-def make_members(directory: Path, n: int) -> tuple[FederationAuthority, list[tuple[Identity, Certificate]]]:
+def make_members(directory: Path, n: int) -> tuple[FederationAuthority, list[NodeTls]]:
+    """Certified members with their TLS credentials (every MQTT session is mutual TLS)."""
     authority = FederationAuthority.create(directory)
     members = []
     for i in range(n):
         ident = Identity.generate()
-        members.append(
-            (ident, authority.issue(f"n{i}", ident.verify_key_bytes, ident.box_public_bytes, TTL_S))
-        )
+        cert = authority.issue(f"n{i}", ident.verify_key_bytes, ident.box_public_bytes, TTL_S)
+        members.append(NodeTls(ident, authority.x509_pem(cert), authority.ca_pem))
     return authority, members
-
-
-def credentials(identity: Identity, cert: Certificate) -> tuple[str, str]:
-    return identity.node_id, make_token(identity, cert)
 
 
 def all_received(sinks: list[Receiver], count: int) -> bool:
@@ -93,8 +91,9 @@ async def bench_mqtt(
         HOST,
         0,
         root.federation_id,
-        owner[0].node_id,
-        authenticate=lambda u, p: verify_token(root, u, p).node_id,
+        owner.node_id,
+        ssl_context=owner.server_context(),
+        verify=functools.partial(peer_node_id, root=root),
         on_reject=lambda reason, detail: print(f"broker refused: {reason.value}: {detail}", file=sys.stderr),
         chunk_bytes=chunk_bytes,
     )
@@ -105,13 +104,15 @@ async def bench_mqtt(
             HOST,
             outbox.port,
             root.federation_id,
-            functools.partial(credentials, ident, cert),
+            member.node_id,
+            tls_context=member.client_context(),
+            identify=functools.partial(peer_node_id, root=root),
             on_certificate=sink.on_certificate,
             on_update=sink.on_update,
             on_reject=sink.on_reject,
             max_message_bytes=size + (1 << 20),
         )
-        for (ident, cert), sink in zip(subs, sinks, strict=True)
+        for member, sink in zip(subs, sinks, strict=True)
     ]
     times = []
     try:
@@ -119,7 +120,7 @@ async def bench_mqtt(
             await link.start()
         await wait_until(lambda: all(link.connected for link in links), 30, "links")
         await asyncio.sleep(0.3)  # let the subscriptions settle
-        recipients = [ident.node_id for ident, _ in subs]
+        recipients = [member.node_id for member in subs]
         for rep in range(reps):
             message = os.urandom(size)
             t0 = time.perf_counter()

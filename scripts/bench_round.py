@@ -106,6 +106,7 @@ class BenchNode:
         from p2pfl.federation import Certificate, FederationRoot
         from p2pfl.identity import Identity
         from p2pfl.round import RoundCore
+        from p2pfl.tls import NodeTls
         from p2pfl.topology import parse_topology
 
         self.index = index
@@ -115,6 +116,7 @@ class BenchNode:
         )
         self.cert = Certificate.from_bytes(setup["cert"])
         self.root = FederationRoot(setup["root_key"])
+        self.tls = NodeTls(self.identity, setup["tls_cert"], setup["tls_ca"])  # every session is mutual TLS
         self.fed = self.root.federation_id
         self.node_id = self.identity.node_id
         self.chunk_bytes = setup["chunk_bytes"]
@@ -247,8 +249,8 @@ class BenchNode:
         assert self.changed is not None
         self.changed.set()
 
-    def _make_link(self, port: int) -> Any:
-        from p2pfl.federation import make_token
+    def _make_link(self, port: int, expected: str) -> Any:
+        from p2pfl.tls import peer_node_id
         from p2pfl.transport import PeerLink
 
         node = self
@@ -269,7 +271,10 @@ class BenchNode:
             HOST,
             port,
             self.fed,
-            lambda: (self.node_id, make_token(self.identity, self.cert)),
+            self.node_id,
+            tls_context=self.tls.client_context(),
+            identify=lambda ssl_object: peer_node_id(ssl_object, self.root),
+            expected=expected,
             on_certificate=self._on_certificate,
             on_update=self._on_update,
             on_reject=lambda reason, detail: self.rejects.append(f"{reason.value}: {detail}"),
@@ -420,7 +425,7 @@ class BenchNode:
         return await asyncio.to_thread(blocking)
 
     async def main(self) -> None:
-        from p2pfl.federation import verify_token
+        from p2pfl.tls import peer_node_id
         from p2pfl.transport import Outbox
 
         self.changed = asyncio.Event()
@@ -429,7 +434,8 @@ class BenchNode:
             0,
             self.fed,
             self.node_id,
-            authenticate=lambda u, p: verify_token(self.root, u, p).node_id,
+            ssl_context=self.tls.server_context(),
+            verify=lambda ssl_object: peer_node_id(ssl_object, self.root),
             on_reject=lambda reason, detail: self.rejects.append(f"broker {reason.value}: {detail}"),
             chunk_bytes=self.chunk_bytes,
         )
@@ -453,7 +459,7 @@ class BenchNode:
             self.others = sorted(row["node_id"] for row in table if row["node_id"] != self.node_id)
             for row in table:
                 if row["node_id"] != self.node_id:
-                    link = self._make_link(row["mqtt_port"])
+                    link = self._make_link(row["mqtt_port"], row["node_id"])
                     self.links[row["node_id"]] = link
                     await link.start()
             await asyncio.to_thread(self._setup_tcp, table)
@@ -577,6 +583,8 @@ class Coordinator:
                 "box_key": bytes(ident.box_key),
                 "cert": cert.to_bytes(),
                 "root_key": auth.root.public_key,
+                "tls_cert": auth.x509_pem(cert),
+                "tls_ca": auth.ca_pem,
                 "chunk_bytes": int(self.args.chunk_mib * (1 << 20)),
                 "switch_interval_ms": self.args.switch_interval_ms,
                 "zero_copy_decode": self.args.zero_copy_decode,

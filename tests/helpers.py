@@ -6,14 +6,21 @@ from pathlib import Path
 
 from p2pfl.federation import Certificate, FederationAuthority
 from p2pfl.identity import Identity, load_or_create
+from p2pfl.tls import NodeTls
 
 YEAR = 365 * 86400.0
 
 
 def certify(authority: FederationAuthority, name: str, directory: Path) -> tuple[Identity, Certificate]:
-    """Keys for a node in `directory`, certified by `authority`, with the files a node reads at start."""
+    """Keys for a node in `directory`, certified by `authority`, with the files a node reads at start
+    (certificate, federation.pub, and the TLS files node.crt and ca.crt)."""
     identity = load_or_create(directory)
-    cert = authority.issue(name, identity.verify_key_bytes, identity.box_public_bytes, YEAR)
-    (directory / "certificate").write_bytes(cert.to_bytes())
-    authority.root.save(directory / "federation.pub")
+    cert = authority.issue(
+        name, identity.verify_key_bytes, identity.box_public_bytes, YEAR, node_dir=directory
+    )
     return identity, cert
+
+
+def node_tls(authority: FederationAuthority, identity: Identity, cert: Certificate) -> NodeTls:
+    """TLS credentials for an in-memory member (no data dir): its X.509 twin and the CA."""
+    return NodeTls(identity, authority.x509_pem(cert), authority.ca_pem)

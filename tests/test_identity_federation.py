@@ -1,11 +1,9 @@
-"""Identity files, certificates, the federation root and broker tokens."""
+"""Identity files, certificates and the federation root (TLS credentials: tests/test_tls.py)."""
 
 from __future__ import annotations
 
-import base64
 import random
 import stat
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,13 +11,7 @@ import msgpack
 import pytest
 
 from p2pfl.errors import IdentityError, Reason, Rejected
-from p2pfl.federation import (
-    Certificate,
-    FederationAuthority,
-    FederationRoot,
-    make_token,
-    verify_token,
-)
+from p2pfl.federation import Certificate, FederationAuthority, FederationRoot
 from p2pfl.identity import Identity, load_or_create, node_id_for
 
 
@@ -227,102 +219,6 @@ def test_federation_root_json(tmp_path: Path) -> None:
             FederationRoot.load(path)
     with pytest.raises(IdentityError):
         FederationRoot.load(tmp_path / "missing.pub")
-
-
-# ---------------------------------------------------------------- broker tokens
-
-
-def test_token_valid(member, authority: FederationAuthority) -> None:
-    ident, cert = member
-    token = make_token(ident, cert)
-    assert isinstance(token, str)
-    assert verify_token(authority.root, ident.node_id, token) == cert
-
-
-def _auth_failed(root: FederationRoot, username, password, now: float | None = None) -> str:
-    with pytest.raises(Rejected) as err:
-        verify_token(root, username, password, now=now)
-    assert err.value.reason is Reason.AUTH_FAILED
-    assert err.value.detail
-    return err.value.detail
-
-
-def test_token_rejections(tmp_path: Path, member, authority: FederationAuthority) -> None:
-    ident, cert = member
-    root = authority.root
-    now = time.time()
-    token = make_token(ident, cert, now=now)
-    assert "username" in _auth_failed(root, "0" * 16, token, now=now)
-    assert "off" in _auth_failed(root, ident.node_id, token, now=now + 1000)
-    future = make_token(ident, cert, now=now + 1000)
-    assert "off" in _auth_failed(root, ident.node_id, future, now=now)
-    other = FederationAuthority.create(tmp_path / "other").root
-    assert "wrong_federation" in _auth_failed(other, ident.node_id, token, now=now)
-    assert "revoked" in _auth_failed(root.with_revoked(ident.node_id), ident.node_id, token, now=now)
-    # Someone replaying the public certificate without the private key cannot sign.
-    body = msgpack.unpackb(base64.b64decode(token), raw=False)
-    body["sig"] = Identity.generate().sign(b"whatever")
-    forged = base64.b64encode(msgpack.packb(body, use_bin_type=True)).decode()
-    assert "signature" in _auth_failed(root, ident.node_id, forged, now=now)
-
-
-def test_make_token_refuses_foreign_certificate(member) -> None:
-    with pytest.raises(IdentityError):
-        make_token(Identity.generate(), member[1])
-
-
-def test_token_garbage_only_raises_auth_failed(member, authority: FederationAuthority) -> None:
-    ident, cert = member
-    root = authority.root
-    rng = random.Random(7)
-    good = make_token(ident, cert)
-    raw = base64.b64decode(good)
-    body = msgpack.unpackb(raw, raw=False)
-    candidates: list = ["", "x", "====", "é" * 10, "A" * 20000, None, 12, b"\xff\xfe", good[:-4], good + "A"]
-    candidates += [
-        "".join(chr(rng.randrange(32, 0x3000)) for _ in range(rng.randrange(1, 200))) for _ in range(200)
-    ]
-    candidates += [base64.b64encode(rng.randbytes(rng.randrange(0, 600))).decode() for _ in range(200)]
-    for key, value in [
-        ("cert", "str"),
-        ("ts", "now"),
-        ("ts", float("inf")),
-        ("nonce", b"1"),
-        ("sig", 5),
-        ("cert", b"garbage"),
-        ("extra", 1),
-    ]:
-        mutated = dict(body)
-        mutated[key] = value
-        candidates.append(base64.b64encode(msgpack.packb(mutated, use_bin_type=True)).decode())
-    for _ in range(200):
-        flipped = bytearray(raw)
-        flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
-        candidates.append(base64.b64encode(bytes(flipped)).decode())
-    for password in candidates:
-        for username in (ident.node_id, "", None, "\x00"):
-            try:
-                verify_token(root, username, password)
-            except Rejected as exc:
-                assert exc.reason is Reason.AUTH_FAILED
-            except Exception as exc:  # pragma: no cover
-                pytest.fail(f"verify_token raised {type(exc).__name__} for {password!r:.60}")
-
-
-def test_broker_proof_binds_key_client_and_session(tmp_path: Path) -> None:
-    from p2pfl.federation import make_broker_proof, verify_broker_proof
-
-    authority = FederationAuthority.create(tmp_path / "fed")
-    owner = Identity.generate()
-    cert = authority.issue("owner", owner.verify_key_bytes, owner.box_public_bytes, 3600)
-    fed = authority.root.federation_id
-    proof = make_broker_proof(owner, fed, "client-1", "token-A")
-    assert verify_broker_proof(cert, "client-1", "token-A", proof)
-    assert not verify_broker_proof(cert, "client-1", "token-B", proof)  # replayed into another session
-    assert not verify_broker_proof(cert, "client-2", "token-A", proof)  # answered to someone else
-    impostor = make_broker_proof(Identity.generate(), fed, "client-1", "token-A")
-    assert not verify_broker_proof(cert, "client-1", "token-A", impostor)  # serves a cert it does not hold
-    assert not verify_broker_proof(cert, "client-1", "token-A", b"\x00" * 3)
 
 
 def test_an_uncreatable_data_dir_is_an_identity_error(tmp_path: Path) -> None:

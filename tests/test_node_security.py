@@ -1,8 +1,9 @@
 """A real node behind a real broker refuses hostile updates, counts each reason, and keeps working.
 
-The test plays a certified neighbour "A" (its own real amqtt broker, which the node links to) and an
-outsider from another federation "C", and pushes good, replayed, forged, malformed, non-finite,
-mis-shaped, late and foreign updates through the real MQTT path.
+The test plays a certified neighbour "A" (its own real amqtt broker, which the node links to), an
+outsider from another federation "C", and a certified member "E" whose broker poses as member "D",
+and pushes good, replayed, forged, malformed, non-finite, mis-shaped, late and foreign updates
+through the real MQTT path (mutual TLS on every session).
 """
 
 from __future__ import annotations
@@ -18,17 +19,19 @@ import aiomqtt
 import numpy as np
 import pytest
 from aiomqtt.exceptions import MqttConnectError
-from helpers import certify
+from helpers import certify, node_tls
 
 from p2pfl import codec
 from p2pfl.config import NodeConfig, validate
 from p2pfl.envelope import SIGN_DOMAIN, UpdateMeta, seal
-from p2pfl.federation import FederationAuthority, make_broker_proof, make_token, verify_token
+from p2pfl.federation import FederationAuthority
 from p2pfl.identity import Identity
 from p2pfl.learning import get_params
 from p2pfl.node import Node
 from p2pfl.round import MAX_ROUNDS_AHEAD, STALENESS
+from p2pfl.tls import peer_node_id
 from p2pfl.transport import Outbox
+from p2pfl.transport.outbox import client_id_for
 
 HOST = "127.0.0.1"
 
@@ -58,27 +61,28 @@ class Neighbour:
     """A hand-driven certified peer: its own broker, its own keys, updates crafted by the test."""
 
     def __init__(
-        self, authority: FederationAuthority, name: str, directory: Path, prover: Identity | None = None
+        self, authority: FederationAuthority, name: str, directory: Path, poses_as: Neighbour | None = None
     ) -> None:
-        """`prover`: whose key answers the broker proof (an impostor serving a public certificate
-        does not hold the certified key)."""
+        """`poses_as`: a member whose certificate and topics this neighbour's broker serves, behind its
+        own TLS certificate (it cannot show the other member's: it lacks that key)."""
         self.identity, self.cert = certify(authority, name, directory)
+        self.tls = node_tls(authority, self.identity, self.cert)
         root = authority.root
-        prover = prover or self.identity
+        self.shown = poses_as or self
         self.outbox = Outbox(
             HOST,
             free_port(),
             root.federation_id,
-            self.identity.node_id,
-            authenticate=lambda u, p: verify_token(root, u, p).node_id,
+            self.shown.identity.node_id,
+            ssl_context=self.tls.server_context(),
+            verify=lambda obj: peer_node_id(obj, root),
             on_reject=lambda reason, detail: None,
-            prove=lambda client, pw: make_broker_proof(prover, root.federation_id, client, pw),
         )
         self.seq = 0
 
     async def start(self) -> None:
         await self.outbox.start()
-        await self.outbox.publish_certificate(self.cert.to_bytes())
+        await self.outbox.publish_certificate(self.shown.cert.to_bytes())
 
     def meta(self, round_: int, **changes: object) -> UpdateMeta:
         self.seq += 1
@@ -105,8 +109,9 @@ async def _scenario(tmp: Path) -> None:
     outsider_authority = FederationAuthority.create(tmp / "other-federation")
     a = Neighbour(authority, "node-a", tmp / "a")
     c = Neighbour(outsider_authority, "node-c", tmp / "c")
-    # An uncertified host serving the public certificate of member D, who is offline.
-    impostor = Neighbour(authority, "node-d", tmp / "d", prover=Identity.generate())
+    # Member E's broker serves the public certificate (and topics) of member D, who is offline.
+    d = Neighbour(authority, "node-d", tmp / "d")
+    impostor = Neighbour(authority, "node-e", tmp / "e", poses_as=d)
     for peer in (a, c, impostor):
         await peer.start()
 
@@ -119,7 +124,8 @@ async def _scenario(tmp: Path) -> None:
     await node.start()
     try:
         await until(lambda: a.identity.node_id in node.members())
-        await until(lambda: node.metrics.rejected["bad_signature"] == 1)  # the impostor's proof (see below)
+        # the outsider's broker shows a certificate of another federation: the link's handshake fails
+        await until(lambda: node.metrics.rejected["handshake"] >= 1)
         node.core.round = 10
         b_id, b_box = node.node_id, node.identity.box_public_bytes
         good = get_params(node.model)
@@ -143,7 +149,7 @@ async def _scenario(tmp: Path) -> None:
         await send(
             forge(sealed(good, a.meta(10)), c.identity)
         )  # re-signed by a key A's certificate does not hold
-        await until(lambda: rejected("bad_signature") == 2)
+        await until(lambda: rejected("bad_signature") == 1)
 
         await send(b"\x00garbage" * 100)
         await until(lambda: rejected("malformed") == 1)
@@ -172,18 +178,19 @@ async def _scenario(tmp: Path) -> None:
         )
         await until(lambda: rejected("not_recipient") == 1)
 
-        # The outsider's broker refuses the node, and the node never counts the outsider as a member;
-        # the impostor serves a valid certificate but cannot sign our token with its key.
-        await until(lambda: rejected("bad_signature") == 2)
+        # The node never counts the outsider as a member. The impostor's TLS certificate proves E, so
+        # the link follows only E's certificate and E's parts there: D's are refused, whoever signed them.
         assert c.identity.node_id not in node.members()
+        assert d.identity.node_id not in node.members()
         assert impostor.identity.node_id not in node.members()
+        impostor_link = next(p.link for p in node.mesh.peers.values() if p.link.port == impostor.outbox.port)
+        await until(lambda: impostor_link.connected and impostor_link.peer_id == impostor.identity.node_id)
         await impostor.outbox.publish_update(
-            seal(codec.encode(good), impostor.meta(10), impostor.identity, {b_id: b_box}), [b_id]
+            seal(codec.encode(good), d.meta(10), d.identity, {b_id: b_box}), [b_id]
         )
-        await asyncio.sleep(2)  # the link never subscribed to the unproven broker's inbox: nothing arrives
-        assert node.core.inbox.newest(impostor.identity.node_id) is None
-        impostor_link = next(p.link for p in node.mesh.peers.values() if p.cert and p.cert.name == "node-d")
-        assert impostor_link.trusted_publisher is None
+        await until(lambda: rejected("unknown_sender") >= 1)
+        assert node.core.inbox.newest(d.identity.node_id) is None
+        assert d.identity.node_id not in node.members()
 
         # Nothing was lost: the next honest update is still accepted.
         node.core.round = 11
@@ -192,19 +199,30 @@ async def _scenario(tmp: Path) -> None:
             lambda: (newest := node.core.inbox.newest(a.identity.node_id)) is not None and newest.round == 11
         )
 
-        # A plain MQTT client without credentials can neither connect to subscribe nor publish.
-        with pytest.raises(MqttConnectError):
+        # A plain MQTT client without a certificate cannot even finish the TLS handshake.
+        handshakes = rejected("handshake")
+        with pytest.raises(aiomqtt.MqttError):
             async with aiomqtt.Client(HOST, cfg.node.port, identifier="anon", timeout=5):
                 pass
-        assert rejected("auth_failed") >= 1  # the anonymous attempt was counted
-        # A certified member can connect but cannot overwrite what the node publishes.
+        await until(lambda: rejected("handshake") > handshakes)  # the attempt was counted
+        # A certified member cannot connect under another node's client id ...
+        with pytest.raises(MqttConnectError):
+            async with aiomqtt.Client(
+                HOST,
+                cfg.node.port,
+                identifier=client_id_for(b_id),
+                tls_context=a.tls.client_context(),
+                timeout=5,
+            ):
+                pass
+        assert rejected("peer_identity") >= 1
+        # ... and as itself it can connect but cannot overwrite what the node publishes.
         cert_topic = f"p2pfl/{node.root.federation_id}/{b_id}/cert"
         async with aiomqtt.Client(
             HOST,
             cfg.node.port,
-            username=a.identity.node_id,
-            password=make_token(a.identity, a.cert),
-            identifier="member",
+            identifier=client_id_for(a.identity.node_id),
+            tls_context=a.tls.client_context(),
             timeout=5,
         ) as client:
             await client.publish(cert_topic, b"forged", qos=1, retain=True)

@@ -1,10 +1,12 @@
-"""Transport: chunk reassembly (pure) and a real amqtt outbox with real aiomqtt links on 127.0.0.1."""
+"""Transport: chunk reassembly (pure) and a real amqtt outbox with real aiomqtt links on 127.0.0.1,
+every session mutual TLS between federation-certified keys."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,19 +19,19 @@ from amqtt.contexts import Action
 from amqtt.session import Session
 
 from p2pfl.envelope import ReplayGuard, UpdateMeta, open_envelope, seal
-from p2pfl.errors import ConfigError, Reason, Rejected, TransportError
-from p2pfl.federation import Certificate, FederationAuthority, FederationRoot, make_token, verify_token
+from p2pfl.errors import ConfigError, Reason, TransportError
+from p2pfl.federation import Certificate, FederationAuthority, FederationRoot
 from p2pfl.identity import Identity
+from p2pfl.tls import NodeTls, peer_node_id
 from p2pfl.transport import (
-    PART_HEADER_BYTES,
     Outbox,
     PeerLink,
-    Reassembler,
     cert_topic,
     split_message,
     update_topic,
 )
 from p2pfl.transport.amqtt_patches import SESSION_NODE
+from p2pfl.transport.outbox import client_id_for
 from p2pfl.transport.topics import (
     Kind,
     Topic,
@@ -37,8 +39,6 @@ from p2pfl.transport.topics import (
     inbox_filter,
     parse_topic,
     part_index,
-    proof_filter,
-    proof_topic,
 )
 
 HOST = "127.0.0.1"
@@ -46,142 +46,7 @@ MAX_MESSAGE = 64 << 20
 
 
 # ---------------------------------------------------------------------------------------------
-# Reassembler / split_message (pure)
-
-
-def _parts(message: bytes, chunk: int, mid: bytes | None = None) -> list[bytes]:
-    return split_message(message, chunk, mid)
-
-
-@pytest.mark.parametrize(
-    "total,chunk", [(1, 1024), (1000, 1024), (1024, 1024), (1025, 1024), (10_000, 1024), (9, 4), (4097, 100)]
-)
-def test_split_and_reassemble_roundtrip(total: int, chunk: int) -> None:
-    message = os.urandom(total)
-    parts = _parts(message, chunk)
-    assert len(parts) == -(-total // chunk)
-    assert all(len(p) - PART_HEADER_BYTES <= chunk for p in parts)
-    r = Reassembler(MAX_MESSAGE)
-    out = None
-    for i, p in enumerate(reversed(parts)):  # order must not matter
-        out = r.add("a", p, len(parts) - 1 - i)
-        if i < len(parts) - 1:
-            assert out is None
-    assert out == message
-    assert r.pending() == 0
-
-
-def test_reassembler_duplicates_and_completed_replays_are_ignored() -> None:
-    message = os.urandom(5000)
-    parts = _parts(message, 1000)
-    r = Reassembler(MAX_MESSAGE)
-    assert r.add("a", parts[0]) is None
-    assert r.add("a", parts[0]) is None  # duplicate part
-    outs = [r.add("a", p) for p in parts[1:]]
-    assert outs[-1] == message
-    # the same message delivered again (retained + live) does not start a new one or re-emit
-    assert all(r.add("a", p) is None for p in parts)
-    assert r.pending() == 0
-    single = _parts(b"xyz", 1000)
-    assert r.add("a", single[0]) == b"xyz"
-    assert r.add("a", single[0]) is None
-
-
-def test_reassembler_publishers_are_separate() -> None:
-    m1, m2 = os.urandom(3000), os.urandom(3000)
-    p1, p2 = _parts(m1, 1000), _parts(m2, 1000)
-    r = Reassembler(MAX_MESSAGE)
-    assert r.add("a", p1[0]) is None
-    assert r.add("b", p2[0]) is None
-    assert r.add("a", p1[1]) is None
-    assert r.add("b", p2[1]) is None
-    assert r.add("b", p2[2]) == m2
-    assert r.add("a", p1[2]) == m1
-
-
-def test_reassembler_keeps_at_most_two_incomplete_per_publisher() -> None:
-    msgs = [os.urandom(2000) for _ in range(3)]
-    parts = [_parts(m, 1000) for m in msgs]
-    r = Reassembler(MAX_MESSAGE)
-    for p in parts:
-        assert r.add("a", p[0]) is None
-    assert r.pending("a") == 2  # the oldest (msgs[0]) was dropped
-    assert r.add("a", parts[0][1]) is None  # restarts msgs[0], evicting msgs[1]
-    assert r.pending("a") == 2
-    assert r.add("a", parts[2][1]) == msgs[2]
-    assert r.pending_bytes() <= 2 * 1000
-
-
-def test_reassembler_bounds_publishers() -> None:
-    r = Reassembler(MAX_MESSAGE, max_publishers=3)
-    for i in range(10):
-        r.add(f"p{i}", _parts(os.urandom(2000), 1000)[0])
-    assert r.pending() == 3
-
-
-def test_reassembler_rejects_short_and_bad_magic() -> None:
-    r = Reassembler(MAX_MESSAGE)
-    with pytest.raises(Rejected) as e:
-        r.add("a", b"\x00" * (PART_HEADER_BYTES - 1))
-    assert e.value.reason is Reason.MALFORMED
-    part = bytearray(_parts(b"hello", 100)[0])
-    part[0] ^= 0xFF
-    with pytest.raises(Rejected) as e:
-        r.add("a", bytes(part))
-    assert e.value.reason is Reason.MALFORMED
-
-
-def _forge(mid: bytes, index: int, count: int, total: int, body: bytes) -> bytes:
-    import struct
-
-    return struct.pack(">4s16sIIQ", b"P2U1", mid, index, count, total) + body
-
-
-def test_reassembler_rejects_oversize_before_buffering() -> None:
-    r = Reassembler(1000)
-    with pytest.raises(Rejected) as e:
-        r.add("a", _forge(b"m" * 16, 0, 2, 1001, b"x" * 501))
-    assert e.value.reason is Reason.OVERSIZE
-    with pytest.raises(Rejected) as e:  # a real split of an oversize message
-        r.add("a", _parts(os.urandom(2000), 1000)[0])
-    assert e.value.reason is Reason.OVERSIZE
-    assert r.pending() == 0
-
-
-@pytest.mark.parametrize(
-    "index,count,total,body_len",
-    [
-        (0, 0, 10, 10),  # zero parts
-        (2, 2, 10, 5),  # index beyond count
-        (0, 11, 10, 1),  # more parts than bytes
-        (0, 1, 0, 0),  # empty message
-        (0, 2, 10, 4),  # wrong part length (expected 5)
-        (1, 3, 10, 3),  # wrong part length (expected 4)
-        (2, 3, 10, 4),  # wrong last part length (expected 2)
-        (0, 4, 5, 2),  # count inconsistent with total (last part would be empty)
-        (0, 1 << 20, 1 << 20, 1),  # absurd part count
-    ],
-)
-def test_reassembler_rejects_inconsistent_numbering(
-    index: int, count: int, total: int, body_len: int
-) -> None:
-    r = Reassembler(MAX_MESSAGE)
-    with pytest.raises(Rejected) as e:
-        r.add("a", _forge(b"m" * 16, index, count, total, b"x" * body_len))
-    assert e.value.reason is Reason.MALFORMED
-
-
-def test_reassembler_rejects_parts_that_disagree_and_topic_mismatch() -> None:
-    r = Reassembler(MAX_MESSAGE)
-    mid = b"k" * 16
-    assert r.add("a", _forge(mid, 0, 2, 10, b"x" * 5)) is None
-    with pytest.raises(Rejected) as e:  # same id, different shape
-        r.add("a", _forge(mid, 1, 3, 12, b"x" * 4))
-    assert e.value.reason is Reason.MALFORMED
-    with pytest.raises(Rejected) as e:  # header says part 1, topic said part 0
-        r.add("a", _forge(mid, 1, 2, 10, b"x" * 5), index=0)
-    assert e.value.reason is Reason.MALFORMED
-    assert r.add("a", _forge(mid, 1, 2, 10, b"y" * 5), index=1) == b"x" * 5 + b"y" * 5
+# pure parts (parts and their reassembly: tests/test_framing.py)
 
 
 def test_broker_broadcast_records_have_a_short_repr() -> None:
@@ -203,19 +68,14 @@ def test_update_topic_is_per_recipient() -> None:
 
 
 def test_topics_are_built_and_parsed_in_one_place() -> None:
-    assert proof_topic("f", "o", "c") == "p2pfl/f/o/proof/c"
-    assert (cert_filter("f"), proof_filter("f", "me"), inbox_filter("f", "me")) == (
-        "p2pfl/f/+/cert",
-        "p2pfl/f/+/proof/me",
-        "p2pfl/f/+/to/me/+",
-    )
+    assert (cert_filter("f"), inbox_filter("f", "me")) == ("p2pfl/f/+/cert", "p2pfl/f/+/to/me/+")
     assert parse_topic(cert_topic("f", "o")) == Topic("f", "o", Kind.CERT)
-    assert parse_topic(proof_topic("f", "o", "c")) == Topic("f", "o", Kind.PROOF, "c")
     assert parse_topic(update_topic("f", "o", "r", 7)) == Topic("f", "o", Kind.INBOX, "r", "7")
     assert parse_topic(inbox_filter("f", "me")) == Topic("f", "+", Kind.INBOX, "me", "+")
     for odd in (
         "p2pfl/f/o/cert/x",
         "p2pfl/f/o/proof",
+        "p2pfl/f/o/proof/c",
         "p2pfl/f/o/to/r",
         "p2pfl/f/o/to/r/0/x",
         "p2pfl/f/o/update/0",
@@ -236,8 +96,27 @@ def test_topics_are_built_and_parsed_in_one_place() -> None:
     ]
 
 
+def _server_context() -> ssl.SSLContext:
+    """A context with the right shape for tests that never open a connection."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _bare_outbox(host: str = HOST, port: int = 0) -> Outbox:
+    return Outbox(
+        host,
+        port,
+        "fed",
+        "own",
+        ssl_context=_server_context(),
+        verify=lambda obj: "x",
+        on_reject=lambda r, d: None,
+    )
+
+
 def _acl_outbox() -> Outbox:
-    return Outbox(HOST, 0, "fed", "own", authenticate=lambda u, p: u, on_reject=lambda r, d: None)
+    return _bare_outbox()
 
 
 def _session(node: str | None) -> Session:
@@ -313,8 +192,20 @@ def test_acl_receive_publish_and_unauthenticated() -> None:
 
 def test_peerlink_dispatch_accepts_only_its_own_inbox() -> None:
     sink = Sink()
-    link = make_link(1, "fed", lambda: ("me", "x"), sink)
-    link._me = "me"  # set by _session on connect
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    link = PeerLink(
+        HOST,
+        1,
+        "fed",
+        "me",
+        tls_context=ctx,
+        identify=lambda obj: "own",
+        on_certificate=sink.on_certificate,
+        on_update=sink.on_update,
+        on_reject=sink.on_reject,
+        max_message_bytes=MAX_MESSAGE,
+    )
+    link.peer_id = "own"  # set by _session once the broker's TLS certificate proved it
     message = os.urandom(5000)
     parts = split_message(message, 2000)
 
@@ -324,7 +215,11 @@ def test_peerlink_dispatch_accepts_only_its_own_inbox() -> None:
             await link._dispatch(f"p2pfl/fed/own/to/me/{index}/x", part)
             await link._dispatch(f"p2pfl/fed/own/update/{index}", part)
             await link._dispatch(f"p2pfl/otherfed/own/to/me/{index}", part)
-        assert sink.updates == [] and link._reassembler.pending() == 0
+            await link._dispatch(f"p2pfl/fed/other/to/me/{index}", part)  # not the broker's owner
+        await link._dispatch("p2pfl/fed/other/cert", b"cert")
+        assert sink.updates == [] and sink.certs == [] and link._reassembler.pending() == 0
+        assert {r for r, _ in sink.rejects} == {Reason.UNKNOWN_SENDER}
+        sink.rejects.clear()
         for index, part in enumerate(parts):
             await link._dispatch(f"p2pfl/fed/own/to/me/{index}", part)
         assert sink.updates == [("own", message)]
@@ -355,13 +250,17 @@ def free_port() -> int:
 class Member:
     identity: Identity
     cert: Certificate
+    tls: NodeTls
 
     @property
     def node_id(self) -> str:
         return self.identity.node_id
 
-    def credentials(self) -> tuple[str, str]:
-        return self.identity.node_id, make_token(self.identity, self.cert)
+    def client(self, port: int, **kwargs: object) -> aiomqtt.Client:
+        """A raw MQTT client of this member over mutual TLS (tests drive it by hand)."""
+        options: dict[str, object] = {"identifier": client_id_for(self.node_id), "timeout": 5}
+        options.update(kwargs)
+        return aiomqtt.Client(HOST, port, tls_context=self.tls.client_context(), **options)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -377,8 +276,8 @@ class Federation:
     def fid(self) -> str:
         return self.root.federation_id
 
-    def authenticate(self, username: str, password: str) -> str:
-        return verify_token(self.root, username, password).node_id
+    def identify(self, ssl_object: object) -> str:
+        return peer_node_id(ssl_object, self.root)
 
 
 def make_federation(directory: Path, n: int) -> Federation:
@@ -387,7 +286,7 @@ def make_federation(directory: Path, n: int) -> Federation:
     for i in range(n):
         ident = Identity.generate()
         cert = authority.issue(f"n{i}", ident.verify_key_bytes, ident.box_public_bytes, 3600)
-        members.append(Member(ident, cert))
+        members.append(Member(ident, cert, NodeTls(ident, authority.x509_pem(cert), authority.ca_pem)))
     return Federation(authority, members)
 
 
@@ -409,29 +308,46 @@ class Sink:
         self.rejects.append((reason, detail))
 
 
-def small_part_outbox(fed: Federation, owner: str) -> Outbox:
-    """The owner's broker on a free port, cutting updates into 64 KiB parts (many parts per test)."""
+def make_outbox(
+    fed: Federation,
+    owner: Member,
+    port: int = 0,
+    rejects: list[tuple[Reason, str]] | None = None,
+    **kwargs: int,
+) -> Outbox:
+    """The owner's broker (TLS with the owner's certificate) on 127.0.0.1."""
     return Outbox(
         HOST,
-        0,
+        port,
         fed.fid,
-        owner,
-        authenticate=fed.authenticate,
-        on_reject=lambda r, d: None,
-        chunk_bytes=64 << 10,
+        owner.node_id,
+        ssl_context=owner.tls.server_context(),
+        verify=fed.identify,
+        on_reject=(lambda r, d: None) if rejects is None else (lambda r, d: rejects.append((r, d))),
+        **kwargs,
     )
 
 
-def make_link(port: int, fid: str, credentials: Callable[[], tuple[str, str]], sink: Sink) -> PeerLink:
+def small_part_outbox(fed: Federation, owner: Member) -> Outbox:
+    """The owner's broker on a free port, cutting updates into 64 KiB parts (many parts per test)."""
+    return make_outbox(fed, owner, chunk_bytes=64 << 10)
+
+
+def make_link(
+    port: int, fed: Federation, member: Member, sink: Sink, expected: str | None = None
+) -> PeerLink:
     return PeerLink(
         HOST,
         port,
-        fid,
-        credentials,
+        fed.fid,
+        member.node_id,
+        tls_context=member.tls.client_context(),
+        identify=fed.identify,
         on_certificate=sink.on_certificate,
         on_update=sink.on_update,
         on_reject=sink.on_reject,
         max_message_bytes=MAX_MESSAGE,
+        expected=expected,
     )
 
 
@@ -487,20 +403,11 @@ def test_two_certified_clients_receive_10mb_update(tmp_path: Path) -> None:
     rejects: list[tuple[Reason, str]] = []
 
     async def main() -> None:
-        outbox = Outbox(
-            HOST,
-            0,
-            fed.fid,
-            owner.node_id,
-            authenticate=fed.authenticate,
-            on_reject=lambda r, d: rejects.append((r, d)),
-        )
+        outbox = make_outbox(fed, owner, rejects=rejects)
         await outbox.start()
         assert outbox.port > 0
         sinks = [Sink(), Sink()]
-        links = [
-            make_link(outbox.port, fed.fid, m.credentials, s) for m, s in zip((a, b), sinks, strict=True)
-        ]
+        links = [make_link(outbox.port, fed, m, s) for m, s in zip((a, b), sinks, strict=True)]
         try:
             for link in links:
                 await link.start()
@@ -531,74 +438,186 @@ def test_two_certified_clients_receive_10mb_update(tmp_path: Path) -> None:
     run(main, 100)
 
 
+def count_sessions(link: PeerLink) -> Callable[[], int]:
+    """Wrap a link's session attempts with a counter (to wait for retries without sleeping)."""
+    attempts = [0]
+    real = link._session
+
+    async def counted() -> None:
+        attempts[0] += 1
+        await real()
+
+    link._session = counted  # type: ignore[method-assign]
+    return lambda: attempts[0]
+
+
 @pytest.mark.timeout(60)
-def test_anonymous_and_foreign_clients_are_refused(tmp_path: Path) -> None:
-    fed = make_federation(tmp_path / "fed", 2)
+def test_clients_without_a_federation_certificate_never_reach_mqtt(tmp_path: Path) -> None:
+    fed = make_federation(tmp_path / "fed", 3)
     other = make_federation(tmp_path / "other", 1)
-    owner, a = fed.members
+    owner, a, revoked = fed.members
     stranger = other.members[0]
     rejects: list[tuple[Reason, str]] = []
+    root = fed.root.with_revoked(revoked.node_id)
 
     async def main() -> None:
         outbox = Outbox(
             HOST,
-            free_port(),
+            0,
             fed.fid,
             owner.node_id,
-            authenticate=fed.authenticate,
+            ssl_context=owner.tls.server_context(),
+            verify=lambda obj: peer_node_id(obj, root),
             on_reject=lambda r, d: rejects.append((r, d)),
         )
         await outbox.start()
+        no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        no_cert.check_hostname = False
+        no_cert.load_verify_locations(cadata=fed.authority.ca_pem.decode())
+        # the stranger's own certificate, presented to a client that trusts our CA
+        foreign = NodeTls(stranger.identity, stranger.tls.cert_pem, fed.authority.ca_pem).client_context()
         try:
-            # no username / password at all
-            with pytest.raises(aiomqtt.MqttError) as e:
-                async with aiomqtt.Client(HOST, outbox.port, identifier="anon-1", timeout=5):
-                    pass
-            assert isinstance(e.value, MqttConnectError)
-            # a username without a password
-            with pytest.raises(MqttConnectError):
-                async with aiomqtt.Client(
-                    HOST, outbox.port, username=a.node_id, identifier="anon-2", timeout=5
-                ):
-                    pass
-            # garbage token
-            with pytest.raises(MqttConnectError):
-                async with aiomqtt.Client(
-                    HOST, outbox.port, username=a.node_id, password="bm9wZQ==", identifier="anon-3", timeout=5
-                ):
-                    pass
-            # a valid token of another federation
-            user, token = stranger.credentials()
-            with pytest.raises(MqttConnectError):
-                async with aiomqtt.Client(
-                    HOST, outbox.port, username=user, password=token, identifier="foreign", timeout=5
-                ):
-                    pass
-            assert len(rejects) == 4 and all(r is Reason.AUTH_FAILED for r, _ in rejects)
-            assert any("anonymous" in d for _, d in rejects)
-            # refused sessions are not kept by the broker
-            assert outbox._broker is not None and len(outbox._broker.sessions) == 0
+            for name, ctx in [
+                ("plain MQTT", None),
+                ("TLS without a client certificate", no_cert),
+                ("another federation's certificate", foreign),
+                ("a revoked member", revoked.tls.client_context()),
+            ]:
+                with pytest.raises(aiomqtt.MqttError):
+                    async with aiomqtt.Client(
+                        HOST, outbox.port, identifier=client_id_for(a.node_id), tls_context=ctx, timeout=5
+                    ):
+                        pass
+                assert outbox._broker is not None and len(outbox._broker.sessions) == 0, name
+            reasons = {r for r, _ in rejects}
+            assert Reason.REVOKED in reasons and reasons <= {Reason.REVOKED, Reason.HANDSHAKE}
 
-            # a PeerLink with foreign credentials keeps retrying but reports the refusal once
+            # a link that does not trust the broker's CA gives up at the handshake, reported once
             sink = Sink()
-            link = make_link(outbox.port, fed.fid, stranger.credentials, sink)
+            link = make_link(outbox.port, fed, stranger, sink)
+            attempts = count_sessions(link)
             await link.start()
-            before = len(rejects)
-            await wait_until(lambda: len(rejects) - before >= 3, what="several refused attempts")
-            assert not link.connected
-            assert [r for r, _ in sink.rejects] == [Reason.AUTH_FAILED]
+            await wait_until(lambda: attempts() >= 3, what="several attempts")
+            assert not link.connected and [r for r, _ in sink.rejects] == [Reason.HANDSHAKE]
             await link.stop()
             # a certified member still gets in
-            async with aiomqtt.Client(
-                HOST,
-                outbox.port,
-                username=a.node_id,
-                password=a.credentials()[1],
-                identifier="member",
-                timeout=5,
-            ):
+            async with a.client(outbox.port):
                 pass
         finally:
+            await outbox.stop()
+
+    run(main, 50)
+
+
+@pytest.mark.timeout(60)
+def test_a_certified_client_is_admitted_only_as_itself(tmp_path: Path) -> None:
+    fed = make_federation(tmp_path / "fed", 3)
+    owner, a, b = fed.members
+    rejects: list[tuple[Reason, str]] = []
+
+    async def main() -> None:
+        outbox = make_outbox(fed, owner, rejects=rejects)
+        await outbox.start()
+        try:
+            refusals = [
+                ({"identifier": client_id_for(b.node_id)}, Reason.PEER_IDENTITY),  # another node's id
+                ({"identifier": b.node_id}, Reason.PEER_IDENTITY),
+                ({"identifier": f"{a.node_id}x"}, Reason.PEER_IDENTITY),
+                ({"identifier": "p2pfl-anything"}, Reason.PEER_IDENTITY),
+                ({"clean_session": False}, Reason.AUTH_FAILED),  # persistent sessions never expire
+                ({"will": aiomqtt.Will(cert_topic(fed.fid, owner.node_id), b"x")}, Reason.AUTH_FAILED),
+            ]
+            for options, reason in refusals:
+                before = len(rejects)
+                with pytest.raises(MqttConnectError):
+                    async with a.client(outbox.port, **options):
+                        pass
+                assert [r for r, _ in rejects[before:]] == [reason], options
+                assert outbox._broker is not None and len(outbox._broker.sessions) == 0
+            async with a.client(outbox.port, identifier=a.node_id):  # its bare node id is its own too
+                pass
+            # a link that finds another node than discovery advertised closes and says so, once
+            sink = Sink()
+            link = make_link(outbox.port, fed, a, sink, expected=b.node_id)
+            attempts = count_sessions(link)
+            await link.start()
+            await wait_until(lambda: attempts() >= 3, what="several attempts")
+            assert not link.connected and [r for r, _ in sink.rejects] == [Reason.PEER_IDENTITY]
+            assert "discovery advertised" in sink.rejects[0][1]
+            await link.stop()
+        finally:
+            await outbox.stop()
+
+    run(main, 50)
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_connect_changes_nothing_for_the_neighbour_it_names(tmp_path: Path) -> None:
+    """The attacks on stock amqtt, replayed: a certified member B sends CONNECTs carrying neighbour
+    A's live client id, with clean_session=1 (stock code deleted A's session and subscriptions) and
+    with clean_session=0 plus wills (stock code took A's session over, cut A off and published B's
+    will, here on A's inbox and on the owner's certificate topic, retained). Each is refused, and A's
+    session, subscriptions and retained messages stay as they were; A keeps receiving and gets no will."""
+    fed = make_federation(tmp_path / "fed", 3)
+    owner, a, b = fed.members
+    rejects: list[tuple[Reason, str]] = []
+
+    async def main() -> None:
+        outbox = make_outbox(fed, owner, rejects=rejects)
+        await outbox.start()
+        sink = Sink()
+        link = make_link(outbox.port, fed, a, sink, expected=owner.node_id)
+        try:
+            await outbox.publish_certificate(owner.cert.to_bytes())
+            await link.start()
+            first = os.urandom(5000)
+            await outbox.publish_update(first, [a.node_id])
+            await wait_until(lambda: link.connected and sink.updates, what="a's link and first update")
+            broker = outbox._broker
+            assert broker is not None
+            (victim_id,) = broker.sessions
+            victim = broker.sessions[victim_id][0]
+            assert victim_id.startswith(a.node_id)
+            subscriptions = {t: [s.client_id for s, _ in subs] for t, subs in broker.subscriptions.items()}
+            retained = dict(broker.retained_messages)
+            forged = split_message(b"forged by a will", 1024)[0]
+            attacks = [
+                {"clean_session": True},
+                {"clean_session": False},
+                {
+                    "clean_session": False,
+                    "will": aiomqtt.Will(update_topic(fed.fid, owner.node_id, a.node_id, 0), forged, 1, True),
+                },
+                {
+                    "clean_session": False,
+                    "will": aiomqtt.Will(cert_topic(fed.fid, owner.node_id), b"x", 1, True),
+                },
+                {
+                    "clean_session": True,
+                    "will": aiomqtt.Will(cert_topic(fed.fid, owner.node_id), b"x", 1, True),
+                },
+            ]
+            for attack in attacks:
+                with pytest.raises(MqttConnectError):
+                    async with b.client(outbox.port, identifier=victim_id, **attack):
+                        pass
+                assert list(broker.sessions) == [victim_id] and broker.sessions[victim_id][0] is victim
+                assert victim.transitions.is_connected()
+                assert {t: [s.client_id for s, _ in subs] for t, subs in broker.subscriptions.items()} == (
+                    subscriptions
+                )
+                assert dict(broker.retained_messages) == retained
+            assert [r for r, _ in rejects] == [Reason.PEER_IDENTITY] * len(attacks)
+            # A still receives, and nothing else arrived before this update: a will would have been
+            # queued for broadcast ahead of it
+            second = os.urandom(5000)
+            await outbox.publish_update(second, [a.node_id])
+            await wait_until(lambda: len(sink.updates) == 2, what="second update")
+            assert sink.updates == [(owner.node_id, first), (owner.node_id, second)]
+            assert sink.certs == [(owner.node_id, owner.cert.to_bytes())] and sink.rejects == []
+            assert link.connected and link.peer_id == owner.node_id
+        finally:
+            await link.stop()
             await outbox.stop()
 
     run(main, 50)
@@ -610,20 +629,15 @@ def test_clients_cannot_publish_or_subscribe_outside_owner_namespace(tmp_path: P
     owner, a, b = fed.members
 
     async def main() -> None:
-        outbox = Outbox(
-            HOST, 0, fed.fid, owner.node_id, authenticate=fed.authenticate, on_reject=lambda r, d: None
-        )
+        outbox = make_outbox(fed, owner)
         await outbox.start()
         sink = Sink()
-        link = make_link(outbox.port, fed.fid, a.credentials, sink)
+        link = make_link(outbox.port, fed, a, sink)
         try:
             await outbox.publish_certificate(owner.cert.to_bytes())
             await link.start()
             await wait_until(lambda: link.connected and len(sink.certs) == 1, what="link")
-            user, token = b.credentials()
-            async with aiomqtt.Client(
-                HOST, outbox.port, username=user, password=token, identifier="intruder", timeout=5
-            ) as c:
+            async with b.client(outbox.port) as c:
                 refused = [
                     "#",
                     "+/#",
@@ -662,7 +676,7 @@ def test_clients_cannot_publish_or_subscribe_outside_owner_namespace(tmp_path: P
             assert sink.certs == [(owner.node_id, owner.cert.to_bytes())]
             # nothing forged was retained either: a late link sees only the genuine certificate
             late = Sink()
-            late_link = make_link(outbox.port, fed.fid, b.credentials, late)
+            late_link = make_link(outbox.port, fed, b, late)
             await late_link.start()
             await wait_until(lambda: late_link.connected and late.certs, what="late link")
             await asyncio.sleep(0.3)
@@ -688,12 +702,10 @@ def test_update_reaches_only_its_recipients(tmp_path: Path) -> None:
     owner, a, b, c = fed.members
 
     async def main() -> None:
-        outbox = small_part_outbox(fed, owner.node_id)
+        outbox = small_part_outbox(fed, owner)
         await outbox.start()
         sinks = {m.node_id: Sink() for m in (a, b, c)}
-        links = {
-            m.node_id: make_link(outbox.port, fed.fid, m.credentials, sinks[m.node_id]) for m in (a, b, c)
-        }
+        links = {m.node_id: make_link(outbox.port, fed, m, sinks[m.node_id]) for m in (a, b, c)}
         try:
             await outbox.publish_certificate(owner.cert.to_bytes())
             for link in links.values():
@@ -713,10 +725,7 @@ def test_update_reaches_only_its_recipients(tmp_path: Path) -> None:
             # c is certified and connected to the same broker, but was not addressed
             assert sinks[c.node_id].updates == [] and links[c.node_id].bytes_in < 10_000
             # c cannot ask for a's (or anyone's) inbox explicitly with its own valid token
-            user, token = c.credentials()
-            async with aiomqtt.Client(
-                HOST, outbox.port, username=user, password=token, identifier="snoop", timeout=5
-            ) as snoop:
+            async with c.client(outbox.port) as snoop:
                 prefix = f"p2pfl/{fed.fid}"
                 refused = [
                     f"{prefix}/{owner.node_id}/to/{a.node_id}/+",
@@ -762,13 +771,13 @@ def test_retained_updates_follow_the_recipient_list(tmp_path: Path) -> None:
     owner, a, b = fed.members
 
     async def main() -> None:
-        outbox = small_part_outbox(fed, owner.node_id)
+        outbox = small_part_outbox(fed, owner)
         await outbox.start()
         started: list[PeerLink] = []
 
         async def late(member: Member) -> tuple[PeerLink, Sink]:
             sink = Sink()
-            link = make_link(outbox.port, fed.fid, member.credentials, sink)
+            link = make_link(outbox.port, fed, member, sink)
             started.append(link)
             await link.start()
             await wait_until(lambda: link.connected and sink.certs, what="late link")
@@ -830,12 +839,10 @@ def test_peerlink_reconnects_after_broker_restart(tmp_path: Path) -> None:
     port = free_port()
 
     async def main() -> None:
-        outbox = Outbox(
-            HOST, port, fed.fid, owner.node_id, authenticate=fed.authenticate, on_reject=lambda r, d: None
-        )
+        outbox = make_outbox(fed, owner, port)
         await outbox.start()
         sink = Sink()
-        link = make_link(port, fed.fid, a.credentials, sink)
+        link = make_link(port, fed, a, sink)
         try:
             await link.start()
             await wait_until(lambda: link.connected, what="first connect")
@@ -845,9 +852,7 @@ def test_peerlink_reconnects_after_broker_restart(tmp_path: Path) -> None:
             await outbox.stop()
             await wait_until(lambda: not link.connected, what="disconnect")
             await asyncio.sleep(0.5)  # a few refused reconnects while the broker is down
-            outbox = Outbox(
-                HOST, port, fed.fid, owner.node_id, authenticate=fed.authenticate, on_reject=lambda r, d: None
-            )
+            outbox = make_outbox(fed, owner, port)
             await outbox.start()
             await wait_until(lambda: link.connected, timeout=15, what="reconnect")
             second = os.urandom(70_000)
@@ -872,10 +877,10 @@ def test_multipart_update_reaches_four_subscribers_intact(tmp_path: Path) -> Non
     owner, *subs = fed.members
 
     async def main() -> None:
-        outbox = small_part_outbox(fed, owner.node_id)
+        outbox = small_part_outbox(fed, owner)
         await outbox.start()
         sinks = [Sink() for _ in subs]
-        links = [make_link(outbox.port, fed.fid, m.credentials, s) for m, s in zip(subs, sinks, strict=True)]
+        links = [make_link(outbox.port, fed, m, s) for m, s in zip(subs, sinks, strict=True)]
         try:
             for link in links:
                 await link.start()
@@ -928,30 +933,34 @@ def test_amqtt_warnings_do_not_format_whole_payloads() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_silent_tcp_client_is_dropped_without_connect(
+def test_silent_clients_are_dropped_before_and_after_tls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A TCP client that never starts TLS is dropped by the front door's handshake deadline; one that
+    finishes TLS but never sends CONNECT, by the broker's CONNECT deadline (both shortened here; the
+    ceilings are far below the defaults of 10 s, so the shortened deadlines are what hung up)."""
     from p2pfl.transport import amqtt_patches
+    from p2pfl.transport.frontdoor import DoorLimits
 
     monkeypatch.setattr(amqtt_patches, "CONNECT_TIMEOUT_S", 0.5)
-    fed = make_federation(tmp_path / "fed", 1)
+    fed = make_federation(tmp_path / "fed", 2)
+    owner, a = fed.members
+    rejects: list[tuple[Reason, str]] = []
 
     async def main() -> None:
-        outbox = Outbox(
-            HOST,
-            0,
-            fed.fid,
-            fed.members[0].node_id,
-            authenticate=fed.authenticate,
-            on_reject=lambda r, d: None,
-        )
+        outbox = make_outbox(fed, owner, rejects=rejects, door_limits=DoorLimits(handshake_s=0.5))  # type: ignore[arg-type]
         await outbox.start()
         try:
             reader, writer = await asyncio.open_connection(HOST, outbox.port)
-            t0 = time.monotonic()
-            assert await asyncio.wait_for(reader.read(1), 5) == b""  # the broker hung up on us
-            assert time.monotonic() - t0 < 3
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                assert await asyncio.wait_for(reader.read(1), 5) == b""  # the door hung up on us
+                raise ConnectionResetError
             writer.close()
+            assert [r for r, _ in rejects] == [Reason.HANDSHAKE]
+            reader, writer = await asyncio.open_connection(HOST, outbox.port, ssl=a.tls.client_context())
+            assert await asyncio.wait_for(reader.read(1), 5) == b""  # TLS, then the broker hung up on us
+            writer.close()
+            assert outbox._broker is not None and len(outbox._broker.sessions) == 0
         finally:
             await outbox.stop()
 
@@ -963,13 +972,13 @@ def test_a_port_in_use_is_one_clear_error_without_amqtt_traceback(caplog: pytest
         busy.bind((HOST, 0))
         busy.listen()
         port = busy.getsockname()[1]
-        outbox = Outbox(HOST, port, "fed", "own", authenticate=lambda u, p: u, on_reject=lambda r, d: None)
+        outbox = _bare_outbox(HOST, port)
         with pytest.raises(TransportError, match=rf"port {port} on {HOST} is in use: set \[node\] port"):
             asyncio.run(outbox.start())
     assert "Broker startup failed" not in caplog.text
 
 
 def test_a_host_that_is_not_ours_says_so() -> None:
-    outbox = Outbox("10.255.255.1", 0, "fed", "own", authenticate=lambda u, p: u, on_reject=lambda r, d: None)
+    outbox = _bare_outbox("10.255.255.1")
     with pytest.raises(TransportError, match=r"\[node\] host 10.255.255.1 is not an address of this machine"):
         asyncio.run(outbox.start())

@@ -12,13 +12,29 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+from amqtt.adapters import StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import ListenerType
-from amqtt.errors import AMQTTError
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
 CONNECT_TIMEOUT_S = 10.0  # a client must send CONNECT within this after its TCP connection
 SESSION_NODE = "p2pfl.node_id"  # Session.attributes key set once a client authenticated
+TLS_NODE = "p2pfl.tls_node"  # Session.attributes key: the node id its TLS certificate proved
+_ADMITTED = "p2pfl.admitted"  # Session.attributes key: the auth plugins admitted this CONNECT
+
+
+class TlsWriterAdapter(StreamWriterAdapter):
+    """The writer of a connection whose TLS client certificate was verified, with the node id it proved.
+
+    The broker copies that id into the session (TLS_NODE) before the auth plugins see the CONNECT.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter, node_id: str) -> None:
+        super().__init__(writer)
+        self.node_id = node_id
 
 
 class _Broadcast(dict):
@@ -98,8 +114,8 @@ class PatchedBroker(Broker):
     - retained messages replayed on connect only for filters this session holds (stock code replays
       every filter any client holds to every new client);
     - a client must send CONNECT within CONNECT_TIMEOUT_S;
-    - sessions refused at authentication (never marked with SESSION_NODE) are dropped (stock code
-      keeps them forever);
+    - a CONNECT is authenticated before the session table is looked at, and a refused one changes
+      nothing (see _initialize_client_session);
     - IPv6 literals bind (stock code passes "[::1]" with brackets to the resolver);
     - the subscription table is iterated over snapshots (stock loops await while iterating it and
       die when a client subscribes or leaves meanwhile; see _SnapshotDict).
@@ -143,25 +159,53 @@ class PatchedBroker(Broker):
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> Any:
+        """Read the CONNECT, authenticate it, and only then touch the session table.
+
+        Stock amqtt looks up the client id first: with clean_session=1 it deletes the existing session
+        of that id (subscriptions included), with clean_session=0 it copies the newcomer's will and
+        credentials into it and later takes the connected owner over (publishing that will), and
+        only then asks the auth plugins. So a refused CONNECT carrying a neighbour's client id cut
+        the neighbour off. Here a refused CONNECT gets its CONNACK and a closed connection, and
+        nothing else changes. An admitted one goes on as in stock code; the auth plugins refuse
+        persistent sessions, so only the clean-session path remains.
+        """
+        what = f"{remote_address}:{remote_port}"
         try:
-            return await asyncio.wait_for(
-                super()._initialize_client_session(reader, writer, remote_address, remote_port),
+            handler, session = await asyncio.wait_for(
+                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
                 CONNECT_TIMEOUT_S,
             )
         except TimeoutError:
+            await _close(writer)
+            raise AMQTTError(f"no CONNECT from {what} within {CONNECT_TIMEOUT_S:.0f} s") from None
+        except (AMQTTError, MQTTError, NoDataError) as exc:
+            await _close(writer)
+            raise AMQTTError(f"no valid CONNECT from {what}: {exc}") from None
+        session.attributes[TLS_NODE] = getattr(writer, "node_id", None)
+        if not await super()._authenticate(session, None):
+            handler.attach(session, reader, writer)  # only to send the refusal
             with contextlib.suppress(Exception):
-                await writer.close()
-            raise AMQTTError(
-                f"no CONNECT from {remote_address}:{remote_port} within {CONNECT_TIMEOUT_S:.0f} s"
-            ) from None
+                await handler.mqtt_connack_authorize(False)
+            await _close(writer)
+            raise AMQTTError(f"CONNECT from {what} (client id {session.client_id!r:.80}) refused")
+        session.attributes[_ADMITTED] = True
+        if not session.clean_session:  # pragma: no cover - the auth plugins refuse these
+            raise AMQTTError(f"persistent session from {what} is not supported")
+        if session.client_id:
+            await self._delete_session(session.client_id)  # the same node's own earlier session
+        else:
+            session.client_id = gen_client_id()
+        session.parent = 0
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        return handler, session
 
-    async def _handle_client_session(
-        self, reader: Any, writer: Any, client_session: Session, *args: Any, **kwargs: Any
-    ) -> None:
-        try:
-            await super()._handle_client_session(reader, writer, client_session, *args, **kwargs)
-        finally:
-            if SESSION_NODE not in client_session.attributes:
-                entry = self._sessions.get(client_session.client_id or "")
-                if entry is not None and entry[0] is client_session:
-                    del self._sessions[client_session.client_id or ""]
+    async def _authenticate(self, session: Session, listener: Any) -> bool:
+        """Stock code authenticates again in _handle_client_session: answer with the earlier verdict."""
+        return bool(session.attributes.get(_ADMITTED))
+
+
+async def _close(writer: Any) -> None:
+    with contextlib.suppress(Exception):
+        await writer.close()

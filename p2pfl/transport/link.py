@@ -1,8 +1,10 @@
 """PeerLink: this node's client connection to one neighbour's broker.
 
-It subscribes to certificates, to the proofs answering its own sessions and (once the broker's
-owner is proven, when proofs are in use) to its own inbox there; it rebuilds updates from their
-parts and hands them on. It reconnects with backoff until stopped.
+Each session is mutual TLS: the link shows this node's certificate, and right after the handshake it
+reads the node id out of the broker's certificate and checks it against what discovery advertised
+(a mismatch closes the session and is counted as PEER_IDENTITY). It then subscribes to that node's
+certificate and to its own inbox there, rebuilds updates from their parts and hands them on; only
+parts published by the proven owner are accepted. It reconnects with backoff until stopped.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import secrets
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,22 +22,21 @@ from aiomqtt.exceptions import MqttConnectError
 from p2pfl.errors import Reason, Rejected
 from p2pfl.federation import MAX_CERT_BYTES
 from p2pfl.transport.framing import Reassembler
+from p2pfl.transport.outbox import client_id_for
 from p2pfl.transport.topics import (
     QOS,
     Kind,
     Topic,
-    cert_filter,
+    cert_topic,
     check_level,
     inbox_filter,
     parse_topic,
     part_index,
-    proof_filter,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_PUBLISHER_ID_CHARS = 64
-MAX_PROOF_BYTES = MAX_CERT_BYTES  # a proof is a signature over a short message: far smaller
 CONNACK_TIMEOUT_S = 10.0  # the neighbour's broker must answer CONNECT within this
 CLIENT_TIMEOUT_S = 120.0  # aiomqtt subscribe/unsubscribe wait once connected
 KEEPALIVE_S = 30
@@ -53,6 +54,11 @@ def _connect_refusal_is_auth(exc: aiomqtt.MqttError) -> bool:
     return value in _AUTH_REFUSALS
 
 
+def _is_tls_failure(exc: aiomqtt.MqttError) -> bool:
+    """aiomqtt turns the ssl.SSLError of a failed handshake into a bare MqttError(str(exc))."""
+    return "[SSL" in str(exc) or "SSL:" in str(exc)
+
+
 def _consume_disconnect(client: aiomqtt.Client) -> None:
     """Mark aiomqtt's disconnect future as seen.
 
@@ -65,6 +71,11 @@ def _consume_disconnect(client: aiomqtt.Client) -> None:
         future.exception()
 
 
+def _tls_socket(client: aiomqtt.Client) -> Any:
+    """The connected TLS socket under aiomqtt (paho's), to read the broker's certificate from."""
+    return client._client.socket()
+
+
 class PeerLink:
     """One client connection to one neighbour's broker; reconnects with backoff until stopped."""
 
@@ -73,32 +84,37 @@ class PeerLink:
         host: str,
         port: int,
         federation_id: str,
-        credentials: Callable[[], tuple[str, str]],
+        node_id: str,
         *,
+        tls_context: ssl.SSLContext,
+        identify: Callable[[Any], str],
         on_certificate: Callable[[str, bytes], None],
         on_update: Callable[[str, bytes], Awaitable[None]],
         on_reject: Callable[[Reason, str], None],
         max_message_bytes: int,
-        on_proof: Callable[[str, bytes, str], None] | None = None,
+        expected: str | None = None,
     ) -> None:
-        """With `on_proof`, update parts are accepted only from `trusted_publisher`, which the owner of
-        this link sets after checking the broker's proof (publisher, proof, this session's password)."""
+        """`tls_context`: this node's client context (NodeTls.client_context); `identify(tls socket)`
+        returns the node id the broker's certificate proves, or raises Rejected; `expected`: the node
+        id discovery advertised for this address (None for a static peer: then only the certificate
+        the broker publishes, which must be the proven node's, says who it is)."""
+        if tls_context.verify_mode != ssl.CERT_REQUIRED:
+            raise ValueError("a link's TLS context must verify the broker's certificate")
         self.host = host
         self.port = port
         self.federation_id = check_level(federation_id, "federation id")
-        self._credentials = credentials
+        self.node_id = check_level(node_id, "node id")
+        self.expected = expected
+        self._tls = tls_context
+        self._identify = identify
         self._on_certificate = on_certificate
         self._on_update = on_update
         self._on_reject = on_reject
-        self._on_proof = on_proof
-        self.trusted_publisher: str | None = None
-        self._inbox_followed = False
-        self._password = ""
+        self.peer_id: str | None = None  # the broker's node id, proven by TLS in the current session
         self.bytes_in = 0
         self._reassembler = Reassembler(max_message_bytes)
-        self._me: str | None = None  # our node id (username) on the current session
         self._client: aiomqtt.Client | None = None
-        self._ready = False  # connected and initial subscriptions granted
+        self._ready = False  # connected, broker identity checked and subscriptions granted
         self._session_began: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._state = "idle"
@@ -138,10 +154,13 @@ class PeerLink:
             return
         self._state = state
         if state == "connected":
-            log.info("link %s: connected", self.name)
+            log.info("link %s: connected to %s (mutual TLS)", self.name, self.peer_id)
         elif state == "refused":
             log.warning("link %s: connection refused: %s", self.name, detail)
-            self._reject(Reason.AUTH_FAILED, f"{self.name} refused our credentials: {detail}")
+            self._reject(Reason.AUTH_FAILED, f"{self.name} refused our CONNECT: {detail}")
+        elif state == "tls-failed":
+            log.warning("link %s: TLS handshake failed: %s", self.name, detail)
+            self._reject(Reason.HANDSHAKE, f"{self.name}: {detail}")
         else:
             log.info("link %s: %s (%s); retrying with backoff", self.name, state, detail)
 
@@ -162,10 +181,18 @@ class PeerLink:
         try:
             await self._session()
             self._set_state("disconnected", "broker closed the connection")
+        except Rejected as exc:  # the broker is not who it must be: the session was closed
+            if self._state != f"impostor-{exc.reason.value}":
+                log.warning("link %s: %s", self.name, exc.detail)
+                self._reject(exc.reason, f"{self.name}: {exc.detail}")
+            self._state = f"impostor-{exc.reason.value}"
         except MqttConnectError as exc:
             self._set_state("refused" if _connect_refusal_is_auth(exc) else "unreachable", str(exc))
         except aiomqtt.MqttError as exc:
-            self._set_state("disconnected" if self._state == "connected" else "unreachable", str(exc))
+            if _is_tls_failure(exc):
+                self._set_state("tls-failed", str(exc))
+            else:
+                self._set_state("disconnected" if self._state == "connected" else "unreachable", str(exc))
         except (OSError, TimeoutError) as exc:
             self._set_state("unreachable", str(exc) or type(exc).__name__)
         except Exception as exc:  # noqa: BLE001 - a bad callback or credential source must not end the link
@@ -175,19 +202,17 @@ class PeerLink:
         finally:
             self._client = None
             self._ready = False
+            self.peer_id = None
 
     async def _session(self) -> None:
-        """One connection: connect, subscribe (certificates and our own inbox), dispatch until it drops."""
-        username, password = self._credentials()
-        me = check_level(username, "node id (username)")
-        self.trusted_publisher, self._password = None, password  # every session must be proven anew
+        """One connection: TLS, check who the broker is, subscribe (its certificate and our inbox),
+        dispatch until it drops."""
         client = aiomqtt.Client(
             self.host,
             self.port,
-            username=username,
-            password=password,
-            identifier=f"p2pfl-{secrets.token_hex(8)}",
+            identifier=client_id_for(self.node_id),
             clean_session=True,
+            tls_context=self._tls,
             timeout=CONNACK_TIMEOUT_S,
             keepalive=KEEPALIVE_S,
             max_queued_incoming_messages=MAX_QUEUED_INCOMING,
@@ -196,15 +221,15 @@ class PeerLink:
             async with client:
                 client.timeout = CLIENT_TIMEOUT_S
                 self._session_began = asyncio.get_running_loop().time()
+                owner = self._check_broker(client)
+                self.peer_id = owner
                 self._client = client
                 self._reassembler.drop_incomplete()
-                self._me = me
-                self._inbox_followed = False
+                # one SUBSCRIBE: the broker replays the retained certificate before the retained parts
                 await self._subscribe(
-                    client, [cert_filter(self.federation_id), proof_filter(self.federation_id, me)]
+                    client,
+                    [cert_topic(self.federation_id, owner), inbox_filter(self.federation_id, self.node_id)],
                 )
-                if self._on_proof is None:
-                    await self._follow_inbox(client)
                 self._ready = True
                 self._set_state("connected", "")
                 async for message in client.messages:
@@ -212,16 +237,15 @@ class PeerLink:
         finally:
             _consume_disconnect(client)
 
-    async def _follow_inbox(self, client: aiomqtt.Client) -> None:
-        """Subscribe to our inbox on this broker: with proofs, only once its owner is proven, so the
-        retained update waiting there is delivered after (not before) the link trusts it."""
-        if not self._inbox_followed and self._me is not None:
-            self._inbox_followed = True
-            await self._subscribe(client, [inbox_filter(self.federation_id, self._me)])
-
-    async def _follow_inbox_if_trusted(self) -> None:
-        if self.trusted_publisher is not None and self._client is not None:
-            await self._follow_inbox(self._client)
+    def _check_broker(self, client: aiomqtt.Client) -> str:
+        """The broker's node id from its TLS certificate; Rejected unless it is the advertised one."""
+        owner = self._identify(_tls_socket(client))
+        if self.expected is not None and owner != self.expected:
+            raise Rejected(
+                Reason.PEER_IDENTITY,
+                f"broker's TLS certificate is node {owner}, discovery advertised {self.expected}",
+            )
+        return owner
 
     async def _subscribe(self, client: aiomqtt.Client, filters: list[str]) -> None:
         granted = await client.subscribe([(f, QOS) for f in filters])
@@ -252,9 +276,7 @@ class PeerLink:
             return
         try:
             if parsed.kind is Kind.CERT:
-                await self._take_certificate(publisher, payload)
-            elif parsed.kind is Kind.PROOF:
-                await self._take_proof(parsed, payload)
+                self._take_certificate(publisher, payload)
             elif parsed.kind is Kind.INBOX:
                 await self._take_part(parsed, payload)
         except Rejected as exc:
@@ -262,26 +284,21 @@ class PeerLink:
         except Exception:  # noqa: BLE001 - a faulty handler must not drop the link
             log.warning("link %s: handler failed for %s", self.name, topic, exc_info=True)
 
-    async def _take_certificate(self, publisher: str, payload: bytes | bytearray) -> None:
+    def _take_certificate(self, publisher: str, payload: bytes | bytearray) -> None:
         size = len(payload)
-        if size == 0:
-            return  # retained certificate cleared
+        if size == 0 or publisher != self.peer_id:
+            return  # retained certificate cleared, or not the proven owner's (never granted)
         if size > MAX_CERT_BYTES:
             raise Rejected(Reason.OVERSIZE, f"certificate of {size} bytes from {publisher}")
         self._on_certificate(publisher, bytes(payload))
-        await self._follow_inbox_if_trusted()
-
-    async def _take_proof(self, topic: Topic, payload: bytes | bytearray) -> None:
-        if topic.target != self._me or self._on_proof is None or not 0 < len(payload) <= MAX_PROOF_BYTES:
-            return  # not answering our session, not asked for, cleared or absurd
-        self._on_proof(topic.publisher, bytes(payload), self._password)
-        await self._follow_inbox_if_trusted()
 
     async def _take_part(self, topic: Topic, payload: bytes | bytearray) -> None:
-        if topic.target != self._me or not payload:
+        if topic.target != self.node_id or not payload:
             return  # not addressed to us (never granted by the broker), or a cleared part
-        if self._on_proof is not None and topic.publisher != self.trusted_publisher:
-            raise Rejected(Reason.UNKNOWN_SENDER, "update part before the broker proved who it is")
+        if topic.publisher != self.peer_id:
+            raise Rejected(
+                Reason.UNKNOWN_SENDER, "update part from another publisher than the broker's owner"
+            )
         index = part_index(topic.index)
         if index is None:
             raise Rejected(Reason.MALFORMED, f"bad part index {topic.index[:16]!r}")

@@ -1,31 +1,42 @@
 """The node's own broker: the only place it publishes; neighbours subscribe here as clients.
 
-The broker is configured explicitly (one TCP listener on the given address, only our auth and
-topic plugins). Updates travel as retained parts so late subscribers get the latest one; each
-update is addressed (its parts are published once per recipient on that recipient's inbox topics),
-and the ACL lets a client subscribe to and receive only the owner's certificate, its own proof and
-its own inbox, so only the addressed neighbour ever gets a copy.
+Every connection is TLS 1.3 with a client certificate chaining to the federation CA, verified by the
+front door (p2pfl.transport.frontdoor) before any MQTT byte is parsed; the verified connection and
+the node id its certificate proves are then handed to amqtt through an EXTERNAL listener. The auth
+plugin admits a CONNECT only with a client id derived from that node id (so nobody can take another
+node's id), a clean session and no will. Updates travel as retained parts so late subscribers get the
+latest one; each update is addressed (its parts are published once per recipient on that
+recipient's inbox topics), and the ACL lets a client subscribe to and receive only the owner's
+certificate and its own inbox, so only the addressed neighbour ever gets a copy.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import secrets
-import socket
+import ssl
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from amqtt.adapters import StreamReaderAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from p2pfl.errors import ConfigError, Reason, Rejected, TransportError
-from p2pfl.transport.amqtt_patches import SESSION_NODE, PatchedBroker, tame_amqtt_logging
+from p2pfl.errors import ConfigError, Reason, TransportError
+from p2pfl.transport.amqtt_patches import (
+    SESSION_NODE,
+    TLS_NODE,
+    PatchedBroker,
+    TlsWriterAdapter,
+    tame_amqtt_logging,
+)
 from p2pfl.transport.framing import DEFAULT_CHUNK_BYTES, split_message
+from p2pfl.transport.frontdoor import DoorLimits, FrontDoor
 from p2pfl.transport.topics import (
     ALL,
     ANY,
@@ -36,21 +47,30 @@ from p2pfl.transport.topics import (
     check_level,
     is_level,
     parse_topic,
-    proof_topic,
     update_topic,
 )
 
 log = logging.getLogger(__name__)
 
 MIN_CHUNK_BYTES = 1024
+LISTENER = "default"  # amqtt requires a listener of this name; ours is EXTERNAL (the front door)
 
 # Plugins are instantiated by amqtt from a dotted path plus a plain config dict, so they find
 # their Outbox through this registry, keyed by a random per-broker token in the plugin config.
 _OUTBOXES: weakref.WeakValueDictionary[str, Outbox] = weakref.WeakValueDictionary()
 
 
+def client_id_for(node_id: str) -> str:
+    """A fresh MQTT client id for `node_id`: the broker admits only ids derived from the TLS node id."""
+    return f"{node_id}-{secrets.token_hex(4)}"
+
+
+def client_id_matches(client_id: object, node_id: str) -> bool:
+    return isinstance(client_id, str) and (client_id == node_id or client_id.startswith(f"{node_id}-"))
+
+
 class OutboxAuthPlugin(BaseAuthPlugin):
-    """Refuses anonymous clients; asks the owning Outbox to verify username/password."""
+    """Admits a CONNECT only as the node its TLS certificate proved (see Outbox._authenticate_session)."""
 
     @dataclass
     class Config:
@@ -58,15 +78,12 @@ class OutboxAuthPlugin(BaseAuthPlugin):
 
     async def authenticate(self, *, session: Session) -> bool:
         outbox = _OUTBOXES.get(self.config.outbox)
-        if outbox is None or not outbox._authenticate_session(session):
-            return False
-        await outbox._publish_proof(session)
-        return True
+        return outbox is not None and outbox._authenticate_session(session)
 
 
 class OutboxTopicPlugin(BaseTopicPlugin):
-    """Clients may only subscribe to / receive the owner's certificate, their own proof and their own
-    inbox, and may never publish."""
+    """Clients may only subscribe to / receive the owner's certificate and their own inbox, and may
+    never publish."""
 
     @dataclass
     class Config:
@@ -89,30 +106,35 @@ class Outbox:
         federation_id: str,
         node_id: str,
         *,
-        authenticate: Callable[[str, str], str],
+        ssl_context: ssl.SSLContext,
+        verify: Callable[[Any], str],
         on_reject: Callable[[Reason, str], None],
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        prove: Callable[[str, str], bytes] | None = None,
+        door_limits: DoorLimits = DoorLimits(),  # noqa: B008 - frozen, shared safely
     ) -> None:
-        """`authenticate(username, password)` returns the client's node id or raises Rejected;
-        `prove(client id, its password)` returns a signed proof that we hold our certified key."""
+        """`ssl_context`: a server context requiring client certificates (NodeTls.server_context);
+        `verify(ssl_object)` returns the node id a finished handshake proved, or raises Rejected;
+        `door_limits`: the front door's caps on connections before (and after) authentication."""
         if not host:
             raise ConfigError("Outbox needs an explicit host address to bind (no wildcard default)")
         if not 0 <= port <= 65535:
             raise ConfigError(f"port {port} out of range")
         if chunk_bytes < MIN_CHUNK_BYTES:
             raise ConfigError(f"chunk_bytes must be at least {MIN_CHUNK_BYTES}")
+        if ssl_context.verify_mode != ssl.CERT_REQUIRED:
+            raise ConfigError("the outbox's TLS context must require client certificates")
         self._host = host
         self._port = port
         self.federation_id = check_level(federation_id, "federation id")
         self.node_id = check_level(node_id, "node id")
-        self._authenticate = authenticate
+        self._ssl_context = ssl_context
+        self._verify = verify
         self._on_reject = on_reject
-        self._prove = prove
+        self._door_limits = door_limits
         self.chunk_bytes = chunk_bytes
         self._token = secrets.token_hex(16)
         self._broker: PatchedBroker | None = None
-        self._bound_port: int | None = None
+        self._door: FrontDoor | None = None
         self._retained: dict[str, int] = {}  # recipient -> retained part count
         self._recipients: frozenset[str] = frozenset()  # recipients of the latest update
         self._publish_lock = asyncio.Lock()
@@ -122,67 +144,70 @@ class Outbox:
     @property
     def port(self) -> int:
         """The actual bound port once started (useful with port 0), else the configured one."""
-        return self._bound_port if self._bound_port is not None else self._port
+        return self._door.port if self._door is not None else self._port
 
     async def start(self) -> None:
         if self._broker is not None:
             return
         tame_amqtt_logging()
-        bind = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
         config = BrokerConfig(
-            listeners={"default": ListenerConfig(type=ListenerType.TCP, bind=bind)},
+            # EXTERNAL: amqtt opens no socket; the front door hands it verified TLS connections
+            listeners={LISTENER: ListenerConfig(type=ListenerType.EXTERNAL, bind="front-door")},
             plugins={
                 f"{__name__}.OutboxAuthPlugin": {"outbox": self._token},
                 f"{__name__}.OutboxTopicPlugin": {"outbox": self._token},
             },
         )
         _OUTBOXES[self._token] = self
+        broker: PatchedBroker | None = None
         try:
             broker = PatchedBroker(config)
             await broker.start()
+            door = FrontDoor(
+                self._host,
+                self._port,
+                self._ssl_context,
+                verify=self._verify,
+                on_session=self._on_session,
+                on_reject=self._reject,
+                limits=self._door_limits,
+            )
+            await door.start()
         except Exception as exc:
             _OUTBOXES.pop(self._token, None)
-            raise TransportError(self._start_failure(exc)) from None
-        self._broker = broker
-        self._bound_port = self._find_bound_port(broker)
+            if broker is not None:
+                await _shutdown(broker)
+            if isinstance(exc, TransportError):  # the door's one line: port in use, address not ours
+                raise
+            raise TransportError(f"cannot start the broker on {self._host}:{self._port}: {exc}") from None
+        self._broker, self._door = broker, door
         self._retained = {}
         self._recipients = frozenset()
-        log.info("outbox broker listening on %s:%s", self._host, self.port)
+        log.info("outbox broker listening on %s:%s (mutual TLS)", self._host, self.port)
 
-    def _start_failure(self, exc: BaseException) -> str:
-        """One line saying why the broker could not listen and which setting fixes it."""
-        cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__ or cause.__context__
-        where = f"port {self._port} on {self._host}"
-        if isinstance(cause, socket.gaierror):
-            return f"[node] host {self._host!r} is not an address of this machine ({cause.strerror}); set it to one"
-        if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
-            return f"{where} is in use: set [node] port to a free port (or stop the process using it)"
-        if isinstance(cause, OSError) and cause.errno == errno.EADDRNOTAVAIL:
-            return f"[node] host {self._host} is not an address of this machine: set it to one of its own addresses"
-        if isinstance(cause, OSError) and cause.errno == errno.EACCES:
-            return f"{where} needs privileges to bind: set [node] port to 1024 or above"
-        detail = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause or exc)
-        return f"cannot start the broker on {where}: {detail}"
-
-    @staticmethod
-    def _find_bound_port(broker: Broker) -> int | None:
-        server = broker._servers.get("default")
-        sockets = getattr(getattr(server, "instance", None), "sockets", None) or ()
-        for sock in sockets:
-            return int(sock.getsockname()[1])
-        return None
+    async def _on_session(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, node_id: str
+    ) -> None:
+        """A connection whose client certificate proved `node_id`: amqtt serves it from here on."""
+        broker = self._broker
+        if broker is None:
+            writer.close()
+            return
+        await broker.external_connected(
+            StreamReaderAdapter(reader), TlsWriterAdapter(writer, node_id), LISTENER
+        )
 
     async def stop(self) -> None:
+        door, self._door = self._door, None
         broker, self._broker = self._broker, None
-        if broker is not None:
+        if door is not None:
             try:
-                await broker.shutdown()
+                await door.stop()
             except Exception:  # noqa: BLE001 - shutting down must not raise into the node
-                log.warning("outbox broker shutdown was not clean", exc_info=True)
+                log.warning("outbox front door did not stop cleanly", exc_info=True)
+        if broker is not None:
+            await _shutdown(broker)
         _OUTBOXES.pop(self._token, None)
-        self._bound_port = None
         self._retained = {}
         self._recipients = frozenset()
 
@@ -248,40 +273,33 @@ class Outbox:
     # -- plugin callbacks ------------------------------------------------------------------------
 
     def _authenticate_session(self, session: Session) -> bool:
+        """Admit a CONNECT only as the node its TLS certificate proved, with a clean session and no will.
+
+        Runs before the broker looks at its session table (see amqtt_patches), so a refusal changes
+        nothing there.
+        """
         who = f"{session.remote_address}:{session.remote_port}"
-        if not session.username or not session.password:
-            self._reject(Reason.AUTH_FAILED, f"anonymous client {who} refused")
+        node = session.attributes.get(TLS_NODE)
+        if not is_level(node):
+            self._reject(Reason.AUTH_FAILED, f"client {who} has no verified TLS certificate")
             return False
-        if not session.clean_session:
-            # amqtt never expires persistent sessions: each would queue every later update forever,
-            # and a reused client id would inherit another client's subscriptions.
-            self._reject(Reason.AUTH_FAILED, f"client {who} asked for a persistent session (clean_session=0)")
-            return False
-        try:
-            node_id = self._authenticate(session.username, session.password)
-        except Rejected as exc:
+        if not client_id_matches(session.client_id, node):
             self._reject(
-                exc.reason if exc.reason is Reason.AUTH_FAILED else Reason.AUTH_FAILED,
-                f"client {who}: {exc.detail or exc.reason.value}",
+                Reason.PEER_IDENTITY,
+                f"client {who} proved node {node} but asked for client id {str(session.client_id)[:80]!r}",
             )
             return False
-        except Exception as exc:  # noqa: BLE001 - an auth bug must refuse, not crash the broker
-            log.warning("authenticate() raised for %s", who, exc_info=True)
-            self._reject(Reason.AUTH_FAILED, f"client {who}: {type(exc).__name__}")
+        if not session.clean_session:
+            # amqtt never expires persistent sessions: each would queue every later update forever.
+            self._reject(Reason.AUTH_FAILED, f"client {node} at {who} asked for a persistent session")
             return False
-        session.attributes[SESSION_NODE] = str(node_id)
-        log.debug("client %s authenticated as %s", who, node_id)
+        if session.will_flag:
+            # a will is a publish the broker makes for the client, past the topic ACL; clients never publish
+            self._reject(Reason.AUTH_FAILED, f"client {node} at {who} sent a will message")
+            return False
+        session.attributes[SESSION_NODE] = node
+        log.debug("client %s authenticated as %s", who, node)
         return True
-
-    async def _publish_proof(self, session: Session) -> None:
-        """Retain this session's proof on the client's proof topic; it arrives when the client subscribes."""
-        client = session.attributes.get(SESSION_NODE)
-        if self._prove is None or self._broker is None or not is_level(client):
-            return
-        proof = self._prove(client, str(session.password))
-        await self._broker.retain_message(
-            None, proof_topic(self.federation_id, self.node_id, client), proof, QOS
-        )
 
     def _reject(self, reason: Reason, detail: str) -> None:
         try:
@@ -311,18 +329,21 @@ class Outbox:
             return False
         if topic.kind is Kind.CERT:
             return True
-        if topic.kind is Kind.PROOF:
-            return topic.target == me
         return topic.kind is Kind.INBOX and topic.target == me and me in self._recipients
 
     def _may_subscribe(self, topic: Topic, me: str) -> bool:
-        """Only the certificate, the client's own proof and its own inbox. '+' is allowed in the
-        publisher slot (subscribers need not know our id), never in the recipient slot: retained
-        parts are replayed on subscribe without a per-topic RECEIVE check."""
+        """Only the certificate and the client's own inbox. '+' is allowed in the publisher slot
+        (subscribers need not know our id), never in the recipient slot: retained parts are
+        replayed on subscribe without a per-topic RECEIVE check."""
         if topic.publisher not in (self.node_id, ANY):
             return False
         if topic.kind is Kind.CERT:
             return True
-        if topic.kind is Kind.PROOF:
-            return topic.target == me
         return topic.kind is Kind.INBOX and topic.target == me and topic.index in (ANY, ALL)
+
+
+async def _shutdown(broker: Broker) -> None:
+    try:
+        await broker.shutdown()
+    except Exception:  # noqa: BLE001 - shutting down must not raise into the node
+        log.warning("outbox broker shutdown was not clean", exc_info=True)

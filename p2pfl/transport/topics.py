@@ -1,9 +1,8 @@
 """The topic namespace: the one builder and the one parser of every topic and subscription filter.
 
-Everything a node publishes lives under `p2pfl/{federation}/{publisher}/` in three shapes:
+Everything a node publishes lives under `p2pfl/{federation}/{publisher}/` in two shapes:
 
-- `.../cert`: the publisher's certificate (retained);
-- `.../proof/{client}`: the owner's signed answer to one client session (retained);
+- `.../cert`: the publisher's certificate (retained; it carries the box key updates are sealed to);
 - `.../to/{recipient}/{index}`: part `index` of the latest update addressed to `recipient` (retained).
 
 The broker's ACL, the links' subscriptions and the links' dispatch all go through this module, so
@@ -28,22 +27,21 @@ class Kind(StrEnum):
     """The level after the publisher, and how many levels follow it."""
 
     CERT = "cert"
-    PROOF = "proof"
     INBOX = "to"
 
 
-_ARITY = {Kind.CERT: 0, Kind.PROOF: 1, Kind.INBOX: 2}
+_ARITY = {Kind.CERT: 0, Kind.INBOX: 2}
 
 
 @dataclass(frozen=True)
 class Topic:
     """A parsed `p2pfl/...` topic or filter; `kind` is None when the levels after the publisher
-    match none of the three shapes. Levels are kept as sent (they may be wildcards in a filter)."""
+    match none of the shapes. Levels are kept as sent (they may be wildcards in a filter)."""
 
     federation_id: str
     publisher: str
     kind: Kind | None
-    target: str = ""  # PROOF: the client answered; INBOX: the recipient
+    target: str = ""  # INBOX: the recipient
     index: str = ""  # INBOX: the part index, as text
 
 
@@ -71,11 +69,6 @@ def cert_topic(federation_id: str, node_id: str) -> str:
     return _join(federation_id, node_id, Kind.CERT)
 
 
-def proof_topic(federation_id: str, node_id: str, client: str) -> str:
-    """Where the owner answers one client session with a signed proof that it holds `node_id`'s key."""
-    return _join(federation_id, node_id, Kind.PROOF, client)
-
-
 def update_topic(federation_id: str, node_id: str, recipient: str, index: int) -> str:
     """Topic of part `index` of the update `node_id` addresses to `recipient`."""
     return _join(federation_id, node_id, Kind.INBOX, recipient, str(index))
@@ -84,11 +77,6 @@ def update_topic(federation_id: str, node_id: str, recipient: str, index: int) -
 def cert_filter(federation_id: str) -> str:
     """Every publisher's certificate (subscribers need not know the broker owner's id)."""
     return cert_topic(federation_id, ANY)
-
-
-def proof_filter(federation_id: str, client: str) -> str:
-    """The proofs answering `client`'s sessions."""
-    return proof_topic(federation_id, ANY, client)
 
 
 def inbox_filter(federation_id: str, recipient: str) -> str:
