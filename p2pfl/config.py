@@ -262,6 +262,12 @@ def _check_task(task: TaskSpec) -> None:
     module, colon, func = task.name.partition(":")
     if colon and not (module.strip() and func.strip()):
         raise ConfigError(f"[task] name {task.name!r} must look like 'module:function'")
+    if task.features and not task.data.lower().endswith(".csv"):
+        raise ConfigError("[task] features selects CSV columns: it needs [task] data = a .csv file")
+    for key in ("data", "test_data"):
+        path = getattr(task, key)
+        if path and not path.lower().endswith((".csv", ".npz")):
+            raise ConfigError(f"[task] {key} = {path!r} must be a .csv (header row) or .npz file")
 
 
 def _resolve_task(task: TaskSpec, training: TrainingSection) -> TaskSpec:

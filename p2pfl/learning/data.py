@@ -234,19 +234,21 @@ def read_table(
     class_names: Sequence[str] = (),
     labels: bool | None = True,
     what: str = "task.data",
+    label_hint: str = "set [task] label_column to the column holding the class",
 ) -> Table:
     """Read a .csv (header row, numeric features, by column name) or .npz (X, y) file.
 
     labels: True = the label column / y array is required, None = read it if present, False =
     ignore it. Errors are ConfigErrors that start with `what` (the config key or the command's
-    argument) and say which row / column is wrong and how to fix it; nothing is unpickled.
+    argument) and say which row / column is wrong and how to fix it (label_hint: how to name another
+    label column); nothing is unpickled.
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"{what}: no such file {str(p)!r}")
     suffix = p.suffix.lower()
     if suffix == ".csv":
-        return _read_csv(p, label_column, tuple(features), tuple(class_names), labels, what)
+        return _read_csv(p, label_column, tuple(features), tuple(class_names), labels, what, label_hint)
     if suffix == ".npz":
         if features:
             raise ConfigError(f"{what}: [task] features selects CSV columns; {str(p)!r} is an .npz file")
@@ -297,6 +299,7 @@ def _read_csv(
     class_names: tuple[str, ...],
     labels: bool | None,
     what: str,
+    label_hint: str,
 ) -> Table:
     try:
         with p.open(encoding="utf-8-sig", newline="") as fh:
@@ -307,7 +310,7 @@ def _read_csv(
             if header is None:
                 raise ConfigError(f"{what} {str(p)!r} is empty; it needs a header row naming the columns")
             header = [h.strip() for h in header]
-            cols = _columns(p, header, label_column, features, labels, what)
+            cols = _columns(p, header, label_column, features, labels, what, label_hint)
             rows: list[list[str]] = []
             lines: list[int] = []
             for row in reader:
@@ -346,6 +349,7 @@ def _columns(
     features: tuple[str, ...],
     labels: bool | None,
     what: str,
+    label_hint: str,
 ) -> tuple[list[int], int | None, tuple[str, ...]]:
     """(feature column indices in model order, label column index or None, ignored column names)."""
     if any(not h for h in header):
@@ -356,8 +360,7 @@ def _columns(
     label_idx = header.index(label_column) if label_column in header and labels is not False else None
     if labels and label_idx is None:
         raise ConfigError(
-            f"{what} {str(p)!r} has no label column {label_column!r} (columns: {_short(header)}); "
-            "set [task] label_column to the column holding the class"
+            f"{what} {str(p)!r} has no label column {label_column!r} (columns: {_short(header)}); {label_hint}"
         )
     if features:
         missing = [f for f in features if f not in header]

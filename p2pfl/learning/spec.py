@@ -187,8 +187,6 @@ class TaskSpec(TaskSettings, _TaskName):
                 )
         if self.label_column in self.features:
             raise ConfigError(f"[task] features must not include the label column {self.label_column!r}")
-        if self.features and not self.data:
-            raise ConfigError("[task] features selects CSV columns: it needs [task] data = a .csv file")
         if not isinstance(self.standardize, bool):
             raise ConfigError(f"[task] standardize must be true or false, got {self.standardize!r}")
         hidden = self.hidden
