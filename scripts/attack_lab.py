@@ -772,8 +772,8 @@ class Attack:
                     f"TLS, no client cert: {try_connect(port, packet, bare_tls_client(), timeout=10)}"
                 ] += 1
         # the same as a certified member (mallory) claiming the neighbour's client id
-        mallory = self.mallory_tls()
-        token = self.mallory_password()
+        mallory = self.mallory_tls() if self.tls else None
+        token = None if self.tls else self.mallory_password()
         certified = 0
         for _ in range(max(1, budget.preauth_attempts // 4)):
             if mallory is not None and self.tls:
@@ -803,11 +803,11 @@ class Attack:
         for i in range(budget.plain_attempts):
             packet = mqtt_connect(f"plain-{i}")
             outcomes[f"plain MQTT: {try_connect(port, packet, timeout=10)}"] += 1
-            outcomes[
-                f"TLS without a client cert: {try_connect(port, packet, bare_tls_client(), timeout=10)}"
-            ] += 1
-        result.attack = (
-            f"{budget.plain_attempts} anonymous MQTT clients (plain, and TLS without a client cert)"
+            if self.tls:
+                answer = try_connect(port, packet, bare_tls_client(), timeout=10)
+                outcomes[f"TLS without a client cert: {answer}"] += 1
+        result.attack = f"{budget.plain_attempts} anonymous MQTT clients" + (
+            " (plain TCP, and TLS without a client cert)" if self.tls else " (plain TCP)"
         )
         result.notes.extend(f"{k}: {v}" for k, v in outcomes.most_common())
 
@@ -893,12 +893,11 @@ class Attack:
 
         directory = self.mallory_dir()
         identity, cert, root = load_credentials(directory)
-        notes = asyncio.run(_hostile_member(self.lab, directory, identity, cert, root, self.budget, self.log))
         result.attack = (
-            "certified member joins by mDNS; sends the victim an update cut into tiny parts, "
+            "certified member joins by mDNS; sends the victim an update cut into 16-byte parts, "
             "then one with 100,000 empty tensors"
         )
-        result.notes.extend(notes)
+        asyncio.run(_hostile_member(self.lab, directory, identity, cert, root, self.budget, result.notes))
 
 
 def _drain_connects(
@@ -1044,10 +1043,10 @@ async def _hostile_member(
     cert: Any,
     root: Any,
     budget: Budget,
-    log: Callable[[str], None],
-) -> list[str]:
+    notes: list[str],
+) -> None:
     """Run a certified member's mesh in this process and send the victim crafted updates through its
-    own broker (the only way a member's update reaches a neighbour)."""
+    own broker (the only way a member's update reaches a neighbour). Notes go to `notes` as they come."""
     import numpy as np
 
     from p2pfl import codec
@@ -1059,39 +1058,44 @@ async def _hostile_member(
     from p2pfl.transport import framing
     from p2pfl.transport.topics import QOS, update_topic
 
-    notes: list[str] = []
     victim = lab.victim
     cfg = config_mod.load(victim.directory / "node.toml")
     cfg.node.name, cfg.node.data_dir, cfg.node.port = "mallory", str(directory), 0
     cfg.discovery.expect_peers = 0
     cfg = config_mod.validate(cfg)
     kwargs: dict[str, Any] = {}
-    params = inspect.signature(MqttMesh).parameters
-    if "tls" in params:
+    if "tls" in inspect.signature(MqttMesh).parameters:
         from p2pfl.tls import load_node_tls
 
         kwargs["tls"] = load_node_tls(directory, identity, cert, root)
-    mesh = MqttMesh(
-        cfg, identity=identity, cert=cert, root=root, metrics=Metrics(directory / "metrics.jsonl"), **kwargs
-    )
+    metrics = Metrics(directory / "metrics.jsonl")
+    mesh = MqttMesh(cfg, identity=identity, cert=cert, root=root, metrics=metrics, **kwargs)
 
     async def on_update(publisher: str, message: bytes) -> None:
         return None
+
+    def refused_since(before: Counter[str]) -> str:
+        delta = victim.rejected() - before
+        return ", ".join(f"{k} {v}" for k, v in delta.most_common()) or "nothing"
+
+    async def settle(broker: Any, seconds: float) -> None:
+        """Wait for the broker to hand out what was queued, then give the victim `seconds` to refuse it
+        (its counters reach metrics.jsonl with its next round records)."""
+        end = time.monotonic() + 60.0
+        while time.monotonic() < end and broker._broadcast_queue.qsize():
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(seconds)
 
     members_before = int(victim.last().get("members") or 0)
     await mesh.start(on_update, lambda: None)
     deadline = time.monotonic() + budget.member_s
     try:
-        # wait until the victim counts mallory as a member (its next round records it)
         while time.monotonic() < deadline and int(victim.last().get("members") or 0) <= members_before:
-            await asyncio.sleep(0.5)
-        joined = int(victim.last().get("members") or 0) > members_before
-        notes.append(
-            f"victim saw the member join: {'yes' if joined else 'no'} (members {members_before} -> {victim.last().get('members')})"
-        )
+            await asyncio.sleep(0.5)  # the victim's next round record says whether it counts us
+        members_now = int(victim.last().get("members") or 0)
+        notes.append(f"victim's membership {members_before} -> {members_now} after the member joined")
         task = load_task(cfg.task)
         model = {k: np.asarray(v) for k, v in get_params(task.build_model()).items()}
-        payload = codec.encode(model)
 
         def sealed(body: bytes) -> bytes:
             meta = UpdateMeta(
@@ -1108,12 +1112,12 @@ async def _hostile_member(
         outbox = mesh.outbox
         broker = outbox._broker
         assert broker is not None
-        # (a) tiny parts: 16 bytes each, far below what split_message allows
-        message = sealed(payload)
+        outbox._recipients = frozenset([victim.node_id])  # the ACL hands inbox parts to current recipients
+        # (a) an honest-shaped update cut into 16-byte parts (split_message refuses to cut that fine)
+        message = sealed(codec.encode(model))
         part_bytes = 16
         count = -(-len(message) // part_bytes)
         mid = os.urandom(16)
-        outbox._recipients = frozenset([victim.node_id])
         rej0 = victim.rejected()
         t0 = time.monotonic()
         sent = 0
@@ -1125,27 +1129,34 @@ async def _hostile_member(
             topic = update_topic(root.federation_id, identity.node_id, victim.node_id, index)
             await broker.internal_message_broadcast(topic, part, QOS)
             sent += 1
+        await settle(broker, 5.0)
         notes.append(
-            f"tiny parts: {sent}/{count} parts of {part_bytes} B ({len(message)} B update) in {time.monotonic() - t0:.1f} s"
+            f"tiny parts: {sent}/{count} parts of {part_bytes} B ({len(message)} B update) in "
+            f"{time.monotonic() - t0:.1f} s; victim refused {refused_since(rej0)}"
         )
-        # (b) 100,000 empty tensors
-        empty = codec.encode({f"t{i}": np.zeros(0, dtype=np.float32) for i in range(100_000)})
-        big = sealed(empty)
+        # (b) 100,000 empty tensors: a frame codec.encode would refuse to make, built by hand
+        rej1 = victim.rejected()
         t1 = time.monotonic()
+        big = sealed(raw_codec_frame([[f"t{i}", "float32", [0], 0, 0] for i in range(100_000)]))
         await outbox.publish_update(big, [victim.node_id])
+        await settle(broker, 5.0)
         notes.append(
-            f"100,000 empty tensors: {len(big) / 1e6:.1f} MB update published in {time.monotonic() - t1:.1f} s"
+            f"100,000 empty tensors: {len(big) / 1e6:.1f} MB update in {time.monotonic() - t1:.1f} s; "
+            f"victim refused {refused_since(rej1)}"
         )
-        # let the victim chew on them, then report what it counted meanwhile
-        end = min(deadline, time.monotonic() + 10.0)
-        while time.monotonic() < end:
-            await asyncio.sleep(0.5)
-        delta = victim.rejected() - rej0
-        notes.append("victim counted: " + (", ".join(f"{k} {v}" for k, v in delta.items()) or "nothing"))
-        log("hostile member: " + "; ".join(notes))
     finally:
         await mesh.stop()
-    return notes
+
+
+def raw_codec_frame(entries: list[list[Any]], blob: bytes = b"") -> bytes:
+    """A codec frame (see p2pfl.codec) from header entries as given, with none of encode's limits."""
+    import msgpack
+
+    from p2pfl import codec
+
+    header = msgpack.packb(entries, use_bin_type=True)
+    head = struct.pack("<4sI", codec.MAGIC, len(header)) + header
+    return head + bytes(-len(head) % 8) + blob
 
 
 def cert_box(node: LabNode) -> bytes:
