@@ -55,6 +55,7 @@ VERSION = 1
 HEADER = "__p2pfl_model__"
 PRIVATE_TASK_KEYS = ("data", "test_data")  # paths on the site's machine: not written into the file
 NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 class ModelFileError(P2PFLError):
@@ -174,6 +175,8 @@ def load_model(path: str | Path) -> tuple[dict[str, np.ndarray], TaskSpec, dict[
             f"{where} is a flat .npy vector (the old model.npy), which has no tensor names or task; "
             "use the node's model.npz instead"
         )
+    if not magic.startswith(ZIP_MAGIC):  # np.load would take anything else for a pickle (and refuse it)
+        raise ModelFileError(f"{where} is not a readable .npz model file (not a zip archive)")
     try:
         with np.load(p, allow_pickle=False) as z:
             files = list(z.files)

@@ -171,3 +171,70 @@ def test_update_cap_matches_what_framing_can_carry() -> None:
     from p2pfl.transport.framing import DEFAULT_CHUNK_BYTES, MAX_PARTS
 
     assert config.MAX_UPDATE_MB == MAX_PARTS * DEFAULT_CHUNK_BYTES / (1 << 20)
+
+
+# ------------------------------------------------------------------ own data and training (issue 11)
+
+
+def test_own_data_and_optimizer_keys_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(
+        "[task]\n"
+        'name = "mlp"\n'
+        'data = "site.csv"\n'
+        'test_data = "test.csv"\n'
+        'label_column = "diagnosis"\n'
+        'features = ["age", "bp"]\n'
+        'class_names = ["benign", "malignant"]\n'
+        "standardize = true\n"
+        "hidden = [32, 16]\n"
+        'optimizer = "sgd"\n'
+        "momentum = 0.9\n"
+        "lr = 0.05\n"
+        'lr_schedule = "cosine"\n'
+        "[training]\n"
+        "rounds = 40\n"
+    )
+    cfg = config.load(path)
+    task = cfg.task
+    assert task.features == ("age", "bp") and task.class_names == ("benign", "malignant")
+    assert task.hidden == (32, 16) and task.standardize and task.momentum == 0.9
+    assert task.lr_rounds == 40  # cosine anneals over [training] rounds unless lr_rounds says otherwise
+    assert hash(task) is not None
+    again = tmp_path / "again.toml"
+    again.write_text(config.to_toml(cfg))
+    assert config.load(again) == cfg
+
+
+def test_default_config_lists_the_new_keys_with_notes() -> None:
+    text = config.to_toml(config.load(None))
+    for key in ("test_fraction = 0.25", 'label_column = "label"', "num_classes = 0", 'optimizer = "sgd"'):
+        assert key in text
+    assert 'lr_schedule = "constant"  # constant, step' in text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[task]\noptimizer = "adamw"\n', r"\[task\] optimizer must be one of sgd, adam"),
+        ('[task]\noptimizer = "adam"\n', r"too large for optimizer = adam; set \[task\] lr"),
+        ("[task]\nmomentum = 1.5\n", r"\[task\] momentum must be"),
+        ('[task]\nlr_schedule = "exp"\n', r"\[task\] lr_schedule must be one of"),
+        ('[task]\nlr_schedule = "cosine"\n[training]\nrounds = 0\n', r"needs \[task\] lr_rounds"),
+        ("[task]\ntest_fraction = 0\n", r"\[task\] test_fraction must be a number between 0 and 1"),
+        ("[task]\nnum_classes = 1\n", r"\[task\] num_classes must be 0"),
+        ('[task]\nfeatures = "age"\n', r"\[task\] features must be a list of strings"),
+        ("[task]\nhidden = 64\n", r"\[task\] hidden must be a list of integers, e.g. \[64\]"),
+        ("[task]\nhidden = [0]\n", r"\[task\] hidden must list"),
+        ('[task]\nfeatures = ["a"]\ndata = "x.npz"\n', r"features selects CSV columns"),
+        ('[task]\ndata = "patients.xlsx"\n', r"\[task\] data = 'patients.xlsx' must be a .csv"),
+        ('[task]\ntest_data = "t.csv"\n', r"test_data needs \[task\] data"),
+        ('[task]\nstandardize = "yes"\n', "standardize must be bool"),
+        ('[task]\nclass_names = ["a", "b"]\nnum_classes = 3\n', "num_classes = 3 but class_names lists 2"),
+    ],
+)
+def test_own_data_mistakes_are_explained(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        config.load(path)

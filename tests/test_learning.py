@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import subprocess
 import sys
@@ -456,3 +457,164 @@ def test_tensor_task_public_accessors() -> None:
     synthetic = load_task(TaskSpec(name="synthetic-logreg"))
     assert isinstance(synthetic, TensorTask)
     assert not synthetic.same_test_split(task) and not synthetic.share_test_split(task)
+
+
+# ------------------------------------------------------------------------ optimizers and schedules
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"optimizer": "sgd", "lr": 0.05},
+        {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9},
+        {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "optimizer_state": "reset"},
+        {"optimizer": "adam", "lr": 0.01},
+        {"optimizer": "adam", "lr": 0.01, "weight_decay": 1e-4},
+        {"optimizer": "sgd", "lr": 0.05, "lr_schedule": "step", "lr_step_rounds": 2, "lr_gamma": 0.5},
+        {"optimizer": "adam", "lr": 0.01, "lr_schedule": "cosine", "lr_rounds": 5, "lr_min": 0.001},
+    ],
+    ids=lambda s: "-".join(str(v) for v in s.values()),
+)
+def test_each_optimizer_and_schedule_lowers_the_loss(settings: dict) -> None:
+    task = load_task(TaskSpec(name="synthetic-logreg", batch_size=64, **settings))
+    model = task.build_model()
+    with torch.no_grad():
+        model.weight.mul_(0.0)  # a start far from the optimum, the same for every optimizer
+    first = task.evaluate(model)[1]
+    losses = [task.train(model) for _ in range(5)]
+    assert np.isfinite(losses).all()
+    assert losses[-1] < losses[0] and task.evaluate(model)[1] < first
+
+
+def test_learning_rate_schedules_over_rounds() -> None:
+    step = TaskSpec(lr=0.4, lr_schedule="step", lr_step_rounds=3, lr_gamma=0.5)
+    assert [step.lr_at(r) for r in range(1, 9)] == [0.4, 0.4, 0.4, 0.2, 0.2, 0.2, 0.1, 0.1]
+    cos = TaskSpec(lr=0.3, lr_schedule="cosine", lr_rounds=10, lr_min=0.01)
+    rates = [cos.lr_at(r) for r in range(1, 15)]
+    assert (
+        rates[0] == pytest.approx(0.3)
+        and rates[10] == pytest.approx(0.01)
+        and rates[-1] == pytest.approx(0.01)
+    )
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    assert TaskSpec(lr=0.3).lr_at(100) == 0.3
+    # the task follows the rounds it trains, or the round the node tells it (resume, catch-up)
+    task = load_task(
+        TaskSpec(name="synthetic-logreg", lr=0.4, lr_schedule="step", lr_step_rounds=1, lr_gamma=0.5)
+    )
+    assert isinstance(task, TensorTask)
+    model = task.build_model()
+    assert task.lr() == 0.4
+    task.train(model)
+    task.train(model)
+    assert task.next_round == 3 and task.lr() == pytest.approx(0.1)
+    task.set_round(1)
+    assert task.lr() == 0.4
+    opt = task._optimizers[model]
+    task.train(model)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4)
+    with pytest.raises(ConfigError, match="lr_rounds"):
+        load_task(TaskSpec(name="synthetic-logreg", lr_schedule="cosine"))
+
+
+def test_optimizer_state_survives_mixing_or_is_reset() -> None:
+    """keep: momentum buffers / Adam moments stay with the model object across rounds, also when
+    mixing overwrites the weights in place (set_params); reset: a fresh optimizer every round."""
+    kept = load_task(TaskSpec(name="synthetic-logreg", optimizer="adam", lr=0.01))
+    assert isinstance(kept, TensorTask)
+    model = kept.build_model()
+    kept.train(model)
+    opt = kept._optimizers[model]
+    steps = int(opt.state[model.weight]["step"])
+    mixed = {k: v * 0.5 for k, v in get_params(model).items()}  # what a gossip round does to the weights
+    set_params(model, mixed)
+    kept.train(model)
+    assert kept._optimizers[model] is opt and int(opt.state[model.weight]["step"]) == 2 * steps
+    kept.reset_optimizer(model)
+    assert model not in kept._optimizers
+    other = kept.build_model()  # another model (another simulated node) gets its own state
+    kept.train(other)
+    assert kept._optimizers[other] is not kept._optimizers.get(model)
+
+    reset = load_task(TaskSpec(name="synthetic-logreg", momentum=0.9, lr=0.05, optimizer_state="reset"))
+    assert isinstance(reset, TensorTask)
+    m = reset.build_model()
+    reset.train(m)
+    assert m not in reset._optimizers
+
+
+def test_default_training_is_unchanged_plain_sgd() -> None:
+    """The defaults train exactly as before the optimizers came: SGD, constant rate, no momentum."""
+    spec = TaskSpec(name="synthetic-logreg", seed=3)
+    task = load_task(spec)
+    model = task.build_model()
+    ref = copy.deepcopy(model)
+    task.train(model)
+    twin = load_task(spec)
+    opt = torch.optim.SGD(ref.parameters(), lr=spec.lr)
+    gen = twin.generator
+    for _ in range(spec.local_epochs):
+        perm = torch.randperm(twin.num_samples, generator=gen)
+        for start in range(0, twin.num_samples, spec.batch_size):
+            idx = perm[start : start + spec.batch_size]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ref(twin.x_train[idx]), twin.y_train[idx]).backward()
+            opt.step()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(a, b)
+
+
+def test_only_plain_sgd_is_batched() -> None:
+    plain = [load_task(TaskSpec(name="synthetic-logreg", shard=i, num_shards=2)) for i in range(2)]
+    model = plain[0].build_model()
+    assert learning.batchable(plain, model)
+    adam = [
+        load_task(TaskSpec(name="synthetic-logreg", shard=i, num_shards=2, optimizer="adam", lr=0.01))
+        for i in range(2)
+    ]
+    assert not learning.batchable(adam, model)
+
+
+def test_hidden_layers_of_the_mlp() -> None:
+    task = load_task(TaskSpec(name="mlp", hidden=(32, 16)))
+    shapes = {k: tuple(v.shape) for k, v in get_params(task.build_model()).items()}
+    assert shapes == {
+        "0.weight": (32, 64), "0.bias": (32,), "2.weight": (16, 32), "2.bias": (16,),
+        "4.weight": (10, 16), "4.bias": (10,),
+    }  # fmt: skip
+    # the default keeps the old model and initial weights
+    old = get_params(load_task(TaskSpec(name="digits-mlp")).build_model())
+    new = get_params(load_task(TaskSpec(name="mlp")).build_model())
+    assert all(np.array_equal(old[k], new[k]) for k in old)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"optimizer": "rmsprop"}, r"\[task\] optimizer must be one of sgd, adam"),
+        ({"optimizer": "adam"}, r"lr = 0.3 is too large for optimizer = adam; set \[task\] lr"),
+        ({"optimizer": "adam", "lr": 0.01, "momentum": 0.9}, "momentum applies to optimizer = sgd"),
+        ({"momentum": 1.0}, r"\[task\] momentum must be 0 <= momentum < 1"),
+        ({"weight_decay": -1.0}, r"\[task\] weight_decay"),
+        ({"optimizer_state": "sometimes"}, r"\[task\] optimizer_state must be one of keep, reset"),
+        ({"lr_schedule": "linear"}, r"\[task\] lr_schedule must be one of constant, step, cosine"),
+        ({"lr_step_rounds": 0}, r"\[task\] lr_step_rounds must be an integer >= 1"),
+        ({"lr_gamma": 0.0}, r"\[task\] lr_gamma"),
+        ({"lr_min": 1.0}, r"\[task\] lr_min must be 0 <= lr_min <= lr"),
+        ({"lr_rounds": -1}, r"\[task\] lr_rounds"),
+        ({"test_fraction": 1.0}, r"\[task\] test_fraction must be a number between 0 and 1"),
+        ({"test_data": "t.csv"}, r"\[task\] test_data needs \[task\] data"),
+        ({"num_classes": 1}, r"\[task\] num_classes must be 0 .*or 2.."),
+        ({"class_names": ("a",)}, "at least 2 classes"),
+        ({"class_names": ("a", "b"), "num_classes": 3}, "num_classes = 3 but class_names lists 2"),
+        ({"features": ("a", "a")}, r"features lists \['a'\] more than once"),
+        ({"features": ("label",), "data": "x.csv"}, "must not include the label column"),
+        ({"label_column": " "}, "label_column must name the CSV column"),
+        ({"hidden": ()}, r"\[task\] hidden must list 1..8 layer widths"),
+        ({"hidden": (0,)}, r"\[task\] hidden"),
+        ({"standardize": "yes"}, "standardize must be true or false"),
+    ],
+)
+def test_new_task_keys_are_validated_with_the_key_and_fix(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        TaskSpec(**kwargs)
