@@ -16,10 +16,11 @@ tested with an in-memory mesh while end-to-end tests run `MqttMesh`, the real th
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from p2pfl.config import NodeConfig
@@ -30,6 +31,7 @@ from p2pfl.identity import Identity
 from p2pfl.metrics import Metrics
 from p2pfl.tls import NodeTls, load_node_tls, peer_node_id
 from p2pfl.transport import Outbox, PeerLink
+from p2pfl.transport.frontdoor import DoorLimits
 
 __all__ = ["Mesh", "MqttMesh", "OnUpdate"]
 
@@ -91,6 +93,7 @@ class MqttMesh:
             ssl_context=self.tls.server_context(),
             verify=self._identify,
             on_reject=lambda reason, detail: metrics.reject(reason, detail, peer="broker client"),
+            door_limits=_door_limits(cfg.node.host),
         )
         self.discovery: Discovery | None = None
         self._on_update: OnUpdate | None = None
@@ -218,3 +221,15 @@ class MqttMesh:
             log.info("peer %s (%s) at %s certified, identity proven by TLS", cert.name, cert.node_id, address)
         peer.cert = cert
         self._on_change()
+
+
+def _door_limits(host: str) -> DoorLimits:
+    """The front door's caps. Its per-source cap counts established sessions too, and on a loopback
+    broker every peer (a local testbed: each node links to every advertised peer) comes from the same
+    address, so there the cap is the session cap instead."""
+    defaults = DoorLimits()
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    return replace(defaults, max_per_source=defaults.max_sessions) if loopback else defaults

@@ -982,3 +982,14 @@ def test_a_host_that_is_not_ours_says_so() -> None:
     outbox = _bare_outbox("10.255.255.1")
     with pytest.raises(TransportError, match=r"\[node\] host 10.255.255.1 is not an address of this machine"):
         asyncio.run(outbox.start())
+
+
+def test_a_loopback_broker_does_not_cap_sessions_per_source() -> None:
+    """Every peer of a local testbed connects from 127.0.0.1: the per-source cap (which counts
+    established sessions) would refuse the ninth node's link there."""
+    from p2pfl.mesh import _door_limits
+    from p2pfl.transport.frontdoor import DoorLimits
+
+    for host in ("127.0.0.1", "::1", "[::1]", "localhost"):
+        assert _door_limits(host).max_per_source == DoorLimits().max_sessions
+    assert _door_limits("10.0.0.5") == DoorLimits()
