@@ -46,10 +46,13 @@ from dataclasses import dataclass
 
 from p2pfl.errors import ConfigError, Reason, Rejected, TransportError
 from p2pfl.metrics import LogLimiter
+from p2pfl.resources import FILES_MARGIN
 
 __all__ = [
     "DoorLimits",
     "FrontDoor",
+    "fd_budget",
+    "source_key",
 ]
 
 log = logging.getLogger("p2pfl.transport.frontdoor")
@@ -61,7 +64,7 @@ _GONE_BEFORE_ACCEPT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close sends RST, frees the fd at once
 MAX_BACKOFF_S = 1.0
 EVICT_AFTER_S = 1.0  # an unauthenticated connection this old may give its slot to a newcomer
-FD_RESERVE = 128  # descriptors the door leaves to the rest of the node (see p2pfl.resources.FILES_MARGIN)
+FD_RESERVE = FILES_MARGIN  # descriptors the door leaves to the rest of the node
 
 
 @dataclass(frozen=True)
@@ -278,8 +281,8 @@ class FrontDoor:
         self._per_source.clear()
 
     def stats(self) -> dict[str, int]:
-        """Now: pending, sessions, fd_budget (connections the door may hold); since start: accepted,
-        established, accept_errors, refused_<reason>."""
+        """Now: pending, sessions, fd_budget (connections the door may hold); since it was made:
+        accepted, established, accept_errors (EMFILE and the like), refused_<reason>."""
         out = {
             "pending": len(self._waiting),
             "sessions": self._sessions,
@@ -334,7 +337,15 @@ class FrontDoor:
                 await asyncio.sleep(backoff)  # a back-off, not a wait for an event: nothing signals fds freed
                 continue
             backoff = 0.0
-            self._admit(conn, address)
+            try:
+                self._admit(conn, address)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not end accepting for good
+                self._logs.log(
+                    logging.ERROR, "front door admit failed", type(exc).__name__, "front door: %r", exc
+                )
+                if conn in self._fresh or conn.fileno() == -1:
+                    continue  # its handler owns it (or it is closed already)
+                _reset(conn)
 
     def _shed(self, listener: socket.socket) -> bool:
         """Out of fds: spend the spare one to accept a waiting client and reset it, then take the spare
