@@ -264,6 +264,10 @@ def _check_task(task: TaskSpec) -> None:
         raise ConfigError(f"[task] name {task.name!r} must look like 'module:function'")
     if task.features and not task.data.lower().endswith(".csv"):
         raise ConfigError("[task] features selects CSV columns: it needs [task] data = a .csv file")
+    if task.feature_stats and not task.feature_stats.lower().endswith(".json"):
+        raise ConfigError(
+            f"[task] feature_stats = {task.feature_stats!r} must be a .json file from `p2pfl stats`"
+        )
     for key in ("data", "test_data"):
         path = getattr(task, key)
         if path and not path.lower().endswith((".csv", ".npz")):
@@ -405,7 +409,8 @@ KEY_NOTES: dict[str, dict[str, str]] = {
         "features": "CSV feature columns in model order; empty: every column but the label",
         "num_classes": "classes of the federation's model; 0: max label + 1 (declare it with own data)",
         "class_names": "text labels in the CSV, in class order (sets num_classes)",
-        "standardize": "scale features to mean 0, std 1 with this site's training statistics",
+        "standardize": "scale features to mean 0, std 1 with this site's training statistics ...",
+        "feature_stats": "... or with these shared ones (`p2pfl stats`): the same scaling on every site",
         "hidden": "hidden layer widths of the mlp tasks",
         "optimizer": "sgd or adam (adam: lr 0.001..0.01)",
         "momentum": "sgd momentum, 0 <= m < 1",

@@ -1,8 +1,9 @@
-"""`p2pfl export | evaluate | predict`: what a site does with a model file after training.
+"""`p2pfl export | evaluate | predict | stats`: what a site does with a model file, and shared scaling.
 
     p2pfl export MODEL --out PATH [--format npz|pt-state-dict|onnx]
     p2pfl evaluate MODEL DATA [--label-column NAME] [--json]
     p2pfl predict MODEL DATA [--out CSV] [--probabilities]
+    p2pfl stats DATA_OR_STATS... --out STATS.json [--label-column NAME] [--features A,B,...]
 
 MODEL is a model file (p2pfl.model_file: the node's model.npz / best_model.npz); DATA a .csv with a
 header row or an .npz with X (and y), read by the same code as a node's own data, matched to the
@@ -32,7 +33,16 @@ if TYPE_CHECKING:
 
     from p2pfl.learning.spec import TaskSpec
 
-__all__ = ["EXPORT_FORMATS", "add_commands", "build_parser", "main"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "add_commands",
+    "build_parser",
+    "evaluate_command",
+    "export_command",
+    "main",
+    "predict_command",
+    "stats_command",
+]
 
 EXPORT_FORMATS = ("npz", "pt-state-dict", "onnx")
 EVAL_BATCH = 4096
@@ -76,6 +86,23 @@ def add_commands(subparsers: Any) -> None:
     predict.add_argument("--probabilities", action="store_true", help="add one probability column per class")
     predict.add_argument("--label-column", help="CSV label column to ignore (default: the model's)")
     predict.set_defaults(func=predict_command)
+
+    stats = subparsers.add_parser(
+        "stats",
+        help="feature statistics for shared standardisation: of a data file, or several combined",
+        description="Each site: `p2pfl stats site.csv --out site.json` (counts, means and spreads of the "
+        "features, no rows). One person: `p2pfl stats a.json b.json c.json --out federation.json`, sent to "
+        "every site as [task] feature_stats (with standardize = true), so every site scales the same way.",
+    )
+    stats.add_argument(
+        "inputs", nargs="+", metavar="DATA_OR_STATS", help=".csv / .npz data or .json statistics"
+    )
+    stats.add_argument("--out", required=True, metavar="JSON", help="where to write the statistics")
+    stats.add_argument("--label-column", default="label", help="CSV label column, left out (default 'label')")
+    stats.add_argument(
+        "--features", help="comma-separated CSV feature columns, in model order ([task] features)"
+    )
+    stats.set_defaults(func=stats_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +219,42 @@ def predict_command(args: argparse.Namespace) -> int:
         print(f"wrote {len(probs)} predictions to {out}", file=sys.stderr)
     else:
         sys.stdout.write(buf.getvalue())
+    return 0
+
+
+def stats_command(args: argparse.Namespace) -> int:
+    from p2pfl.errors import ConfigError
+    from p2pfl.learning.data import combine_feature_stats, feature_stats, read_table
+
+    features = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else []
+    parts: list[dict[str, Any]] = []
+    for item in args.inputs:
+        path = Path(item)
+        if path.suffix.lower() == ".json":
+            try:
+                parts.append(json.loads(path.read_text(encoding="utf-8")))
+            except FileNotFoundError:
+                raise P2PFLError(f"statistics file {item!r} not found") from None
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise P2PFLError(f"statistics file {item!r} is not readable JSON ({exc})") from None
+        else:
+            table = read_table(
+                path,
+                label_column=args.label_column,
+                features=features if path.suffix.lower() == ".csv" else (),
+                labels=False,
+                what="DATA",
+                label_hint="pass --label-column NAME",
+            )
+            parts.append(feature_stats(table.x, table.feature_names))
+    try:
+        combined = combine_feature_stats(parts, what="stats")
+    except ConfigError as exc:
+        raise P2PFLError(str(exc)) from None
+    out = Path(args.out)
+    _check_out(out)
+    _write_atomic(out, (json.dumps(combined, indent=1) + "\n").encode("utf-8"))
+    print(f"wrote {out}: statistics of {combined['count']} rows, {len(combined['mean'])} features")  # type: ignore[arg-type]
     return 0
 
 

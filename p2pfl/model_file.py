@@ -53,7 +53,11 @@ __all__ = [
 FORMAT = "p2pfl-model"
 VERSION = 1
 HEADER = "__p2pfl_model__"
-PRIVATE_TASK_KEYS = ("data", "test_data")  # paths on the site's machine: not written into the file
+PRIVATE_TASK_KEYS = (
+    "data",
+    "test_data",
+    "feature_stats",
+)  # paths on the site's machine: not written into the file
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK\x03\x04"
 

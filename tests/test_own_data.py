@@ -344,3 +344,83 @@ def test_commands_register_on_another_parser() -> None:
     assert parser.parse_args(["export", "m.npz", "--out", "x"]).format == "npz"
     with pytest.raises(SystemExit):
         parser.parse_args(["export", "m.npz", "--out", "x", "--format", "pickle"])
+
+
+# ------------------------------------------------------------ shared standardisation (p2pfl stats)
+
+
+def test_shared_feature_statistics_scale_every_site_alike(tmp_path: Path, capsys) -> None:
+    """Each site summarises its features (no rows leave it), the summaries are combined exactly, and
+    every site that points [task] feature_stats at the result scales its inputs the same way."""
+    d = load_wine()
+    names = [n.replace("/", "_") for n in d.feature_names]
+    halves = []
+    for k, rows in enumerate((d.data[:90], d.data[90:])):
+        labels = d.target[:90] if k == 0 else d.target[90:]
+        halves.append(
+            write_csv(
+                tmp_path / f"site{k}.csv",
+                [*names, "label"],
+                [[*x, y] for x, y in zip(rows, labels, strict=True)],
+            )
+        )
+    for k, path in enumerate(halves):
+        code, out, _ = run(["stats", str(path), "--out", str(tmp_path / f"site{k}.json")], capsys)
+        assert code == 0 and "statistics of" in out
+    code, _, _ = run(
+        [
+            "stats",
+            str(tmp_path / "site0.json"),
+            str(tmp_path / "site1.json"),
+            "--out",
+            str(tmp_path / "fed.json"),
+        ],
+        capsys,
+    )
+    assert code == 0
+    fed = json.loads((tmp_path / "fed.json").read_text())
+    assert fed["count"] == 178 and fed["features"] == names
+    assert np.allclose(fed["mean"], d.data.mean(0)) and np.allclose(
+        np.sqrt(np.array(fed["m2"]) / 178), d.data.std(0)
+    )
+    tasks = [
+        load_task(
+            TaskSpec(
+                name="mlp",
+                data=str(p),
+                standardize=True,
+                feature_stats=str(tmp_path / "fed.json"),
+                num_classes=3,
+            )
+        )
+        for p in halves
+    ]
+    assert np.array_equal(tasks[0].standardizer.mean, tasks[1].standardizer.mean)
+    assert np.allclose(tasks[0].standardizer.mean, d.data.mean(0), rtol=1e-5)
+    # the model file carries them, so evaluate / predict scale the same way
+    assert task_meta(tasks[1])["feature_mean"] == task_meta(tasks[0])["feature_mean"]
+    # mismatches are refused with the fix
+    other = write_csv(tmp_path / "other.csv", ["a", "b", "label"], [[1, 2, 0], [3, 4, 1]])
+    with pytest.raises(ConfigError, match="statistics of 13 features; this data has 2"):
+        load_task(
+            TaskSpec(name="mlp", data=str(other), standardize=True, feature_stats=str(tmp_path / "fed.json"))
+        )
+    renamed = write_csv(
+        tmp_path / "renamed.csv",
+        [*reversed(names), "label"],
+        [[*x[::-1], y] for x, y in zip(d.data, d.target, strict=True)],
+    )
+    with pytest.raises(ConfigError, match="same columns in the same order"):
+        load_task(
+            TaskSpec(
+                name="mlp", data=str(renamed), standardize=True, feature_stats=str(tmp_path / "fed.json")
+            )
+        )
+    with pytest.raises(ConfigError, match="set \\[task\\] standardize = true"):
+        TaskSpec(feature_stats="fed.json")
+    code, _, err = run(
+        ["stats", str(tmp_path / "site0.json"), str(other), "--out", str(tmp_path / "x.json")], capsys
+    )
+    assert code == 2 and err.startswith("error: stats: the parts name different features")
+    code, _, err = run(["stats", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x.json")], capsys)
+    assert code == 2 and "not found" in err

@@ -1,7 +1,7 @@
 """Learning: what a node learns (spec), its data (data), its task (tasks), parameter plumbing (params),
 and many tasks trained at once (batched, for the simulator).
 
-    spec     TaskSpec, TaskSettings, BUILTIN_TASKS, PARTITION_SCHEMES, OPTIMIZERS, LR_SCHEDULES
+    spec     TaskSpec, TaskSettings, TaskOptions, BUILTIN_TASKS, PARTITION_SCHEMES, OPTIMIZERS, LR_SCHEDULES
              (no torch, no numpy)
     data     data sources, own .csv / .npz files (read_table), the shared test split,
              partition_indices, PartitionCache, Standardizer, check_classes
@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # the lazily imported names, for type checkers
         LR_SCHEDULES,
         OPTIMIZERS,
         PARTITION_SCHEMES,
+        TaskOptions,
         TaskSettings,
         TaskSpec,
     )
@@ -65,6 +66,7 @@ __all__ = [
     "Standardizer",
     "Table",
     "Task",
+    "TaskOptions",
     "TaskSettings",
     "TaskSpec",
     "TensorTask",

@@ -545,3 +545,113 @@ class Standardizer:
         if x.shape[1:] != self.mean.shape:
             raise ValueError(f"expected {self.mean.shape[0]} features, got {x.shape[1:]}")
         return ((np.asarray(x, dtype=np.float32) - self.mean) / self.std).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# federation-wide standardisation: sites share summary statistics, never rows
+
+STATS_FORMAT = "p2pfl-feature-stats"
+STATS_VERSION = 1
+
+
+def feature_stats(x: np.ndarray, feature_names: Sequence[str] | None = None) -> dict[str, object]:
+    """One site's summary of its features: count, per-feature mean and sum of squared deviations
+    (m2). Sites send these (not rows) to whoever combines them (combine_feature_stats)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    mean = x64.mean(axis=0)
+    return {
+        "format": STATS_FORMAT,
+        "version": STATS_VERSION,
+        "features": list(feature_names) if feature_names else None,
+        "count": int(len(x64)),
+        "mean": mean.tolist(),
+        "m2": ((x64 - mean) ** 2).sum(axis=0).tolist(),
+    }
+
+
+def combine_feature_stats(
+    parts: Sequence[dict[str, object]], what: str = "feature statistics"
+) -> dict[str, object]:
+    """The pooled statistics of several sites' feature_stats (Chan et al.'s parallel update: exact,
+    as if computed over all rows at once). All parts must name the same features in the same order."""
+    if not parts:
+        raise ConfigError(f"{what}: nothing to combine")
+    checked = [_check_stats(p, what) for p in parts]
+    names = checked[0][0]
+    for other, _, _, _ in checked[1:]:
+        if other != names:
+            raise ConfigError(f"{what}: the parts name different features ({names} vs {other})")
+    counts = np.array([c for _, c, _, _ in checked], dtype=np.float64)
+    means = np.stack([m for _, _, m, _ in checked])
+    total = counts.sum()
+    mean = (counts[:, None] * means).sum(axis=0) / total
+    m2 = sum(m for _, _, _, m in checked) + (counts[:, None] * (means - mean) ** 2).sum(axis=0)
+    return {
+        "format": STATS_FORMAT,
+        "version": STATS_VERSION,
+        "features": list(names) if names else None,
+        "count": int(total),
+        "mean": mean.tolist(),
+        "m2": np.asarray(m2).tolist(),
+    }
+
+
+def _check_stats(raw: object, what: str) -> tuple[tuple[str, ...] | None, int, np.ndarray, np.ndarray]:
+    if not isinstance(raw, dict) or raw.get("format") != STATS_FORMAT:
+        raise ConfigError(f"{what}: not a {STATS_FORMAT} file (write one with `p2pfl stats DATA --out FILE`)")
+    if raw.get("version") != STATS_VERSION:
+        raise ConfigError(f"{what}: version {raw.get('version')!r}, this p2pfl reads {STATS_VERSION}")
+    count = raw.get("count")
+    try:
+        mean = np.asarray(raw.get("mean"), dtype=np.float64)
+        m2 = np.asarray(raw.get("m2"), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: mean and m2 must be lists of numbers") from None
+    names = raw.get("features")
+    ok = (
+        isinstance(count, int)
+        and not isinstance(count, bool)
+        and count >= 1
+        and mean.ndim == 1
+        and mean.shape == m2.shape
+        and len(mean) >= 1
+        and bool(np.isfinite(mean).all() and np.isfinite(m2).all() and (m2 >= 0).all())
+        and (names is None or (isinstance(names, list) and len(names) == len(mean)))
+    )
+    if not ok:
+        raise ConfigError(f"{what}: count, mean, m2 (and features) do not fit together")
+    assert isinstance(count, int)
+    return (tuple(str(n) for n in names) if names else None), count, mean, m2
+
+
+def load_feature_stats(
+    path: str | Path,
+    *,
+    features: int,
+    feature_names: Sequence[str] | None,
+    what: str = "[task] feature_stats",
+) -> Standardizer:
+    """The Standardizer of a shared statistics file, checked against this site's features (by name
+    when both know them)."""
+    import json
+
+    p = Path(path).expanduser()
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: no such file {str(p)!r}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{what}: {str(p)!r} is not a readable JSON file ({exc})") from None
+    names, count, mean, m2 = _check_stats(raw, f"{what} {str(p)!r}")
+    if len(mean) != features:
+        raise ConfigError(
+            f"{what} {str(p)!r} has statistics of {len(mean)} features; this data has {features}"
+        )
+    if names and feature_names and tuple(feature_names) != names:
+        raise ConfigError(
+            f"{what} {str(p)!r} describes features {_short(list(names))}, but this data's are "
+            f"{_short(list(feature_names))}; use the same columns in the same order ([task] features)"
+        )
+    std = np.sqrt(m2 / count)
+    std[~(std > MIN_STD)] = 1.0
+    return Standardizer(mean.astype(np.float32), std.astype(np.float32))

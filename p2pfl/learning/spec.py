@@ -32,8 +32,6 @@ class TaskSettings:
 
     TaskSpec adds the task name and this node's shard; the simulator's SimConfig adds the simulated
     federation around them. `seed` drives the model init and the partition, so it is federation-wide.
-    The fields after `data` came with own data (issue 11); their defaults keep the earlier behaviour
-    (plain SGD at a constant rate, 25% of each file held out, classes inferred from the labels).
     """
 
     partition: str = "iid"
@@ -43,6 +41,21 @@ class TaskSettings:
     batch_size: int = 32
     lr: float = 0.3
     data: str = ""
+
+    def task_settings(self) -> dict[str, Any]:
+        """The TaskSettings fields only, by name (to build a TaskSpec from a subclass)."""
+        return {f.name: getattr(self, f.name) for f in fields(TaskSettings)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskOptions:
+    """A node's own data and its local optimizer (keyword-only; issue 11).
+
+    TaskSpec has these, the simulator's SimConfig does not: its vectorised trainer runs plain SGD on
+    the built-in data. The defaults keep the earlier behaviour: plain SGD at a constant rate, 25% of
+    a file held out, classes inferred from the labels, raw features, one hidden layer of 64.
+    """
+
     # own data: where the test examples come from, what the columns mean, how many classes there are
     test_data: str = ""  # a separate test file; "" = hold out test_fraction of `data`
     test_fraction: float = 0.25
@@ -51,6 +64,7 @@ class TaskSettings:
     num_classes: int = 0  # 0 = max label + 1 (or the .npz's num_classes); declare it for own data
     class_names: tuple[str, ...] = ()  # CSV labels may be these names (index = class); sets num_classes
     standardize: bool = False  # scale each feature to mean 0, std 1 with the training shard's statistics
+    feature_stats: str = ""  # ... or with these shared statistics (`p2pfl stats`), the same on every site
     hidden: tuple[int, ...] = (64,)  # hidden layer widths of the mlp tasks
     # the local optimizer and its learning rate over rounds
     optimizer: str = "sgd"
@@ -62,31 +76,6 @@ class TaskSettings:
     lr_gamma: float = 0.5
     lr_min: float = 0.0  # "cosine": the rate after lr_rounds rounds
     lr_rounds: int = 0  # "cosine": rounds to anneal over; 0 = [training] rounds (filled in by the config)
-
-    def task_settings(self) -> dict[str, Any]:
-        """The TaskSettings fields only, by name (to build a TaskSpec from a subclass)."""
-        return {f.name: getattr(self, f.name) for f in fields(TaskSettings)}
-
-    @property
-    def plain_sgd(self) -> bool:
-        """Constant-rate SGD without momentum or decay: the only training the batched trainer runs."""
-        return (
-            self.optimizer == "sgd"
-            and self.momentum == 0
-            and self.weight_decay == 0
-            and self.lr_schedule == "constant"
-        )
-
-    def lr_at(self, round_: int) -> float:
-        """The learning rate of federation round `round_` (1-based; round 1 trains at `lr`)."""
-        k = max(0, int(round_) - 1)
-        if self.lr_schedule == "step":
-            return float(self.lr * self.lr_gamma ** (k // self.lr_step_rounds))
-        if self.lr_schedule == "cosine":
-            horizon = max(1, self.lr_rounds)
-            frac = min(k, horizon) / horizon
-            return float(self.lr_min + (self.lr - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * frac)))
-        return float(self.lr)
 
 
 @dataclass(frozen=True)
@@ -109,15 +98,37 @@ def _integer(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class TaskSpec(TaskSettings, _TaskName):
+class TaskSpec(TaskOptions, TaskSettings, _TaskName):
     """What to learn and which part of the data this node holds.
 
     `seed` is federation-wide (same model init and same partition on every node); `shard` is this
     node's index in `range(num_shards)`. `data` optionally names a user .csv (header row, numeric
     features, an integer or class-name label column) or .npz file (arrays `X` (n, features) and `y`
     (n,) of integer labels 0..C-1, optional scalar `num_classes`).
-    name, shard and num_shards may be given by position; the shared settings are keyword-only.
+    name, shard and num_shards may be given by position; the shared settings and the options are
+    keyword-only. Field order: name, shard, num_shards, the TaskSettings, then the TaskOptions.
     """
+
+    @property
+    def plain_sgd(self) -> bool:
+        """Constant-rate SGD without momentum or decay: the only training the batched trainer runs."""
+        return (
+            self.optimizer == "sgd"
+            and self.momentum == 0
+            and self.weight_decay == 0
+            and self.lr_schedule == "constant"
+        )
+
+    def lr_at(self, round_: int) -> float:
+        """The learning rate of federation round `round_` (1-based; round 1 trains at `lr`)."""
+        k = max(0, int(round_) - 1)
+        if self.lr_schedule == "step":
+            return float(self.lr * self.lr_gamma ** (k // self.lr_step_rounds))
+        if self.lr_schedule == "cosine":
+            horizon = max(1, self.lr_rounds)
+            frac = min(k, horizon) / horizon
+            return float(self.lr_min + (self.lr - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+        return float(self.lr)
 
     def __post_init__(self) -> None:
         # tuples, also when a caller passes lists (config files do): a frozen spec stays hashable
@@ -148,7 +159,7 @@ class TaskSpec(TaskSettings, _TaskName):
 
     def _check_data(self) -> None:
         """The own-data keys: each message names the key and what to write instead."""
-        for key in ("data", "test_data", "label_column"):
+        for key in ("data", "test_data", "label_column", "feature_stats"):
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(f"[task] {key} must be a string, got {getattr(self, key)!r}")
         if not self.label_column.strip():
@@ -189,6 +200,10 @@ class TaskSpec(TaskSettings, _TaskName):
             raise ConfigError(f"[task] features must not include the label column {self.label_column!r}")
         if not isinstance(self.standardize, bool):
             raise ConfigError(f"[task] standardize must be true or false, got {self.standardize!r}")
+        if self.feature_stats and not self.standardize:
+            raise ConfigError(
+                "[task] feature_stats scales the features: set [task] standardize = true as well"
+            )
         hidden = self.hidden
         if not (
             isinstance(hidden, tuple)

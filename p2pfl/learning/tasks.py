@@ -38,6 +38,7 @@ from p2pfl.learning.data import (
     check_classes,
     label_histogram,
     load_digits,
+    load_feature_stats,
     load_synthetic,
     read_table,
     shards_for,
@@ -326,7 +327,8 @@ def tensor_task(
     """This node's TensorTask over the data set (x, y): its shard of the training split (partitioned
     as spec says, through the active data.PartitionCache if any) and the test examples: `test` when
     given (a separate file), else the shared split holding out spec.test_fraction. With
-    spec.standardize the features are scaled with the training shard's own statistics."""
+    spec.standardize the features are scaled with the training shard's own statistics, or with the
+    shared ones of spec.feature_stats (the same scaling on every site)."""
     if test is None:
         if len(y) < 2:
             raise ConfigError("[task] data: need at least 2 samples (one to train on, one to test on)")
@@ -339,7 +341,11 @@ def tensor_task(
     own = shards[spec.shard]
     x_train, y_train = x[own], y[own]
     standardizer = None
-    if spec.standardize:
+    if spec.feature_stats:
+        standardizer = load_feature_stats(
+            spec.feature_stats, features=x.shape[1], feature_names=feature_names
+        )
+    elif spec.standardize:
         standardizer = Standardizer.fit(x_train)
         x_train, x_test = standardizer.apply(x_train), standardizer.apply(x_test)
     return TensorTask(
