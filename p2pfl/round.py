@@ -370,7 +370,7 @@ class RoundCore:
                 Reason.UNKNOWN_SENDER, f"update signed by {meta.sender} arrived on {publisher}'s topic"
             )
         self.check_round(meta.round)
-        params = codec.decode(payload)
+        params = codec.decode(payload, expected_tensors=len(self.spec))
         codec.check_against(params, self.spec)
         return meta.round, Neighbour(meta.sender, self.flatten(params), max(meta.degree, 1), meta.samples)
 
