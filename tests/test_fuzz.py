@@ -6,19 +6,21 @@ Properties, for each surface:
 - a mutated signed object (update envelope, certificate) is never accepted;
 - honest round trips are exact.
 
-Example counts are modest so the file runs in seconds on two busy cores; `deadline=None` because the
-machine is shared and a slow example is not a failure. The front door test starts a real listener on
+Example counts are modest so the file runs in seconds on two busy cores (`P2PFL_FUZZ_SCALE=20` for a
+deeper hunt); `deadline=None` because the machine is shared and a slow example is not a failure. The front door test starts a real listener on
 127.0.0.1 and is skipped until `p2pfl.transport.frontdoor` exists.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import socket
 import ssl
 import struct
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,8 +45,14 @@ _max_parts: Callable[[int], int] = getattr(framing, "max_parts", lambda total: M
 
 NOW = 1_750_000_000.0
 
-FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FEW = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# P2PFL_FUZZ_SCALE=20 pytest tests/test_fuzz.py: a deeper run (20x the examples) when hunting bugs
+SCALE = max(0.05, float(os.environ.get("P2PFL_FUZZ_SCALE", "1")))
+FAST = settings(
+    max_examples=max(1, int(80 * SCALE)), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+FEW = settings(
+    max_examples=max(1, int(30 * SCALE)), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def refused(call: Callable[[], Any]) -> Rejected | None:
@@ -430,6 +438,61 @@ def test_interleaved_messages_are_never_spliced(sizes: list[int], data: st.DataO
         got = r.add("peer", part, index=i)
         if got is not None:
             assert got in messages
+
+
+@FEW
+@given(
+    size=st.integers(min_value=1, max_value=20_000),
+    junk=st.lists(
+        st.one_of(forged_parts(), st.tuples(st.binary(max_size=96), st.integers(0, 70000))), max_size=40
+    ),
+    data=st.data(),
+)
+def test_one_publishers_garbage_never_disturbs_another_publishers_message(
+    size: int, junk: list[tuple[bytes, int]], data: st.DataObject
+) -> None:
+    """Parts from a hostile publisher interleaved with an honest one's: the honest message comes out
+    exactly once, unchanged, and the hostile publisher holds at most its own buffer bound."""
+    message = os.urandom(size)
+    chunk = data.draw(st.integers(min_value=finest_chunk(size), max_value=size + 100), label="chunk")
+    honest = [(i, p) for i, p in enumerate(split_message(message, chunk))]
+    stream: list[tuple[str, bytes, int]] = [("good", p, i) for i, p in honest] + [
+        ("evil", p, i) for p, i in junk
+    ]
+    order = data.draw(st.permutations(stream), label="order")
+    r = Reassembler(1 << 16)
+    out: list[bytes] = []
+    for publisher, part, index in order:
+        got, exc = outcome(lambda publisher=publisher, part=part, index=index: r.add(publisher, part, index))  # type: ignore[misc]
+        if publisher == "good":
+            assert exc is None, f"an honest part was refused: {exc}"
+            if got is not None:
+                out.append(got)
+        assert r.pending_bytes("evil") <= r.max_buffered_bytes
+    assert out == [message]
+
+
+@FAST
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=6000), min_size=1, max_size=30),
+    budget=st.integers(min_value=8192, max_value=60_000),
+)
+def test_a_publisher_gets_no_more_than_its_budget_through_per_window(sizes: list[int], budget: int) -> None:
+    """With the clock standing still, the bytes handed out for one publisher stay within its budget."""
+    if "clock" not in inspect.signature(Reassembler).parameters:
+        pytest.skip("no per-publisher budget in this tree")
+    r = Reassembler(6000, max_bytes_per_window=budget, clock=lambda: 1000.0)
+    delivered = 0
+    refused: Counter[Reason] = Counter()
+    for n in sizes:
+        for i, part in enumerate(split_message(os.urandom(n), max(finest_chunk(n), 1024))):
+            got, exc = outcome(lambda part=part, i=i: r.add("peer", part, i))  # type: ignore[misc]
+            if exc is not None:
+                refused[exc.reason] += 1
+            elif got is not None:
+                delivered += len(got)
+    assert delivered <= budget
+    assert set(refused) <= {Reason.NEIGHBOUR_BUDGET}
 
 
 # -- certificates ------------------------------------------------------------------
