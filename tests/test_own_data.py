@@ -90,8 +90,15 @@ def test_csv_loads_by_column_name(tmp_path: Path) -> None:
         (["age", "label"], [], {}, "no data rows"),
         (["age", "label"], [[1, 0]], {"features": ["age", "weight"]}, "lacks feature column\\(s\\) 'weight'"),
         (["label"], [[1]], {}, "no feature columns"),
-        (["age", "label"], [[1e39, 0]], {}, "too large for float32"),
-        (["age", "label"], [["nan", 0]], {}, "NaN"),
+        (["age", "label"], [[1e39, 0]], {}, "line 2, column 'age': '1e\\+39' is infinite or too large"),
+        (
+            ["age", "label"],
+            [[1, 0], ["nan", 1]],
+            {},
+            "line 3, column 'age': missing value 'nan'; missing values",
+        ),
+        (["age", "label"], [[1, 0], ["NA", 1]], {}, "line 3, column 'age': missing value 'NA'"),
+        (["age", "label"], [["inf", 0]], {}, "'inf' is infinite"),
     ],
 )
 def test_csv_mistakes_name_the_line_column_and_fix(

@@ -38,6 +38,7 @@ DIRICHLET_MIN_SAMPLES = 10  # resample the Dirichlet draw until every shard has 
 DIRICHLET_ATTEMPTS = 100
 MIN_STD = 1e-6  # a feature this flat (constant in the shard) is centred, not blown up
 DATA_SUFFIXES = (".csv", ".npz")
+MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})  # how exports spell "no value"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,17 +389,25 @@ def _csv_features(
 ) -> np.ndarray:
     cells = [[r[i] for i in idx] for r in rows]
     try:
-        return np.array(cells, dtype=np.float64)
+        x = np.array(cells, dtype=np.float64)
     except ValueError:
-        pass
+        x = None
+    if x is not None:
+        bad = np.argwhere(~np.isfinite(x) | (np.abs(x) > np.finfo(np.float32).max))
+        if not len(bad):
+            return x
+        r, c = bad[0]
+        cell, line, column = cells[r][c], lines[r], header[idx[c]]
+        if cell.strip().lower() in MISSING_TOKENS:
+            raise ConfigError(_missing(what, p, line, column, cell))
+        raise ConfigError(
+            f"{what} {str(p)!r} line {line}, column {column!r}: {cell!r} is infinite or too large for float32"
+        )
     for row, line in zip(cells, lines, strict=True):  # find the first bad cell, to name it
         for value, i in zip(row, idx, strict=True):
             text = value.strip()
-            if not text:
-                raise ConfigError(
-                    f"{what} {str(p)!r} line {line}, column {header[i]!r}: empty value; missing values are "
-                    "not supported: fill them in or drop the row"
-                )
+            if text.lower() in MISSING_TOKENS:
+                raise ConfigError(_missing(what, p, line, header[i], value))
             try:
                 float(text)
             except ValueError:
@@ -408,6 +417,14 @@ def _csv_features(
                     "with [task] features)"
                 ) from None
     raise ConfigError(f"{what} {str(p)!r}: the feature values are not all numbers")  # pragma: no cover
+
+
+def _missing(what: str, p: Path, line: int, column: str, cell: str) -> str:
+    shown = "empty value" if not cell.strip() else f"missing value {cell!r}"
+    return (
+        f"{what} {str(p)!r} line {line}, column {column!r}: {shown}; missing values are not supported: "
+        "fill them in or drop the row"
+    )
 
 
 def _csv_labels(
