@@ -24,7 +24,9 @@ mesh building blocks; every loop is bounded in count and time; 127.0.0.1 only):
 - mdns-forgery: zeroconf adverts on 127.0.0.1 for a rogue broker (records what nodes send it), a
   relay to a real member's broker under a made-up node id, and an address outside 127.0.0.0/8;
 - hostile-member: a member certified from the testbed's federation dir that joins by mDNS and sends
-  an update cut into tiny parts and one with 100,000 empty tensors.
+  an update cut into tiny parts and one with 100,000 empty tensors;
+- member-sessions: that member opens 300 MQTT sessions to the victim and holds them (is there a
+  session left for anyone else?).
 
 A scenario whose defence has not landed yet still runs and reports what happened. `--out DIR` writes
 the table as attack_lab.md and attack_lab.csv (plus results.json) and keeps the nodes' dirs under DIR/run.
@@ -68,6 +70,7 @@ SCENARIOS = (
     "plain-client",
     "mdns-forgery",
     "hostile-member",
+    "member-sessions",
 )
 
 
@@ -88,6 +91,8 @@ class Budget:
     plain_attempts: int = 40
     mdns_s: float = 25.0
     member_s: float = 40.0
+    member_sessions: int = 300
+    member_hold_s: float = 15.0
     measure_s: float = 5.0  # rounds/s window before each scenario
     settle_s: float = 40.0  # ceiling on waiting for the nodes' next metrics after a scenario
 
@@ -104,6 +109,8 @@ class Budget:
             plain_attempts=10,
             mdns_s=15.0,
             member_s=30.0,
+            member_sessions=300,
+            member_hold_s=8.0,
             measure_s=3.0,
             settle_s=30.0,
         )
@@ -587,27 +594,35 @@ class Attack:
 
     def mallory_tls(self) -> ssl.SSLContext | None:
         """Mallory's TLS client context, or None where the tree has no mutual TLS."""
+        return self.member_tls(self.mallory_dir())
+
+    def mallory_password(self) -> tuple[str, str] | None:
+        """Mallory's (username, token) where the tree still has broker tokens, else None."""
+        return self.member_password(self.mallory_dir())
+
+    @staticmethod
+    def member_tls(directory: Path) -> ssl.SSLContext | None:
+        """A member's TLS client context from its data dir, or None where the tree has no mutual TLS."""
         try:
             from p2pfl import tls
         except ImportError:
             return None
         from p2pfl.node import load_credentials
 
-        directory = self.mallory_dir()
         identity, cert, root = load_credentials(directory)
-        node_tls = tls.load_node_tls(directory, identity, cert, root)
-        context: ssl.SSLContext = node_tls.client_context()
+        context: ssl.SSLContext = tls.load_node_tls(directory, identity, cert, root).client_context()
         return context
 
-    def mallory_password(self) -> tuple[str, str] | None:
-        """Mallory's (username, token) where the tree still has broker tokens, else None."""
+    @staticmethod
+    def member_password(directory: Path) -> tuple[str, str] | None:
+        """A member's (username, broker token) where the tree still has tokens, else None."""
         try:
             from p2pfl.federation import make_token  # type: ignore[attr-defined]
         except ImportError:
             return None
         from p2pfl.node import load_credentials
 
-        identity, cert, _ = load_credentials(self.mallory_dir())
+        identity, cert, _ = load_credentials(directory)
         return identity.node_id, str(make_token(identity, cert))
 
     # -- 1 ------------------------------------------------------------------------------------------
@@ -899,6 +914,79 @@ class Attack:
         )
         asyncio.run(_hostile_member(self.lab, directory, identity, cert, root, self.budget, result.notes))
 
+    # -- 8 ------------------------------------------------------------------------------------------
+
+    def member_sessions(self, result: Result) -> None:
+        """A certified member opens many MQTT sessions to the victim and holds them; can another
+        member still get a session meanwhile?"""
+        port, budget = self.lab.victim.port, self.budget
+        _raise_own_nofile(budget.member_sessions + 256)
+        context = self.mallory_tls() if self.tls else None
+        token = None if self.tls else self.mallory_password()
+        if context is None and token is None:
+            result.error = "no way to log in as a member in this tree"
+            return
+        from p2pfl.node import load_credentials
+
+        me = load_credentials(self.mallory_dir())[0].node_id
+        honest = self.lab.nodes[2]
+        honest_context = self.member_tls(honest.directory) if self.tls else None
+        honest_token = None if self.tls else self.member_password(honest.directory)
+
+        def session(
+            node_id: str, tag: str, context: ssl.SSLContext | None, token: tuple[str, str] | None
+        ) -> tuple[str, socket.socket | ssl.SSLSocket | None]:
+            packet = mqtt_connect(
+                f"{node_id}-{tag}",
+                username=token[0] if token else None,
+                password=token[1].encode() if token else None,
+            )
+            try:
+                raw = socket.create_connection((HOST, port), timeout=10)
+            except OSError as exc:
+                return f"connect failed ({exc.__class__.__name__})", None
+            sock: socket.socket | ssl.SSLSocket = raw
+            try:
+                if context is not None:
+                    sock = context.wrap_socket(raw)
+                sock.sendall(packet)
+            except OSError as exc:
+                raw.close()
+                return f"refused ({exc.__class__.__name__})", None
+            answer = connack(sock, 10)
+            if answer != "rc 0":
+                sock.close()
+                return answer, None
+            return answer, sock
+
+        held: list[socket.socket | ssl.SSLSocket] = []
+        outcomes: Counter[str] = Counter()
+        deadline = time.monotonic() + budget.member_hold_s + 60
+        try:
+            for i in range(budget.member_sessions):
+                if time.monotonic() > deadline:
+                    break
+                answer, sock = session(me, f"{i:08x}", context, token)
+                outcomes[answer] += 1
+                if sock is not None:
+                    held.append(sock)
+            r0, t0 = self.lab.rounds(), time.monotonic()
+            probe, probe_sock = session(honest.node_id, "probe", honest_context, honest_token)
+            if probe_sock is not None:
+                probe_sock.close()
+            time.sleep(budget.member_hold_s)  # the attack: hold them while the federation runs rounds
+            result.rounds_during = _per_node_rate(r0, self.lab.rounds(), time.monotonic() - t0)
+        finally:
+            for sock in held:
+                with contextlib.suppress(OSError):
+                    sock.close()
+        result.attack = (
+            f"a certified member opens {budget.member_sessions} MQTT sessions to the victim "
+            f"and holds them {budget.member_hold_s:.0f} s"
+        )
+        result.notes.append("sessions: " + ", ".join(f"{k}: {v}" for k, v in outcomes.most_common()))
+        result.notes.append(f"a new session of honest {honest.name} while they were held: {probe}")
+
 
 def _drain_connects(
     sel: selectors.BaseSelector, pending: set[socket.socket], opened: list[socket.socket], timeout: float
@@ -1188,6 +1276,7 @@ def run_scenario(lab: Lab, attack: Attack, name: str, log: Callable[[str], None]
         "plain-client": attack.plain_client,
         "mdns-forgery": attack.mdns_forgery,
         "hostile-member": attack.hostile_member,
+        "member-sessions": attack.member_sessions,
     }[name]
     try:
         method(result)
