@@ -70,6 +70,17 @@ class _DropStartupFailure(logging.Filter):
         return record.getMessage() != "Broker startup failed"
 
 
+_REFUSED_MARK = " refused by the auth plugins"
+
+
+class _DropRefusedConnect(logging.Filter):
+    """Drops amqtt's warning for a CONNECT the auth plugins refused: the outbox reports each refusal
+    once, with its reason, and a member sending refused CONNECTs in a loop must not flood the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().endswith(_REFUSED_MARK)
+
+
 class _SnapshotDict(dict):
     """amqtt's topic filter -> subscribers table, iterated over snapshots.
 
@@ -104,6 +115,7 @@ def tame_amqtt_logging() -> None:
             logger.setLevel(logging.WARNING)
     logging.getLogger("amqtt.mqtt.protocol.handler").addFilter(_ShortPacketArgs())
     logging.getLogger("amqtt.broker").addFilter(_DropStartupFailure())
+    logging.getLogger("amqtt.broker").addFilter(_DropRefusedConnect())
 
 
 class PatchedBroker(Broker):
@@ -187,7 +199,7 @@ class PatchedBroker(Broker):
             with contextlib.suppress(Exception):
                 await handler.mqtt_connack_authorize(False)
             await _close(writer)
-            raise AMQTTError(f"CONNECT from {what} (client id {session.client_id!r:.80}) refused")
+            raise AMQTTError(f"CONNECT from {what} (client id {session.client_id!r:.80}){_REFUSED_MARK}")
         session.attributes[_ADMITTED] = True
         if not session.clean_session:  # pragma: no cover - the auth plugins refuse these
             raise AMQTTError(f"persistent session from {what} is not supported")
