@@ -129,6 +129,10 @@ names = st.text(min_size=0, max_size=40)
 param_dicts = st.dictionaries(names, tensor, min_size=0, max_size=4)
 
 
+# what decode may refuse with: malformed bytes, or a declared tensor count over its bound
+CODEC_REASONS = frozenset({Reason.MALFORMED, Reason.TOO_MANY_TENSORS})
+
+
 def same_tensors(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
     """Equal names, order, dtypes, shapes and bytes (bitwise, so NaN payloads count too)."""
     if list(a) != list(b):
@@ -151,11 +155,26 @@ def test_codec_round_trip_is_exact(params: dict[str, np.ndarray]) -> None:
 
 
 @FAST
+@given(params=param_dicts, expected=st.integers(min_value=0, max_value=8))
+def test_codec_decode_against_the_local_tensor_count(params: dict[str, np.ndarray], expected: int) -> None:
+    """With the local model's tensor count: the same count decodes exactly, another is refused early."""
+    if "expected_tensors" not in inspect.signature(codec.decode).parameters:
+        pytest.skip("decode has no expected_tensors in this tree")
+    frame = codec.encode(params)
+    out, exc = outcome(lambda: codec.decode(frame, expected_tensors=expected))
+    if expected == len(params):
+        assert exc is None and same_tensors(params, out)
+    else:
+        assert exc is not None
+        assert exc.reason is (Reason.TOO_MANY_TENSORS if len(params) > expected else Reason.SHAPE_MISMATCH)
+
+
+@FAST
 @given(data=st.binary(max_size=512))
 def test_codec_decode_of_arbitrary_bytes_is_malformed_or_exact(data: bytes) -> None:
     out, exc = outcome(lambda: codec.decode(data))
     if exc is not None:
-        assert exc.reason is Reason.MALFORMED
+        assert exc.reason in CODEC_REASONS
     else:  # the rare parse: canonical layout, so the same tensors encode to a frame that decodes the same
         assert same_tensors(out, codec.decode(codec.encode(out)))
 
@@ -166,7 +185,7 @@ def test_codec_decode_with_a_valid_prefix_is_malformed_or_exact(data: bytes) -> 
     frame = codec.MAGIC + len(data).to_bytes(4, "little") + data
     out, exc = outcome(lambda: codec.decode(frame))
     if exc is not None:
-        assert exc.reason is Reason.MALFORMED
+        assert exc.reason in CODEC_REASONS
     else:
         assert same_tensors(out, codec.decode(codec.encode(out)))
 
@@ -180,7 +199,7 @@ def test_codec_decode_of_mutated_frames_never_escapes(
     bad = mutate_changed(frame, muts)
     out, exc = outcome(lambda: codec.decode(bad))
     if exc is not None:
-        assert exc.reason is Reason.MALFORMED
+        assert exc.reason in CODEC_REASONS
         return
     # a flipped byte inside a tensor or a name may still parse; the layout must then be canonical
     assert len(bad) == len(frame), "a frame of another length parsed"
@@ -195,7 +214,7 @@ def test_codec_truncated_or_extended_frames_are_malformed(params: dict[str, np.n
     long = frame + bytes(1 + cut % 16)
     for buf in (short, long):
         exc = refused(lambda buf=buf: codec.decode(buf))  # type: ignore[misc]
-        assert exc is not None and exc.reason is Reason.MALFORMED
+        assert exc is not None and exc.reason in CODEC_REASONS
 
 
 @FAST
