@@ -404,6 +404,8 @@ def test_shared_feature_statistics_scale_every_site_alike(tmp_path: Path, capsys
     ]
     assert np.array_equal(tasks[0].standardizer.mean, tasks[1].standardizer.mean)
     assert np.allclose(tasks[0].standardizer.mean, d.data.mean(0), rtol=1e-5)
+    both = np.concatenate([t.x_train.numpy() for t in tasks] + [t.x_test.numpy() for t in tasks])
+    assert np.allclose(both.mean(0), 0, atol=1e-4) and np.allclose(both.std(0), 1, atol=1e-4)
     # the model file carries them, so evaluate / predict scale the same way
     assert task_meta(tasks[1])["feature_mean"] == task_meta(tasks[0])["feature_mean"]
     # mismatches are refused with the fix
@@ -431,3 +433,77 @@ def test_shared_feature_statistics_scale_every_site_alike(tmp_path: Path, capsys
     assert code == 2 and err.startswith("error: stats: the parts name different features")
     code, _, err = run(["stats", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x.json")], capsys)
     assert code == 2 and "not found" in err
+
+
+# ------------------------------------------------------------------------ hospitals in a federation
+
+
+@pytest.mark.timeout(240)
+def test_hospitals_with_own_csv_files_train_one_model_together(tmp_path: Path) -> None:
+    """Three nodes over the in-memory mesh, each with its own CSV file of raw-scale features; one
+    site has no examples of class 2. With num_classes declared every site builds the same model, so
+    no update is refused (before, the short site's model had another shape and every update was);
+    the model file of the result evaluates on a CSV."""
+    import asyncio
+
+    from helpers import certify
+    from memory_mesh import Hub
+
+    from p2pfl.config import NodeConfig, validate
+    from p2pfl.federation import FederationAuthority
+    from p2pfl.metrics import read_jsonl
+    from p2pfl.node import Node
+
+    d = load_wine()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(d.target))
+    names = [n.replace("/", "_") for n in d.feature_names]
+    sites = []
+    for i, part in enumerate(np.array_split(order, 3)):
+        if i == 2:
+            part = part[d.target[part] != 2]  # this hospital never saw class 2
+        rows = [[*d.data[j].tolist(), int(d.target[j])] for j in part]
+        sites.append(write_csv(tmp_path / f"site{i}.csv", [*names, "label"], rows))
+    # shared scaling: each site's summary, combined (a site missing a class has shifted statistics)
+    summaries = []
+    for i, data in enumerate(sites):
+        summaries.append(str(tmp_path / f"site{i}.json"))
+        assert model_cli.main(["stats", str(data), "--out", summaries[-1]]) == 0
+    assert model_cli.main(["stats", *summaries, "--out", str(tmp_path / "fed.json")]) == 0
+    hub, authority, nodes = Hub(), FederationAuthority.create(tmp_path / "federation"), []
+    for i, data in enumerate(sites):
+        cfg = NodeConfig()
+        cfg.node.name, cfg.node.data_dir = f"hospital-{i}", str(tmp_path / f"n{i}")
+        cfg.discovery.expect_peers, cfg.discovery.wait_s = 2, 120.0
+        cfg.task = TaskSpec(
+            name="mlp", data=str(data), num_classes=3, standardize=True, feature_stats=str(tmp_path / "fed.json"),
+            optimizer="adam", lr=0.02, local_epochs=3, lr_schedule="cosine", test_fraction=0.3,
+        )  # fmt: skip
+        cfg.training.rounds = 8
+        cfg.gossip.topology, cfg.gossip.rule = "full", "mean"
+        cfg.gossip.round_timeout_s, cfg.gossip.linger_s = 300.0, 0.0
+        cfg = validate(cfg)
+        assert cfg.task.lr_rounds == 8
+        _, cert = certify(authority, cfg.node.name, cfg.data_dir)
+        nodes.append(Node(cfg, mesh=hub.mesh(cert)))
+
+    async def main() -> None:
+        await asyncio.gather(*(node.run() for node in nodes))
+
+    asyncio.run(main())
+    for node in nodes:
+        records = read_jsonl(node.cfg.metrics_path)
+        assert [r["round"] for r in records] == list(range(1, 9))
+        assert sum(node.metrics.rejected.values()) == 0 and all(r["missing"] == [] for r in records)
+        assert records[-1]["accuracy"] > 0.8, [r["accuracy"] for r in records]
+    short = nodes[2]
+    path = tmp_path / "model.npz"
+    meta = {**task_meta(short.task), "round": 8, "node": short.cfg.node.name}
+    save_model(path, get_params(short.model), short.cfg.task, meta)  # the call node.py makes
+    whole = write_csv(
+        tmp_path / "all.csv",
+        [*names, "label"],
+        [[*x.tolist(), int(y)] for x, y in zip(d.data, d.target, strict=True)],
+    )
+    code = model_cli.main(["evaluate", str(path), str(whole), "--json"])
+    assert code == 0

@@ -347,6 +347,7 @@ def tensor_task(
         )
     elif spec.standardize:
         standardizer = Standardizer.fit(x_train)
+    if standardizer is not None:
         x_train, x_test = standardizer.apply(x_train), standardizer.apply(x_test)
     return TensorTask(
         spec,
