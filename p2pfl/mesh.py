@@ -29,6 +29,7 @@ from p2pfl.errors import Reason, Rejected
 from p2pfl.federation import Certificate, FederationRoot
 from p2pfl.identity import Identity
 from p2pfl.metrics import Metrics
+from p2pfl.resources import ensure_fd_headroom, fd_need
 from p2pfl.tls import NodeTls, load_node_tls, peer_node_id
 from p2pfl.transport import Outbox, PeerLink
 from p2pfl.transport.frontdoor import DoorLimits
@@ -85,6 +86,7 @@ class MqttMesh:
         self.tls = tls or load_node_tls(cfg.data_dir, identity, cert, root)
         self._client_tls = self.tls.client_context()
         self.peers: dict[str, Peer] = {}  # by "host:port"
+        self.door_limits = _door_limits(cfg.node.host)
         self.outbox = Outbox(
             cfg.node.host,
             cfg.node.port,
@@ -93,7 +95,7 @@ class MqttMesh:
             ssl_context=self.tls.server_context(),
             verify=self._identify,
             on_reject=lambda reason, detail: metrics.reject(reason, detail, peer="broker client"),
-            door_limits=_door_limits(cfg.node.host),
+            door_limits=self.door_limits,
         )
         self.discovery: Discovery | None = None
         self._on_update: OnUpdate | None = None
@@ -111,6 +113,8 @@ class MqttMesh:
 
     async def start(self, on_update: OnUpdate, on_change: Callable[[], None]) -> None:
         self._on_update, self._on_change = on_update, on_change
+        # before the door reads its fd budget; a node links to at most as many peers as may link to it
+        ensure_fd_headroom(fd_need(self.door_limits, links=self.door_limits.max_sessions))
         await self.outbox.start()
         await self.outbox.publish_certificate(self.cert.to_bytes())
         for peer in self.cfg.discovery.static_peers:
@@ -121,7 +125,12 @@ class MqttMesh:
             ad = PeerAd(
                 self.node_id, self.fed, node.name, node.host, self.outbox.port, self.cert.fingerprint()
             )
-            self.discovery = Discovery(ad, self.cfg.discovery.interfaces, on_change=self._sync_links)
+            self.discovery = Discovery(
+                ad,
+                self.cfg.discovery.interfaces,
+                on_change=self._sync_links,
+                on_reject=lambda reason, detail: self.metrics.reject(reason, detail, peer="mdns"),
+            )
             await self.discovery.start()
 
     async def publish(self, message: bytes, recipients: Sequence[str]) -> None:
@@ -224,12 +233,12 @@ class MqttMesh:
 
 
 def _door_limits(host: str) -> DoorLimits:
-    """The front door's caps. Its per-source cap counts established sessions too, and on a loopback
-    broker every peer (a local testbed: each node links to every advertised peer) comes from the same
-    address, so there the cap is the session cap instead."""
+    """The front door's caps. On a loopback broker every peer (a local testbed: many nodes start and
+    link at once) comes from the same address, so there the per-source cap on connections still in
+    their handshake is the pending cap instead."""
     defaults = DoorLimits()
     try:
         loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         loopback = host == "localhost"
-    return replace(defaults, max_per_source=defaults.max_sessions) if loopback else defaults
+    return replace(defaults, max_per_source=defaults.max_pending) if loopback else defaults

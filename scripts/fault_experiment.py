@@ -181,7 +181,7 @@ def analyze(run: Path, sc: Scenario, baseline: dict[str, Any] | None) -> dict[st
     ):  # frozen from the start: no "before"; compare with the baseline, adapt from round 1
         after = list(rounds.seconds.items())
     before_s = median(before) if before else (baseline or {}).get("before_s")
-    cd_before = [d for r, d in cd.items() if rounds.ended.get(r, 0) <= start][-3:]
+    cd_before = [d for r, d in cd.items() if r in rounds.ended and rounds.ended[r] <= start][-3:]
     cd_level = median(cd_before) if cd_before else (baseline or {}).get("cd_pre")
     cd_after = [(r, cd[r]) for r, _ in after if r in cd]
     row.update(

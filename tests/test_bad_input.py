@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -81,9 +80,7 @@ def certified_dir(tmp: Path, name: str = "node-0") -> Path:
     authority = FederationAuthority.create(tmp / "federation")
     node_dir = tmp / name
     identity = load_or_create(node_dir)
-    cert = authority.issue(name, identity.verify_key_bytes, identity.box_public_bytes, 86400.0)
-    (node_dir / "certificate").write_bytes(cert.to_bytes())
-    shutil.copyfile(tmp / "federation" / "federation.pub", node_dir / "federation.pub")
+    authority.issue(name, identity.verify_key_bytes, identity.box_public_bytes, 86400.0, node_dir=node_dir)
     return node_dir
 
 

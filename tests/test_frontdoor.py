@@ -222,25 +222,26 @@ async def close_all(writers: list[asyncio.StreamWriter]) -> None:
 # -- caps ------------------------------------------------------------------------------------------
 
 
-def test_connections_over_each_cap_are_refused_at_once_and_counted() -> None:
+def test_connections_over_each_cap_are_refused_at_once_and_counted(pki: Pki) -> None:
     async def main() -> None:
-        # per source: every client here is 127.0.0.1
-        async with started(max_per_source=3) as d:
-            held = [await greeting(None, d.door.port) for _ in range(3)]
-            assert [line for line, _ in held] == [b"hello plain-peer\n"] * 3
+        # per source: every client here is 127.0.0.1; only connections still in their handshake count
+        ctx = server_context(pki.ca, pki.directory / "server.pem", pki.directory / "server.key")
+        async with started(ctx, max_per_source=3, handshake_s=CEILING_S) as d:
+            idle = [await asyncio.open_connection(HOST, d.door.port) for _ in range(3)]  # no TLS bytes
+            await until(lambda: d.stat("pending") == 3)
             reader, writer = await asyncio.open_connection(HOST, d.door.port)
             assert await refused(reader)
             await until(lambda: d.stat("refused_conn_limit") == 1)
             assert d.rejects[0][0] is Reason.CONN_LIMIT and d.rejects[0][1].startswith("127.0.0.1: ")
             assert "max_per_source 3" in d.rejects[0][1]
-            assert d.stat("sessions") == 3 and d.stat("pending") == 0
-            await close_all([w for _, w in held] + [writer])
+            await close_all([w for _, w in idle] + [writer])
+            await until(lambda: d.stat("pending") == 0)  # the slots come back
+        async with started(max_per_source=2) as d:  # verified sessions are not held to the source's cap
+            held = [await greeting(None, d.door.port) for _ in range(4)]
+            assert [line for line, _ in held] == [b"hello plain-peer\n"] * 4
+            assert d.stat("sessions") == 4 and d.stat("refused_conn_limit") == 0
+            await close_all([w for _, w in held])
             await until(lambda: d.stat("sessions") == 0)
-            line, writer = await greeting(None, d.door.port)  # the slots come back
-            assert line == b"hello plain-peer\n"
-            await close_all([writer])
-
-        # sessions in all
         async with started(max_sessions=2) as d:
             held = [await greeting(None, d.door.port) for _ in range(2)]
             reader, writer = await asyncio.open_connection(HOST, d.door.port)

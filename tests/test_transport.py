@@ -988,12 +988,12 @@ def test_a_host_that_is_not_ours_says_so() -> None:
         asyncio.run(outbox.start())
 
 
-def test_a_loopback_broker_does_not_cap_sessions_per_source() -> None:
-    """Every peer of a local testbed connects from 127.0.0.1: the per-source cap (which counts
-    established sessions) would refuse the ninth node's link there."""
+def test_a_loopback_broker_lets_many_peers_handshake_at_once() -> None:
+    """Every peer of a local testbed connects from 127.0.0.1, many at the same moment: there the
+    per-source cap on connections still in their handshake is the pending cap."""
     from p2pfl.mesh import _door_limits
     from p2pfl.transport.frontdoor import DoorLimits
 
     for host in ("127.0.0.1", "::1", "[::1]", "localhost"):
-        assert _door_limits(host).max_per_source == DoorLimits().max_sessions
+        assert _door_limits(host).max_per_source == DoorLimits().max_pending
     assert _door_limits("10.0.0.5") == DoorLimits()

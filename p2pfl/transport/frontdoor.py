@@ -6,9 +6,9 @@ or 1,500 idle connections, at the usual limit of 1,024), and sockets closed by t
 CONNECT sat in CLOSE-WAIT until garbage collection. The door bounds every stage before a peer is
 known:
 
-- at most `max_pending` connections between accept and a verified peer, `max_per_source` from one
-  address (an IPv6 /64 counts as one address: a LAN host picks any address in its /64), and
-  `max_sessions` verified sessions; a connection over a cap is reset at accept (SO_LINGER 0, closed
+- at most `max_pending` connections between accept and a verified peer, `max_per_source` of them
+  from one address (an IPv6 /64 counts as one address: a LAN host picks any address in its /64;
+  verified members behind one address are not limited by it), and `max_sessions` verified sessions; a connection over a cap is reset at accept (SO_LINGER 0, closed
   before any asyncio object exists), so a flood costs one accept and one close per connection;
 - the TLS handshake and the `verify` callback finish within `handshake_s` of the accept, or the
   socket is aborted (an idle or half-open connection is held `handshake_s` at most);
@@ -72,7 +72,7 @@ class DoorLimits:
     """Caps on what unauthenticated (and authenticated) connections may hold."""
 
     max_pending: int = 64  # connections accepted but not yet authenticated (TLS done + verified), in all
-    max_per_source: int = 8  # connections (pending + established) from one source IP
+    max_per_source: int = 8  # unauthenticated connections from one source IP
     handshake_s: float = 10.0  # accept -> TLS handshake done and peer verified
     max_sessions: int = 256  # established (authenticated) sessions in all
 
@@ -108,7 +108,10 @@ def _reset(sock: socket.socket) -> None:
 
 def _abort(transport: asyncio.WriteTransport) -> None:
     """Abort a connection with RST; asyncio closes its socket on the next loop iteration."""
-    raw = transport.get_extra_info("socket")
+    try:
+        raw = transport.get_extra_info("socket")
+    except AttributeError:  # an SSL transport already closed has no socket to ask any more
+        raw = None
     if raw is not None:
         try:
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -476,7 +479,7 @@ class FrontDoor:
                 f"{self._sessions} sessions (max_sessions {self.limits.max_sessions})",
             )
             return
-        del self._waiting[me]  # its source slot stays taken while the session lasts
+        self._release(me)  # a verified member counts against max_sessions, not its source's cap
         self._sessions += 1
         self._established += 1
         try:
@@ -495,7 +498,6 @@ class FrontDoor:
                 await self._close(writer)
             finally:
                 self._sessions -= 1
-                self._drop_source(source)
 
     async def _authenticate(
         self, conn: socket.socket, source: str
