@@ -1,7 +1,7 @@
 """Attack lab: real nodes on 127.0.0.1 under attack, one bounded scenario at a time.
 
-    python scripts/attack_lab.py                 # every scenario (~4 min on 2 cores)
-    python scripts/attack_lab.py --quick         # fewer cycles, shorter windows (~2 min)
+    python scripts/attack_lab.py                 # every scenario (~5 min on 2 cores)
+    python scripts/attack_lab.py --quick         # fewer cycles, shorter windows (~3-4 min)
     python scripts/attack_lab.py --quick --scenarios connect-flood,plain-client --out runs/attack-lab
 
 It creates a throwaway federation with the testbed's own functions (p2pfl.testbed.prepare), starts
@@ -1278,10 +1278,15 @@ def run_scenario(lab: Lab, attack: Attack, name: str, log: Callable[[str], None]
         "hostile-member": attack.hostile_member,
         "member-sessions": attack.member_sessions,
     }[name]
+    fds = FdSampler(lab.victim.proc.pid)
     try:
-        method(result)
+        with fds:
+            method(result)
     except Exception as exc:  # noqa: BLE001 - one scenario's failure is reported, the others still run
         result.error = f"{type(exc).__name__}: {exc}"
+    if fds.peak:
+        limit = f" of its limit {lab.nofile}" if lab.nofile else ""
+        result.notes.append(f"victim held at most {fds.peak} descriptors{limit} (from {fds.first})")
     if result.rounds_during is None:
         result.rounds_during = _per_node_rate(r0, lab.rounds(), time.monotonic() - t0)
     stalled = lab.settle(budget.settle_s)
@@ -1294,6 +1299,37 @@ def run_scenario(lab: Lab, attack: Attack, name: str, log: Callable[[str], None]
     log(f"   {result.attack}; refused {result.refused_text()}; alive {result.alive}; "
         f"during {result.rounds_during:.2f} rounds/s; {'; '.join(result.notes)} {result.error}")  # fmt: skip
     return result
+
+
+class FdSampler:
+    """The peak number of open descriptors of a process while in the `with` block (Linux /proc)."""
+
+    def __init__(self, pid: int, every_s: float = 0.2) -> None:
+        self.pid = pid
+        self.every_s = every_s
+        self.first = 0
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def count(self) -> int:
+        try:
+            return len(os.listdir(f"/proc/{self.pid}/fd"))
+        except OSError:
+            return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, self.count())
+
+    def __enter__(self) -> FdSampler:
+        self.first = self.peak = self.count()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def _fmt_rate(value: float | None) -> str:
