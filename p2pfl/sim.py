@@ -196,6 +196,25 @@ class RoundStats:
     # rule "robust": edges (honest receiver, sender) whose reputation is below 1 after this round,
     # as (from Byzantine senders, from honest senders); None for the other rules
     downweighted: tuple[int, int] | None = None
+    # rule "robust": edges (honest receiver, sender) judged this round (the update arrived), as
+    # (from Byzantine senders, from honest senders): downweighted[1] / judged[1] is the round's
+    # false-positive rate, downweighted[0] / judged[0] its detection rate
+    judged: tuple[int, int] | None = None
+
+    @property
+    def false_positive_rate(self) -> float | None:
+        """Share of the honest edges judged this round that were down-weighted (None: no such edge
+        or not rule "robust")."""
+        if self.downweighted is None or self.judged is None or not self.judged[1]:
+            return None
+        return self.downweighted[1] / self.judged[1]
+
+    @property
+    def detection_rate(self) -> float | None:
+        """Share of the edges from Byzantine senders judged this round that were down-weighted."""
+        if self.downweighted is None or self.judged is None or not self.judged[0]:
+            return None
+        return self.downweighted[0] / self.judged[0]
 
     @property
     def mean_accuracy(self) -> float | None:
@@ -229,6 +248,8 @@ class RoundStats:
             "honest_min_accuracy": self.honest_min_accuracy,
             "downweighted_byzantine": None if self.downweighted is None else self.downweighted[0],
             "downweighted_honest": None if self.downweighted is None else self.downweighted[1],
+            "judged_byzantine": None if self.judged is None else self.judged[0],
+            "judged_honest": None if self.judged is None else self.judged[1],
             "mean_train_loss": float(self.train_loss.mean()) if self.train_loss.size else None,
             "mean_test_loss": None if self.test_loss is None else float(self.test_loss.mean()),
             "consensus": self.consensus,
@@ -256,6 +277,23 @@ class SimResult:
             if r.mean_accuracy is not None and r.mean_accuracy >= target:
                 return r.round
         return None
+
+    def _edge_share(self, kind: int) -> float | None:
+        flagged = sum(r.downweighted[kind] for r in self.rounds if r.downweighted is not None)
+        judged = sum(r.judged[kind] for r in self.rounds if r.judged is not None)
+        return flagged / judged if judged else None
+
+    @property
+    def false_positive_rate(self) -> float | None:
+        """Rule "robust": share of all (honest node, honest neighbour, round) triples, over every
+        round, in which the honest neighbour's reputation was below 1 (None: other rules)."""
+        return self._edge_share(1)
+
+    @property
+    def detection_rate(self) -> float | None:
+        """Rule "robust": share of all (honest node, Byzantine neighbour, round) triples in which
+        the Byzantine neighbour's reputation was below 1 (None: other rules, or no attacker)."""
+        return self._edge_share(0)
 
     @property
     def final(self) -> RoundStats | None:
@@ -413,6 +451,7 @@ class Simulation:
             self.tasks[b] = attack.poison_task(self.tasks[b])
         self.reputations = [cfg.make_reputation() for _ in range(n)] if cfg.rule == "robust" else None
         self._flagged: tuple[int, int] | None = None
+        self._judged: tuple[int, int] | None = None
         # every node builds its own initial model, as the real node does
         self.models = [t.build_model() for t in self.tasks]
         params0 = get_params(self.models[0])
@@ -530,22 +569,21 @@ class Simulation:
         self._note_reputation(reps if self.reputations is not None else None, ids)
 
     def _note_reputation(self, reps: list[dict[str, float]] | None, ids: list[str] | None) -> None:
-        """Count down-weighted edges at honest receivers: (from Byzantine, from honest senders)."""
+        """Count the edges at honest receivers judged this round and those down-weighted, each as
+        (from Byzantine, from honest senders)."""
         if reps is None:
-            self._flagged = None
+            self._flagged = self._judged = None
             return
         index = {(str(j) if ids is None else ids[j]): j for j in range(self.cfg.nodes)}
-        bad = good = 0
+        flagged, judged = [0, 0], [0, 0]
         for i, scores in enumerate(reps):
             if not self.honest[i]:
                 continue
             for nid, score in scores.items():
-                if score < 1.0:
-                    if self.honest[index[nid]]:
-                        good += 1
-                    else:
-                        bad += 1
-        self._flagged = (bad, good)
+                kind = int(self.honest[index[nid]])
+                judged[kind] += 1
+                flagged[kind] += score < 1.0
+        self._flagged, self._judged = (flagged[0], flagged[1]), (judged[0], judged[1])
 
     def _message(self, degree: int) -> int:
         if degree not in self._bytes:
@@ -587,6 +625,7 @@ class Simulation:
             seconds=t3 - t0,
             honest=None if not self.byzantine else self.honest.copy(),
             downweighted=self._flagged,
+            judged=self._judged,
         )
 
     def run(self, on_round: Callable[[RoundStats], None] | None = None, gap: bool = True) -> SimResult:

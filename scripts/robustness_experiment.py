@@ -16,8 +16,9 @@ z = 10); and the sweep: 1 and 2 Byzantine nodes for sign-flip, alie, label-flip 
 mean, clipped and robust (--sweep-attacks, --sweep-rules).
 Writes to --out (default runs/robustness):
 
-  runs.csv       one row per run (topology, rule, attack, byzantine, seed, honest mean / min accuracy,
-                 down-weighted edges from Byzantine / honest senders at the end, seconds)
+  runs.csv       one row per run (topology, partition, rule, attack, byzantine, seed, honest mean / min
+                 accuracy, down-weighted edges from Byzantine / honest senders at the end, rule robust's
+                 detection and false-positive rates over all rounds, seconds)
   rounds.csv     honest mean / min accuracy per round of every run
   summary.md     markdown tables (3 Byzantine of 16; the 0..3 sweep) and the target checks
   robustness_byz3.png, robustness_sweep.png, robustness_rounds.png
@@ -25,6 +26,15 @@ Writes to --out (default runs/robustness):
     python scripts/robustness_experiment.py             # the default grid (~5 min on 2 cores)
     python scripts/robustness_experiment.py --quick     # a smoke test (seconds)
     python scripts/robustness_experiment.py --seeds 0 --byzantine 0,3 --rules mean,robust
+
+Rule robust's two error rates, over every round of a run: detection = share of the (honest node,
+Byzantine neighbour, round) triples in which the attacker's reputation was below 1; false positives =
+share of the (honest node, honest neighbour, round) triples in which the honest neighbour's was. The
+grid reports both; --false-positives runs only rule robust without attack, long, on every topology x
+partition given (--partitions), which is where honest neighbours used to be excluded by chance:
+
+    python scripts/robustness_experiment.py --false-positives --rounds 1000 \
+        --topologies ring,torus --partitions iid,dirichlet:0.5,dirichlet:0.1 --seeds 0
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import argparse
 import csv
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +54,7 @@ import numpy as np  # noqa: E402
 from p2pfl import reporting  # noqa: E402
 from p2pfl.aggregation import rule_names  # noqa: E402
 from p2pfl.attacks import ATTACKS, make_attack  # noqa: E402
+from p2pfl.learning.spec import PARTITION_SCHEMES  # noqa: E402
 from p2pfl.sim import SimConfig, Simulation, config_from_args, set_torch_threads, spread  # noqa: E402
 from p2pfl.topology import parse_topology  # noqa: E402
 
@@ -56,6 +67,7 @@ NO_ATTACK = "none"
 TARGET_NO_ATTACK_COST = 0.01  # robust may cost at most 1 point against mean without attack
 TARGET_HOLD = 0.03  # robust within 3 points of its no-attack value under every attack (b = max)
 TARGET_COLLAPSE = 0.20  # mean must lose at least 20 points under these attacks (b = max)
+TARGET_FALSE_POSITIVES = 0.005  # robust without attack: at most 0.5% of honest edge-rounds down-weighted
 COLLAPSE_ATTACKS = ("sign-flip", "alie")
 
 
@@ -66,10 +78,20 @@ class Run:
     attack: str
     byzantine: int
     seed: int
+    partition: str = "iid"  # "iid" or "dirichlet:ALPHA"
 
     @property
     def key(self) -> str:
-        return f"{self.topology} {self.rule} {self.attack} b={self.byzantine} seed={self.seed}"
+        part = "" if self.partition == "iid" else f" {self.partition}"
+        return f"{self.topology}{part} {self.rule} {self.attack} b={self.byzantine} seed={self.seed}"
+
+
+def parse_partition(text: str) -> tuple[str, float | None]:
+    """ "iid" -> ("iid", None); "dirichlet:0.1" -> ("dirichlet", 0.1); "dirichlet" -> alpha None."""
+    name, _, alpha = text.partition(":")
+    if name not in PARTITION_SCHEMES:
+        raise SystemExit(f"unknown partition {text!r}; known: {', '.join(PARTITION_SCHEMES)}")
+    return name, (float(alpha) if alpha else None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,11 +113,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-attacks", default=",".join(DEFAULT_SWEEP_ATTACKS), help="'all': every attack")
     p.add_argument("--sweep-rules", default=",".join(DEFAULT_SWEEP_RULES), help="'all': every rule")
     p.add_argument("--nodes", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=None, help="default 40 (--false-positives: 1000)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--task", default="digits-mlp")
     p.add_argument("--partition", default="iid")
     p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument(
+        "--partitions",
+        default=None,
+        help="comma list for --false-positives, e.g. iid,dirichlet:0.1 (default: --partition / --alpha)",
+    )
+    p.add_argument(
+        "--false-positives",
+        action="store_true",
+        help="only rule robust without attack, on every topology x partition: its false-positive rate",
+    )
     p.add_argument("--lr", type=float, default=0.3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -107,8 +139,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.topologies, a.rules, a.attacks, a.extra = "torus", "mean,robust", "sign-flip,alie,label-flip", ""
-        a.byzantine, a.rounds, a.seeds = "3", 15, "0"
+        a.byzantine, a.seeds = "3", "0"
+        a.rounds = 15 if a.rounds is None else a.rounds
         a.sweep_attacks = a.sweep_rules = ""
+    if a.rounds is None:
+        a.rounds = 1000 if a.false_positives else 40
+    if a.partitions is None:
+        a.partitions = a.partition if a.partition != "dirichlet" else f"dirichlet:{a.alpha}"
     return a
 
 
@@ -129,26 +166,35 @@ def grid(a: argparse.Namespace) -> list[Run]:
     for b in counts:
         spread(a.nodes, b)
     seeds = [int(s) for s in _split(a.seeds)]
+    if a.false_positives:
+        parts = _split(a.partitions)
+        for part in parts:
+            parse_partition(part)
+        return [
+            Run(top, "robust", NO_ATTACK, 0, seed, part) for top in tops for part in parts for seed in seeds
+        ]
     sweep_attacks, sweep_rules = _split(a.sweep_attacks), _split(a.sweep_rules)
+    part = _split(a.partitions)[0]
     runs = []
     for top in tops:
         for rule in rules:
             for seed in seeds:
-                runs.append(Run(top, rule, NO_ATTACK, 0, seed))
+                runs.append(Run(top, rule, NO_ATTACK, 0, seed, part))
                 for attack in attacks:
                     for b in counts:
                         if b == counts[-1] or (
                             (a.sweep_attacks == "all" or attack in sweep_attacks)
                             and (a.sweep_rules == "all" or rule in sweep_rules)
                         ):
-                            runs.append(Run(top, rule, attack, b, seed))
+                            runs.append(Run(top, rule, attack, b, seed, part))
                 if counts:
                     for attack in extra:
-                        runs.append(Run(top, rule, attack, counts[-1], seed))
+                        runs.append(Run(top, rule, attack, counts[-1], seed, part))
     return runs
 
 
 def config(run: Run, a: argparse.Namespace) -> SimConfig:
+    partition, alpha = parse_partition(run.partition)
     return config_from_args(
         a,
         topology=run.topology,
@@ -156,6 +202,9 @@ def config(run: Run, a: argparse.Namespace) -> SimConfig:
         seed=run.seed,
         attack="" if run.attack == NO_ATTACK else run.attack,
         byzantine=run.byzantine,
+        partition=partition,
+        alpha=a.alpha if alpha is None else alpha,
+        eval_every=max(1, a.rounds // 100),  # long runs: evaluate 100 times, not every round
     )
 
 
@@ -175,10 +224,42 @@ def aggregate(rows: list[dict]) -> dict[tuple, dict]:
             "worst_min": float(np.min([r["honest_min_accuracy"] for r in v])),
             "flag_byz": float(np.mean([r["downweighted_byzantine"] or 0 for r in v])),
             "flag_honest": float(np.mean([r["downweighted_honest"] or 0 for r in v])),
+            "detection": _mean_of(r["detection_rate"] for r in v),
+            "false_positives": _mean_of(r["fp_rate"] for r in v),
             "seeds": len(v),
         }
         for k, v in groups.items()
     }
+
+
+def _mean_of(values: Iterable[float | None]) -> float | None:
+    """Mean of the values that are not None (None when all are)."""
+    got = [v for v in values if v is not None]
+    return float(np.mean(got)) if got else None
+
+
+def aggregate_false_positives(rows: list[dict]) -> dict[tuple, dict]:
+    """(topology, partition) -> rule robust's false-positive rate and honest accuracy, mean over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["topology"], r["partition"]), []).append(r)
+    return {
+        k: {
+            "false_positives": _mean_of(r["fp_rate"] for r in v),
+            "worst": max((r["fp_rate"] or 0.0) for r in v),
+            "flagged_rounds": float(np.mean([r["fp_rounds"] for r in v])),
+            "mean": float(np.mean([r["honest_mean_accuracy"] for r in v])),
+            "min": float(np.mean([r["honest_min_accuracy"] for r in v])),
+            "consensus": float(np.mean([r["consensus"] for r in v])),
+            "seeds": len(v),
+        }
+        for k, v in groups.items()
+    }
+
+
+def _rate(v: float | None) -> str:
+    """A rate in percent with enough digits for small false-positive rates."""
+    return reporting.fmt(None if v is None else 100 * v, ".2f")
 
 
 def _pct(v: float | None) -> str:
@@ -248,8 +329,59 @@ def tables(agg: dict[tuple, dict], a: argparse.Namespace, wall: float, runs: int
                 g = agg.get((top, "robust", attack, b_max))
                 cells.append("" if g is None else f"{g['flag_byz']:.1f} / {g['flag_honest']:.1f}")
             lines.append(f"| {top} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"Rule robust, per round over all {a.rounds} rounds: detection / false positives (%): the share of "
+            "(honest node, Byzantine neighbour, round) triples in which the attacker was down-weighted / of "
+            "(honest node, honest neighbour, round) triples in which an honest neighbour was (column `none`: "
+            "no attack; mean over seeds):",
+            "",
+            "| topology | none | " + " | ".join(attacks) + " |",
+            "|---|---:|" + "---:|" * len(attacks),
+        ]
+        for top in tops:
+            g0 = agg.get((top, "robust", NO_ATTACK, 0))
+            cells = ["" if g0 is None else f"- / {_rate(g0['false_positives'])}"]
+            for attack in attacks:
+                g = agg.get((top, "robust", attack, b_max))
+                cells.append("" if g is None else f"{_pct(g['detection'])} / {_rate(g['false_positives'])}")
+            lines.append(f"| {top} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def false_positive_table(agg: dict[tuple, dict], a: argparse.Namespace, wall: float, runs: int) -> str:
+    """--false-positives: rule robust without attack, per topology and partition."""
+    seeds = _split(a.seeds)
+    lines = [
+        f"Simulator, `{a.task}`, {a.nodes} nodes, rule robust, no attack, {a.rounds} rounds (1 local epoch, "
+        f"lr {a.lr}, batch {a.batch_size}), seeds {', '.join(seeds)} (means over the seeds). False positives: "
+        "the share of (honest node, honest neighbour, round) triples in which the neighbour's reputation was "
+        f"below 1 (every neighbour is honest here). {runs} runs in {wall:.0f} s.",
+        "",
+        "| topology | partition | false positives (%) | worst seed (%) | rounds with any | honest mean / min "
+        "accuracy (%) | consensus distance |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for (top, part), g in agg.items():
+        lines.append(
+            f"| {top} | {part} | {_rate(g['false_positives'])} | {_rate(g['worst'])} | "
+            f"{g['flagged_rounds']:.0f} | {_pct(g['mean'])} / {_pct(g['min'])} | {g['consensus']:.4f} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def false_positive_checks(agg: dict[tuple, dict]) -> list[tuple[bool, str]]:
+    """Rule robust without attack: the false-positive rate under TARGET_FALSE_POSITIVES everywhere."""
+    return [
+        (
+            (g["false_positives"] or 0.0) <= TARGET_FALSE_POSITIVES,
+            f"{top}, {part}, no attack: robust down-weighted {_rate(g['false_positives'])}% of honest "
+            f"edge-rounds (target <= {100 * TARGET_FALSE_POSITIVES:.1f}%)",
+        )
+        for (top, part), g in agg.items()
+    ]
 
 
 def _attack_checks(
@@ -300,6 +432,14 @@ def checks(agg: dict[tuple, dict], a: argparse.Namespace) -> list[tuple[bool, st
                     cost <= TARGET_NO_ATTACK_COST,
                     f"{top}, no attack: robust {_pct(rob0['mean'])}% vs mean {_pct(mean0['mean'])}% "
                     f"(cost {100 * cost:+.1f} points; target <= {100 * TARGET_NO_ATTACK_COST:.0f})",
+                )
+            )
+        if rob0 and rob0["false_positives"] is not None:
+            out.append(
+                (
+                    rob0["false_positives"] <= TARGET_FALSE_POSITIVES,
+                    f"{top}, no attack: robust down-weighted {_rate(rob0['false_positives'])}% of honest "
+                    f"edge-rounds (target <= {100 * TARGET_FALSE_POSITIVES:.1f}%)",
                 )
             )
         out += _attack_checks(
@@ -455,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
             assert final is not None
             row = {
                 "topology": run.topology,
+                "partition": run.partition,
                 "rule": run.rule,
                 "attack": run.attack,
                 "byzantine": run.byzantine,
@@ -464,6 +605,9 @@ def main(argv: list[str] | None = None) -> int:
                 "honest_min_accuracy": final.honest_min_accuracy,
                 "downweighted_byzantine": None if final.downweighted is None else final.downweighted[0],
                 "downweighted_honest": None if final.downweighted is None else final.downweighted[1],
+                "detection_rate": res.detection_rate,
+                "fp_rate": res.false_positive_rate,
+                "fp_rounds": sum(1 for r in res.rounds if r.downweighted is not None and r.downweighted[1]),
                 "consensus": final.consensus,
                 "seconds": round(seconds, 3),
             }
@@ -480,20 +624,28 @@ def main(argv: list[str] | None = None) -> int:
             progress.advance(overall)
     wall = time.perf_counter() - started
     reporting.write_rows(out / "runs.csv", rows)
-    agg = aggregate(rows)
-    curves = {k: list(np.mean(np.array(v, dtype=float), axis=0)) for k, v in per_round.items()}
-    results = checks(agg, a)
+    if a.false_positives:
+        fp_agg = aggregate_false_positives(rows)
+        results = false_positive_checks(fp_agg)
+        text = false_positive_table(fp_agg, a, wall, len(rows))
+        figures = None
+    else:
+        agg = aggregate(rows)
+        curves = {k: list(np.mean(np.array(v, dtype=float), axis=0)) for k, v in per_round.items()}
+        results = checks(agg, a)
+        text = tables(agg, a, wall, len(rows))
+        figures = None if a.no_plots else lambda: plots(out, agg, curves, a)
     reporting.finish_grid(
         console,
         out,
         wall=wall,
         runs=len(rows),
-        tables=tables(agg, a, wall, len(rows)),
+        tables=text,
         checks=[f"{'met' if ok else 'MISSED'}: {text}" for ok, text in results],
         checks_heading="Targets:",
         printed=[("[green]met[/] " if ok else "[red]MISSED[/] ") + text for ok, text in results],
         data_files=[out / "runs.csv", out / "rounds.csv"],
-        figures=None if a.no_plots else lambda: plots(out, agg, curves, a),
+        figures=figures,
         result={"missed": [text for ok, text in results if not ok]},
     )
     return 0

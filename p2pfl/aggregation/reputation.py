@@ -1,10 +1,24 @@
 """Per-neighbour reputation of rule "robust": trust built from evidence across rounds (class Reputation).
 
-A neighbour that keeps sending vectors far from the node's own model, relative to the node's other
-neighbours (a BALANCE-style distance test, Fang et al. 2024, here relative to the median distance,
-which is capped at a few of the node's own training steps so that a Byzantine majority around a node
-cannot inflate it), that keeps sending the same vector (a replayed stale model), or that keeps being
-clipped, loses weight within a few rounds; a neighbour that behaves again regains weight slowly.
+A neighbour that keeps sending vectors far from the node's own model, relative to the node's
+reference distance (a BALANCE-style distance test, Fang et al. 2024), that keeps sending the same
+vector (a replayed stale model), or that keeps being clipped, loses weight within a few rounds; a
+neighbour that behaves again regains weight slowly.
+
+Honest neighbours must not lose weight by chance (long runs, label skew, a ring where each node
+has two neighbours). Three things keep an honest neighbour's weight (measured in
+docs/robust_notes.md):
+
+- evidence must repeat: a failed test is held back until the neighbour fails again within a few
+  rounds (one spiky or late update is not an attack), then it counts in full;
+- the reference distance does not collapse: it is never below the node's recent typical reference
+  (a floor from its own history), and the cap that keeps a Byzantine majority from inflating it is
+  a multiple of the node's recent typical training step, not of this round's step (which shrinks
+  to almost nothing near convergence);
+- a neighbour only moderately far (up to `flagrant` x the acceptance ratio) keeps at least
+  `suspect_floor` of its weight: fully excluding it would let the two models drift apart, which
+  makes it look farther still, a loop an honest pair never leaves. Attacks that matter are tens to
+  hundreds of times farther than honest neighbours and still lose all their weight.
 """
 
 from __future__ import annotations
@@ -12,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -20,16 +34,24 @@ import numpy as np
 from p2pfl.aggregation.weights import ADAPTIVE_SLACK, median_reference, upper_median
 from p2pfl.errors import ConfigError
 
-REPUTATION_ACCEPT = 3.0  # distance test: d_j <= accept * median distance passes
-REPUTATION_PENALTY = 0.5  # score multiplier for a failed round
+REPUTATION_ACCEPT = 3.0  # distance test: d_j <= accept * reference passes
+REPUTATION_PENALTY = 0.5  # score multiplier per failed round (once the evidence is confirmed)
 REPUTATION_RECOVERY = 0.05  # score added per clean round (passed and not clipped): 0 -> 1 in 20 rounds
 REPUTATION_WINDOW = 8  # rounds of clipped / failed flags remembered per neighbour
 REPUTATION_PERSISTENT = 0.75  # clipped in >= 3/4 of a full window counts as persistent clipping ...
-REPUTATION_PERSISTENT_CAP = 0.5  # ... which caps the score at this value
+REPUTATION_PERSISTENT_CAP = 1.0  # ... which caps the score at this value (1: off)
 REPUTATION_MIN_NEIGHBOURS = 3  # clipping counts as evidence only with this many neighbours in the round
 REPUTATION_SKETCH = 128  # coordinates kept per neighbour to see whether its vector changed (0: off)
 REPUTATION_STALE = 0.1  # changed less than this fraction of the median change since last round: stale
-REPUTATION_STEP_CAP = 4.0  # the reference distance is at most this many own training steps (0: off)
+REPUTATION_STEP_CAP = 16.0  # the reference is at most this many typical own training steps (0: off)
+REPUTATION_STEP_FLOOR = 3.0  # the clipping radius is at least slack x this many typical steps (0: off)
+REPUTATION_CONFIRM = 3  # failed rounds (within the last CONFIRM_WINDOW) before any penalty
+REPUTATION_CONFIRM_WINDOW = 4
+REPUTATION_WARMUP = 8  # the node's first rounds: only flagrant failures count
+REPUTATION_HISTORY = 32  # rounds of own references and training steps behind the floor and the cap
+REPUTATION_FLAGRANT = 4.0  # ratio > flagrant x accept (or stale, or unusable): no score floor
+REPUTATION_SUSPECT_FLOOR = 0.5  # lowest score moderate distance failures can bring a neighbour to
+REPUTATION_NORM_FLAGRANT = 1.0  # d_j > this x ||own model||: a flagrant failure whatever the ratio (0: off)
 REPUTATION_MAX_TRACKED = 1024  # neighbours remembered (least recently seen forgotten first)
 _SKETCH_SEED = 0x5EED
 
@@ -52,30 +74,44 @@ class _Record:
     clipped_bits: int = 0  # bit k set: clipped k rounds ago (last `window` rounds of evidence)
     failed_bits: int = 0  # bit k set: failed a test k rounds ago
     stale_bits: int = 0  # bit k set: vector unchanged k rounds ago
-    ratio: float = 0.0  # last distance / median distance (inf: unusable vector)
+    ratio: float = 0.0  # last distance / reference distance (inf: unusable vector)
     last: int = 0  # Reputation.rounds when last seen
+    held: int = 0  # failed rounds not yet charged (waiting for the evidence to repeat)
     sketch: np.ndarray | None = None  # the neighbour's last vector at sketch_index(P)
+
+
+_RECORD_FIELDS = frozenset(f.name for f in fields(_Record)) - {"sketch"}
 
 
 def _bits(mask: int) -> int:
     return bin(mask).count("1")
 
 
+def _finite_positive(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v) and v > 0
+
+
 class Reputation:
     """One node's per-neighbour trust, built from evidence across rounds (rule "robust").
 
     Every round the node calls `update` (mix does it for rule "robust") with the distance of each
-    neighbour's vector from the node's own model. The evidence of one round, for neighbour j:
+    neighbour's vector from the node's own model. The reference distance R of the round:
 
-    - ratio_j = d_j / m, m = upper median of {0} U {finite d_k} (the node itself votes at 0, so m is
-      an honest distance while fewer than half the votes are outliers), capped at step_cap times
-      the node's own training step of the round (||own - its last mixed model||, from sketches:
-      in honest runs m is 0.8..4 steps, and the cap keeps m honest when most neighbours are
-      Byzantine): the distance relative to the others;
-    - distance test (BALANCE-style, relative to the median): pass iff ratio_j <= accept. With gamma
-      set, also the original BALANCE test (Fang et al. 2024): d_j <= gamma * exp(-kappa t / horizon)
-      * ||x_i|| (t = this node's round count), which needs a horizon and a model scale, hence off by
-      default;
+    - m = upper median of {0} U {finite d_k} (the node itself votes at 0, so m is an honest distance
+      while fewer than half the votes are outliers: on a ring, the nearer neighbour);
+    - floor: R >= the upper median of the node's last `history` references (a neighbour that comes
+      unusually close in one round, or a few, does not make the other look far);
+    - cap: R <= step_cap x the upper median of the node's last `history` training steps
+      (||own - its last mixed model||, from sketches), so that a node most of whose neighbours are
+      Byzantine keeps an honest scale. A typical step, not this round's: near convergence single
+      steps shrink by orders of magnitude while honest neighbours stay a few steps away.
+
+    The evidence of one round, for neighbour j:
+
+    - distance test (BALANCE-style): ratio_j = d_j / R passes iff ratio_j <= accept. With gamma set,
+      also the original BALANCE test (Fang et al. 2024): d_j <= gamma * exp(-kappa t / horizon)
+      * ||x_i|| (t = this node's round count), which needs a horizon and a model scale, hence off
+      by default;
     - staleness (with sketches, which mix passes): j's vector did not change at all since its last
       round, or by at most `stale` x the median change of {own} U {neighbours} (sampled on `sketch`
       fixed coordinates): a node that trains changes its model every round, one replaying an old
@@ -85,15 +121,27 @@ class Reputation:
       being the farther of two honest neighbours says nothing).
 
     The score s_j (starts at `initial`, 1 = full MH weight) then moves:
-    failed distance test, stale, or unusable vector -> s_j *= penalty (0.5: under 0.13 after 3
-    rounds); otherwise, clipped in >= persistent of the last `window` rounds (with a full window)
-    -> s_j = min(s_j, persistent_cap); otherwise, not clipped -> s_j += recovery (slowly, 0.05 a
-    round), capped at 1; clipped now and then -> unchanged. A neighbour that did not arrive gives no
-    evidence. If m is 0 (half the votes equal the node's own model) the distances give no evidence.
+
+    - failed (distance or staleness test): held back until it has failed in `confirm` of its last
+      `confirm_window` rounds of evidence, then every held-back failure counts: s_j *= penalty per
+      failed round (a persistent outlier is at 0.25 after its second round, 0.06 after its fourth).
+      A failure older than the window is forgiven. An unusable (non-finite) vector counts at once;
+    - a failure that is only moderate (ratio <= flagrant x accept, not stale, not unusable) never
+      takes s_j below suspect_floor: the neighbour stays in the mix at reduced weight, so an honest
+      pair cannot drift apart because one of them stopped listening;
+    - otherwise, clipped in >= persistent of the last `window` rounds (with a full window)
+      -> s_j = min(s_j, persistent_cap); otherwise, not clipped -> s_j += recovery (slowly, 0.05 a
+      round), capped at 1; clipped now and then -> unchanged.
+
+    A neighbour that did not arrive gives no evidence. If R is 0 (half the votes equal the node's
+    own model, no history) the distances give no evidence. Reputation(accept=3, confirm=1,
+    history=0, suspect_floor=0, step_cap=4, persistent_cap=0.5) is the earlier single-round scheme
+    (the one that excluded honest neighbours in long and label-skewed runs).
 
     Pure and deterministic; memory is bounded by max_tracked records of a few numbers and `sketch`
-    floats each (the least recently seen neighbour is dropped first). `forget(node_id)` drops one
-    neighbour (e.g. when it leaves the federation; if it comes back it starts again at `initial`).
+    floats each (the least recently seen neighbour is dropped first), plus 2 x history floats.
+    `forget(node_id)` drops one neighbour (e.g. when it leaves the federation; if it comes back it
+    starts again at `initial`).
     """
 
     def __init__(
@@ -109,6 +157,14 @@ class Reputation:
         sketch: int = REPUTATION_SKETCH,
         stale: float = REPUTATION_STALE,
         step_cap: float = REPUTATION_STEP_CAP,
+        step_floor: float = REPUTATION_STEP_FLOOR,
+        confirm: int = REPUTATION_CONFIRM,
+        confirm_window: int = REPUTATION_CONFIRM_WINDOW,
+        history: int = REPUTATION_HISTORY,
+        warmup: int = REPUTATION_WARMUP,
+        flagrant: float = REPUTATION_FLAGRANT,
+        suspect_floor: float = REPUTATION_SUSPECT_FLOOR,
+        norm_flagrant: float = REPUTATION_NORM_FLAGRANT,
         gamma: float | None = None,
         kappa: float = 1.0,
         horizon: int = 100,
@@ -129,6 +185,20 @@ class Reputation:
             (isinstance(sketch, int) and sketch >= 0, "sketch must be an integer >= 0 (0: off)"),
             (0 <= stale < 1, "stale must be in [0, 1)"),
             (step_cap >= 0, "step_cap must be >= 0 (0: off)"),
+            (step_floor >= 0, "step_floor must be >= 0 (0: off)"),
+            (
+                isinstance(confirm_window, int) and 1 <= confirm_window <= window,
+                "confirm_window must be an integer in 1..window",
+            ),
+            (
+                isinstance(confirm, int) and 1 <= confirm <= confirm_window,
+                "confirm must be an integer in 1..confirm_window",
+            ),
+            (isinstance(history, int) and 0 <= history <= 4096, "history must be an integer in 0..4096"),
+            (isinstance(warmup, int) and warmup >= 0, "warmup must be an integer >= 0"),
+            (flagrant >= 1, "flagrant must be >= 1 (inf: no failure is flagrant)"),
+            (0 <= suspect_floor <= 1, "suspect_floor must be in [0, 1]"),
+            (norm_flagrant >= 0, "norm_flagrant must be >= 0 (0: off)"),
             (gamma is None or gamma > 0, "gamma must be > 0 (or None: no absolute BALANCE test)"),
             (kappa >= 0 and horizon >= 1, "kappa must be >= 0 and horizon >= 1"),
             (isinstance(max_tracked, int) and max_tracked >= 1, "max_tracked must be an integer >= 1"),
@@ -140,18 +210,24 @@ class Reputation:
         self.window, self.persistent, self.persistent_cap = window, float(persistent), float(persistent_cap)
         self.initial, self.sketch, self.stale = float(initial), sketch, float(stale)
         self.min_neighbours = min_neighbours
-        self.step_cap = float(step_cap)
+        self.step_cap, self.step_floor = float(step_cap), float(step_floor)
+        self.confirm, self.confirm_window, self.history = confirm, confirm_window, history
+        self.warmup = warmup
+        self.flagrant, self.suspect_floor = float(flagrant), float(suspect_floor)
+        self.norm_flagrant = float(norm_flagrant)
         self.gamma, self.kappa, self.horizon = gamma, float(kappa), int(horizon)
         self.max_tracked = max_tracked
         self.rounds = 0  # update() calls so far
         self._records: dict[str, _Record] = {}
         self._own_sketch: np.ndarray | None = None
         self._out_sketch: np.ndarray | None = None  # sketch of the node's last mixed model
+        self._refs: list[float] = []  # the last `history` references (> 0), oldest first
+        self._steps: list[float] = []  # the last `history` own training steps (> 0), oldest first
 
     @property
     def needs_norm(self) -> bool:
-        """True when update() needs own_norm (the absolute BALANCE test is on)."""
-        return self.gamma is not None
+        """True when update() needs own_norm (the norm test or the absolute BALANCE test is on)."""
+        return self.gamma is not None or self.norm_flagrant > 0
 
     def sketch_of(self, vector: np.ndarray) -> np.ndarray | None:
         """The coordinates of `vector` this Reputation compares across rounds (None: sketches off)."""
@@ -162,13 +238,13 @@ class Reputation:
 
     def remember_output(self, vector: np.ndarray) -> None:
         """Keep the sketch of this round's mixed model (mix does it), to measure the next training step."""
-        if self.sketch and self.step_cap:
+        if self.sketch and (self.step_cap or self.step_floor):
             self._out_sketch = self.sketch_of(vector)
 
     def own_step(self, own: np.ndarray) -> float | None:
         """Estimated ||own - the node's last mixed model||: how far local training moved it this round,
         from the sketch (scaled by sqrt(P / sketch)); None before the first output or when off."""
-        if not (self.sketch and self.step_cap) or self._out_sketch is None:
+        if not (self.sketch and (self.step_cap or self.step_floor)) or self._out_sketch is None:
             return None
         v = np.asarray(own)
         idx = sketch_index(v.size, self.sketch)
@@ -180,18 +256,42 @@ class Reputation:
             )
         return step if math.isfinite(step) and step > 0 else None
 
+    def step_scale(self, own_step: float | None = None) -> float | None:
+        """The node's typical training step: the upper median of its last `history` steps and this
+        one (None when none is known). With history 0, this round's step alone."""
+        steps = list(self._steps)
+        if own_step is not None and _finite_positive(own_step):
+            steps.append(float(own_step))
+        return upper_median(steps) if steps else None
+
     def reference(self, distances: Sequence[float], own_step: float | None = None) -> float:
-        """The distance scale of the round: the upper median of {0} U {finite distances}, capped at
-        step_cap x own_step (a scale the neighbours cannot inflate, for a node most of whose
-        neighbours are Byzantine)."""
-        m = median_reference(distances)
-        if own_step is not None and self.step_cap and own_step > 0:
-            m = min(m, self.step_cap * own_step)
-        return m
+        """The distance scale of the round: the upper median of {0} U {finite distances}, at least
+        the upper median of the node's recent references, at most step_cap x its typical training
+        step (a scale the neighbours cannot inflate, for a node most of whose neighbours are
+        Byzantine). Pure: the history moves on in update()."""
+        m, cap = median_reference(distances), self._cap(own_step)
+        if self._refs:
+            m = max(m, upper_median(self._refs))
+        return m if cap is None else min(m, cap)
+
+    def _cap(self, own_step: float | None) -> float | None:
+        scale = self.step_scale(own_step) if self.step_cap else None
+        return None if scale is None else self.step_cap * scale
 
     def radius(self, distances: Sequence[float], own_step: float | None = None) -> float:
-        """The adaptive clipping radius of rule "robust": ADAPTIVE_SLACK x reference."""
-        return ADAPTIVE_SLACK * self.reference(distances, own_step)
+        """The adaptive clipping radius of rule "robust": ADAPTIVE_SLACK x the reference, and at
+        least ADAPTIVE_SLACK x step_floor typical training steps.
+
+        Why the floor: on a ring the reference is the nearer neighbour's distance. Under label skew
+        the farther honest neighbour is typically twice as far, so it was clipped every round; its
+        pull weakened, the nearer pair drifted together, the radius shrank with them and clipped the
+        farther one harder: a loop that ended with honest neighbours 3-7x "too far" for good. The
+        node's own step is a scale its neighbours do not set, and honest neighbours sit within a
+        few steps of it.
+        """
+        m = self.reference(distances, own_step)
+        scale = self.step_scale(own_step) if self.step_floor else None
+        return ADAPTIVE_SLACK * (m if scale is None else max(m, self.step_floor * scale))
 
     def score(self, node_id: str) -> float:
         """The neighbour's current score (`initial` for one never seen)."""
@@ -209,22 +309,38 @@ class Reputation:
         return node_id in self._records
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """What a checkpoint keeps: the records as plain values, and the sketches as arrays."""
+        """What a checkpoint keeps: the records and the node's history as plain values, and the
+        sketches as arrays."""
         records = {
             nid: {k: v for k, v in asdict(r).items() if k != "sketch"} for nid, r in self._records.items()
         }
         arrays = {f"sketch/{nid}": r.sketch for nid, r in self._records.items() if r.sketch is not None}
         if self._out_sketch is not None:
             arrays["out_sketch"] = self._out_sketch
-        return {"rounds": self.rounds, "records": records}, arrays
+        values = {
+            "rounds": self.rounds,
+            "records": records,
+            "refs": list(self._refs),
+            "steps": list(self._steps),
+        }
+        return values, arrays
 
     def restore(self, values: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-        """Load what `state` returned (a node resuming from its checkpoint)."""
-        self.rounds = int(values["rounds"])
-        self._records = {
-            nid: _Record(**fields, sketch=arrays.get(f"sketch/{nid}"))
-            for nid, fields in values["records"].items()
-        }
+        """Load what `state` returned (a node resuming from its checkpoint). Tolerant of checkpoints
+        written by earlier versions: missing fields take their defaults, unknown ones are ignored."""
+        self.rounds = int(values.get("rounds", 0))
+        self._records = {}
+        for nid, raw in dict(values.get("records") or {}).items():
+            known = {k: v for k, v in dict(raw).items() if k in _RECORD_FIELDS}
+            known.setdefault("score", self.initial)
+            self._records[str(nid)] = _Record(**known, sketch=arrays.get(f"sketch/{nid}"))
+        keep = self.history
+
+        def floats(key: str) -> list[float]:
+            got = [float(v) for v in values.get(key) or () if _finite_positive(float(v))]
+            return got[-keep:] if keep else []
+
+        self._refs, self._steps = floats("refs"), floats("steps")
         self._out_sketch = arrays.get("out_sketch")
 
     def forget(self, node_id: str) -> None:
@@ -232,12 +348,12 @@ class Reputation:
         self._records.pop(node_id, None)
 
     def reason(self, node_id: str) -> str:
-        """Short human-readable evidence: "distance 8.3x median, clipped 4/5 rounds, failed 4/5"."""
+        """Short human-readable evidence: "distance 8.3x reference, clipped 4/5 rounds, failed 4/5"."""
         rec = self._records.get(node_id)
         if rec is None:
             return "unknown"
         n = min(rec.seen, self.window)
-        ratio = "unusable vector" if not math.isfinite(rec.ratio) else f"distance {rec.ratio:.1f}x median"
+        ratio = "unusable vector" if not math.isfinite(rec.ratio) else f"distance {rec.ratio:.1f}x reference"
         stale = f", unchanged {_bits(rec.stale_bits)}/{n}" if rec.stale_bits else ""
         return (
             f"{ratio}, clipped {_bits(rec.clipped_bits)}/{n} rounds, failed {_bits(rec.failed_bits)}/{n}"
@@ -276,6 +392,22 @@ class Reputation:
                 votes.append(c)
         return moved, (upper_median(votes) if len(votes) >= 2 else 0.0)
 
+    def _clipped_persistently(self, rec: _Record) -> bool:
+        return _bits(rec.clipped_bits) >= self.persistent * self.window
+
+    def _remember(self, distances: Sequence[float], own_step: float | None) -> None:
+        """Move the node's history on by one round: this round's median (capped, so neighbours
+        cannot raise the floor above the cap; without the floor, or the floor would only ever
+        rise) and its training step."""
+        if not self.history:
+            return
+        m, cap = median_reference(distances), self._cap(own_step)
+        m = m if cap is None else min(m, cap)
+        if _finite_positive(m):
+            self._refs = [*self._refs, m][-self.history :]
+        if own_step is not None and _finite_positive(own_step):
+            self._steps = [*self._steps, float(own_step)][-self.history :]
+
     def update(
         self,
         distances: Mapping[str, float],
@@ -288,20 +420,22 @@ class Reputation:
         """Take one round of evidence and return the updated score of every neighbour in `distances`.
 
         distances: neighbour id -> ||x_j - x_i|| (inf / NaN: the vector was unusable, a failure).
-        radius: the round's clipping radius (None: ADAPTIVE_SLACK x the median distance).
+        radius: the round's clipping radius (None: ADAPTIVE_SLACK x the reference).
         own_norm: ||x_i||, needed only for the absolute BALANCE test (gamma set).
         sketches / own_sketch: sketch_of(each neighbour's vector) and sketch_of(own) for the
         staleness test (mix passes them; without them that test is skipped).
-        own_step: own_step(own), caps the reference distance (see reference).
+        own_step: own_step(own), for the cap on the reference (see reference).
         """
         self.rounds += 1
         dist = {nid: (float(d) if math.isfinite(d) else math.inf) for nid, d in distances.items()}
-        m = self.reference(list(dist.values()), own_step)
-        tau = ADAPTIVE_SLACK * m if radius is None else float(radius)
+        finite = [d for d in dist.values() if math.isfinite(d)]
+        m = self.reference(finite, own_step)
+        tau = self.radius(finite, own_step) if radius is None else float(radius)
         limit = self.threshold(own_norm)
         moved, typical_move = self._changes(sketches, own_sketch)
-        judge_clipping = sum(math.isfinite(d) for d in dist.values()) >= self.min_neighbours
+        judge_clipping = len(finite) >= self.min_neighbours
         full = (1 << self.window) - 1
+        recent_mask = (1 << self.confirm_window) - 1
         out: dict[str, float] = {}
         for nid, d in dist.items():
             rec = self._records.pop(nid, None) or _Record(self.initial)
@@ -313,22 +447,37 @@ class Reputation:
             out[nid] = rec.score
             if math.isfinite(d) and m <= 0 and not stale:
                 continue  # no scale to judge the distances by this round
-            ratio = (d / m if m > 0 else 0.0) if math.isfinite(d) else math.inf
-            failed = ratio > self.accept or (limit is not None and d > limit) or stale
+            usable = math.isfinite(d)
+            ratio = (d / m if m > 0 else 0.0) if usable else math.inf
+            beyond_norm = (
+                own_norm is not None and self.norm_flagrant > 0 and d > self.norm_flagrant * own_norm
+            )
+            flagrant = not usable or stale or beyond_norm or ratio > self.flagrant * self.accept
+            far = ratio > self.accept or (limit is not None and d > limit)
+            failed = flagrant or (far and self.rounds > self.warmup)
             clipped = judge_clipping and d > tau
             rec.seen += 1
             rec.ratio = ratio
             rec.clipped_bits = ((rec.clipped_bits << 1) | int(clipped)) & full
             rec.failed_bits = ((rec.failed_bits << 1) | int(failed)) & full
             rec.stale_bits = ((rec.stale_bits << 1) | int(stale)) & full
+            recent = _bits(rec.failed_bits & recent_mask)
             if failed:
                 rec.failures += 1
-                rec.score *= self.penalty
-            elif rec.seen >= self.window and _bits(rec.clipped_bits) >= self.persistent * self.window:
+                if usable and recent < self.confirm:
+                    rec.held += 1  # not yet: one failure is not a pattern
+                else:
+                    factor = self.penalty ** (1 + rec.held)
+                    rec.held = 0
+                    low = 0.0 if flagrant else min(rec.score, self.suspect_floor)
+                    rec.score = max(rec.score * factor, low)
+            elif self.persistent_cap < 1 and rec.seen >= self.window and self._clipped_persistently(rec):
                 rec.score = min(rec.score, self.persistent_cap)
             elif not clipped:
                 rec.score = min(1.0, rec.score + self.recovery)
+            rec.held = min(rec.held, recent)  # a held-back failure older than the window is forgiven
             out[nid] = rec.score
+        self._remember(finite, own_step)
         if own_sketch is not None:
             self._own_sketch = np.asarray(own_sketch, dtype=np.float32).copy()
         while len(self._records) > self.max_tracked:
