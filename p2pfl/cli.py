@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from p2pfl import model_cli
 from p2pfl.errors import P2PFLError
 
 __all__ = ["DAY", "PUBLIC_KEYS", "build_parser", "main", "package_version", "setup_logging"]
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "testbed", help="run N local nodes (`p2pfl testbed --help` lists the options)", add_help=False
     )
     testbed.set_defaults(func=_testbed)
+    model_cli.add_commands(sub)
     return parser
 
 

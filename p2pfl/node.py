@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from p2pfl import checkpoint, codec
+from p2pfl import checkpoint, codec, model_file
 from p2pfl.aggregation import MixResult
 from p2pfl.attacks import make_attack
 from p2pfl.config import NodeConfig
@@ -39,6 +39,8 @@ __all__ = ["Node", "TrainingDiverged", "load_credentials", "run_node"]
 PARENT_PID_ENV = "P2PFL_PARENT_PID"  # set by a launcher (the testbed): stop when that process is gone
 PARENT_POLL_S = 1.0
 DIVERGED_LOSS = 1e6  # a mean training loss above this (or not finite) stops the node
+FINAL_MODEL_FILE = "model.npz"  # the model a node ends with (p2pfl predict / evaluate / export)
+BEST_MODEL_FILE = "best_model.npz"  # the round with the best local test accuracy
 WARMUP_WAIT_S = 10.0  # the least a round waits before neighbours' usual delays are known (start-up skew)
 
 log = logging.getLogger("p2pfl.node")
@@ -66,6 +68,17 @@ def load_credentials(data_dir: Path) -> tuple[Identity, Certificate, FederationR
     except Rejected as exc:
         raise IdentityError(f"own certificate is not valid for this federation: {exc}") from exc
     return identity, cert, root
+
+
+def _saved_accuracy(path: Path) -> float:
+    """The accuracy recorded in a model file from an earlier run (a restarted node keeps its best)."""
+    if not path.exists():
+        return -1.0
+    try:
+        accuracy = model_file.load_model(path)[2].get("accuracy")
+    except P2PFLError:
+        return -1.0
+    return float(accuracy) if isinstance(accuracy, (int, float)) else -1.0
 
 
 class TrainingDiverged(P2PFLError):
@@ -122,6 +135,8 @@ class Node:
         self.changed = asyncio.Event()  # an update arrived or membership may have changed
         self.stopping = asyncio.Event()  # a stop was asked for (signal, parent gone)
         self.checkpoint_path = cfg.data_dir / "checkpoint.npz"
+        self.last_eval: tuple[float, float] | None = None  # (accuracy, test loss) of the last round
+        self.best_accuracy = _saved_accuracy(cfg.data_dir / BEST_MODEL_FILE)
         self._resume()
 
     def members(self) -> dict[str, Certificate]:
@@ -176,6 +191,8 @@ class Node:
     async def _round(self, round_: int) -> None:
         started = time.monotonic()
         plan = self.core.plan(round_, self.members())
+        if hasattr(self.task, "set_round"):  # a learning-rate schedule follows the federation's round
+            self.task.set_round(round_)
         loss = await asyncio.to_thread(self.task.train, self.model)
         self._check_loss(round_, loss)
         params = get_params(self.model)
@@ -203,6 +220,7 @@ class Node:
         set_params(self.model, unflatten(result.vector, self.core.spec))
         accuracy, test_loss = await asyncio.to_thread(self.task.evaluate, self.model)
         await asyncio.to_thread(self._persist, round_, result.vector)
+        await asyncio.to_thread(self._keep_best, round_, accuracy, test_loss)
         record = self._record(plan, result, staleness, loss, accuracy, test_loss, started)
         self.metrics.write({**record, "wait_allowed_s": allowed, "resynced_to": resynced})
         log.info(
@@ -226,6 +244,7 @@ class Node:
         set_params(self.model, unflatten(jump.vector, self.core.spec))
         accuracy, test_loss = await asyncio.to_thread(self.task.evaluate, self.model)
         await asyncio.to_thread(self._persist, jump.to_round, jump.vector)
+        await asyncio.to_thread(self._keep_best, jump.to_round, accuracy, test_loss)
         self.metrics.write(
             {
                 **self._base_record(plan, loss, accuracy, test_loss, started),
@@ -328,13 +347,45 @@ class Node:
             rep.restore(state.reputation, state.reputation_arrays)
         log.info("resuming from the checkpoint of round %d", state.round)
 
+    def _model_meta(self, round_: int, accuracy: float | None, test_loss: float | None) -> dict[str, Any]:
+        return {
+            **model_file.task_meta(self.task),
+            "round": round_,
+            "accuracy": accuracy,
+            "test_loss": test_loss,
+            "node": self.cfg.node.name,
+            "node_id": self.node_id,
+        }
+
+    def _save_model(self, name: str, round_: int, accuracy: float | None, test_loss: float | None) -> None:
+        """A model file `p2pfl predict` / `export` read; a failed save is logged, never ends the node."""
+        try:
+            model_file.save_model(
+                self.cfg.data_dir / name,
+                get_params(self.model),
+                self.cfg.task,
+                self._model_meta(round_, accuracy, test_loss),
+            )
+        except P2PFLError as exc:
+            log.error("could not save %s: %s", name, exc)
+
+    def _keep_best(self, round_: int, accuracy: float, test_loss: float) -> None:
+        """best_model.npz: the model of the round with the best local test accuracy so far."""
+        self.last_eval = (accuracy, test_loss)
+        if accuracy > self.best_accuracy:
+            self.best_accuracy = accuracy
+            self._save_model(BEST_MODEL_FILE, round_, accuracy, test_loss)
+
     def save_final_model(self) -> None:
-        """The model this node ends with, always (model.npy beside the checkpoint)."""
+        """The model this node ends with, always: model.npz (for `p2pfl predict` / `export`) and the
+        flat model.npy beside the checkpoint."""
         vector = self.core.flatten(get_params(self.model))
         if not np.isfinite(vector).all():
             log.error("the model is not finite; %s keeps the last good one", self.checkpoint_path)
             return
         checkpoint.atomic_save_array(self.cfg.data_dir / "model.npy", vector)
+        accuracy, test_loss = self.last_eval if self.last_eval is not None else (None, None)
+        self._save_model(FINAL_MODEL_FILE, self.core.round, accuracy, test_loss)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
