@@ -146,10 +146,16 @@ def fault_window(summary: dict[str, Any], sc: Scenario) -> tuple[float, float] |
     return min(starts), max(ends) if ends else float("inf")
 
 
+SETTLED = 10  # a recovery counts once this many rounds in a row pass
+
+
 def rounds_until(values: list[tuple[int, float]], ok: Any) -> int | None:
-    """How many rounds (after the fault) fail `ok` before the first that passes; None: none passes."""
-    for i, (_, v) in enumerate(values):
-        if ok(v):
+    """How many rounds (after the fault) pass before SETTLED rounds in a row pass `ok` (fewer at the
+    end of the run); None: never. One good round right after a heal or restart says little: its
+    model set may lack the nodes that skipped that round number."""
+    for i in range(len(values)):
+        window = values[i : i + SETTLED]
+        if all(ok(v) for _, v in window):
             return i
     return None
 
