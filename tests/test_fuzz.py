@@ -514,6 +514,131 @@ def test_a_publisher_gets_no_more_than_its_budget_through_per_window(sizes: list
     assert set(refused) <= {Reason.NEIGHBOUR_BUDGET}
 
 
+# -- the broker's topic ACL -------------------------------------------------------------------------
+
+ACL_FED, ACL_OWNER, ACL_ME, ACL_OTHER = (
+    "fedfedfedfedfed0",
+    "owner0owner0own0",
+    "me00me00me00me00",
+    "other0other0oth0",
+)
+
+
+def mqtt_match(flt: str, topic: str) -> bool:
+    """MQTT 3.1.1 topic matching: '+' one level, '#' the rest (and the parent), no wildcard on '$'."""
+    f, t = flt.split("/"), topic.split("/")
+    if topic.startswith("$") and f[0] in ("+", "#"):
+        return False
+    for i, level in enumerate(f):
+        if level == "#":
+            return i == len(f) - 1
+        if i >= len(t) or (level != "+" and level != t[i]):
+            return False
+    return len(f) == len(t)
+
+
+def public_to_me(topic: str) -> bool:
+    """What a client `me` may see on ACL_OWNER's broker: certificates and its own inbox."""
+    levels = topic.split("/")
+    if levels[:2] != ["p2pfl", ACL_FED] or len(levels) < 4:
+        return False
+    if levels[3:] == ["cert"]:
+        return True
+    return len(levels) == 6 and levels[3] == "to" and levels[4] == ACL_ME
+
+
+PROBES = [
+    f"p2pfl/{ACL_FED}/{ACL_OWNER}/cert",
+    *(f"p2pfl/{ACL_FED}/{ACL_OWNER}/to/{who}/{i}" for who in (ACL_ME, ACL_OTHER, ACL_OWNER) for i in (0, 7)),
+    f"p2pfl/{ACL_FED}/{ACL_OWNER}/to/{ACL_ME}x/0",
+    f"p2pfl/{ACL_FED}/{ACL_OWNER}/to/{ACL_OTHER}",
+    f"p2pfl/{ACL_FED}/{ACL_OWNER}/proof/{ACL_OTHER}",
+    f"p2pfl/{ACL_FED}/{ACL_OTHER}/to/{ACL_OTHER}/0",
+    f"p2pfl/otherfederation0/{ACL_OWNER}/to/{ACL_ME}/0",
+    f"$SYS/broker/clients/{ACL_OTHER}",
+]
+acl_level = st.one_of(
+    st.sampled_from(
+        [
+            "p2pfl",
+            ACL_FED,
+            ACL_OWNER,
+            ACL_ME,
+            ACL_OTHER,
+            "+",
+            "#",
+            "cert",
+            "to",
+            "proof",
+            "",
+            "0",
+            "$SYS",
+            "$share",
+        ]
+    ),
+    st.text(alphabet="abcdef0123456789+#$/", max_size=6),
+)
+acl_topics = st.lists(acl_level, min_size=1, max_size=7).map("/".join)
+
+
+@pytest.fixture(scope="module")
+def outbox() -> Any:
+    from p2pfl.transport.outbox import Outbox
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    box = Outbox(
+        "127.0.0.1",
+        0,
+        ACL_FED,
+        ACL_OWNER,
+        ssl_context=ctx,
+        verify=lambda obj: ACL_ME,
+        on_reject=lambda reason, detail: None,
+    )
+    box._recipients = frozenset({ACL_ME, ACL_OTHER})  # both receive the latest update
+    return box
+
+
+class FakeSession:
+    def __init__(self, node_id: object) -> None:
+        from p2pfl.transport.amqtt_patches import SESSION_NODE
+
+        self.attributes = {SESSION_NODE: node_id}
+
+
+def test_the_broker_acl_grants_a_members_own_filters(outbox: Any) -> None:
+    """The property below is not vacuous: the filters a link really uses are granted."""
+    from amqtt.contexts import Action
+
+    from p2pfl.transport.topics import cert_filter, inbox_filter
+
+    session = FakeSession(ACL_ME)
+    for granted in (cert_filter(ACL_FED), inbox_filter(ACL_FED, ACL_ME)):
+        assert outbox._topic_allowed(session, granted, Action.SUBSCRIBE), granted
+    assert outbox._topic_allowed(session, f"p2pfl/{ACL_FED}/{ACL_OWNER}/to/{ACL_ME}/3", Action.RECEIVE)
+    assert not outbox._topic_allowed(session, inbox_filter(ACL_FED, ACL_OTHER), Action.SUBSCRIBE)
+
+
+@FAST
+@given(topic=acl_topics)
+def test_the_broker_acl_never_opens_another_nodes_inbox(outbox: Any, topic: str) -> None:
+    """Whatever filter a client sends: no publishing, and a subscription it is granted can match
+    only certificates and its own inbox; what it may receive is the same."""
+    from amqtt.contexts import Action
+
+    session = FakeSession(ACL_ME)
+    assert not outbox._topic_allowed(session, topic, Action.PUBLISH)
+    if outbox._topic_allowed(session, topic, Action.SUBSCRIBE):
+        leaks = [t for t in PROBES if mqtt_match(topic, t) and not public_to_me(t)]
+        assert not leaks, f"filter {topic!r} was granted and matches {leaks}"
+    if outbox._topic_allowed(session, topic, Action.RECEIVE):
+        assert public_to_me(topic)
+    for anonymous in (None, "", "+", "#", f"{ACL_ME}/x", "$SYS"):
+        for action in Action:
+            assert not outbox._topic_allowed(FakeSession(anonymous), topic, action)
+
+
 # -- certificates ------------------------------------------------------------------
 
 
