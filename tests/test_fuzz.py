@@ -639,6 +639,48 @@ def test_the_broker_acl_never_opens_another_nodes_inbox(outbox: Any, topic: str)
             assert not outbox._topic_allowed(FakeSession(anonymous), topic, action)
 
 
+@dataclass
+class FakeConnect:
+    """The parts of an amqtt Session the auth plugin reads at CONNECT."""
+
+    client_id: Any
+    clean_session: bool
+    will_flag: bool
+    attributes: dict[str, Any]
+    remote_address: str = "127.0.0.1"
+    remote_port: int = 40000
+
+
+@FAST
+@given(
+    tls_node=st.sampled_from([ACL_ME, ACL_OTHER, None, "", "+", "a/b"]),
+    client_id=st.one_of(
+        st.sampled_from([ACL_ME, f"{ACL_ME}-1234abcd", ACL_OTHER, f"{ACL_OTHER}-x", f"{ACL_ME}x", "", "-"]),
+        st.text(max_size=40),
+        st.none(),
+    ),
+    clean=st.booleans(),
+    will=st.booleans(),
+)
+def test_a_connect_is_admitted_only_as_its_tls_node_with_a_clean_session_and_no_will(
+    outbox: Any, tls_node: Any, client_id: Any, clean: bool, will: bool
+) -> None:
+    from p2pfl.transport.amqtt_patches import SESSION_NODE, TLS_NODE
+    from p2pfl.transport.topics import is_level
+
+    reports: list[Reason] = []
+    outbox._on_reject = lambda reason, detail: reports.append(reason)
+    session = FakeConnect(client_id, clean, will, {TLS_NODE: tls_node} if tls_node is not None else {})
+    admitted = outbox._authenticate_session(session)
+    own_id = isinstance(client_id, str) and (client_id == tls_node or client_id.startswith(f"{tls_node}-"))
+    assert admitted == (is_level(tls_node) and own_id and clean and not will)
+    if admitted:
+        assert session.attributes[SESSION_NODE] == tls_node and reports == []
+    else:
+        assert SESSION_NODE not in session.attributes
+        assert len(reports) == 1 and reports[0] in (Reason.AUTH_FAILED, Reason.PEER_IDENTITY)
+
+
 # -- certificates ------------------------------------------------------------------
 
 
