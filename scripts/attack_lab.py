@@ -26,7 +26,9 @@ mesh building blocks; every loop is bounded in count and time; 127.0.0.1 only):
 - hostile-member: a member certified from the testbed's federation dir that joins by mDNS and sends
   an update cut into tiny parts and one with 100,000 empty tensors;
 - member-sessions: that member opens 300 MQTT sessions to the victim and holds them (is there a
-  session left for anyone else?).
+  session left for anyone else?);
+- member-junk: that member's session sends 20,000 PUBACKs for messages never sent (what does the
+  victim's log make of them?).
 
 A scenario whose defence has not landed yet still runs and reports what happened. `--out DIR` writes
 the table as attack_lab.md and attack_lab.csv (plus results.json) and keeps the nodes' dirs under DIR/run.
@@ -71,6 +73,7 @@ SCENARIOS = (
     "mdns-forgery",
     "hostile-member",
     "member-sessions",
+    "member-junk",
 )
 
 
@@ -93,6 +96,7 @@ class Budget:
     member_s: float = 40.0
     member_sessions: int = 300
     member_hold_s: float = 15.0
+    junk_packets: int = 20000
     measure_s: float = 5.0  # rounds/s window before each scenario
     settle_s: float = 40.0  # ceiling on waiting for the nodes' next metrics after a scenario
 
@@ -111,6 +115,7 @@ class Budget:
             member_s=30.0,
             member_sessions=300,
             member_hold_s=8.0,
+            junk_packets=5000,
             measure_s=3.0,
             settle_s=30.0,
         )
@@ -987,6 +992,58 @@ class Attack:
         result.notes.append("sessions: " + ", ".join(f"{k}: {v}" for k, v in outcomes.most_common()))
         result.notes.append(f"a new session of honest {honest.name} while they were held: {probe}")
 
+    # -- 9 ------------------------------------------------------------------------------------------
+
+    def member_junk(self, result: Result) -> None:
+        """A certified member's session sends MQTT packets that mean nothing (PUBACKs for messages never
+        sent): each costs the attacker 4 bytes. What does each cost the victim (CPU, log)?"""
+        port, budget, victim = self.lab.victim.port, self.budget, self.lab.victim
+        context = self.mallory_tls() if self.tls else None
+        token = None if self.tls else self.mallory_password()
+        if context is None and token is None:
+            result.error = "no way to log in as a member in this tree"
+            return
+        from p2pfl.node import load_credentials
+
+        me = load_credentials(self.mallory_dir())[0].node_id
+        log0 = victim.log_size()
+        raw = socket.create_connection((HOST, port), timeout=10)
+        sent = 0
+        with contextlib.ExitStack() as stack:
+            sock: socket.socket | ssl.SSLSocket = stack.enter_context(raw)
+            if context is not None:
+                sock = stack.enter_context(context.wrap_socket(raw))
+            packet = mqtt_connect(
+                f"{me}-{os.urandom(4).hex()}",
+                username=token[0] if token else None,
+                password=token[1].encode() if token else None,
+            )
+            sock.sendall(packet)
+            answer = connack(sock, 10)
+            if answer == "rc 0":
+                batch = b"".join(bytes([0x40, 2]) + struct.pack(">H", 1 + i % 65000) for i in range(1000))
+                deadline = time.monotonic() + 60
+                try:
+                    while sent < budget.junk_packets and time.monotonic() < deadline:
+                        sock.sendall(batch)
+                        sent += 1000
+                except OSError as exc:
+                    answer += f", then closed by the node after {sent} packets ({exc.__class__.__name__})"
+            # the session stays open while the victim works through what is buffered: count its amqtt
+            # log lines until they stop growing for 3 s (its round lines go on meanwhile), at most 60 s
+            amqtt_lines, still_since, deadline = -1, time.monotonic(), time.monotonic() + 60
+            while time.monotonic() < deadline and time.monotonic() - still_since < 3.0:
+                time.sleep(0.5)
+                count = sum(1 for line in victim.log_text(log0).splitlines() if " amqtt" in line)
+                if count != amqtt_lines:
+                    amqtt_lines, still_since = count, time.monotonic()
+        grown = victim.log_size() - log0
+        result.attack = f"a certified member's session sends {sent} PUBACKs for nothing ({sent * 4} bytes)"
+        result.notes.append(f"CONNECT: {answer}")
+        result.notes.append(
+            f"victim's log grew by {grown / 1e6:.2f} MB meanwhile, {amqtt_lines} lines of it from amqtt"
+        )
+
 
 def _drain_connects(
     sel: selectors.BaseSelector, pending: set[socket.socket], opened: list[socket.socket], timeout: float
@@ -1277,6 +1334,7 @@ def run_scenario(lab: Lab, attack: Attack, name: str, log: Callable[[str], None]
         "mdns-forgery": attack.mdns_forgery,
         "hostile-member": attack.hostile_member,
         "member-sessions": attack.member_sessions,
+        "member-junk": attack.member_junk,
     }[name]
     fds = FdSampler(lab.victim.proc.pid)
     try:
