@@ -1,14 +1,18 @@
-"""Property-based fuzzing of every parser that sees peer bytes (hypothesis).
+"""Property-based fuzzing of every parser and gate that sees peer bytes (hypothesis).
 
-Properties, for each surface:
+Surfaces: codec frames, sealed envelopes, update parts (framing), certificates, TLS peer identity, the
+front door (arbitrary bytes to a started TLS listener), the broker's CONNECT check and topic ACL, and a
+certified member's arbitrary MQTT bytes to a started broker. Properties:
 
 - nothing but the typed refusal (`Rejected` with a `Reason`) ever escapes, whatever the bytes;
-- a mutated signed object (update envelope, certificate) is never accepted;
-- honest round trips are exact.
+- a mutated signed object (update envelope, certificate, TLS certificate) is never accepted;
+- honest round trips are exact; one publisher's garbage never disturbs another's message;
+- no filter a client may subscribe to reaches another node's inbox; a listener or broker that was fed
+  garbage still serves the next member.
 
 Example counts are modest so the file runs in seconds on two busy cores (`P2PFL_FUZZ_SCALE=20` for a
-deeper hunt); `deadline=None` because the machine is shared and a slow example is not a failure. The front door test starts a real listener on
-127.0.0.1 and is skipped until `p2pfl.transport.frontdoor` exists.
+deeper hunt); `deadline=None` because the machine is shared and a slow example is not a failure. The
+listeners are real, on 127.0.0.1; their tests skip where the tree has no `p2pfl.tls`.
 """
 
 from __future__ import annotations
