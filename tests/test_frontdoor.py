@@ -236,6 +236,17 @@ def test_connections_over_each_cap_are_refused_at_once_and_counted(pki: Pki) -> 
             assert "max_per_source 3" in d.rejects[0][1]
             await close_all([w for _, w in idle] + [writer])
             await until(lambda: d.stat("pending") == 0)  # the slots come back
+        async with started(max_per_source=8, max_sessions_per_node=2) as d:  # one member, many sessions
+            held = [await greeting(None, d.door.port) for _ in range(2)]
+            reader, writer = await asyncio.open_connection(HOST, d.door.port)
+            assert await refused(reader)
+            await until(lambda: d.stat("refused_conn_limit") == 1)
+            assert "max_sessions_per_node 2" in d.rejects[-1][1]
+            await close_all([w for _, w in held] + [writer])
+            await until(lambda: d.stat("sessions") == 0)
+            line, writer = await greeting(None, d.door.port)  # its slots come back
+            assert line == b"hello plain-peer\n"
+            await close_all([writer])
         async with started(max_per_source=2) as d:  # verified sessions are not held to the source's cap
             held = [await greeting(None, d.door.port) for _ in range(4)]
             assert [line for line, _ in held] == [b"hello plain-peer\n"] * 4

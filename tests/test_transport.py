@@ -4,6 +4,7 @@ every session mutual TLS between federation-certified keys."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import ssl
@@ -997,3 +998,28 @@ def test_a_loopback_broker_lets_many_peers_handshake_at_once() -> None:
     for host in ("127.0.0.1", "::1", "[::1]", "localhost"):
         assert _door_limits(host).max_per_source == DoorLimits().max_pending
     assert _door_limits("10.0.0.5") == DoorLimits()
+
+
+def test_amqtt_warnings_a_member_can_trigger_per_packet_are_rate_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A member's session can make amqtt warn once per 4-byte packet (PUBACK for nothing): only the
+    first of a kind per interval reaches the log; the next one that passes says how many were held."""
+    from p2pfl.transport.amqtt_patches import _RateLimit
+
+    limiter = _RateLimit()
+    logger = logging.getLogger("amqtt.test.ratelimit")
+    logger.addFilter(limiter)
+    try:
+        with caplog.at_level(logging.WARNING, logger="amqtt.test.ratelimit"):
+            for packet_id in range(2000):
+                logger.warning(f"Received PUBACK for unknown pending message Id: '{packet_id}'")
+        assert len(caplog.records) == 1
+        limiter._kinds = {
+            k: (last - limiter.RATE_LIMIT_S, held) for k, (last, held) in limiter._kinds.items()
+        }
+        with caplog.at_level(logging.WARNING, logger="amqtt.test.ratelimit"):
+            logger.warning("Received PUBACK for unknown pending message Id: '7'")
+        assert "1999 similar held back" in caplog.records[-1].getMessage()
+    finally:
+        logger.removeFilter(limiter)

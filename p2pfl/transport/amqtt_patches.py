@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -81,6 +83,33 @@ class _DropRefusedConnect(logging.Filter):
         return not record.getMessage().endswith(_REFUSED_MARK)
 
 
+class _RateLimit(logging.Filter):
+    """At most one amqtt warning of a kind per RATE_LIMIT_S; the next one that passes says how many
+    were held back. A member's session can make amqtt warn once per packet (a PUBACK for nothing:
+    4 bytes in, ~115 bytes of log out), so without this a neighbour could fill the disk."""
+
+    RATE_LIMIT_S = 10.0
+    MAX_KINDS = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kinds: dict[str, tuple[float, int]] = {}  # kind -> (last passed, held back since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = f"{record.name}:{''.join(c for c in str(record.msg)[:48] if not c.isdigit())}"
+        now = time.monotonic()
+        last, held = self._kinds.get(kind, (-math.inf, 0))
+        if now - last < self.RATE_LIMIT_S:
+            self._kinds[kind] = (last, held + 1)
+            return False
+        if len(self._kinds) >= self.MAX_KINDS:
+            self._kinds.clear()
+        self._kinds[kind] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} similar held back in the last {now - last:.0f} s)"
+        return True
+
+
 class _SnapshotDict(dict):
     """amqtt's topic filter -> subscribers table, iterated over snapshots.
 
@@ -116,6 +145,13 @@ def tame_amqtt_logging() -> None:
     logging.getLogger("amqtt.mqtt.protocol.handler").addFilter(_ShortPacketArgs())
     logging.getLogger("amqtt.broker").addFilter(_DropStartupFailure())
     logging.getLogger("amqtt.broker").addFilter(_DropRefusedConnect())
+    for name in (
+        "amqtt.broker",
+        "amqtt.mqtt.protocol.handler",
+        "amqtt.mqtt.protocol.broker_handler",
+        "amqtt.session",
+    ):
+        logging.getLogger(name).addFilter(_RateLimit())
 
 
 class PatchedBroker(Broker):

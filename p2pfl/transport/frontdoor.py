@@ -75,9 +75,10 @@ class DoorLimits:
     max_per_source: int = 8  # unauthenticated connections from one source IP
     handshake_s: float = 10.0  # accept -> TLS handshake done and peer verified
     max_sessions: int = 256  # established (authenticated) sessions in all
+    max_sessions_per_node: int = 4  # established sessions of one verified node id (a link and its retries)
 
     def __post_init__(self) -> None:
-        for name in ("max_pending", "max_per_source", "max_sessions"):
+        for name in ("max_pending", "max_per_source", "max_sessions", "max_sessions_per_node"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"front door {name} must be at least 1, not {getattr(self, name)}")
         if not self.handshake_s > 0:
@@ -178,6 +179,7 @@ class FrontDoor:
         self._evicted: set[asyncio.Task[None]] = set()
         self._sessions = 0
         self._per_source: Counter[str] = Counter()
+        self._per_node: Counter[str] = Counter()  # established sessions by verified node id
         self._refused: Counter[str] = Counter()
         self._accepted = 0
         self._established = 0
@@ -282,6 +284,7 @@ class FrontDoor:
         self._evicted.clear()
         self._sessions = 0
         self._per_source.clear()
+        self._per_node.clear()
 
     def stats(self) -> dict[str, int]:
         """Now: pending, sessions, fd_budget (connections the door may hold); since it was made:
@@ -470,17 +473,19 @@ class FrontDoor:
             self._release(me)
             return
         reader, writer, node_id = streams
+        over = ""
         if self._sessions >= self.limits.max_sessions:  # others finished their handshakes first
+            over = f"{self._sessions} sessions (max_sessions {self.limits.max_sessions})"
+        elif self._per_node[node_id] >= self.limits.max_sessions_per_node:  # one member, many sessions
+            over = f"{self._per_node[node_id]} sessions of {node_id} (max_sessions_per_node {self.limits.max_sessions_per_node})"
+        if over:
             self._release(me)
             _abort(writer.transport)
-            self._refuse(
-                Reason.CONN_LIMIT,
-                source,
-                f"{self._sessions} sessions (max_sessions {self.limits.max_sessions})",
-            )
+            self._refuse(Reason.CONN_LIMIT, source, over)
             return
         self._release(me)  # a verified member counts against max_sessions, not its source's cap
         self._sessions += 1
+        self._per_node[node_id] += 1
         self._established += 1
         try:
             await self._on_session(reader, writer, node_id)
@@ -498,6 +503,9 @@ class FrontDoor:
                 await self._close(writer)
             finally:
                 self._sessions -= 1
+                self._per_node[node_id] -= 1
+                if self._per_node[node_id] <= 0:
+                    del self._per_node[node_id]
 
     async def _authenticate(
         self, conn: socket.socket, source: str
