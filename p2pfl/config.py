@@ -54,7 +54,8 @@ class DiscoverySection:
     interfaces: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     static_peers: list[str] = field(default_factory=list)  # "host:port" where multicast is absent
     expect_peers: int = 0  # start round 1 once this many certified peers are known...
-    wait_s: float = 20.0  # ...or after this long, whichever comes first
+    wait_s: float = 20.0  # ...or after this long; fewer than expect_peers then stops the node...
+    start_alone: bool = False  # ...unless this is true (then it starts with whoever it found)
 
 
 @dataclass
@@ -372,10 +373,29 @@ def from_dict(raw: dict[str, Any]) -> NodeConfig:
 
 
 def load(path: Path | str | None) -> NodeConfig:
-    """Read and validate a TOML file; None gives the built-in defaults."""
+    """Read and validate a TOML file; None gives the built-in defaults. Relative paths in the file
+    mean relative to the file (a node started from another directory keeps its identity and data)."""
     if path is None:
         return validate(NodeConfig())
-    return from_dict(_read_toml(Path(path)))
+    cfg = from_dict(_read_toml(Path(path)))
+    base = Path(path).absolute().parent
+    cfg.node.data_dir = _beside(base, cfg.node.data_dir)
+    cfg.metrics.path = _beside(base, cfg.metrics.path)
+    task = cfg.task
+    cfg.task = dataclasses.replace(
+        task,
+        data=_beside(base, task.data),
+        test_data=_beside(base, task.test_data),
+        feature_stats=_beside(base, task.feature_stats),
+    )
+    return cfg
+
+
+def _beside(base: Path, value: str) -> str:
+    """`value` resolved against the config file's folder ('' stays '': not set)."""
+    if not value or Path(value).expanduser().is_absolute():
+        return str(Path(value).expanduser()) if value else value
+    return str(base / value)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

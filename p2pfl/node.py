@@ -24,7 +24,7 @@ import torch
 from p2pfl import checkpoint, codec, model_file
 from p2pfl.aggregation import MixResult
 from p2pfl.attacks import make_attack
-from p2pfl.config import NodeConfig
+from p2pfl.config import NodeConfig, NodeSection
 from p2pfl.errors import IdentityError, P2PFLError, Rejected
 from p2pfl.federation import Certificate, FederationRoot
 from p2pfl.identity import Identity, load_or_create
@@ -81,6 +81,10 @@ def _saved_accuracy(path: Path) -> float:
     return float(accuracy) if isinstance(accuracy, (int, float)) else -1.0
 
 
+class PeersMissing(P2PFLError):
+    """Fewer peers than `expect_peers` were reachable in time: starting would mean training alone."""
+
+
 class TrainingDiverged(P2PFLError):
     """Local training produced a non-finite or exploding loss: going on would only spread it."""
 
@@ -91,6 +95,8 @@ class Node:
     def __init__(self, cfg: NodeConfig, *, mesh: Mesh | None = None) -> None:
         self.cfg = cfg
         self.identity, self.cert, self.root = load_credentials(cfg.data_dir)
+        if cfg.node.name == NodeSection.name:  # not set: the name the federation certified
+            cfg.node.name = self.cert.name
         self.node_id = self.identity.node_id
         self.metrics = Metrics(cfg.metrics_path)
         attack = make_attack(cfg.attack.kind, cfg.attack.seed) if cfg.attack.kind else None
@@ -406,12 +412,23 @@ class Node:
             raise asyncio.CancelledError
 
     async def _wait_for_peers(self) -> None:
-        """Start together: until `expect_peers` certified peers are reachable, or `wait_s` passes."""
+        """Start together: until `expect_peers` certified peers are reachable, or `wait_s` passes;
+        then too few is an error (a node training alone would look like success), unless
+        `start_alone`. A node resuming from a checkpoint rejoins a running federation: it starts
+        with whoever it found."""
         want = self.cfg.discovery.expect_peers
         deadline = time.monotonic() + self.cfg.discovery.wait_s
         while len(self.mesh.members()) < want and time.monotonic() < deadline:
             await self._wait(0.5)
-        log.info("starting with %d peer(s) (expected %d)", len(self.mesh.members()), want)
+        found = len(self.mesh.members())
+        if found < want and not self.cfg.discovery.start_alone and self.core.round == 0:
+            raise PeersMissing(
+                f"found {found} of the {want} peers [discovery] expect_peers asks for within "
+                f"{self.cfg.discovery.wait_s:g} s: check that they run, share this federation and can reach "
+                f"{self.cfg.node.host} (interfaces {', '.join(self.cfg.discovery.interfaces)}); raise "
+                "[discovery] wait_s, or set start_alone = true to start with fewer"
+            )
+        log.info("starting with %d peer(s) (expected %d)", found, want)
 
     def _finished(self) -> bool:
         rounds = self.cfg.training.rounds
@@ -443,7 +460,8 @@ class Node:
             if not self.stopping.is_set():
                 raise  # cancelled from outside, not a stop we were asked for
         finally:
-            await asyncio.shield(asyncio.to_thread(self.save_final_model))
+            if self.core.round > 0:  # a node that never trained has no model worth keeping
+                await asyncio.shield(asyncio.to_thread(self.save_final_model))
             await self.stop()
 
 

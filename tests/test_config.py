@@ -12,6 +12,7 @@ def test_defaults_are_valid_and_round_trip(tmp_path: Path) -> None:
     cfg = config.load(None)
     path = tmp_path / "node.toml"
     path.write_text(config.to_toml(cfg))
+    cfg.node.data_dir = str(tmp_path / cfg.node.data_dir)  # relative paths: beside the file
     assert config.load(path) == cfg
 
 
@@ -25,7 +26,7 @@ def test_values_are_read(tmp_path: Path) -> None:
         5.0,
         "mean",
     )
-    assert cfg.metrics_path == Path("p2pfl-node/metrics.jsonl")
+    assert cfg.metrics_path == tmp_path / "p2pfl-node" / "metrics.jsonl"
 
 
 @pytest.mark.parametrize(
@@ -238,3 +239,14 @@ def test_own_data_mistakes_are_explained(tmp_path: Path, text: str, message: str
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         config.load(path)
+
+
+def test_relative_paths_in_a_config_file_mean_beside_the_file(tmp_path: Path) -> None:
+    """A node started from another directory must find its own keys, not create a new identity."""
+    (tmp_path / "site").mkdir()
+    path = tmp_path / "site" / "node.toml"
+    path.write_text('[node]\ndata_dir = "state"\n[task]\nname = "mlp"\ndata = "data/site.csv"\n')
+    cfg = config.load(path)
+    assert cfg.node.data_dir == str(tmp_path / "site" / "state")
+    assert cfg.task.data == str(tmp_path / "site" / "data" / "site.csv")
+    assert cfg.metrics.path == ""  # not set stays not set

@@ -18,7 +18,7 @@ from p2pfl.errors import Rejected
 from p2pfl.federation import Certificate, FederationAuthority
 from p2pfl.learning import TaskSpec
 from p2pfl.metrics import read_jsonl
-from p2pfl.node import Node
+from p2pfl.node import Node, PeersMissing, load_credentials
 from p2pfl.round import MAX_ROUNDS_AHEAD, STALENESS, Pace, RoundCore
 from p2pfl.topology import parse_topology
 
@@ -405,3 +405,23 @@ def test_rounds_zero_runs_until_stopped(tmp_path: Path) -> None:
     for node in nodes:
         assert len(read_jsonl(node.cfg.metrics_path)) >= 5
         assert (node.cfg.data_dir / "checkpoint.npz").exists() and (node.cfg.data_dir / "model.npy").exists()
+
+
+def test_a_node_that_finds_too_few_peers_stops_instead_of_training_alone(tmp_path: Path) -> None:
+    hub = Hub()
+    (node,) = make_nodes(tmp_path, 1, 3, hub, expect=2)
+    node.cfg.discovery.wait_s = 0.2
+    with pytest.raises(PeersMissing, match=r"found 0 of the 2 peers .* start_alone = true"):
+        asyncio.run(node.run())
+    assert not node.cfg.metrics_path.exists() or read_jsonl(node.cfg.metrics_path) == []
+    node.cfg.discovery.start_alone = True  # told otherwise: it trains with whoever it found
+    asyncio.run(node.run())
+    assert [r["round"] for r in read_jsonl(node.cfg.metrics_path)] == [1, 2, 3]
+
+
+def test_an_unnamed_node_takes_the_name_its_certificate_gives(tmp_path: Path) -> None:
+    authority = FederationAuthority.create(tmp_path / "federation")
+    cfg = node_config(tmp_path, 0, 1, 1)
+    cfg.node.name = NodeConfig().node.name  # not set in the config file
+    certify(authority, "hospital-a", cfg.data_dir)
+    assert Node(cfg, mesh=Hub().mesh(load_credentials(cfg.data_dir)[1])).cfg.node.name == "hospital-a"
