@@ -124,6 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma list for --false-positives, e.g. iid,dirichlet:0.1 (default: --partition / --alpha)",
     )
     p.add_argument(
+        "--reputation",
+        default="",
+        help="rule robust's Reputation options, e.g. accept=4,step_cap=8 (default: the defaults)",
+    )
+    p.add_argument(
         "--false-positives",
         action="store_true",
         help="only rule robust without attack, on every topology x partition: its false-positive rate",
@@ -193,10 +198,23 @@ def grid(a: argparse.Namespace) -> list[Run]:
     return runs
 
 
+def reputation_options(text: str) -> tuple[tuple[str, float], ...]:
+    """ "accept=4,step_cap=8" -> (("accept", 4.0), ("step_cap", 8.0)); integers stay integers."""
+    out = []
+    for item in _split(text):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--reputation: expected key=value, got {item!r}")
+        number = float(value)
+        out.append((key.strip(), int(number) if number.is_integer() and "." not in value else number))
+    return tuple(out)
+
+
 def config(run: Run, a: argparse.Namespace) -> SimConfig:
     partition, alpha = parse_partition(run.partition)
     return config_from_args(
         a,
+        reputation=reputation_options(a.reputation),
         topology=run.topology,
         rule=run.rule,
         seed=run.seed,

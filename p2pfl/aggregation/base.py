@@ -52,7 +52,7 @@ class MixResult:
     Rule "robust": weights are w_ij * reputation[j] (the reputation after this round's update), so a
     distrusted neighbour's lost weight shows up in own_weight; reputation maps every neighbour that
     arrived to its score in [0, 1], downweighted maps those with a score below 1 to a short reason
-    ("distance 8.3x median, clipped 4/5 rounds"). Both are empty for the other rules.
+    ("distance 8.3x reference, clipped 4/5 rounds"). Both are empty for the other rules.
     Rules "trimmed-mean" / "median": weights[j] is neighbour j's average coefficient over the
     coordinates (the share of the coordinates where its value was kept, divided by the number of
     values kept there), so own_weight + sum(weights) = 1; clipped[j] is True when that is less than

@@ -2,10 +2,12 @@
 
 Self-centred clipping (as "clipped") whose MH weights are first scaled by a per-neighbour reputation
 r_j in [0, 1] (p2pfl.aggregation.reputation.Reputation, kept by the node across rounds): the weight a
-distrusted neighbour loses stays with the node itself. The adaptive radius uses the reputation's
-capped reference distance. Clipping bounds what one neighbour can do in any single round (also before
-its reputation has dropped, and for attackers that stay within the tests); the reputation stops a
-persistent outlier from pulling at all.
+distrusted neighbour loses stays with the node itself. The adaptive radius is the reputation's
+(Reputation.radius: its reference distance, floored by the node's history and capped by its recent
+training steps; with two neighbours wide enough not to clip what its distance test accepts).
+Clipping bounds what one neighbour can do in any single round (also while its evidence is being
+confirmed, and for attackers that stay within the tests); the reputation stops a persistent outlier
+from pulling at all.
 """
 
 from __future__ import annotations
