@@ -431,8 +431,9 @@ def test_reputation_drops_a_persistent_outlier_within_a_few_rounds_and_recovers_
         res = mix(x, 4, [*honest, nb("bad", -x, degree=4)], rule="robust", reputation=rep)
         history.append(res.reputation["bad"])
         assert all(res.reputation[f"h{k}"] == 1.0 for k in range(3))
-    # held back for two rounds (clipping bounds its pull meanwhile), then all three failures count
-    assert history[:2] == [1.0, 1.0] and history[2] == REPUTATION_PENALTY**3 and history[-1] < 0.01
+    # flagrant (its model is farther from ours than ours from zero): held back one round (clipping
+    # bounds its pull meanwhile), then both failures count
+    assert history[:3] == [1.0, REPUTATION_PENALTY**2, REPUTATION_PENALTY**3] and history[-1] < 0.01
     assert res.weights["bad"] == pytest.approx(0.2 * history[-1])
     assert res.own_weight == pytest.approx(1 - 3 * 0.2 - res.weights["bad"]), "its weight stays home"
     reason = res.downweighted["bad"]
@@ -534,19 +535,30 @@ def test_balance_test_with_time_decay() -> None:
 
 def test_reputation_forgives_one_off_spikes_and_waits_for_repetition() -> None:
     # an honest neighbour with a spiky update now and then (late, or a noisy local step) keeps its
-    # weight; the same distance in 3 of 4 rounds is a pattern, and then every held-back round counts
-    rep = Reputation()
-    far = 100.0
+    # weight; the same distance in 3 of 4 rounds is a pattern (then every held-back round counts,
+    # down to the floor of a moderate outlier)
+    rep = Reputation(warmup=0)
+    spiky = 2 * REPUTATION_ACCEPT
     for spike in [1, 0, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0]:  # never 3 failures within 4 rounds
-        s = rep.update({"a": 1.0, "b": 1.1, "spiky": far if spike else 1.2})
+        s = rep.update({"a": 1.0, "b": 1.1, "spiky": spiky if spike else 1.2})
         assert s["spiky"] == 1.0 and "spiky" in rep
-    assert [rep.update({"a": 1.0, "b": 1.1, "spiky": far})["spiky"] for _ in range(4)] == [
+    assert [rep.update({"a": 1.0, "b": 1.1, "spiky": spiky})["spiky"] for _ in range(4)] == [
         1.0,
         1.0,
-        REPUTATION_PENALTY**3,  # no debt left over from the forgiven spikes
-        REPUTATION_PENALTY**4,
+        REPUTATION_SUSPECT_FLOOR,
+        REPUTATION_SUSPECT_FLOOR,
     ]
     assert "failed 4/8" in rep.reason("spiky")
+    # flagrant evidence (far beyond flagrant x accept) needs two rounds in four and has no floor;
+    # a forgiven spike leaves no debt
+    rep = Reputation(warmup=0)
+    for spike in [1, 0, 0, 0, 1, 0, 0, 0]:
+        assert rep.update({"a": 1.0, "b": 1.1, "far": 100.0 if spike else 1.2})["far"] == 1.0
+    assert [rep.update({"a": 1.0, "b": 1.1, "far": 100.0})["far"] for _ in range(3)] == [
+        1.0,
+        REPUTATION_PENALTY**2,
+        REPUTATION_PENALTY**3,
+    ]
 
 
 def test_reputation_reference_does_not_collapse_with_the_training_step() -> None:

@@ -10,8 +10,9 @@ each node has two neighbours. The earlier single-round scheme did (49% of honest
 1,500-round run of 6 real nodes, 12-25% in label-skewed simulations; docs/robust_notes.md). What
 keeps an honest neighbour's weight now, each against a measured cause:
 
-- evidence must repeat: a failure is held back until the neighbour fails in 3 of 4 rounds, then
-  every held-back round counts (an honest node's spiky local step is far for one or two rounds);
+- evidence must repeat: a failure is held back until the neighbour fails in 3 of 4 rounds (2 of 4
+  when flagrant), then every held-back round counts (an honest node's spiky local step keeps it
+  far for one to three rounds);
 - the reference does not collapse: it is at least the node's recent typical reference, and the cap
   that keeps a Byzantine majority from inflating it is 4 x the node's largest recent training
   step, not this round's (which shrinks by orders of magnitude near convergence);
@@ -49,6 +50,7 @@ REPUTATION_STALE = 0.1  # changed less than this fraction of the median change s
 REPUTATION_STEP_CAP = 4.0  # the reference is at most this many recent own training steps (0: off)
 REPUTATION_CONFIRM = 3  # failed rounds (within the last CONFIRM_WINDOW) before any penalty
 REPUTATION_CONFIRM_WINDOW = 4
+REPUTATION_CONFIRM_FLAGRANT = 2  # ... for flagrant failures (far beyond the reference, norm test, stale)
 REPUTATION_WARMUP = 8  # the node's first rounds: only flagrant failures count
 REPUTATION_HISTORY = 32  # rounds of own references and training steps behind the floor and the cap
 REPUTATION_FLAGRANT = 4.0  # ratio > flagrant x accept (or norm test, stale, unusable): no score floor
@@ -129,10 +131,11 @@ class Reputation:
 
     The score s_j (starts at `initial`, 1 = full MH weight) then moves:
 
-    - failed (far, or flagrant): held back until j has failed in `confirm` of its last
-      `confirm_window` rounds of evidence, then every held-back failure counts: s_j *= penalty per
-      failed round (a persistent outlier is at 0.125 after its third round, 0.06 after its fourth).
-      A held-back failure older than the window is forgiven. An unusable vector counts at once;
+    - failed (far, or flagrant): held back until j has failed in `confirm` (flagrant:
+      `confirm_flagrant`) of its last `confirm_window` rounds of evidence, then every held-back
+      failure counts: s_j *= penalty per failed round (a flagrant outlier is at 0.25 after its
+      second round, 0.125 after its third; a moderate one at suspect_floor after its third). A
+      held-back failure older than the window is forgiven. An unusable vector counts at once;
     - a failure that is not flagrant never takes s_j below suspect_floor: the neighbour stays in
       the mix at reduced weight, so an honest pair cannot drift apart because one stopped listening;
     - otherwise, with persistent_cap < 1 and clipped in >= persistent of the last `window` rounds
@@ -165,6 +168,7 @@ class Reputation:
         step_cap: float = REPUTATION_STEP_CAP,
         confirm: int = REPUTATION_CONFIRM,
         confirm_window: int = REPUTATION_CONFIRM_WINDOW,
+        confirm_flagrant: int = REPUTATION_CONFIRM_FLAGRANT,
         history: int = REPUTATION_HISTORY,
         warmup: int = REPUTATION_WARMUP,
         flagrant: float = REPUTATION_FLAGRANT,
@@ -198,6 +202,10 @@ class Reputation:
                 isinstance(confirm, int) and 1 <= confirm <= confirm_window,
                 "confirm must be an integer in 1..confirm_window",
             ),
+            (
+                isinstance(confirm_flagrant, int) and 1 <= confirm_flagrant <= confirm_window,
+                "confirm_flagrant must be an integer in 1..confirm_window",
+            ),
             (isinstance(history, int) and 0 <= history <= 4096, "history must be an integer in 0..4096"),
             (isinstance(warmup, int) and warmup >= 0, "warmup must be an integer >= 0"),
             (flagrant >= 1, "flagrant must be >= 1 (inf: no failure is flagrant)"),
@@ -216,6 +224,7 @@ class Reputation:
         self.min_neighbours = min_neighbours
         self.step_cap = float(step_cap)
         self.confirm, self.confirm_window, self.history = confirm, confirm_window, history
+        self.confirm_flagrant = min(confirm_flagrant, confirm)  # flagrant evidence never waits longer
         self.warmup = warmup
         self.flagrant, self.suspect_floor = float(flagrant), float(suspect_floor)
         self.norm_flagrant = float(norm_flagrant)
@@ -481,7 +490,7 @@ class Reputation:
             recent = _bits(rec.failed_bits & recent_mask)
             if failed:
                 rec.failures += 1
-                if usable and recent < self.confirm:
+                if usable and recent < (self.confirm_flagrant if flagrant else self.confirm):
                     rec.held += 1  # not yet: one failure is not a pattern
                 else:
                     factor = self.penalty ** (1 + rec.held)
