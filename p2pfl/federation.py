@@ -193,14 +193,7 @@ class FederationRoot:
         """Write the JSON file atomically (public data, but a torn file would lock the node out)."""
         path = Path(path)
         doc = {"root_public_key": self.public_key.hex(), "revoked": sorted(self.revoked)}
-        data = (json.dumps(doc, indent=2) + "\n").encode()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        _write_public_file(path, (json.dumps(doc, indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, path: Path) -> FederationRoot:
