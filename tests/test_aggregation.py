@@ -514,7 +514,7 @@ def test_reputation_state_is_bounded_and_forgettable_and_checks_its_options() ->
 
 def test_balance_test_with_time_decay() -> None:
     # BALANCE (Fang et al.): accept iff d <= gamma * exp(-kappa t / T) * ||x_i||
-    rep = Reputation(gamma=0.5, kappa=2.0, horizon=10, accept=100.0, warmup=0)
+    rep = Reputation(gamma=0.5, kappa=2.0, horizon=10, accept=100.0, warmup=0, suspect_floor=0.0)
     assert rep.needs_norm and Reputation().threshold(1.0) is None
     assert rep.update({"a": 0.4, "b": 0.4, "c": 0.4}, own_norm=1.0) == {"a": 1.0, "b": 1.0, "c": 1.0}
     # t = 1 now: threshold 0.5 * exp(-0.2) = 0.41; at t = 5 it is 0.5 * exp(-1) = 0.18
@@ -533,20 +533,23 @@ def test_balance_test_with_time_decay() -> None:
     assert res.reputation["c"] == 0.5 and res.reputation["a"] == 1.0
 
 
+MODERATE = REPUTATION_ACCEPT * (1 + REPUTATION_FLAGRANT) / 2  # a ratio beyond accept, not flagrant
+
+
 def test_reputation_forgives_one_off_spikes_and_waits_for_repetition() -> None:
     # an honest neighbour with a spiky update now and then (late, or a noisy local step) keeps its
     # weight; the same distance in 3 of 4 rounds is a pattern (then every held-back round counts,
-    # down to the floor of a moderate outlier)
-    rep = Reputation(warmup=0)
-    spiky = 2 * REPUTATION_ACCEPT
+    # here down to the floor of a moderate outlier, which by default is no cut at all)
+    rep = Reputation(warmup=0, suspect_floor=0.5)
+    spiky = MODERATE
     for spike in [1, 0, 0, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0]:  # never 3 failures within 4 rounds
         s = rep.update({"a": 1.0, "b": 1.1, "spiky": spiky if spike else 1.2})
         assert s["spiky"] == 1.0 and "spiky" in rep
     assert [rep.update({"a": 1.0, "b": 1.1, "spiky": spiky})["spiky"] for _ in range(4)] == [
         1.0,
         1.0,
-        REPUTATION_SUSPECT_FLOOR,
-        REPUTATION_SUSPECT_FLOOR,
+        0.5,
+        0.5,
     ]
     assert "failed 4/8" in rep.reason("spiky")
     # flagrant evidence (far beyond flagrant x accept) needs two rounds in four and has no floor;
@@ -611,18 +614,22 @@ def test_radius_with_two_neighbours_does_not_clip_what_the_test_accepts() -> Non
     assert mix(x, 2, [nb("near", near, 2), nb("far", far, 2)], rule="clipped").clipped["far"]
 
 
-def test_moderately_far_neighbour_keeps_part_of_its_weight_and_recovers() -> None:
+def test_moderately_far_neighbour_keeps_its_weight_and_a_flagrant_one_loses_it() -> None:
     # a neighbour persistently beyond the acceptance ratio but not flagrantly far (e.g. an honest one
-    # with very different data) keeps suspect_floor of its weight, so the two models keep mixing
-    # instead of drifting apart; a flagrant one loses everything
-    moderate, flagrant = 1.5 * REPUTATION_ACCEPT, 2 * REPUTATION_FLAGRANT * REPUTATION_ACCEPT
-    rep = Reputation()
-    for _ in range(12):
-        s = rep.update({"a": 1.0, "b": 1.0, "c": 1.0, "odd": moderate, "bad": flagrant})
-    assert s["odd"] == REPUTATION_SUSPECT_FLOOR and s["bad"] < 1e-3 and s["a"] == 1.0
-    for _ in range(10):
-        s = rep.update({"a": 1.0, "b": 1.0, "c": 1.0, "odd": 1.0, "bad": 1.0})
-    assert s["odd"] == 1.0 and s["bad"] < 0.6, "both recover, the flagrant one from much lower"
+    # with very different data) keeps its weight by default (suspect_floor 1: clipping bounds its
+    # pull, and cutting it makes the two models drift apart, which makes it look farther still);
+    # a flagrant one loses everything
+    flagrant = 2 * REPUTATION_FLAGRANT * REPUTATION_ACCEPT
+    for floor in (REPUTATION_SUSPECT_FLOOR, 0.5):
+        rep = Reputation(suspect_floor=floor)
+        for _ in range(12):
+            s = rep.update({"a": 1.0, "b": 1.0, "c": 1.0, "odd": MODERATE, "bad": flagrant})
+        assert s["odd"] == floor and s["bad"] < 1e-3 and s["a"] == 1.0
+        assert "failed" in rep.reason("odd") and "failed 0/8" not in rep.reason("odd"), "it is on record"
+        for _ in range(10):
+            s = rep.update({"a": 1.0, "b": 1.0, "c": 1.0, "odd": 1.0, "bad": 1.0})
+        assert s["odd"] == 1.0 and s["bad"] < 0.6, "both recover, the flagrant one from much lower"
+    assert REPUTATION_SUSPECT_FLOOR == 1.0
 
 
 def test_reputation_state_round_trips_and_reads_the_earlier_format() -> None:

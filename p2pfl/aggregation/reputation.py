@@ -16,10 +16,11 @@ keeps an honest neighbour's weight now, each against a measured cause:
 - the reference does not collapse: it is at least the node's recent typical reference, and the cap
   that keeps a Byzantine majority from inflating it is 4 x the node's largest recent training
   step, not this round's (which shrinks by orders of magnitude near convergence);
-- a neighbour only moderately far (up to `flagrant` x the acceptance ratio) keeps half its weight:
-  excluding it lets the two models drift apart, which makes it look farther still, a loop an
-  honest pair never left. Attacks that matter are far beyond that (or fail the norm or staleness
-  test) and lose all their weight;
+- only flagrant evidence costs weight: a neighbour only moderately far (up to `flagrant` x the
+  acceptance ratio) or barely changing is on record but keeps its weight (clipping bounds its
+  pull); cutting it lets the two models drift apart, which makes it look farther still, a loop an
+  honest pair never left. Attacks that matter are far beyond that, or fail the norm or replay
+  test, and lose all their weight;
 - with two neighbours the clipping radius no longer clips what the test accepts (clipping the
   farther honest neighbour every round pulled rings apart under skew), persistent clipping is no
   longer evidence by default, and a node far from all its neighbours at once blames none of them.
@@ -50,11 +51,11 @@ REPUTATION_STALE = 0.1  # changed less than this fraction of the median change s
 REPUTATION_STEP_CAP = 4.0  # the reference is at most this many recent own training steps (0: off)
 REPUTATION_CONFIRM = 3  # failed rounds (within the last CONFIRM_WINDOW) before any penalty
 REPUTATION_CONFIRM_WINDOW = 4
-REPUTATION_CONFIRM_FLAGRANT = 2  # ... for flagrant failures (far beyond the reference, norm test, stale)
+REPUTATION_CONFIRM_FLAGRANT = 2  # ... for flagrant ones (far beyond the reference, norm test, replay)
 REPUTATION_WARMUP = 8  # the node's first rounds: only flagrant failures count
 REPUTATION_HISTORY = 32  # rounds of own references and training steps behind the floor and the cap
-REPUTATION_FLAGRANT = 4.0  # ratio > flagrant x accept (or norm test, stale, unusable): no score floor
-REPUTATION_SUSPECT_FLOOR = 0.5  # lowest score moderate distance failures can bring a neighbour to
+REPUTATION_FLAGRANT = 2.0  # ratio > flagrant x accept (or norm test, replay, unusable): no score floor
+REPUTATION_SUSPECT_FLOOR = 1.0  # lowest score moderate failures can bring a neighbour to (1: no cut)
 REPUTATION_NORM_FLAGRANT = 1.0  # d_j > this x ||own model||: a flagrant failure whatever the ratio (0: off)
 REPUTATION_MAX_TRACKED = 1024  # neighbours remembered (least recently seen forgotten first)
 _SKETCH_SEED = 0x5EED
@@ -116,11 +117,12 @@ class Reputation:
       node's round count), which needs a horizon and a model scale, hence off by default;
     - flagrant: ratio_j > flagrant x accept, or d_j > norm_flagrant x ||x_i|| (its model is farther
       from ours than ours is from zero: a sign flip, a scaled or noise vector, whatever the phase of
-      training), or stale, or unusable (non-finite);
+      training), or the very same vector as last round (a replay), or unusable (non-finite);
     - staleness (with sketches, which mix passes): j's vector did not change at all since its last
       round, or by at most `stale` x the median change of {own} U {neighbours} (sampled on `sketch`
       fixed coordinates): a node that trains changes its model every round, one replaying an old
-      model does not;
+      model does not (but an honest one whose loss is ~0 barely does: only an identical vector is
+      flagrant);
     - in the node's first `warmup` rounds only flagrant evidence counts (the first rounds' distances
       show the shards' differences before any mixing); and when every usable neighbour (two or
       more) is far at once, it is this node that moved (or all its neighbours are Byzantine, which
@@ -134,18 +136,18 @@ class Reputation:
     - failed (far, or flagrant): held back until j has failed in `confirm` (flagrant:
       `confirm_flagrant`) of its last `confirm_window` rounds of evidence, then every held-back
       failure counts: s_j *= penalty per failed round (a flagrant outlier is at 0.25 after its
-      second round, 0.125 after its third; a moderate one at suspect_floor after its third). A
-      held-back failure older than the window is forgiven. An unusable vector counts at once;
-    - a failure that is not flagrant never takes s_j below suspect_floor: the neighbour stays in
-      the mix at reduced weight, so an honest pair cannot drift apart because one stopped listening;
+      second round, 0.125 after its third). A held-back failure older than the window is
+      forgiven. An unusable vector counts at once;
+    - a failure that is not flagrant never takes s_j below suspect_floor (1 by default: no cut), so
+      an honest pair cannot drift apart because one of them stopped listening;
     - otherwise, with persistent_cap < 1 and clipped in >= persistent of the last `window` rounds
       -> s_j = min(s_j, persistent_cap); otherwise, not clipped -> s_j += recovery (slowly, 0.05 a
       round), capped at 1; clipped now and then -> unchanged.
 
     A neighbour that did not arrive gives no evidence. If R is 0 (half the votes equal the node's
-    own model, no history) the distances give no evidence. Reputation(confirm=1, history=0,
-    warmup=0, flagrant=1, norm_flagrant=0, persistent_cap=0.5) comes close to the earlier
-    single-round scheme (its cap used this round's step alone).
+    own model, no history) the distances give no evidence. The earlier single-round scheme was close
+    to Reputation(confirm=1, history=0, warmup=0, flagrant=1, norm_flagrant=0, persistent_cap=0.5),
+    except that its cap used this round's step alone and a barely changing vector was flagrant.
 
     Pure and deterministic; memory is bounded by max_tracked records of a few numbers and `sketch`
     floats each (the least recently seen neighbour is dropped first), plus 2 x history floats.
@@ -476,11 +478,14 @@ class Reputation:
                 own_norm is not None and self.norm_flagrant > 0 and d > self.norm_flagrant * own_norm
             )
             far_ratio = ratio > self.accept and not self_moved
+            # an identical vector is a replay; one that barely moved may be an honest node whose loss
+            # is ~0 (near convergence, a one-class shard): moderate evidence only
+            unchanged = stale and moved[nid] == 0.0
             flagrant = (
-                not usable or stale or beyond_norm or (far_ratio and ratio > self.flagrant * self.accept)
+                not usable or unchanged or beyond_norm or (far_ratio and ratio > self.flagrant * self.accept)
             )
             far = far_ratio or (limit is not None and d > limit)
-            failed = flagrant or (far and self.rounds > self.warmup)
+            failed = flagrant or ((far or stale) and self.rounds > self.warmup)
             clipped = judge_clipping and d > tau
             rec.seen += 1
             rec.ratio = ratio
