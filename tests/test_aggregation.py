@@ -552,16 +552,21 @@ def test_reputation_forgives_one_off_spikes_and_waits_for_repetition() -> None:
         0.5,
     ]
     assert "failed 4/8" in rep.reason("spiky")
-    # flagrant evidence (far beyond flagrant x accept) needs two rounds in four and has no floor;
-    # a forgiven spike leaves no debt
+    # flagrant evidence (far beyond flagrant x accept) has no floor; a forgiven spike leaves no debt
     rep = Reputation(warmup=0)
     for spike in [1, 0, 0, 0, 1, 0, 0, 0]:
         assert rep.update({"a": 1.0, "b": 1.1, "far": 100.0 if spike else 1.2})["far"] == 1.0
     assert [rep.update({"a": 1.0, "b": 1.1, "far": 100.0})["far"] for _ in range(3)] == [
         1.0,
-        REPUTATION_PENALTY**2,
+        1.0,
         REPUTATION_PENALTY**3,
     ]
+    # what no honest model does (farther from our model than our model is from zero) needs only
+    # two rounds in four
+    rep = Reputation(warmup=0)
+    norm = 10.0
+    got = [rep.update({"a": 1.0, "b": 1.1, "flip": 2 * norm}, own_norm=norm)["flip"] for _ in range(3)]
+    assert got == [1.0, REPUTATION_PENALTY**2, REPUTATION_PENALTY**3]
 
 
 def test_reputation_reference_does_not_collapse_with_the_training_step() -> None:

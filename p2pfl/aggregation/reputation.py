@@ -11,8 +11,9 @@ each node has two neighbours. The earlier single-round scheme did (49% of honest
 keeps an honest neighbour's weight now, each against a measured cause:
 
 - evidence must repeat: a failure is held back until the neighbour fails in 3 of 4 rounds (2 of 4
-  when flagrant), then every held-back round counts (an honest node's spiky local step keeps it
-  far for one to three rounds);
+  for what no honest model does: a vector farther from the node's model than that model is from
+  zero, or an identical one again), then every held-back round counts (an honest node's spiky
+  local step keeps it 6-11x too far for one or two rounds);
 - the reference does not collapse: it is at least the node's recent typical reference, and the cap
   that keeps a Byzantine majority from inflating it is 4 x the node's largest recent training
   step, not this round's (which shrinks by orders of magnitude near convergence);
@@ -51,7 +52,7 @@ REPUTATION_STALE = 0.1  # changed less than this fraction of the median change s
 REPUTATION_STEP_CAP = 4.0  # the reference is at most this many recent own training steps (0: off)
 REPUTATION_CONFIRM = 3  # failed rounds (within the last CONFIRM_WINDOW) before any penalty
 REPUTATION_CONFIRM_WINDOW = 4
-REPUTATION_CONFIRM_FLAGRANT = 2  # ... for flagrant ones (far beyond the reference, norm test, replay)
+REPUTATION_CONFIRM_FLAGRANT = 2  # ... after the norm test or an identical vector (no honest model does that)
 REPUTATION_WARMUP = 8  # the node's first rounds: only flagrant failures count
 REPUTATION_HISTORY = 32  # rounds of own references and training steps behind the floor and the cap
 REPUTATION_FLAGRANT = 2.0  # ratio > flagrant x accept (or norm test, replay, unusable): no score floor
@@ -133,11 +134,11 @@ class Reputation:
 
     The score s_j (starts at `initial`, 1 = full MH weight) then moves:
 
-    - failed (far, or flagrant): held back until j has failed in `confirm` (flagrant:
-      `confirm_flagrant`) of its last `confirm_window` rounds of evidence, then every held-back
-      failure counts: s_j *= penalty per failed round (a flagrant outlier is at 0.25 after its
-      second round, 0.125 after its third). A held-back failure older than the window is
-      forgiven. An unusable vector counts at once;
+    - failed (far, or flagrant): held back until j has failed in `confirm` (after the norm test or
+      an identical vector: `confirm_flagrant`) of its last `confirm_window` rounds of evidence,
+      then every held-back failure counts: s_j *= penalty per failed round (a sign-flipped model
+      is at 0.25 after its second round, one 10x too far at 0.125 after its third). A held-back
+      failure older than the window is forgiven. An unusable vector counts at once;
     - a failure that is not flagrant never takes s_j below suspect_floor (1 by default: no cut), so
       an honest pair cannot drift apart because one of them stopped listening;
     - otherwise, with persistent_cap < 1 and clipped in >= persistent of the last `window` rounds
@@ -481,6 +482,7 @@ class Reputation:
             # an identical vector is a replay; one that barely moved may be an honest node whose loss
             # is ~0 (near convergence, a one-class shard): moderate evidence only
             unchanged = stale and moved[nid] == 0.0
+            certain = unchanged or beyond_norm  # no honest model does this, however spiky its step
             flagrant = (
                 not usable or unchanged or beyond_norm or (far_ratio and ratio > self.flagrant * self.accept)
             )
@@ -495,7 +497,7 @@ class Reputation:
             recent = _bits(rec.failed_bits & recent_mask)
             if failed:
                 rec.failures += 1
-                if usable and recent < (self.confirm_flagrant if flagrant else self.confirm):
+                if usable and recent < (self.confirm_flagrant if certain else self.confirm):
                     rec.held += 1  # not yet: one failure is not a pattern
                 else:
                     factor = self.penalty ** (1 + rec.held)
