@@ -59,6 +59,7 @@ REPUTATION_FLAGRANT = 2.0  # ratio > flagrant x accept (or norm test, replay, un
 REPUTATION_SUSPECT_FLOOR = 1.0  # lowest score moderate failures can bring a neighbour to (1: no cut)
 REPUTATION_NORM_FLAGRANT = 1.0  # d_j > this x ||own model||: a flagrant failure whatever the ratio (0: off)
 REPUTATION_MAX_TRACKED = 1024  # neighbours remembered (least recently seen forgotten first)
+_CAPPED_MARGIN = 2.0  # flagrant needs this x the usual ratio when the step cap set the reference
 _SKETCH_SEED = 0x5EED
 
 
@@ -291,10 +292,13 @@ class Reputation:
         the upper median of the node's recent references, at most step_cap x its typical training
         step (a scale the neighbours cannot inflate, for a node most of whose neighbours are
         Byzantine). Pure: the history moves on in update()."""
-        m, cap = median_reference(distances), self._cap(own_step)
-        if self._refs:
-            m = max(m, upper_median(self._refs))
+        m, cap = self._refs_or_median(distances), self._cap(own_step)
         return m if cap is None else min(m, cap)
+
+    def _refs_or_median(self, distances: Sequence[float]) -> float:
+        """The reference before the cap: the median, floored by the node's recent references."""
+        m = median_reference(distances)
+        return max(m, upper_median(self._refs)) if self._refs else m
 
     def _cap(self, own_step: float | None) -> float | None:
         scale = self.step_scale(own_step) if self.step_cap else None
@@ -452,6 +456,12 @@ class Reputation:
         dist = {nid: (float(d) if math.isfinite(d) else math.inf) for nid, d in distances.items()}
         finite = [d for d in dist.values() if math.isfinite(d)]
         m = self.reference(finite, own_step)
+        # When the step cap set the reference (the neighbourhood is many of this node's steps away:
+        # a Byzantine majority, or honest neighbours with other data around a node whose own steps
+        # are small), "flagrant" needs twice the ratio: measured, the tighter bar excluded honest
+        # far neighbours of low-step nodes (1% of edge-rounds over 1,000 label-skewed rounds).
+        capped = self._refs_or_median(finite) > m
+        flagrant_ratio = self.flagrant * self.accept * (_CAPPED_MARGIN if capped else 1.0)
         tau = self.radius(finite, own_step) if radius is None else float(radius)
         limit = self.threshold(own_norm)
         moved, typical_move = self._changes(sketches, own_sketch)
@@ -483,9 +493,7 @@ class Reputation:
             # is ~0 (near convergence, a one-class shard): moderate evidence only
             unchanged = stale and moved[nid] == 0.0
             certain = unchanged or beyond_norm  # no honest model does this, however spiky its step
-            flagrant = (
-                not usable or unchanged or beyond_norm or (far_ratio and ratio > self.flagrant * self.accept)
-            )
+            flagrant = not usable or unchanged or beyond_norm or (far_ratio and ratio > flagrant_ratio)
             far = far_ratio or (limit is not None and d > limit)
             failed = flagrant or ((far or stale) and self.rounds > self.warmup)
             clipped = judge_clipping and d > tau
