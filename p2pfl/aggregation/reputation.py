@@ -117,9 +117,10 @@ class Reputation:
     - distance test (BALANCE-style): far iff ratio_j > accept. With gamma set, also the original
       BALANCE test (Fang et al. 2024): d_j <= gamma * exp(-kappa t / horizon) * ||x_i|| (t = this
       node's round count), which needs a horizon and a model scale, hence off by default;
-    - flagrant: ratio_j > flagrant x accept, or d_j > norm_flagrant x ||x_i|| (its model is farther
-      from ours than ours is from zero: a sign flip, a scaled or noise vector, whatever the phase of
-      training), or the very same vector as last round (a replay), or unusable (non-finite);
+    - flagrant: ratio_j > flagrant x accept (twice that when the cap set R), or d_j >
+      norm_flagrant x ||x_i|| (its model is farther from ours than ours is from zero: a sign flip,
+      a scaled or noise vector, whatever the phase of training), or the very same vector as last
+      round (a replay), or unusable (non-finite);
     - staleness (with sketches, which mix passes): j's vector did not change at all since its last
       round, or by at most `stale` x the median change of {own} U {neighbours} (sampled on `sketch`
       fixed coordinates): a node that trains changes its model every round, one replaying an old
