@@ -24,6 +24,7 @@ __all__ = [
     "MetricsSection",
     "NodeConfig",
     "NodeSection",
+    "PrivacySection",
     "SecuritySection",
     "TrainingSection",
     "from_dict",
@@ -90,6 +91,19 @@ class MetricsSection:
 
 
 @dataclass
+class PrivacySection:
+    """Differential privacy of this node's updates: DP-SGD local training (p2pfl.learning.privacy)."""
+
+    enabled: bool = False
+    noise_multiplier: float = 0.0  # Gaussian noise std / max_grad_norm; or 0 with target_epsilon
+    max_grad_norm: float = 1.0  # each example's gradient is clipped to this L2 norm
+    delta: float = 0.0  # 0 = min(1e-5, 1 / (2 x local training examples))
+    target_epsilon: float = 0.0  # > 0: derive the noise for this budget, and stop before exceeding it
+    epochs: int = 0  # local epochs the target covers; 0 = [training] rounds x [task] local_epochs
+    accountant: str = "rdp"  # rdp or prv (Opacus' accountants)
+
+
+@dataclass
 class AttackSection:
     """Experiments only: make this node Byzantine (it trains honestly but sends crafted updates)."""
 
@@ -107,6 +121,7 @@ class NodeConfig:
     gossip: GossipSection = field(default_factory=GossipSection)
     security: SecuritySection = field(default_factory=SecuritySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     attack: AttackSection = field(default_factory=AttackSection)
 
     @property
@@ -203,6 +218,7 @@ def validate(cfg: NodeConfig) -> NodeConfig:
     _check_task(cfg.task)
     cfg.task = _resolve_task(cfg.task, cfg.training)
     _check_metrics_path(cfg)
+    _check_privacy(cfg)
     if cfg.discovery.mdns:
         _check_mdns_addresses(cfg)
     if cfg.attack.kind:  # only experiments set it; p2pfl.attacks imports torch, so only then
@@ -286,6 +302,49 @@ def _resolve_task(task: TaskSpec, training: TrainingSection) -> TaskSpec:
             "the number of rounds to anneal over (the rate then stays at lr_min)"
         )
     return dataclasses.replace(task, lr_rounds=training.rounds)
+
+
+PRIVACY_ACCOUNTANTS = ("rdp", "prv")  # p2pfl.learning.privacy.ACCOUNTANTS (not imported: it needs torch)
+
+
+def _check_privacy(cfg: NodeConfig) -> None:
+    """[privacy]: the noise is given or derived (exactly one), and what the guarantee cannot cover is
+    refused rather than silently sent."""
+    p = cfg.privacy
+    for key in ("noise_multiplier", "max_grad_norm", "delta", "target_epsilon"):
+        value = getattr(p, key)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"[privacy] {key} must be a finite number >= 0, got {value!r}")
+    if p.accountant not in PRIVACY_ACCOUNTANTS:
+        raise ConfigError(
+            f"[privacy] accountant must be one of {', '.join(PRIVACY_ACCOUNTANTS)}, got {p.accountant!r}"
+        )
+    if p.epochs < 0:
+        raise ConfigError(
+            f"[privacy] epochs must be >= 0 (0: [training] rounds x [task] local_epochs), got {p.epochs}"
+        )
+    if not p.delta < 1:
+        raise ConfigError(f"[privacy] delta must be below 1 (e.g. 1e-5; 0: automatic), got {p.delta!r}")
+    if not p.enabled:
+        return
+    if (p.noise_multiplier > 0) == (p.target_epsilon > 0):
+        raise ConfigError(
+            "[privacy] enabled = true needs exactly one of noise_multiplier (e.g. 1.0) or target_epsilon "
+            "(e.g. 8.0, the noise is then derived for the run)"
+        )
+    if p.max_grad_norm <= 0:
+        raise ConfigError("[privacy] max_grad_norm must be > 0 (e.g. 1.0)")
+    if p.target_epsilon > 0 and p.epochs == 0 and cfg.training.rounds == 0:
+        raise ConfigError(
+            "[privacy] target_epsilon with [training] rounds = 0 (run until stopped) needs [privacy] epochs: "
+            "the number of local epochs the budget is spread over"
+        )
+    if cfg.task.standardize_federated:
+        raise ConfigError(
+            "[privacy] enabled = true with [task] standardize_federated = true: the gossiped statistics start "
+            "as this site's own means, which DP-SGD does not protect. Use [task] feature_stats (a shared "
+            "`p2pfl stats` file) instead, or turn one of them off"
+        )
 
 
 def _check_metrics_path(cfg: NodeConfig) -> None:
@@ -439,6 +498,14 @@ KEY_NOTES: dict[str, dict[str, str]] = {
         "lr_rounds": "cosine: rounds to anneal over; 0: [training] rounds",
     },
     "training": {"rounds": "0: run until stopped"},
+    "privacy": {
+        "enabled": "DP-SGD local training (needs Opacus: pip install 'p2pfl[privacy]')",
+        "noise_multiplier": "noise std / max_grad_norm; set this or target_epsilon",
+        "delta": "0: min(1e-5, 1 / (2 x local training examples))",
+        "target_epsilon": "derive the noise for this budget and stop before exceeding it",
+        "epochs": "local epochs the target covers; 0: [training] rounds x [task] local_epochs",
+        "accountant": "rdp or prv",
+    },
 }
 
 

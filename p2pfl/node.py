@@ -29,6 +29,7 @@ from p2pfl.errors import IdentityError, P2PFLError, Rejected
 from p2pfl.federation import Certificate, FederationRoot
 from p2pfl.identity import Identity, load_or_create
 from p2pfl.learning import get_params, load_task, set_params, unflatten
+from p2pfl.learning.privacy import attach_privacy
 from p2pfl.mesh import Mesh, MqttMesh
 from p2pfl.metrics import Metrics
 from p2pfl.round import CatchUp, Pace, Plan, RoundCore
@@ -104,6 +105,7 @@ class Node:
         if attack is not None:
             log.warning("BYZANTINE node for experiments: sending %s updates", cfg.attack.kind)
             self.task = attack.poison_task(self.task)
+        self.task = attach_privacy(self.task, cfg)  # DP-SGD when [privacy] enabled (else unchanged)
         torch.set_num_threads(cfg.training.threads)
         self.model = self.task.build_model()
         # The first optimizer pulls in torch's compiler stack (seconds): pay that before the federation
@@ -282,6 +284,7 @@ class Node:
             "epoch": plan.epoch,
             "members": len(plan.members),
             "attack": self.cfg.attack.kind or None,
+            "epsilon": getattr(self.task, "epsilon", None),  # DP spent so far ([privacy]); None: off
         }
 
     def _record(

@@ -65,6 +65,7 @@ class TaskOptions:
     class_names: tuple[str, ...] = ()  # CSV labels may be these names (index = class); sets num_classes
     standardize: bool = False  # scale each feature to mean 0, std 1 with the training shard's statistics
     feature_stats: str = ""  # ... or with these shared statistics (`p2pfl stats`), the same on every site
+    standardize_federated: bool = False  # ... or with statistics the federation agrees on by gossip
     hidden: tuple[int, ...] = (64,)  # hidden layer widths of the mlp tasks
     # the local optimizer and its learning rate over rounds
     optimizer: str = "sgd"
@@ -203,6 +204,19 @@ class TaskSpec(TaskOptions, TaskSettings, _TaskName):
         if self.feature_stats and not self.standardize:
             raise ConfigError(
                 "[task] feature_stats scales the features: set [task] standardize = true as well"
+            )
+        if not isinstance(self.standardize_federated, bool):
+            raise ConfigError(
+                f"[task] standardize_federated must be true or false, got {self.standardize_federated!r}"
+            )
+        if self.standardize_federated and not self.standardize:
+            raise ConfigError(
+                "[task] standardize_federated agrees the scaling statistics by gossip: set [task] standardize = true as well"
+            )
+        if self.standardize_federated and self.feature_stats:
+            raise ConfigError(
+                "[task] standardize_federated and feature_stats are two sources of the same statistics; "
+                "keep one (feature_stats: a shared file; standardize_federated: agreed by gossip)"
             )
         hidden = self.hidden
         if not (

@@ -21,9 +21,10 @@ import importlib
 import logging
 import math
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -32,7 +33,9 @@ from torch import nn
 
 from p2pfl.errors import ConfigError
 from p2pfl.learning.data import (
+    _ACTIVE_PARTITION_CACHE,
     DIGITS_CLASSES,
+    MIN_STD,
     SYNTHETIC_CLASSES,
     Standardizer,
     check_classes,
@@ -45,6 +48,9 @@ from p2pfl.learning.data import (
     split_test,
 )
 from p2pfl.learning.spec import BUILTIN_TASKS, TaskSpec
+
+if TYPE_CHECKING:
+    from p2pfl.learning.privacy import DPTraining
 
 EVAL_BATCH = 4096
 HIDDEN = 64
@@ -113,6 +119,7 @@ class TensorTask:
         self._optimizers: weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer] = (
             weakref.WeakKeyDictionary()
         )
+        self.privacy: DPTraining | None = None  # DP-SGD instead of plain minibatches (privacy.attach_privacy)
 
     @property
     def x_train(self) -> torch.Tensor:
@@ -176,10 +183,15 @@ class TensorTask:
         return True
 
     def build_model(self) -> nn.Module:
-        """Same initial weights on every node: seeded by spec.seed, without touching the global RNG."""
+        """Same initial weights on every node: seeded by spec.seed, without touching the global RNG.
+        A FederatedStandardize layer starts from this shard's own statistics (gossip then agrees them)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.spec.seed)
-            return self._make_model()
+            model = self._make_model()
+        for layer in model.modules():
+            if isinstance(layer, FederatedStandardize):
+                layer.fit_(self._x)
+        return model
 
     @property
     def next_round(self) -> int:
@@ -217,11 +229,19 @@ class TensorTask:
             group["lr"] = lr
         return opt
 
+    @property
+    def epsilon(self) -> float | None:
+        """The differential-privacy epsilon spent so far (None without [privacy])."""
+        return None if self.privacy is None else self.privacy.epsilon
+
     def train(self, model: nn.Module) -> float:
-        """Run local_epochs over the own shard at this round's rate; returns the mean training loss."""
+        """Run local_epochs over the own shard at this round's rate; returns the mean training loss.
+        With `privacy` set the epochs are DP-SGD (Poisson batches, clipped and noised gradients)."""
         model.train()
         opt = self._optimizer(model, self.lr())
         self._next_round += 1
+        if self.privacy is not None:
+            return self.privacy.train(self, model, opt)
         n, bs = self.num_samples, self.spec.batch_size
         total, count = 0.0, 0
         for _ in range(self.spec.local_epochs):
@@ -235,6 +255,20 @@ class TensorTask:
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
         return total / max(count, 1)
+
+    def warm_up(self, model: nn.Module) -> None:
+        """One step of the configured optimizer on the first batch and one evaluation, on `model` as
+        given (pass a throwaway copy: it is trained). The task's own optimizers, round counter and
+        shuffling generator are untouched (p2pfl.warmup: round 1 then pays no one-time cost)."""
+        opt = self._optimizer(model, self.lr())
+        self._optimizers.pop(model, None)
+        bs = min(self.spec.batch_size, self.num_samples)
+        if bs > 0:
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(self._x[:bs]), self._y[:bs]).backward()
+            opt.step()
+        self.evaluate(model)
 
     def label_histogram(self) -> dict[str, list[int]]:
         """Examples per class in the training shard and the test split (index = class)."""
@@ -260,6 +294,56 @@ class TensorTask:
 
 # --------------------------------------------------------------------------------------------------
 # models
+
+
+class FederatedStandardize(nn.Module):
+    """Per-feature (x - mean) / std whose statistics the federation agrees on by gossip.
+
+    Why a layer: its statistics are buffers of the model, so they travel in every update and the
+    gossip averaging that mixes the weights also drives every node's statistics to one consensus,
+    with no extra protocol and no rows leaving a site. They are buffers, not parameters: no
+    optimizer (nor DP-SGD) touches them; only mixing changes them, and every forward pass (training
+    included) scales with the current, mixed values. Each node starts from its own shard's
+    statistics (build_model), so before mixing a lone node is exactly standardize = true.
+
+    Why compressed statistics: the buffers hold shift = asinh(mean) and log_scale = log(std), and
+    the consensus is sinh(average shift), exp(average log_scale): one transform, the same on every
+    node, within the range of the sites' own. Raw means and mean squares would carry the features'
+    raw scale (a lab count of 3,000 at one hospital and 3,300 at another) into the exchanged vector,
+    where the robust rule measures whole-vector distances: an honest site with another population
+    would look far off and be clipped or down-weighted. A mean of squares also cancels
+    catastrophically in float32 (the wire format) when a feature's mean dwarfs its spread; asinh and
+    log do not. A feature with std <= data.MIN_STD is only centred, as in data.Standardizer.
+    """
+
+    shift: torch.Tensor
+    log_scale: torch.Tensor
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(features))
+        self.register_buffer("log_scale", torch.zeros(features))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.sinh(self.shift)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(self.log_scale)
+
+    @torch.no_grad()
+    def fit_(self, x: torch.Tensor) -> None:
+        """Start from these rows' statistics (this node's training shard, raw features)."""
+        x64 = x.to(torch.float64)
+        std = x64.std(dim=0, unbiased=False) if len(x64) else torch.ones(x64.shape[1], dtype=torch.float64)
+        std = torch.where(std > MIN_STD, std, torch.ones_like(std))
+        mean = x64.mean(dim=0) if len(x64) else torch.zeros(x64.shape[1], dtype=torch.float64)
+        self.shift.copy_(torch.asinh(mean))
+        self.log_scale.copy_(torch.log(std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 def mlp(features: int, classes: int, hidden: int | tuple[int, ...] = HIDDEN) -> nn.Module:
@@ -298,7 +382,15 @@ class SmallCNN(nn.Module):
 
 def model_factory(spec: TaskSpec, features: int, classes: int) -> Callable[[], nn.Module]:
     """How a built-in task builds its model for `features` inputs and `classes` outputs (the model
-    file rebuilds models with this, without the data)."""
+    file rebuilds models with this, without the data). With [task] standardize_federated the model
+    is Sequential(scale = FederatedStandardize, net = the task's model)."""
+    inner = _inner_factory(spec, features, classes)
+    if not spec.standardize_federated:
+        return inner
+    return lambda: nn.Sequential(OrderedDict(scale=FederatedStandardize(features), net=inner()))
+
+
+def _inner_factory(spec: TaskSpec, features: int, classes: int) -> Callable[[], nn.Module]:
     if spec.name in MLP_TASKS:
         hidden = spec.hidden
         return lambda: mlp(features, classes, hidden)
@@ -341,7 +433,9 @@ def tensor_task(
     own = shards[spec.shard]
     x_train, y_train = x[own], y[own]
     standardizer = None
-    if spec.feature_stats:
+    if spec.standardize_federated:
+        pass  # the model's FederatedStandardize layer scales (statistics agreed by gossip)
+    elif spec.feature_stats:
         standardizer = load_feature_stats(
             spec.feature_stats, features=x.shape[1], feature_names=feature_names
         )
@@ -380,7 +474,10 @@ def _builtin(spec: TaskSpec) -> TensorTask:
             f"[task] num_classes = {spec.num_classes}, but the built-in data of {spec.name!r} has {classes} "
             "classes; remove num_classes or point [task] data at your own file"
         )
-    return tensor_task(spec, x, y, make_model=model_factory(spec, x.shape[1], classes), classes=classes)
+    task = tensor_task(spec, x, y, make_model=model_factory(spec, x.shape[1], classes), classes=classes)
+    # one line per node; a process loading many shards at once (the simulator) keeps them at debug
+    _log_data(spec, task, (), level=logging.DEBUG if _ACTIVE_PARTITION_CACHE.get() else logging.INFO)
+    return task
 
 
 def _own_data(spec: TaskSpec) -> TensorTask:
@@ -424,13 +521,16 @@ def _own_data(spec: TaskSpec) -> TensorTask:
     return task
 
 
-def _log_data(spec: TaskSpec, task: TensorTask, ignored: tuple[str, ...]) -> None:
+def _log_data(spec: TaskSpec, task: TensorTask, ignored: tuple[str, ...], level: int = logging.INFO) -> None:
+    """The label histogram and the test split size, before round 1 (every task, built-in or own)."""
     hist = task.label_histogram()
     names = task.class_names or tuple(str(c) for c in range(task.num_classes))
     counts = ", ".join(f"{n}: {c}" for n, c in zip(names, hist["train"], strict=True))
-    log.info(
-        "own data %s: %d features, %d classes; training examples per class: %s; %d test examples",
-        spec.data,
+    source = f"own data {spec.data}" if spec.data else f"{spec.name} shard {spec.shard}/{spec.num_shards}"
+    log.log(
+        level,
+        "%s: %d features, %d classes; training examples per class: %s; %d test examples",
+        source,
         task.features,
         task.num_classes,
         counts,
@@ -444,7 +544,7 @@ def _log_data(spec: TaskSpec, task: TensorTask, ignored: tuple[str, ...]) -> Non
             ", ".join(missing),
             task.num_classes,
         )
-    if not spec.num_classes and not spec.class_names:
+    if spec.data and not spec.num_classes and not spec.class_names:
         log.warning(
             "[task] num_classes is not set: %d classes inferred from the labels here; a site missing the "
             "highest class would build a model of another shape, so declare num_classes on every node",
