@@ -15,13 +15,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from p2pfl import model_cli
+from p2pfl import federation_cli, model_cli
 from p2pfl.errors import P2PFLError
+from p2pfl.federation_cli import DAY, PUBLIC_KEYS
 
 __all__ = ["DAY", "PUBLIC_KEYS", "build_parser", "main", "package_version", "setup_logging"]
 
-DAY = 86400.0
-PUBLIC_KEYS = "node.pub"
 DISTRIBUTION = "p2pfl-mesh"
 
 
@@ -56,20 +55,6 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
-def _federation_init(args: argparse.Namespace) -> int:
-    from p2pfl.federation import FederationAuthority
-
-    directory = Path(args.dir)
-    if (directory / "root.key").exists():
-        raise P2PFLError(f"{directory} already holds a federation root key; pick another --dir")
-    authority = FederationAuthority.create(directory)
-    print(
-        f"federation {authority.root.federation_id} created in {directory} (root key, federation.pub, ca.crt)"
-    )
-    print(f"keep {directory / 'root.key'} offline; `p2pfl federation issue` gives every node what it needs")
-    return 0
-
-
 def _keys(args: argparse.Namespace) -> int:
     from p2pfl.identity import load_or_create
 
@@ -82,43 +67,6 @@ def _keys(args: argparse.Namespace) -> int:
     }
     path.write_text(json.dumps(keys, indent=1))
     print(f"node {identity.node_id}: public keys in {path}; send that file (only) to the federation admin")
-    return 0
-
-
-def _public_keys(node_dir: Path) -> tuple[bytes, bytes]:
-    """The node's public keys: from node.pub when only that was handed over, else from (new) key files."""
-    from p2pfl.identity import load_or_create
-
-    if (node_dir / PUBLIC_KEYS).exists() and not (node_dir / "signing.key").exists():
-        try:
-            keys = json.loads((node_dir / PUBLIC_KEYS).read_text())
-            return bytes.fromhex(keys["sign_key"]), bytes.fromhex(keys["box_key"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise P2PFLError(f"{node_dir / PUBLIC_KEYS} is not a `p2pfl keys` file: {exc}") from exc
-    identity = load_or_create(node_dir)
-    return identity.verify_key_bytes, identity.box_public_bytes
-
-
-def _federation_issue(args: argparse.Namespace) -> int:
-    from p2pfl.federation import FederationAuthority
-    from p2pfl.tls import CA_FILE, NODE_CERT_FILE
-
-    authority = FederationAuthority.load(Path(args.dir))  # creates the CA file of an older federation
-    node_dir = Path(args.node_dir)
-    sign_key, box_key = _public_keys(node_dir)
-    cert = authority.issue(args.name, sign_key, box_key, args.ttl_days * DAY, node_dir=node_dir)
-    print(
-        f"issued {args.name} ({cert.node_id}), valid {args.ttl_days:g} days, into {node_dir}: "
-        f"certificate, federation.pub, {NODE_CERT_FILE} (TLS), {CA_FILE}"
-    )
-    return 0
-
-
-def _federation_revoke(args: argparse.Namespace) -> int:
-    from p2pfl.federation import FederationAuthority
-
-    FederationAuthority.load(Path(args.dir)).revoke(args.node_id)
-    print(f"revoked {args.node_id}; copy {Path(args.dir) / 'federation.pub'} to every node and restart it")
     return 0
 
 
@@ -148,26 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--config", help="node TOML file (defaults if omitted; see `p2pfl config`)")
     node.set_defaults(func=_node)
 
-    fed = sub.add_parser("federation", help="create a federation and certify nodes").add_subparsers(
-        dest="action", required=True
-    )
-    init = fed.add_parser("init", help="create a federation root key")
-    init.add_argument("--dir", required=True, help="where root.key, federation.pub and ca.crt go")
-    init.set_defaults(func=_federation_init)
-    issue = fed.add_parser(
-        "issue",
-        help="certify a node: from --node-dir/node.pub (see `p2pfl keys`), else its keys (created if missing); "
-        "writes certificate, federation.pub, node.crt and ca.crt into --node-dir",
-    )
-    issue.add_argument("name", help="human-readable node name, unique in the federation")
-    issue.add_argument("--dir", required=True, help="the federation directory from `federation init`")
-    issue.add_argument("--node-dir", required=True, help="the node's data_dir")
-    issue.add_argument("--ttl-days", type=float, default=365.0)
-    issue.set_defaults(func=_federation_issue)
-    revoke = fed.add_parser("revoke", help="add a node id to the revocation list")
-    revoke.add_argument("node_id")
-    revoke.add_argument("--dir", required=True)
-    revoke.set_defaults(func=_federation_revoke)
+    federation_cli.add_commands(sub)
 
     keys = sub.add_parser("keys", help="create this node's keys (if missing) and export its public keys")
     keys.add_argument("--data-dir", required=True, help="the node's data_dir")

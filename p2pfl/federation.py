@@ -12,18 +12,28 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from dataclasses import replace as _replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import nacl.exceptions
 import nacl.signing
 
 from p2pfl.errors import IdentityError, Reason, Rejected
-from p2pfl.identity import ensure_private_dir, node_id_for, read_private_key, write_private_file
+from p2pfl.identity import (
+    ensure_private_dir,
+    node_id_for,
+    read_private_key,
+    write_private_file,
+    write_public_file,
+)
+
+if TYPE_CHECKING:
+    from p2pfl.registry import Registry
+    from p2pfl.revocation import RevocationList
 
 __all__ = [
     "CERTIFICATE_FILE",
@@ -33,7 +43,9 @@ __all__ = [
     "FederationAuthority",
     "FederationRoot",
     "MAX_CERT_BYTES",
+    "NameTaken",
     "ROOT_KEY_FILE",
+    "UnknownNode",
     "federation_id_for",
 ]
 
@@ -288,13 +300,57 @@ class FederationAuthority:
         if not path.exists():
             _write_public_file(path, self.ca_pem)
 
+    # -- the registry and the revocation list -----------------------------------------------------
+
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
+    def registry(self) -> Registry:
+        """Every certificate this root issued (registry.json; empty for a federation made before it)."""
+        from p2pfl.registry import REGISTRY_FILE, Registry
+
+        return Registry.load(self._dir / REGISTRY_FILE, self._root.federation_id)
+
+    def revocations(self) -> RevocationList | None:
+        """The last revocation list this root signed (revocations.bin), if any."""
+        from p2pfl import revocation
+
+        return revocation.load(self._dir / revocation.REVOCATION_FILE, self._root)
+
+    def resolve(self, name_or_id: str) -> str:
+        """The node id a name in the registry stands for, or `name_or_id` itself if it is a node id."""
+        from p2pfl.revocation import is_node_id
+
+        registry = self.registry()
+        entry = registry.latest(name_or_id)
+        if entry is not None:
+            return entry.node_id
+        if is_node_id(name_or_id):
+            return name_or_id
+        raise UnknownNode(
+            f"no certificate named {name_or_id!r} in {self._dir}/registry.json and it is no node id "
+            "(16 hex chars); `p2pfl federation list` shows the names and ids"
+        )
+
+    # -- issuing ------------------------------------------------------------------------------------
+
     def issue(
-        self, name: str, sign_key: bytes, box_key: bytes, ttl_s: float, *, node_dir: Path | None = None
+        self,
+        name: str,
+        sign_key: bytes,
+        box_key: bytes,
+        ttl_s: float,
+        *,
+        node_dir: Path | None = None,
+        replace: bool = True,
     ) -> Certificate:
-        """Certify a node's keys for `ttl_s` seconds from now.
+        """Certify a node's keys for `ttl_s` seconds from now, and record it in the registry.
 
         With `node_dir`, also write there everything the node reads at start besides its keys: the
-        certificate, federation.pub, its TLS certificate and the CA certificate.
+        certificate, federation.pub, its TLS certificate, the CA certificate and the revocation list.
+        `replace=False` (the command line's default) refuses a name or node that already holds a
+        current certificate; with True that one is superseded. A revoked node is never certified.
         """
         sign_key, box_key = bytes(sign_key), bytes(box_key)
         if len(sign_key) != _KEY or len(box_key) != _KEY:
@@ -303,9 +359,18 @@ class FederationAuthority:
             raise ValueError(f"name must be a string of at most {_MAX_NAME} characters")
         if not (math.isfinite(ttl_s) and ttl_s > 0):
             raise ValueError("ttl_s must be a positive number of seconds")
+        node_id = node_id_for(sign_key)
+        if node_id in self._root.revoked:
+            raise IdentityError(
+                f"node {node_id} is revoked: it cannot be certified again; create new keys for it "
+                "(`p2pfl keys --data-dir NEW_DIR`) and issue those"
+            )
+        registry = self.registry()
+        if not replace:
+            _check_unique(registry, name, node_id)
         issued = time.time()
         unsigned = Certificate(
-            node_id=node_id_for(sign_key),
+            node_id=node_id,
             name=name,
             federation_id=self._root.federation_id,
             sign_key=sign_key,
@@ -315,13 +380,39 @@ class FederationAuthority:
             signature=b"",
         )
         signature = self._key.sign(unsigned.signed_bytes()).signature
-        cert = replace(unsigned, signature=signature)
+        cert = _replace(unsigned, signature=signature)
+        self._record(registry, cert)
         if node_dir is not None:
             self.write_node_files(cert, Path(node_dir))
         return cert
 
+    def renew(self, name: str, ttl_s: float, *, node_dir: Path | None = None) -> Certificate:
+        """A new certificate for the node holding `name`, same keys, valid `ttl_s` from now; the old
+        one is superseded (it stays valid until it expires: the keys did not change)."""
+        entry = self.registry().latest(name)
+        if entry is None:
+            raise UnknownNode(
+                f"no certificate named {name!r} in {self._dir}/registry.json; `p2pfl federation list` "
+                "shows the names (a federation made before the registry: issue it again with --replace)"
+            )
+        if entry.node_id in self._root.revoked:
+            raise IdentityError(
+                f"{name} ({entry.node_id}) is revoked; issue a certificate for new keys instead "
+                f"(`p2pfl federation issue {name} --replace ...`)"
+            )
+        old = entry.cert()
+        return self.issue(name, old.sign_key, old.box_key, ttl_s, node_dir=node_dir, replace=True)
+
+    def _record(self, registry: Registry, cert: Certificate) -> None:
+        registry.add(cert)
+        from p2pfl.registry import REGISTRY_FILE
+
+        registry.save(self._dir / REGISTRY_FILE)
+
     def write_node_files(self, cert: Certificate, node_dir: Path) -> None:
-        """Write `cert` and the TLS files for it into a node's data dir (created 0700 if missing)."""
+        """Write `cert`, the TLS files for it and the current revocation list into a node's data dir
+        (created 0700 if missing)."""
+        from p2pfl import revocation
         from p2pfl.tls import CA_FILE, NODE_CERT_FILE
 
         node_dir = ensure_private_dir(node_dir)
@@ -330,19 +421,64 @@ class FederationAuthority:
         self._root.save(node_dir / FEDERATION_FILE)
         _write_public_file(node_dir / NODE_CERT_FILE, self.x509_pem(cert))
         _write_public_file(node_dir / CA_FILE, self.ca_pem)
+        current = self.revocations()
+        if current is not None:
+            revocation.save(node_dir / revocation.REVOCATION_FILE, current)
 
-    def revoke(self, node_id: str) -> None:
-        """Add `node_id` to the revocation list and rewrite federation.pub (distribute it to nodes)."""
-        self._root = self._root.with_revoked(node_id)
+    # -- revoking -----------------------------------------------------------------------------------
+
+    def revoke(self, node_id: str) -> RevocationList:
+        """Revoke `node_id` for good: a new signed revocation list (revocations.bin, serial + 1) that
+        nodes pass to each other, federation.pub with the id added, and the registry updated."""
+        from p2pfl import revocation
+
+        if not revocation.is_node_id(node_id):
+            raise IdentityError(f"{node_id!r} is not a node id (16 hex chars); pass a name or an id")
+        registry = self.registry()
+        current = self.revocations()
+        if node_id in self._root.revoked and current is not None and node_id in current.revoked:
+            return current  # already revoked and on the signed list: nothing new to sign
+        serial = max(registry.revocation_serial, current.serial if current else 0) + 1
+        revoked = self._root.revoked | (current.revoked if current else frozenset()) | {node_id}
+        signed = revocation.RevocationList.sign(self._key, serial, revoked)
+        revocation.save(self._dir / revocation.REVOCATION_FILE, signed)
+        self._root = FederationRoot(self._root.public_key, revoked)
         self._root.save(self._dir / FEDERATION_FILE)
+        registry.revoke(node_id, signed.issued_at)
+        registry.revocation_serial = serial
+        from p2pfl.registry import REGISTRY_FILE
+
+        registry.save(self._dir / REGISTRY_FILE)
+        return signed
 
 
-def _write_public_file(path: Path, data: bytes) -> None:
-    """Write public `data` atomically (a torn certificate would lock the node out), mode 0644."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+class UnknownNode(IdentityError):
+    """A name or id the registry does not know."""
+
+
+class NameTaken(IdentityError):
+    """A name (or node) that already holds a current certificate: renew it, revoke it, or pick another."""
+
+
+def _check_unique(registry: Registry, name: str, node_id: str) -> None:
+    held = registry.active(name)
+    if held is not None:
+        same = "the same keys" if held.node_id == node_id else f"node {held.node_id}"
+        raise NameTaken(
+            f"{name!r} already holds a current certificate ({same}, serial {held.serial}, expires "
+            f"{_date(held.expires)}): `p2pfl federation renew {name}` extends it, `p2pfl federation "
+            f"revoke {name}` ends it, `--replace` supersedes it, or pick another name"
+        )
+    other = registry.active_for_node(node_id)
+    if other is not None:
+        raise NameTaken(
+            f"node {node_id} already holds a current certificate as {other.name!r}: renew that one "
+            f"(`p2pfl federation renew {other.name}`), or pass --replace to certify it as {name!r} instead"
+        )
+
+
+def _date(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
+
+
+_write_public_file = write_public_file  # the one atomic public-file writer (p2pfl.identity)

@@ -28,6 +28,7 @@ __all__ = [
     "node_id_for",
     "read_private_key",
     "write_private_file",
+    "write_public_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,18 @@ def write_private_file(path: Path, data: bytes) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def write_public_file(path: Path, data: bytes) -> None:
+    """Write public `data` atomically (a torn certificate or list would lock the node out), mode 0644."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from p2pfl import checkpoint, codec, model_file
+from p2pfl import checkpoint, codec, model_file, revocation
 from p2pfl.aggregation import MixResult
 from p2pfl.attacks import make_attack
 from p2pfl.config import NodeConfig, NodeSection
@@ -62,6 +62,9 @@ def load_credentials(data_dir: Path) -> tuple[Identity, Certificate, FederationR
     except Rejected as exc:
         raise IdentityError(f"{cert_path} is not a valid certificate ({exc})") from exc
     root = FederationRoot.load(root_path)
+    signed = revocation.load(data_dir / revocation.REVOCATION_FILE, root)  # next to federation.pub
+    if signed is not None:
+        root = signed.apply(root)
     if cert.node_id != identity.node_id or cert.box_key != identity.box_public_bytes:
         raise IdentityError(f"{cert_path} was issued for other keys than the ones in {data_dir}; re-issue it")
     try:
@@ -96,6 +99,7 @@ class Node:
     def __init__(self, cfg: NodeConfig, *, mesh: Mesh | None = None) -> None:
         self.cfg = cfg
         self.identity, self.cert, self.root = load_credentials(cfg.data_dir)
+        self.revocations = revocation.load(cfg.data_dir / revocation.REVOCATION_FILE, self.root)
         if cfg.node.name == NodeSection.name:  # not set: the name the federation certified
             cfg.node.name = self.cert.name
         self.node_id = self.identity.node_id
@@ -148,8 +152,58 @@ class Node:
         self._resume()
 
     def members(self) -> dict[str, Certificate]:
-        """Proven peers we can currently reach, plus ourselves: the input of the topology."""
-        return {**self.mesh.members(), self.node_id: self.cert}
+        """Proven peers we can currently reach, plus ourselves: the input of the topology (a peer
+        revoked since its link came up is out at once)."""
+        peers = {n: c for n, c in self.mesh.members().items() if n not in self.root.revoked}
+        return {**peers, self.node_id: self.cert}
+
+    # -- revocation ---------------------------------------------------------------------------------
+
+    def adopt_revocations(self, data: bytes, source: str = "peer") -> bool:
+        """Take a revocation list from a peer (or the admin) if the root signed it for our federation
+        and it is newer than ours: persist it, revoke its ids everywhere, drop those peers.
+
+        Hostile bytes are counted rejections; an older or equal list (every neighbour relays the one
+        we hold) is ignored quietly. Returns True when the list was adopted.
+        """
+        try:
+            incoming = revocation.RevocationList.accept(data, self.root)
+        except Rejected as exc:
+            self.metrics.reject(exc.reason, f"revocation list: {exc.detail}", peer=source)
+            return False
+        if not incoming.newer_than(self.revocations):
+            return False
+        try:
+            revocation.save(self.cfg.data_dir / revocation.REVOCATION_FILE, incoming)
+        except OSError as exc:  # still adopted in memory; the next start reads federation.pub only
+            log.error("could not save the revocation list in %s: %s", self.cfg.data_dir, exc)
+        self.revocations = incoming
+        root = incoming.apply(self.root)
+        fresh = sorted(root.revoked - self.root.revoked)
+        self._set_root(root)
+        log.warning(
+            "revocation list %d from %s adopted: %d node(s) revoked%s",
+            incoming.serial,
+            source,
+            len(root.revoked),
+            f", newly {', '.join(fresh)}" if fresh else "",
+        )
+        if self.node_id in root.revoked:
+            log.error("this node's certificate is revoked by the federation admin; stopping")
+            self.request_stop()
+        self.changed.set()  # membership changed: the round in progress stops waiting on them
+        return True
+
+    def _set_root(self, root: FederationRoot) -> None:
+        """FederationRoot is immutable: hand the new one to every holder (the round core checks
+        updates with it; the mesh checks TLS peers and certificates with it)."""
+        self.root = root
+        self.core.root = root
+        set_root = getattr(self.mesh, "set_root", None)
+        if callable(set_root):
+            set_root(root)  # the mesh drops links and sessions of revoked peers
+        elif isinstance(getattr(self.mesh, "root", None), FederationRoot):
+            self.mesh.root = root  # type: ignore[attr-defined]
 
     # -- receiving ----------------------------------------------------------------------------------
 
