@@ -194,6 +194,18 @@ class Node:
         self.changed.set()  # membership changed: the round in progress stops waiting on them
         return True
 
+    def reload_revocations(self) -> bool:
+        """Adopt the data dir's revocations.bin if it is newer than ours: an admin may copy a new list
+        into any running node (once per round is soon enough; its neighbours then relay it)."""
+        try:
+            with open(self.cfg.data_dir / revocation.REVOCATION_FILE, "rb") as fh:
+                data = fh.read(revocation.MAX_REVOCATION_BYTES + 1)
+        except OSError:
+            return False
+        if self.revocations is not None and data == self.revocations.to_bytes():
+            return False
+        return self.adopt_revocations(data, source=revocation.REVOCATION_FILE)
+
     def _set_root(self, root: FederationRoot) -> None:
         """FederationRoot is immutable: hand the new one to every holder (the round core checks
         updates with it; the mesh checks TLS peers and certificates with it)."""
@@ -252,6 +264,7 @@ class Node:
 
     async def _round(self, round_: int) -> None:
         started = time.monotonic()
+        self.reload_revocations()
         plan = self.core.plan(round_, self.members())
         if hasattr(self.task, "set_round"):  # a learning-rate schedule follows the federation's round
             self.task.set_round(round_)

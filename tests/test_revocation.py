@@ -246,3 +246,22 @@ def test_a_node_adopts_a_newer_list_and_drops_the_revoked_peer(tmp_path: Path) -
     shutil.copy(me.cfg.data_dir / REVOCATION_FILE, revoked.cfg.data_dir / REVOCATION_FILE)
     with pytest.raises(IdentityError, match="revoked"):
         Node(revoked.cfg, mesh=hub.mesh(revoked.cert))
+
+
+def test_a_running_node_picks_up_a_list_the_admin_copies_into_its_data_dir(tmp_path: Path) -> None:
+    from p2pfl.node import Node
+
+    authority = FederationAuthority.create(tmp_path / "fed")
+    hub = Hub()
+    cfg = _config(tmp_path, 0)
+    _, cert = certify(authority, cfg.node.name, cfg.data_dir)
+    node = Node(cfg, mesh=hub.mesh(cert))
+    assert not node.reload_revocations()  # no file yet
+    outsider = Identity.generate().node_id
+    authority.revoke(outsider)
+    shutil.copy(authority.directory / REVOCATION_FILE, cfg.data_dir / REVOCATION_FILE)
+    assert node.reload_revocations() and outsider in node.root.revoked
+    assert not node.reload_revocations()  # the same list: nothing to do
+    (cfg.data_dir / REVOCATION_FILE).write_bytes(b"x" * (MAX_REVOCATION_BYTES + 10))
+    assert not node.reload_revocations() and node.metrics.rejected["oversize"] == 1
+    assert outsider in node.root.revoked
