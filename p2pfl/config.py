@@ -77,6 +77,7 @@ class GossipSection:
     wait_factor: float = 4.0  # a round waits up to this x the usual neighbour delay (90th percentile) ...
     min_wait_s: float = 1.0  # ... but at least this long, and never longer than round_timeout_s
     miss_limit: int = 2  # a neighbour that missed this many rounds in a row is not waited for until heard
+    steps_per_round: int = 1  # gossip exchanges per local training step: train only in every k-th round
 
 
 @dataclass
@@ -200,6 +201,7 @@ def validate(cfg: NodeConfig) -> NodeConfig:
         (1.0 <= cfg.gossip.wait_factor <= 100.0, "[gossip] wait_factor must be 1..100"),
         (cfg.gossip.min_wait_s >= 0, "[gossip] min_wait_s must be >= 0"),
         (1 <= cfg.gossip.miss_limit <= 1000, "[gossip] miss_limit must be 1..1000 rounds"),
+        (1 <= cfg.gossip.steps_per_round <= 1000, "[gossip] steps_per_round must be 1..1000"),
         (
             cfg.node.port != 0 or cfg.discovery.mdns,
             "[node] port = 0 needs mdns = true (peers learn the port from the advertisement)",
