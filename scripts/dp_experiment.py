@@ -140,8 +140,8 @@ def testbed_check(args: argparse.Namespace, noise: float, out: Path) -> dict[str
     for p in procs:
         records = testbed.read_metrics(p.directory / "metrics.jsonl")
         finals.append(records[-1] if records else {})
-    accs = [r.get("accuracy") for r in finals if r.get("accuracy") is not None]
-    eps = [r.get("epsilon") for r in finals if r.get("epsilon") is not None]
+    accs = [float(r["accuracy"]) for r in finals if r.get("accuracy") is not None]
+    eps = [float(r["epsilon"]) for r in finals if r.get("epsilon") is not None]
     return {
         "rounds": [r.get("round") for r in finals],
         "exit": [p.proc.returncode for p in procs],
