@@ -15,8 +15,9 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -34,8 +35,11 @@ from p2pfl.mesh import Mesh, MqttMesh
 from p2pfl.metrics import Metrics
 from p2pfl.round import CatchUp, Pace, Plan, RoundCore
 from p2pfl.topology import parse_topology
+from p2pfl.warmup import warm_up
 
 __all__ = ["Node", "TrainingDiverged", "load_credentials", "run_node"]
+
+T = TypeVar("T")
 
 PARENT_PID_ENV = "P2PFL_PARENT_PID"  # set by a launcher (the testbed): stop when that process is gone
 PARENT_POLL_S = 1.0
@@ -44,7 +48,16 @@ FINAL_MODEL_FILE = "model.npz"  # the model a node ends with (p2pfl predict / ev
 BEST_MODEL_FILE = "best_model.npz"  # the round with the best local test accuracy
 WARMUP_WAIT_S = 10.0  # the least a round waits before neighbours' usual delays are known (start-up skew)
 
+CPU_STEPS = ("train", "seal", "open", "mix")  # the work a round does, timed in metrics.jsonl
+
 log = logging.getLogger("p2pfl.node")
+
+
+def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    """`fn(*args)` and the CPU seconds the calling thread spent on it (run in the worker thread)."""
+    start = time.thread_time()
+    result = fn(*args)
+    return result, time.thread_time() - start
 
 
 def load_credentials(data_dir: Path) -> tuple[Identity, Certificate, FederationRoot]:
@@ -112,9 +125,9 @@ class Node:
         self.task = attach_privacy(self.task, cfg)  # DP-SGD when [privacy] enabled (else unchanged)
         torch.set_num_threads(cfg.training.threads)
         self.model = self.task.build_model()
-        # The first optimizer pulls in torch's compiler stack (seconds): pay that before the federation
-        # waits on us, not in round 1, where neighbours would take it for our usual pace.
-        torch.optim.SGD(self.model.parameters(), lr=0.1)
+        # One-time costs (torch's compiler stack on the first optimizer step, kernels, crypto): paid
+        # before the federation waits on us, not in round 1, where neighbours would take them for our pace.
+        warm_up(self.task, self.model, self.identity, self.cert, self.root)
         self.core = RoundCore(
             identity=self.identity,
             cert=self.cert,
@@ -149,6 +162,7 @@ class Node:
         self.checkpoint_path = cfg.data_dir / "checkpoint.npz"
         self.last_eval: tuple[float, float] | None = None  # (accuracy, test loss) of the last round
         self.best_accuracy = _saved_accuracy(cfg.data_dir / BEST_MODEL_FILE)
+        self.cpu_s = dict.fromkeys(CPU_STEPS, 0.0)  # this round's CPU seconds per step (metrics)
         self._resume()
 
     def members(self) -> dict[str, Certificate]:
@@ -223,7 +237,10 @@ class Node:
         """Every failure here is a counted, logged rejection; nothing propagates into the link."""
         self.metrics.bytes_in += len(message)
         try:
-            round_, neighbour = await asyncio.to_thread(self.core.admit, publisher, message, self.members())
+            (round_, neighbour), cpu = await asyncio.to_thread(
+                _timed, self.core.admit, publisher, message, self.members()
+            )
+            self.cpu_s["open"] += cpu
             self.core.accept(round_, neighbour, time.monotonic())  # it may have gone stale meanwhile
         except Rejected as exc:
             self.metrics.reject(exc.reason, exc.detail, peer=publisher)
@@ -268,11 +285,11 @@ class Node:
         plan = self.core.plan(round_, self.members())
         if hasattr(self.task, "set_round"):  # a learning-rate schedule follows the federation's round
             self.task.set_round(round_)
-        loss = await asyncio.to_thread(self.task.train, self.model)
+        loss, self.cpu_s["train"] = await asyncio.to_thread(_timed, self.task.train, self.model)
         self._check_loss(round_, loss)
         params = get_params(self.model)
         own = self.core.flatten(params)
-        message = await asyncio.to_thread(self.core.pack, params, own, plan)
+        message, self.cpu_s["seal"] = await asyncio.to_thread(_timed, self.core.pack, params, own, plan)
         if message is not None:
             await self.mesh.publish(message, plan.neighbours)
             self.metrics.bytes_out += len(message) * plan.degree
@@ -283,7 +300,7 @@ class Node:
             await self._adopt(plan, jump, loss, started)
             return
         resynced = self.core.resync(plan)
-        result, staleness = await asyncio.to_thread(self.core.mix, own, plan)
+        (result, staleness), self.cpu_s["mix"] = await asyncio.to_thread(_timed, self.core.mix, own, plan)
         for n, why in result.downweighted.items():
             log.warning(
                 "round %d: down-weighting %s (reputation %.2f): %s",
@@ -297,7 +314,9 @@ class Node:
         await asyncio.to_thread(self._persist, round_, result.vector)
         await asyncio.to_thread(self._keep_best, round_, accuracy, test_loss)
         record = self._record(plan, result, staleness, loss, accuracy, test_loss, started)
-        self.metrics.write({**record, "wait_allowed_s": allowed, "resynced_to": resynced})
+        self.metrics.write(
+            {**record, **self._cpu_record(), "wait_allowed_s": allowed, "resynced_to": resynced}
+        )
         log.info(
             "round %d: loss %.4f acc %.4f neighbours %d/%d (%.1f s)",
             round_,
@@ -328,6 +347,13 @@ class Node:
                 "adopted_from": [plan.name(n) for n in jump.sources],
             }
         )
+
+    def _cpu_record(self) -> dict[str, float]:
+        """CPU seconds of this round's work (train, seal, mix; open: every update opened since the last
+        record), so a benchmark can set round time against the work floor. Then start afresh."""
+        record = {f"{k}_cpu_s": round(v, 6) for k, v in self.cpu_s.items()}
+        self.cpu_s = dict.fromkeys(CPU_STEPS, 0.0)
+        return record
 
     def _check_loss(self, round_: int, loss: float) -> None:
         if not math.isfinite(loss) or loss > DIVERGED_LOSS:

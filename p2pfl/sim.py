@@ -41,7 +41,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -52,7 +52,15 @@ from p2pfl.aggregation import RULES, Neighbour, Reputation, mix_many
 from p2pfl.attacks import ATTACKS, Attack, make_attack
 from p2pfl.errors import ConfigError
 from p2pfl.learning.batched import BatchedTrainer, batchable, share_test_split
-from p2pfl.learning.data import DIGITS_CLASSES, PartitionCache, load_digits, load_npz
+from p2pfl.learning.data import (
+    DIGITS_CLASSES,
+    PartitionCache,
+    Shards,
+    load_digits,
+    load_npz,
+    resample_indices,
+    split_test,
+)
 from p2pfl.learning.params import flatten, get_params, set_params, unflatten
 from p2pfl.learning.spec import PARTITION_SCHEMES, TaskSettings, TaskSpec
 from p2pfl.learning.tasks import Task, TensorTask, load_task, tensor_task
@@ -60,7 +68,12 @@ from p2pfl.round import Mixer
 from p2pfl.topology import Topology, edge_arrays, parse_topology, topology_gap
 
 DIGITS_LOGREG = "p2pfl.sim:digits_logreg"
-TASK_ALIASES = {"digits-logreg": DIGITS_LOGREG}
+DIGITS_RESAMPLED = "p2pfl.sim:digits_resampled"
+TASK_ALIASES = {"digits-logreg": DIGITS_LOGREG, "digits-resampled": DIGITS_RESAMPLED}
+RESAMPLED_MIN_SAMPLES = 16  # digits-resampled: samples per node when N exceeds the training split / 16
+LINEAR_RULES = ("mean", "weighted")  # rules whose step is a fixed doubly/row-stochastic average
+CONSENSUS_ROWS_PER_CHUNK = 4096  # consensus_distance converts this many rows to float64 at a time
+T = TypeVar("T")
 HEADER_ESTIMATE = 512  # bytes, used only when a real envelope cannot be sealed for the estimate
 
 
@@ -89,6 +102,100 @@ def digits_logreg(spec: TaskSpec) -> TensorTask:
         classes = DIGITS_CLASSES
     features = x.shape[1]
     return tensor_task(spec, x, y, make_model=lambda: nn.Linear(features, classes), classes=classes)
+
+
+@dataclass(frozen=True)
+class _Resampling:
+    """digits-resampled's shared data: the training split every node draws from, the test split."""
+
+    x: np.ndarray
+    y: np.ndarray
+    by_class: tuple[np.ndarray, ...]
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: int
+
+    def per_node(self, num_shards: int) -> int:
+        """Samples each node draws: what an even partition would give, at least RESAMPLED_MIN_SAMPLES."""
+        return max(RESAMPLED_MIN_SAMPLES, round(len(self.y) / max(num_shards, 1)))
+
+    def indices(self, spec: TaskSpec) -> np.ndarray:
+        return resample_indices(
+            self.y,
+            self.per_node(spec.num_shards),
+            shard=spec.shard,
+            scheme=spec.partition,
+            alpha=spec.alpha,
+            seed=spec.seed,
+            by_class=self.by_class,
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _resampling(data: str) -> _Resampling:
+    if data:
+        x, y, classes = load_npz(data)
+    else:
+        x, y = load_digits()
+        classes = DIGITS_CLASSES
+    train, test = split_test(len(y))
+    xt, yt = x[train], y[train]
+    by_class = tuple(np.flatnonzero(yt == c) for c in np.unique(yt))
+    return _Resampling(xt, yt, by_class, x[test], y[test], classes)
+
+
+def digits_resampled(spec: TaskSpec) -> TensorTask:
+    """Logistic regression on digits (or spec.data's .npz), every node's samples drawn WITH
+    replacement from the training split instead of partitioned: any number of nodes (shards overlap,
+    unlike a partition's). Node i draws max(16, train / N) samples from its own generator (seed, i),
+    uniformly ("iid") or with Dir(alpha) class proportions ("dirichlet"); the test split is the
+    shared one of digits-logreg. Usable by a real node as task = "p2pfl.sim:digits_resampled"."""
+    r = _resampling(spec.data)
+    own = r.indices(spec)
+    features, classes = r.x.shape[1], r.classes
+    return TensorTask(
+        spec,
+        x_train=r.x[own],
+        y_train=r.y[own],
+        x_test=r.x_test,
+        y_test=r.y_test,
+        make_model=lambda: nn.Linear(features, classes),
+        num_classes=classes,
+    )
+
+
+@dataclass(frozen=True)
+class Population:
+    """Every virtual node's training rows as indices into one shared array (no per-node copies):
+    node i trains on x[shards.view(i)], exactly the rows `load_task(cfg.task_spec(i))` holds."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    shards: Shards
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def _resampled_population(cfg: SimConfig) -> Population:
+    r = _resampling(cfg.data)
+    spec = cfg.task_spec(0)
+    k = r.per_node(cfg.nodes)
+    flat = np.empty(cfg.nodes * k, dtype=np.int64)
+    for i in range(cfg.nodes):  # each node's own draw, O(k): what digits_resampled gives shard i
+        flat[i * k : (i + 1) * k] = resample_indices(
+            r.y, k, shard=i, scheme=spec.partition, alpha=spec.alpha, seed=spec.seed, by_class=r.by_class
+        )
+    return Population(
+        x=torch.from_numpy(np.array(r.x)),
+        y=torch.from_numpy(np.array(r.y)),
+        shards=Shards(flat, np.arange(cfg.nodes + 1, dtype=np.int64) * k),
+        x_test=torch.from_numpy(np.array(r.x_test)),
+        y_test=torch.from_numpy(np.array(r.y_test)),
+    )
+
+
+# tasks whose N shards the simulator can build at once without N task objects
+POPULATIONS: dict[str, Callable[[SimConfig], Population]] = {DIGITS_RESAMPLED: _resampled_population}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,6 +240,13 @@ class SimConfig(TaskSettings, _Federation):
     byzantine: tuple[int, ...] | int = ()
     trim: int | None = None
     reputation: tuple[tuple[str, float], ...] = ()  # rule "robust": Reputation(**dict(reputation))
+    # gossip exchanges per local training step: a round trains once, then mixes gossip_steps times
+    # (a real node with [gossip] steps_per_round = k trains only in every k-th of its rounds)
+    gossip_steps: int = 1
+    # heavy-ball acceleration of the exchanges within a round (0: plain gossip); see _accelerate
+    gossip_momentum: float = 0.0
+    # evaluate only this many nodes (a fixed seeded sample) in the rounds before the last; 0 = all
+    eval_nodes: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.nodes, int) or self.nodes < 1:
@@ -145,6 +259,17 @@ class SimConfig(TaskSettings, _Federation):
             raise ConfigError(f"eval_every must be an integer >= 1, got {self.eval_every!r}")
         if not 0.0 <= self.drop < 1.0:
             raise ConfigError(f"drop must be in [0, 1), got {self.drop!r}")
+        if not isinstance(self.gossip_steps, int) or self.gossip_steps < 1:
+            raise ConfigError(f"gossip_steps must be an integer >= 1, got {self.gossip_steps!r}")
+        if not 0.0 <= self.gossip_momentum < 1.0:
+            raise ConfigError(f"gossip_momentum must be in [0, 1), got {self.gossip_momentum!r}")
+        if self.gossip_momentum and self.rule not in LINEAR_RULES:
+            raise ConfigError(
+                f"gossip_momentum extrapolates linear averaging; use rule {' or '.join(LINEAR_RULES)}, "
+                f"not {self.rule!r}"
+            )
+        if not isinstance(self.eval_nodes, int) or self.eval_nodes < 0:
+            raise ConfigError(f"eval_nodes must be an integer >= 0 (0: every node), got {self.eval_nodes!r}")
         for what, seq in (("ids", self.ids), ("names", self.names)):
             if seq is not None and len(seq) != self.nodes:
                 raise ConfigError(f"{what}: {len(seq)} entries for {self.nodes} nodes")
@@ -200,6 +325,9 @@ class RoundStats:
     # (from Byzantine senders, from honest senders): downweighted[1] / judged[1] is the round's
     # false-positive rate, downweighted[0] / judged[0] its detection rate
     judged: tuple[int, int] | None = None
+    # the node indices accuracy / test_loss belong to, when only a sample was evaluated
+    # (SimConfig.eval_nodes); None: every node, in node order
+    evaluated: np.ndarray | None = None
 
     @property
     def false_positive_rate(self) -> float | None:
@@ -227,7 +355,10 @@ class RoundStats:
     def _honest_acc(self) -> np.ndarray | None:
         if self.accuracy is None:
             return None
-        return self.accuracy if self.honest is None else self.accuracy[self.honest]
+        if self.honest is None:
+            return self.accuracy
+        mask = self.honest if self.evaluated is None else self.honest[self.evaluated]
+        return self.accuracy[mask]
 
     @property
     def honest_mean_accuracy(self) -> float | None:
@@ -255,6 +386,9 @@ class RoundStats:
             "consensus": self.consensus,
             "bytes_per_node": self.bytes_per_node,
             "seconds": self.seconds,
+            "evaluated_nodes": None
+            if self.accuracy is None
+            else (len(self.accuracy) if self.evaluated is not None else "all"),
         }
 
 
@@ -271,12 +405,49 @@ class SimResult:
     byzantine: tuple[int, ...] = ()
     reputation: list[dict[str, float]] | None = None  # rule "robust": every node's scores at the end
 
-    def rounds_to(self, target: float) -> int | None:
-        """First round whose mean accuracy across nodes reaches `target` (None: never)."""
+    def reached(self, target: float, stat: str = "mean") -> RoundStats | None:
+        """The first evaluated round whose accuracy across nodes (stat "mean", or "min": every node)
+        reaches `target`; None if none does. With eval_nodes, over the evaluated sample."""
+        if stat not in ("mean", "min"):
+            raise ValueError(f"stat must be 'mean' or 'min', got {stat!r}")
         for r in self.rounds:
-            if r.mean_accuracy is not None and r.mean_accuracy >= target:
-                return r.round
+            value = r.mean_accuracy if stat == "mean" else r.min_accuracy
+            if value is not None and value >= target:
+                return r
         return None
+
+    def rounds_to(self, target: float, stat: str = "mean") -> int | None:
+        """First round whose mean (or min) accuracy across nodes reaches `target` (None: never)."""
+        r = self.reached(target, stat)
+        return None if r is None else r.round
+
+    def bytes_to(self, target: float, stat: str = "mean") -> float | None:
+        """Mean bytes each node had sent when the accuracy first reached `target` (None: never)."""
+        r = self.reached(target, stat)
+        return None if r is None else r.bytes_per_node
+
+    def time_to(
+        self,
+        target: float,
+        stat: str = "mean",
+        *,
+        train_s: float | None = None,
+        exchange_s: float | None = None,
+    ) -> float | None:
+        """Seconds until the accuracy first reached `target` (None: never).
+
+        Without a cost model, the simulator's own seconds (its rounds' compute, summed): comparable
+        between runs of one machine only. With train_s (one local training step) and exchange_s
+        (one gossip exchange: seal, send, wait, open, mix), what a real federation would take:
+        rounds x (train_s + gossip_steps x exchange_s), the node's round made of k exchanges.
+        """
+        r = self.reached(target, stat)
+        if r is None:
+            return None
+        if train_s is None and exchange_s is None:
+            return float(sum(s.seconds for s in self.rounds if s.round <= r.round))
+        k = self.config.gossip_steps
+        return r.round * ((train_s or 0.0) + k * (exchange_s or 0.0))
 
     def _edge_share(self, kind: int) -> float | None:
         flagged = sum(r.downweighted[kind] for r in self.rounds if r.downweighted is not None)
@@ -299,6 +470,31 @@ class SimResult:
     def final(self) -> RoundStats | None:
         evaluated = [r for r in self.rounds if r.accuracy is not None]
         return evaluated[-1] if evaluated else None
+
+
+class _Lazy(Sequence[T]):
+    """A list of n items built on first access by make(i) and kept (set items replace them): the
+    simulator's per-node objects that most runs never touch (tasks and mixers at 100,000 nodes)."""
+
+    def __init__(self, n: int, make: Callable[[int], T]) -> None:
+        self._n, self._make = n, make
+        self._items: dict[int, T] = {}
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(f"node {i} out of range for {self._n} nodes")
+        i %= self._n
+        if i not in self._items:
+            self._items[i] = self._make(i)
+        return self._items[i]
+
+    def __setitem__(self, i: int, value: T) -> None:
+        self._items[i % self._n] = value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,9 +548,21 @@ class Network:
 
 
 def consensus_distance(x: np.ndarray) -> float:
-    """Mean over nodes of ||x_i - mean||^2 (float64)."""
-    x64 = np.asarray(x, dtype=np.float64)
-    return float(np.mean(np.sum((x64 - x64.mean(axis=0)) ** 2, axis=1)))
+    """Mean over nodes of ||x_i - mean||^2, in float64 a chunk of rows at a time (no N x P float64
+    copy: 520 MB at 100,000 nodes of 650 parameters)."""
+    x = np.asarray(x)
+    n = x.shape[0]
+    if not n:
+        return float("nan")
+    mean = np.zeros(x.shape[1:], dtype=np.float64)
+    for a in range(0, n, CONSENSUS_ROWS_PER_CHUNK):
+        mean += x[a : a + CONSENSUS_ROWS_PER_CHUNK].sum(axis=0, dtype=np.float64)
+    mean /= n
+    total = 0.0
+    for a in range(0, n, CONSENSUS_ROWS_PER_CHUNK):
+        d = x[a : a + CONSENSUS_ROWS_PER_CHUNK].astype(np.float64) - mean
+        total += float(np.einsum("ij,ij->", d, d))
+    return total / n
 
 
 def gossip(
@@ -433,12 +641,18 @@ class Simulation:
         self.cfg = cfg
         n = cfg.nodes
         self.net = Network(cfg.topology, n, seed=cfg.seed, ids=cfg.ids, names=cfg.names)
-        # every shard's load_task partitions the same labels the same way: compute that once
-        with PartitionCache().active():
-            self.tasks: list[Task] = []
-            for i in range(n):
-                self.tasks.append(share_test_split(load_task(cfg.task_spec(i)), self.tasks[:1]))
         self.byzantine: tuple[int, ...] = tuple(cfg.byzantine)  # type: ignore[arg-type]
+        self.population = self._population()
+        self.tasks: Sequence[Task]
+        if self.population is not None:  # node i's task is built only if asked for (tests, attacks)
+            self.tasks = _Lazy(n, lambda i: load_task(cfg.task_spec(i)))
+        else:
+            # every shard's load_task partitions the same labels the same way: compute that once
+            with PartitionCache().active():
+                loaded: list[Task] = []
+                for i in range(n):
+                    loaded.append(share_test_split(load_task(cfg.task_spec(i)), loaded[:1]))
+            self.tasks = loaded
         self.honest = np.ones(n, dtype=bool)
         self.honest[list(self.byzantine)] = False
         self.attacks: dict[int, Attack] = {
@@ -452,39 +666,86 @@ class Simulation:
         self.reputations = [cfg.make_reputation() for _ in range(n)] if cfg.rule == "robust" else None
         self._flagged: tuple[int, int] | None = None
         self._judged: tuple[int, int] | None = None
-        # every node builds its own initial model, as the real node does
-        self.models = [t.build_model() for t in self.tasks]
+        # every node builds its own initial model, as the real node does (the population's nodes
+        # build the same one: build_model is seeded by spec.seed alone)
+        self.trainer: BatchedTrainer | None = None
+        if self.population is not None:
+            self.models = [self.tasks[0].build_model()]
+            self.samples = self.population.shards.sizes.astype(np.int64)
+            self.trainer = self._population_trainer(self.population, self.models[0])
+        else:
+            self.models = [t.build_model() for t in self.tasks]
+            self.samples = np.array([t.num_samples for t in self.tasks], dtype=np.int64)
         params0 = get_params(self.models[0])
         self.spec = codec.spec_of(params0)
-        self.x = (
-            np.stack([flatten(get_params(m)) for m in self.models])
-            if x0 is None
-            else (np.array(x0, dtype=np.float32))
-        )
+        if x0 is not None:
+            self.x = np.array(x0, dtype=np.float32)
+        elif self.population is not None:
+            self.x = np.repeat(flatten(get_params(self.models[0]))[None, :], n, axis=0)
+        else:
+            self.x = np.stack([flatten(get_params(m)) for m in self.models])
         if self.x.shape != (n, sum(v.size for v in params0.values())):
             raise ValueError(f"x0 must be {n} x P, got {self.x.shape}")
-        self.samples = np.array([t.num_samples for t in self.tasks], dtype=np.int64)
         self.mass = self.samples.astype(np.float64)  # push-sum masses start at the sample counts
-        # each virtual node's mixing state, as a real node's round core holds it
-        self.mixers = [
-            Mixer(
-                rule=cfg.rule,
-                samples=int(self.samples[i]),
-                clip_radius=cfg.radius,
-                reputation=None if self.reputations is None else self.reputations[i],
-                attack=self.attacks.get(i),
-                trim=cfg.trim,
-            )
-            for i in range(n)
-        ]
-        self.trainer: BatchedTrainer | None = None
-        if cfg.vectorised and batchable(self.tasks, self.models[0]):
+        # each virtual node's mixing state, as a real node's round core holds it (built when used)
+        self.mixers: Sequence[Mixer] = _Lazy(n, self._mixer)
+        if self.trainer is None and cfg.vectorised and batchable(self.tasks, self.models[0]):
             self.trainer = BatchedTrainer(self.tasks, self.models[0])
             self.models = self.models[:1]  # only the template is needed; frees N-1 modules
+        self._eval_sample = self._sample_nodes()
+        self._previous: np.ndarray | None = None  # gossip_momentum: the exchange before the last
         self._params0 = params0
         self._bytes: dict[int, int] = {}
         self.sent = np.zeros(n, dtype=np.float64)
         self.timings = {"setup": time.perf_counter() - started, "train": 0.0, "mix": 0.0, "eval": 0.0}
+
+    def _population(self) -> Population | None:
+        """All nodes' data at once, for tasks that have a POPULATIONS builder, when the batched
+        path applies (vectorised, no Byzantine node, a batchable task); else None."""
+        cfg = self.cfg
+        build = POPULATIONS.get(TASK_ALIASES.get(cfg.task, cfg.task))
+        if build is None or not cfg.vectorised or self.byzantine:
+            return None
+        first = load_task(cfg.task_spec(0))
+        if not batchable([first], first.build_model()):
+            return None
+        return build(cfg)
+
+    def _population_trainer(self, pop: Population, model: nn.Module) -> BatchedTrainer:
+        spec = self.cfg.task_spec(0)
+        return BatchedTrainer.from_shards(
+            model,
+            x=pop.x,
+            y=pop.y,
+            flat=pop.shards.flat,
+            offsets=pop.shards.offsets,
+            # TensorTask's generator: seeded spec.seed + shard
+            generators=[torch.Generator().manual_seed(spec.seed + i) for i in range(self.cfg.nodes)],
+            test=(pop.x_test, pop.y_test),
+            lr=spec.lr,
+            batch_size=spec.batch_size,
+            local_epochs=spec.local_epochs,
+        )
+
+    def _mixer(self, i: int) -> Mixer:
+        cfg = self.cfg
+        return Mixer(
+            rule=cfg.rule,
+            samples=int(self.samples[i]),
+            clip_radius=cfg.radius,
+            reputation=None if self.reputations is None else self.reputations[i],
+            attack=self.attacks.get(i),
+            trim=cfg.trim,
+        )
+
+    def _sample_nodes(self) -> np.ndarray | None:
+        """The nodes evaluated before the last round (SimConfig.eval_nodes): a sorted sample drawn
+        once from the seed, None for every node."""
+        k = self.cfg.eval_nodes
+        if not k or k >= self.cfg.nodes:
+            return None
+        rng = np.random.default_rng([self.cfg.seed, 0xE7A1])
+        return np.sort(rng.choice(self.cfg.nodes, size=k, replace=False))
 
     # -- the three phases of a round ------------------------------------------------------------
 
@@ -590,27 +851,62 @@ class Simulation:
             self._bytes[degree] = message_bytes(self._params0, degree)
         return self._bytes[degree]
 
-    def _evaluate(self) -> tuple[np.ndarray, np.ndarray]:
+    def _evaluate(self, nodes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(accuracy, test loss) of the given nodes (default: every node, in node order)."""
         if self.trainer is not None:
-            return self.trainer.evaluate(self.x)
-        acc, loss = np.empty(self.cfg.nodes), np.empty(self.cfg.nodes)
-        for i, (task, model) in enumerate(zip(self.tasks, self.models, strict=True)):
+            return self.trainer.evaluate(self.x if nodes is None else self.x[nodes])
+        which = range(self.cfg.nodes) if nodes is None else nodes.tolist()
+        acc, loss = np.empty(len(which)), np.empty(len(which))
+        for k, i in enumerate(which):
+            model = self.models[i]
             set_params(model, unflatten(self.x[i], self.spec))
-            acc[i], loss[i] = task.evaluate(model)
+            acc[k], loss[k] = self.tasks[i].evaluate(model)
         return acc, loss
+
+    def _exchange(self, round: int) -> None:
+        """One gossip exchange (numbered like the node's rounds), accelerated when configured."""
+        before = self.x if self.cfg.gossip_momentum else None
+        self._mix(round)
+        if before is not None:
+            self._accelerate(before)
+
+    def _accelerate(self, before: np.ndarray) -> None:
+        """Accelerated ("shift-register") gossip: x_{t+1} = (1 + beta) W x_t - beta x_{t-1}.
+
+        W x_t is what the exchange just mixed; x_{t-1} is this node's own vector before the previous
+        exchange of the round (the first exchange of a round is a plain one). The mean is kept (W
+        is stochastic and the extrapolation is a difference of two vectors with the same mean), and
+        beta = (1 - sqrt(1 - l2^2)) / (1 + sqrt(1 - l2^2)) (l2: W's second largest eigenvalue
+        modulus) turns the decay of the disagreement from l2^t into about sqrt(beta)^t. A real node
+        would keep only its own previous vector: a purely local change after mixing.
+        """
+        if self._previous is not None:
+            mixed = self.x
+            self.x = mixed + np.float32(self.cfg.gossip_momentum) * (mixed - self._previous)
+        self._previous = before
 
     # -- rounds -----------------------------------------------------------------------------------
 
     def step(self, round: int) -> RoundStats:
-        """One round, numbered like the node's (1, 2, ...)."""
+        """One round, numbered like the node's (1, 2, ...): local training, then gossip_steps
+        exchanges (numbered (round - 1) k + 1 .. round k, as a real node with [gossip]
+        steps_per_round = k numbers its own rounds)."""
+        k = self.cfg.gossip_steps
         t0 = time.perf_counter()
         losses = self._train()
         t1 = time.perf_counter()
-        self._mix(round)
+        self._previous = None  # acceleration restarts after local training moved the models
+        for e in range((round - 1) * k + 1, round * k + 1):
+            self._exchange(e)
+        self._previous = None
         t2 = time.perf_counter()
         acc = test_loss = None
-        if round % self.cfg.eval_every == 0 or round == self.cfg.rounds:
-            acc, test_loss = self._evaluate()
+        evaluated = None
+        if round == self.cfg.rounds:
+            acc, test_loss = self._evaluate()  # the last round: every node
+        elif round % self.cfg.eval_every == 0:
+            evaluated = self._eval_sample
+            acc, test_loss = self._evaluate(evaluated)
         t3 = time.perf_counter()
         self.timings["train"] += t1 - t0
         self.timings["mix"] += t2 - t1
@@ -620,7 +916,8 @@ class Simulation:
             train_loss=losses,
             accuracy=acc,
             test_loss=test_loss,
-            consensus=consensus_distance(self.x[self.honest]),
+            evaluated=evaluated,
+            consensus=consensus_distance(self.x if not self.byzantine else self.x[self.honest]),
             bytes_per_node=float(self.sent.mean()),
             seconds=t3 - t0,
             honest=None if not self.byzantine else self.honest.copy(),

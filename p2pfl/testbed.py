@@ -53,8 +53,11 @@ from p2pfl.faults import (
 )
 from p2pfl.federation import FederationAuthority
 from p2pfl.identity import load_or_create
-from p2pfl.learning.spec import PARTITION_SCHEMES, TaskSpec
+from p2pfl.learning.data import read_table
+from p2pfl.learning.spec import OPTIMIZERS, PARTITION_SCHEMES, TaskSpec
+from p2pfl.memory import MemoryWatch
 from p2pfl.topology import parse_topology
+from p2pfl.zygote import Zygote, ZygoteError
 
 __all__ = [
     "HOST",
@@ -80,6 +83,8 @@ __all__ = [
 ]
 
 HOST = "127.0.0.1"
+ADAM_LR = 0.01  # --optimizer adam without --lr: the task's default (0.3, for SGD) would diverge
+DATA_SUFFIXES = (".csv", ".npz")
 YEAR = 365 * 86400.0
 STOP_GRACE_S = 10.0
 POLL_S = 0.1
@@ -171,13 +176,12 @@ def node_config(
     cfg.discovery.interfaces = [host]
     cfg.discovery.expect_peers = args.nodes - 1 if index < args.nodes else index
     cfg.discovery.wait_s = args.wait
+    per_node_files = len(getattr(args, "data_files", [])) > 1  # a folder: each node's file is whole
     cfg.task = TaskSpec(
         name=args.task,
-        shard=index,
-        num_shards=total_nodes(args),
-        partition=args.partition,
-        alpha=args.alpha,
-        seed=args.seed,
+        shard=0 if per_node_files else index,
+        num_shards=1 if per_node_files else total_nodes(args),
+        **_training_knobs(args, index),
     )
     cfg.training.rounds = args.rounds
     cfg.gossip.topology, cfg.gossip.rule, cfg.gossip.round_timeout_s = (
@@ -190,6 +194,30 @@ def node_config(
         cfg.attack.kind, cfg.attack.seed = args.attack, args.seed + index
     cfg.attack.silent = args.nodes - getattr(args, "silent", 0) <= index < args.nodes
     return config_mod.validate(cfg)
+
+
+def _training_knobs(args: argparse.Namespace, index: int) -> dict[str, Any]:
+    """The [task] keys the testbed's options set. --data FILE is split among the nodes like a built-in
+    data set; --data FOLDER gives node i the i-th file (sorted by name) whole, as its own site data."""
+    knobs: dict[str, Any] = {
+        "partition": args.partition,
+        "alpha": args.alpha,
+        "seed": args.seed,
+        "local_epochs": getattr(args, "local_epochs", 1),
+        "batch_size": getattr(args, "batch_size", 32),
+        "optimizer": getattr(args, "optimizer", "sgd"),
+    }
+    lr = getattr(args, "lr", None)
+    if lr is not None:
+        knobs["lr"] = lr
+    elif knobs["optimizer"] == "adam":
+        knobs["lr"] = ADAM_LR
+    files: list[str] = getattr(args, "data_files", [])
+    if len(files) == 1:
+        knobs["data"] = files[0]
+    elif files:
+        knobs["data"] = files[index]
+    return knobs
 
 
 def byzantine_indices(nodes: int, count: int) -> list[int]:
@@ -217,17 +245,18 @@ def prepare(args: argparse.Namespace, out: Path, hosts: list[str] | None = None)
     return configs
 
 
-def launch_node(path: Path, prefix: list[str] | None = None) -> NodeProcess:
+def launch_node(path: Path, prefix: list[str] | None = None, zygote: Zygote | None = None) -> NodeProcess:
     """Start one node in its own session (so it can be signalled as a group), told who its parent is:
     the kernel sends it SIGTERM when the testbed dies (PR_SET_PDEATHSIG), and $P2PFL_PARENT_PID lets
-    the node notice that portably. `prefix` runs it elsewhere (`ip netns exec NS`)."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-        PARENT_PID_ENV: str(os.getpid()),
-    }
-    cmd = [*(prefix or []), sys.executable, "-m", "p2pfl", "node", "--config", str(path)]
+    the node notice that portably. `prefix` runs it elsewhere (`ip netns exec NS`); `zygote` forks it
+    from a fork server that has torch and p2pfl loaded already (shared pages, no import per node)."""
+    child_env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    argv = ["node", "--config", str(path)]
+    if zygote is not None and not prefix:
+        forked = zygote.spawn(argv, path.parent / "node.log", child_env)
+        return NodeProcess(path.parent.name, path.parent, forked)
+    env = {**os.environ, **child_env, PARENT_PID_ENV: str(os.getpid())}
+    cmd = [*(prefix or []), sys.executable, "-m", "p2pfl", *argv]
     with (path.parent / "node.log").open("ab") as log:  # append: a restarted node keeps its history
         proc = subprocess.Popen(
             cmd,
@@ -356,14 +385,18 @@ def summarize(
     byzantine: list[int],
     alive: set[str] | None = None,
     faults: list[dict[str, Any]] | None = None,
+    memory: MemoryWatch | None = None,
 ) -> dict[str, Any]:
     """Accuracy and consensus are over the honest nodes alive at the end: a killed or silent node's
-    stale last round must not enter them. Every node is still listed."""
+    stale last round must not enter them. Every node is still listed, with its peak memory when
+    `memory` sampled it."""
     alive = {p.name for p in procs if p.proc.returncode in (None, 0)} if alive is None else alive
     nodes = [
         _node_summary(p.name, p.directory, p.proc.returncode, i in byzantine, p.name in alive)
         for i, p in enumerate(procs)
     ]
+    for n in nodes:
+        n["memory"] = memory.peaks.get(n["name"]) if memory is not None else None
     counted = [n for n in nodes if n["alive_at_end"] and not n["byzantine"]]
     accs = [n["final_accuracy"] for n in counted if n["final_accuracy"] is not None]
     horizon = max([rounds] + [n["rounds_completed"] for n in counted])
@@ -386,7 +419,25 @@ def summarize(
         "faults": faults or [],
         "wall_s": wall_s,
         "bytes_sent_total": int(sum(n["bytes_sent"] for n in nodes)),
+        "memory": memory.summary(p.name for p in procs) if memory is not None else None,
+        "round_times": _round_times(procs),
     }
+
+
+def _round_times(procs: list[NodeProcess]) -> dict[str, float | None]:
+    """Round 1 against the steady rounds, from the nodes' own `round_s` (a round starts once the node
+    has its expected peers): the median over nodes of round 1, of rounds >= 3, and their ratio."""
+    first: list[float] = []
+    steady: list[float] = []
+    for p in procs:
+        for r in read_metrics(p.directory / "metrics.jsonl"):
+            value, round_ = _number(r.get("round_s")), r.get("round")
+            if value is None or not isinstance(round_, int) or "caught_up_from" in r:
+                continue
+            (first if round_ == 1 else steady if round_ >= 3 else []).append(value)
+    f = float(np.median(first)) if first else None
+    st = float(np.median(steady)) if steady else None
+    return {"round1_s": f, "steady_s": st, "ratio": f / st if f is not None and st else None}
 
 
 def _number(value: Any) -> float | None:
@@ -459,8 +510,31 @@ def summary_table(summary: dict[str, Any]) -> Table:
         f"spread {summary['accuracy_spread'] or 0:.4f}; consensus distance first {cd['first'] or 0:.3g} "
         f"-> last {cd['last'] or 0:.3g}; wall {summary['wall_s']:.1f} s; "
         f"sent {summary['bytes_sent_total'] / 1e6:.1f} MB; faults {len(summary['faults'])}"
+        + _memory_caption(summary.get("memory"))
+        + _rounds_caption(summary.get("round_times"))
     )
     return table
+
+
+def _memory_caption(memory: dict[str, Any] | None) -> str:
+    if not memory or memory.get("pss_mb_median") is None:
+        return ""
+    others = sum(v.get("pss_mb", 0.0) for v in memory.get("others", {}).values())
+    return (
+        f"\nmemory per node (peak): RSS median {memory['rss_mb_median']:.0f} MB, max {memory['rss_mb_max']:.0f} MB; "
+        f"PSS median {memory['pss_mb_median']:.0f} MB, max {memory['pss_mb_max']:.0f} MB; "
+        f"summed: RSS {memory['rss_mb_sum_peak'] / 1e3:.2f} GB, PSS {memory['pss_mb_sum_peak'] / 1e3:.2f} GB"
+        + (f" (fork server PSS {others:.0f} MB included)" if others else "")
+    )
+
+
+def _rounds_caption(times: dict[str, Any] | None) -> str:
+    if not times or times.get("round1_s") is None or times.get("steady_s") is None:
+        return ""
+    return (
+        f"\nround 1 {times['round1_s']:.3f} s, steady round {times['steady_s']:.3f} s (medians over nodes): "
+        f"ratio {times['ratio']:.2f}"
+    )
 
 
 # -- command line ------------------------------------------------------------------------------------
@@ -526,6 +600,28 @@ def build_parser(prog: str = "testbed") -> argparse.ArgumentParser:
         help="Dirichlet concentration for --partition dirichlet",
     )
     p.add_argument("--rule", default="robust", choices=aggregation.node_rules())
+    p.add_argument(
+        "--lr",
+        type=_float_above(0.0),
+        default=None,
+        help=f"local learning rate (default: the task's, {TaskSpec.lr:g}; {ADAM_LR:g} with --optimizer adam)",
+    )
+    p.add_argument("--local-epochs", type=_int_at_least(1), default=1, help="local passes per round")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="local minibatch size")
+    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="local optimizer")
+    p.add_argument(
+        "--data",
+        default="",
+        help="own data instead of the built-in set: a .csv (header row, 'label' column) or .npz file, "
+        "split among the nodes, or a folder with one such file per node (docs/own_data.md)",
+    )
+    p.add_argument(
+        "--launch",
+        default="fork",
+        choices=("fork", "exec"),
+        help="fork: nodes are forked from one process that loaded torch and p2pfl once (shared memory); "
+        "exec: each node starts its own Python (always so with --netns)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--byzantine", type=_int_at_least(0), default=0, help="how many nodes attack (spread evenly)"
@@ -584,7 +680,32 @@ def parse_args(argv: list[str] | None, prog: str = "testbed") -> argparse.Namesp
         p.error(str(exc))
     if args.netns and (why := netns_unavailable()):
         p.error(why)
+    try:
+        args.data_files = data_files(args.data, total_nodes(args))
+    except ConfigError as exc:
+        p.error(str(exc))
     return args
+
+
+def data_files(data: str, nodes: int) -> list[str]:
+    """--data as absolute paths: [] (built-in data), [FILE] (split among the nodes), or one file per
+    node from a folder (its .csv / .npz files, sorted by name)."""
+    if not data:
+        return []
+    path = Path(data).expanduser().absolute()
+    if path.is_dir():
+        files = sorted(str(f) for f in path.iterdir() if f.suffix.lower() in DATA_SUFFIXES and f.is_file())
+        if len(files) != nodes:
+            raise ConfigError(
+                f"--data {data}: the folder holds {len(files)} .csv/.npz file(s) but {nodes} nodes need one "
+                "each; add or remove files, or pass one file to split among the nodes"
+            )
+        return files
+    if not path.is_file():
+        raise ConfigError(f"--data {data}: no such file or folder")
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        raise ConfigError(f"--data {data}: must be a .csv (header row) or .npz file, or a folder of them")
+    return [str(path)]
 
 
 def check_config(args: argparse.Namespace) -> None:
@@ -592,6 +713,8 @@ def check_config(args: argparse.Namespace) -> None:
     refuse (e.g. --rounds 0 while they need rounds >= 1) fails here with the nodes' own message."""
     try:
         node_config(args, 0, Path("node-0"))
+        for path in getattr(args, "data_files", []):  # a file the nodes cannot read fails here, once
+            read_table(path, what="--data")
     except ConfigError as exc:
         if args.rounds == 0:
             raise ConfigError(f"--rounds 0 (run until stopped) is not supported by the nodes: {exc}") from exc
@@ -613,6 +736,8 @@ class Run:
     runner: FaultRunner | None = None
     alive: set[str] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
+    zygote: Zygote | None = None
+    memory: MemoryWatch = field(default_factory=MemoryWatch)
 
     def log(self, message: str) -> None:
         self.console.print(message, markup=False, highlight=False)
@@ -630,11 +755,25 @@ class Run:
             self.log(f"netem on node-{index}: {' '.join(netem)}")
         return [self.lab.address(i) for i in range(total_nodes(self.args))]
 
+    def start_zygote(self, config: Path) -> None:
+        """The fork server (--launch fork, not with --netns); if it cannot start, nodes are exec'd."""
+        if self.args.launch != "fork" or self.lab is not None:
+            return
+        self.log("loading torch and p2pfl once in the fork server ...")
+        try:
+            self.zygote = Zygote(config, self.out / "zygote.log")
+        except (ZygoteError, OSError) as exc:
+            self.log(
+                f"fork server unavailable ({exc}; see {self.out / 'zygote.log'}); starting each node with exec"
+            )
+
     def start(self) -> None:
         configs = prepare(self.args, self.out, self.setup_lab())
+        self.start_zygote(configs[0])
 
         def start_node(index: int) -> NodeProcess:
-            return launch_node(configs[index], self.lab.exec_prefix(index) if self.lab else None)
+            prefix = self.lab.exec_prefix(index) if self.lab else None
+            return launch_node(configs[index], prefix, self.zygote)
 
         for i in range(self.args.nodes):
             self.procs.append(start_node(i))
@@ -656,6 +795,7 @@ class Run:
             while True:
                 rounds = {p.name: last_round(p.metrics) for p in self.procs}
                 runner.step(frontier(rounds, {p.name for p in self.procs if p.running}))
+                self.sample_memory()
                 if self.finished():
                     break
                 if time.monotonic() - self.started > self.args.timeout:
@@ -665,6 +805,12 @@ class Run:
                 if time.monotonic() - shown >= 0.5:
                     shown = time.monotonic()
                     live.update(progress_table(self.procs, self.args.rounds, self.started, runner.frozen))
+
+    def sample_memory(self) -> None:
+        """Peak memory per node (and of the fork server, which holds the pages they share)."""
+        nodes = [(p.name, p.proc.pid) for p in self.procs if p.running]
+        extra = [("fork-server", self.zygote.proc.pid)] if self.zygote is not None else []
+        self.memory.poll(nodes, extra)
 
     def note_alive(self) -> None:
         """Which nodes count as alive at the end: still running and not frozen, or finished cleanly."""
@@ -678,6 +824,8 @@ class Run:
             if self.runner is not None:
                 self.runner.release()
             stop_all(self.procs)
+            if self.zygote is not None:
+                self.zygote.close()
             if self.lab is not None:
                 self.lab.teardown()
 
@@ -687,7 +835,7 @@ class Run:
         args, faults = self.args, self.runner.records if self.runner else []
         summary = summarize(
             self.procs, args.rounds, time.monotonic() - self.started, byzantine_indices(args.nodes, args.byzantine),
-            alive=self.alive, faults=faults,
+            alive=self.alive, faults=faults, memory=self.memory,
         )  # fmt: skip
         launched = {p.name for p in self.procs}
         summary["nodes"] += [  # joiners whose join never fired: listed, never counted

@@ -260,11 +260,13 @@ def test_config_errors() -> None:
 
 
 def test_sim_config_shares_the_task_settings_and_keeps_its_field_order() -> None:
-    assert [f.name for f in dataclasses.fields(SimConfig)] == [
+    names = [f.name for f in dataclasses.fields(SimConfig)]
+    assert names[:23] == [
         "task", "nodes", "rounds", "topology", "rule", "radius", "partition", "alpha", "seed",
         "local_epochs", "batch_size", "lr", "data", "train", "eval_every", "vectorised", "drop", "ids",
         "names", "attack", "byzantine", "trim", "reputation",
     ]  # fmt: skip
+    assert {"gossip_steps", "gossip_momentum", "eval_nodes"} <= set(names[23:])
     cfg = SimConfig(
         task="digits-mlp", nodes=3, partition="dirichlet", alpha=0.2, seed=9, lr=0.05, batch_size=8
     )
@@ -274,3 +276,117 @@ def test_sim_config_shares_the_task_settings_and_keeps_its_field_order() -> None
     assert SimConfig().task_spec(0).name == "p2pfl.sim:digits_logreg"
     with pytest.raises(TypeError):
         SimConfig("digits-mlp")  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------- at scale
+
+
+def test_resampled_population_equals_the_per_node_tasks_and_the_loop() -> None:
+    cfg = SimConfig(task="digits-resampled", nodes=5, rounds=3, partition="dirichlet", alpha=0.3, seed=2)
+    sim = Simulation(cfg)
+    assert sim.population is not None and sim.trainer is not None
+    for i in range(5):  # node i's rows are what a real node with shard i loads
+        real = load_task(cfg.task_spec(i))
+        rows = torch.from_numpy(sim.population.shards[i])
+        assert torch.equal(sim.population.x[rows], real.x_train)
+        assert torch.equal(sim.population.y[rows], real.y_train) and sim.samples[i] == real.num_samples
+    fast = sim.run()
+    slow = simulate(dataclasses.replace(cfg, vectorised=False))
+    assert np.allclose(fast.vectors, slow.vectors, atol=1e-5)
+    assert [r.consensus for r in fast.rounds] == pytest.approx([r.consensus for r in slow.rounds], rel=1e-4)
+
+
+def test_resampled_task_scales_past_the_training_split_and_digits_says_what_to_do() -> None:
+    res = simulate(SimConfig(task="digits-resampled", nodes=2000, rounds=2, eval_nodes=50))
+    assert res.samples.sum() == 2000 * 16 and res.final.accuracy.shape == (2000,)
+    first = res.rounds[0]
+    assert first.accuracy.shape == (50,) and first.evaluated.shape == (50,)
+    assert first.row()["evaluated_nodes"] == 50 and res.rounds[-1].row()["evaluated_nodes"] == "all"
+    with pytest.raises(ConfigError, match="at most 1348 nodes.*digits-resampled"):
+        Simulation(SimConfig(nodes=1349, rounds=0))
+
+
+def test_sampled_evaluation_is_the_full_evaluation_of_those_nodes() -> None:
+    cfg = SimConfig(nodes=20, rounds=3, topology="exponential", eval_nodes=6, seed=5)
+    sampled = simulate(cfg)
+    full = simulate(dataclasses.replace(cfg, eval_nodes=0))
+    for a, b in zip(sampled.rounds[:-1], full.rounds[:-1], strict=True):
+        assert list(a.evaluated) == sorted(set(a.evaluated.tolist())) and len(a.evaluated) == 6
+        assert np.array_equal(a.accuracy, b.accuracy[a.evaluated])
+    assert np.array_equal(sampled.rounds[-1].accuracy, full.rounds[-1].accuracy)
+
+
+def test_shards_are_one_flat_array_and_lookups_copy_one_shard() -> None:
+    from p2pfl.learning.data import PartitionCache, Shards, partition_indices
+
+    labels = np.random.default_rng(0).integers(0, 4, size=500)
+    cache = PartitionCache()
+    shards = cache.shards(labels, 7, scheme="dirichlet", alpha=0.4, seed=1)
+    assert (
+        isinstance(shards, Shards)
+        and cache.shards(labels, 7, scheme="dirichlet", alpha=0.4, seed=1) is shards
+    )
+    expected = partition_indices(labels, 7, scheme="dirichlet", alpha=0.4, seed=1)
+    assert len(shards) == 7 and all(np.array_equal(a, b) for a, b in zip(shards, expected, strict=True))
+    one = shards[3]
+    one[:] = -1  # a copy: the cache is untouched
+    assert np.array_equal(shards[3], expected[3]) and not shards.view(3).flags.writeable
+    assert shards.sizes.tolist() == [len(e) for e in expected]
+
+
+def test_consensus_distance_in_chunks_equals_the_dense_formula(monkeypatch: pytest.MonkeyPatch) -> None:
+    import p2pfl.sim as sim_module
+
+    x = np.random.default_rng(3).normal(size=(37, 5)).astype(np.float32)
+    dense = float(np.mean(np.sum((x.astype(np.float64) - x.astype(np.float64).mean(0)) ** 2, axis=1)))
+    monkeypatch.setattr(sim_module, "CONSENSUS_ROWS_PER_CHUNK", 4)
+    assert consensus_distance(x) == pytest.approx(dense, rel=1e-12)
+
+
+def test_gossip_steps_are_extra_exchanges_per_local_step() -> None:
+    x0 = np.random.default_rng(2).normal(size=(12, 650)).astype(np.float32)
+    cfg = SimConfig(nodes=12, rounds=2, topology="ring", train=False, gossip_steps=3)
+    res = Simulation(cfg, x0=x0).run()
+    _, expect, _ = gossip(x0, "ring", 6)
+    assert [r.consensus for r in res.rounds] == pytest.approx([expect[3], expect[6]], rel=1e-5)
+    one = simulate(SimConfig(nodes=12, rounds=2, topology="ring"))
+    three = simulate(SimConfig(nodes=12, rounds=2, topology="ring", gossip_steps=3))
+    assert three.rounds[-1].bytes_per_node == pytest.approx(3 * one.rounds[-1].bytes_per_node)
+    assert three.rounds[-1].consensus < one.rounds[-1].consensus
+    # the node's form: train in round 1 of every k, mix in every round
+    k1 = simulate(SimConfig(nodes=6, rounds=2, topology="ring", gossip_steps=2, seed=1))
+    sim = Simulation(SimConfig(nodes=6, rounds=2, topology="ring", seed=1))
+    for r in (1, 2):
+        sim._train()
+        sim._mix(2 * r - 1)
+        sim._mix(2 * r)
+    assert np.allclose(k1.vectors, sim.x, atol=1e-6)
+
+
+def test_accelerated_gossip_keeps_the_mean_and_converges_faster() -> None:
+    x0 = np.random.default_rng(4).normal(size=(32, 650)).astype(np.float32)
+    plain = Simulation(
+        SimConfig(nodes=32, rounds=1, topology="ring", train=False, gossip_steps=30), x0=x0
+    ).run()
+    fast = Simulation(
+        SimConfig(nodes=32, rounds=1, topology="ring", train=False, gossip_steps=30, gossip_momentum=0.6),
+        x0=x0,
+    ).run()
+    assert np.allclose(fast.vectors.mean(0), x0.mean(0), atol=1e-4)
+    assert fast.rounds[-1].consensus < 0.5 * plain.rounds[-1].consensus
+    with pytest.raises(ConfigError, match="linear averaging"):
+        SimConfig(rule="median", gossip_momentum=0.5)
+    with pytest.raises(ConfigError):
+        SimConfig(gossip_steps=0)
+
+
+def test_rounds_bytes_and_time_to_a_target() -> None:
+    res = simulate(SimConfig(nodes=8, rounds=6, topology="ring", gossip_steps=2))
+    target = res.rounds[3].mean_accuracy
+    r = res.rounds_to(target)
+    assert r is not None and r <= 4
+    assert res.bytes_to(target) == res.rounds[r - 1].bytes_per_node
+    assert res.time_to(target) == pytest.approx(sum(s.seconds for s in res.rounds[:r]))
+    assert res.time_to(target, train_s=0.5, exchange_s=0.25) == pytest.approx(r * (0.5 + 2 * 0.25))
+    assert res.rounds_to(2.0) is None and res.bytes_to(2.0) is None and res.time_to(2.0) is None
+    assert res.rounds_to(target, stat="min") is None or res.rounds_to(target, stat="min") >= r

@@ -20,6 +20,7 @@ from torch import nn
 from p2pfl.learning.tasks import Task, TensorTask
 
 EVAL_FLOATS_PER_CHUNK = 1 << 24  # activations (float32) of one batched evaluation call: 64 MiB
+TRAIN_FLOATS_PER_CHUNK = 1 << 24  # inputs (float32) of one batched minibatch: 64 MiB
 
 
 def share_test_split(task: Task, first: Sequence[Task]) -> Task:
@@ -61,21 +62,82 @@ class BatchedTrainer:
     Same SGD as TensorTask.train: per epoch each node draws torch.randperm(n_i) from its own task
     generator and steps through minibatches of batch_size with the mean cross-entropy; nodes with
     fewer batches simply stop stepping. The gradient of the task's own model is vmapped over nodes.
+
+    The training data is one shared array plus, optionally, every node's row indices into it
+    (`from_shards`: no per-node copies, for 100,000 virtual nodes); nodes train in chunks sized so
+    one minibatch of a chunk stays within TRAIN_FLOATS_PER_CHUNK (nodes are independent while
+    training, so chunking changes nothing but the memory).
     """
 
     def __init__(self, tasks: Sequence[TensorTask], model: nn.Module) -> None:
+        spec = tasks[0].spec
+        self._setup(
+            model,
+            x=torch.cat([t.x_train for t in tasks]),
+            y=torch.cat([t.y_train for t in tasks]),
+            index=None,
+            sizes=torch.tensor([t.num_samples for t in tasks], dtype=torch.int64),
+            generators=[t.generator for t in tasks],
+            test=(tasks[0].x_test, tasks[0].y_test),
+            hyper=(float(spec.lr), int(spec.batch_size), int(spec.local_epochs)),
+        )
+
+    @classmethod
+    def from_shards(
+        cls,
+        model: nn.Module,
+        *,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        flat: np.ndarray,
+        offsets: np.ndarray,
+        generators: Sequence[torch.Generator],
+        test: tuple[torch.Tensor, torch.Tensor],
+        lr: float,
+        batch_size: int,
+        local_epochs: int,
+    ) -> BatchedTrainer:
+        """Node i trains on rows x[flat[offsets[i]:offsets[i+1]]] with generators[i], as the TensorTask
+        holding those rows (and that generator) would; the rows are looked up per minibatch."""
+        self = cls.__new__(cls)
+        self._setup(
+            model,
+            x=x,
+            y=y,
+            index=torch.from_numpy(np.array(flat, dtype=np.int64)),  # a writable copy
+            sizes=torch.from_numpy(np.diff(np.asarray(offsets, dtype=np.int64))),
+            generators=list(generators),
+            test=test,
+            hyper=(float(lr), int(batch_size), int(local_epochs)),
+        )
+        return self
+
+    def _setup(
+        self,
+        model: nn.Module,
+        *,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        index: torch.Tensor | None,
+        sizes: torch.Tensor,
+        generators: list[torch.Generator],
+        test: tuple[torch.Tensor, torch.Tensor],
+        hyper: tuple[float, int, int],
+    ) -> None:
         from torch.func import functional_call, grad_and_value, vmap
 
-        self.tasks = list(tasks)
+        if len(generators) != len(sizes) or not len(sizes) or int(sizes.min()) < 1:
+            raise ValueError("every node needs a generator and at least one training sample")
         self.model = model
         self.layout = [(name, tuple(p.shape), p.numel()) for name, p in model.named_parameters()]
-        self.sizes = torch.tensor([t.num_samples for t in tasks], dtype=torch.int64)
-        self.offsets = torch.cumsum(self.sizes, 0) - self.sizes
-        self.x = torch.cat([t.x_train for t in tasks])
-        self.y = torch.cat([t.y_train for t in tasks])
-        self.x_test, self.y_test = tasks[0].x_test, tasks[0].y_test
-        spec = tasks[0].spec
-        self.lr, self.bs, self.epochs = float(spec.lr), int(spec.batch_size), int(spec.local_epochs)
+        self.sizes = sizes
+        self.offsets = torch.cumsum(sizes, 0) - sizes
+        self.x, self.y, self.index = x, y, index
+        self.generators = generators
+        self.x_test, self.y_test = test
+        self.lr, self.bs, self.epochs = hyper
+        features = max(1, int(x[0].numel())) if len(x) else 1
+        self.chunk = max(1, TRAIN_FLOATS_PER_CHUNK // (self.bs * features))
 
         def loss(params, xb, yb, mask):
             out = functional_call(model, params, (xb,))
@@ -103,27 +165,35 @@ class BatchedTrainer:
     def train(self, x: np.ndarray) -> np.ndarray:
         """Train every row of x in place (x is N x P float32); returns each node's mean training loss."""
         xt = torch.from_numpy(x)
-        n = len(self.tasks)
-        sizes = self.sizes.tolist()
+        n = len(self.generators)
         total = torch.zeros(n, dtype=torch.float64)
         count = torch.zeros(n, dtype=torch.float64)
+        self.model.train()
+        for a in range(0, n, self.chunk):
+            b = min(n, a + self.chunk)
+            self._train_rows(xt[a:b], a, b, total[a:b], count[a:b])
+        return (total / count.clamp(min=1)).numpy()
+
+    def _train_rows(self, xt: torch.Tensor, a: int, b: int, total: torch.Tensor, count: torch.Tensor) -> None:
+        """Nodes a..b-1 (xt: their rows, a view updated in place; total / count: views too)."""
+        n = b - a
+        sizes_t = self.sizes[a:b]
+        sizes = sizes_t.tolist()
         longest = max(sizes)
         steps = -(-longest // self.bs)
-        # where each node's permuted sample indices go in an (n, longest) matrix, padded with -1
-        rows_of = torch.repeat_interleave(torch.arange(n), self.sizes)
-        flat_pos = rows_of * longest + (
-            torch.arange(len(rows_of)) - torch.repeat_interleave(self.offsets, self.sizes)
-        )
-        base = torch.repeat_interleave(self.offsets, self.sizes)
-        model = self.model
-        model.train()
+        # where each node's permuted sample positions go in an (n, longest) matrix, padded with -1
+        rows_of = torch.repeat_interleave(torch.arange(n), sizes_t)
+        starts = torch.cumsum(sizes_t, 0) - sizes_t
+        flat_pos = rows_of * longest + (torch.arange(len(rows_of)) - torch.repeat_interleave(starts, sizes_t))
+        base = torch.repeat_interleave(self.offsets[a:b], sizes_t)
         for _ in range(self.epochs):
             # each node shuffles with its own task generator, exactly as task.train does
             perm = torch.cat(
-                [torch.randperm(k, generator=t.generator) for k, t in zip(sizes, self.tasks, strict=True)]
+                [torch.randperm(k, generator=g) for k, g in zip(sizes, self.generators[a:b], strict=True)]
             )
             idx = torch.full((n * longest,), -1, dtype=torch.int64)
-            idx[flat_pos] = perm + base
+            pos = perm + base
+            idx[flat_pos] = pos if self.index is None else self.index[pos]
             idx = idx.view(n, longest)
             for s in range(steps):
                 cols = idx[:, s * self.bs : min((s + 1) * self.bs, longest)]  # no wider than the data
@@ -150,7 +220,6 @@ class BatchedTrainer:
                         xt[sel] = xt[sel] - self.lr * g
                         total[sel] += losses.detach().to(torch.float64) * k
                         count[sel] += k
-        return (total / count.clamp(min=1)).numpy()
 
     @torch.no_grad()
     def _activations_per_sample(self) -> int:

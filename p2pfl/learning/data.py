@@ -63,7 +63,7 @@ def partition_indices(
     if not isinstance(num_shards, int | np.integer) or num_shards < 1:
         raise ConfigError(f"num_shards must be >= 1, got {num_shards!r}")
     if n < num_shards:
-        raise ConfigError(f"cannot split {n} training samples into {num_shards} non-empty shards")
+        raise DatasetTooSmall(n, num_shards)
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         shards = np.array_split(rng.permutation(n), num_shards)
@@ -76,14 +76,70 @@ def partition_indices(
     return [np.sort(s).astype(np.int64) for s in shards]
 
 
+class DatasetTooSmall(ConfigError):
+    """More shards (nodes) than training samples: a partition cannot give every node one sample."""
+
+    def __init__(self, samples: int, shards: int) -> None:
+        self.samples, self.shards = samples, shards
+        super().__init__(
+            f"cannot split {samples} training samples into {shards} non-empty shards (one per node): "
+            f"use at most {samples} nodes, a larger data set ([task] data), or, in the simulator, a task "
+            "whose data grows with the nodes (task 'digits-resampled': every node draws its own samples "
+            "with replacement from the digits training split)"
+        )
+
+
+class Shards(Sequence[np.ndarray]):
+    """All shards of one partition, stored once as a flat index array cut at `offsets`.
+
+    shards[i] is a fresh copy of shard i (callers may keep or modify it) and costs O(len(shard)),
+    not O(all shards): loading N shards one by one is O(N) in all. `view(i)` gives the read-only
+    slice itself, without copying.
+    """
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray) -> None:
+        self.flat = np.asarray(flat, dtype=np.int64)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.flat.flags.writeable = False
+        self.offsets.flags.writeable = False
+
+    @classmethod
+    def of(cls, shards: Sequence[np.ndarray]) -> Shards:
+        sizes = np.fromiter((len(s) for s in shards), dtype=np.int64, count=len(shards))
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        flat = np.concatenate(list(shards)) if len(shards) else np.zeros(0, dtype=np.int64)
+        return cls(flat, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def view(self, i: int) -> np.ndarray:
+        """Shard i as a read-only view into the flat array (no copy)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"shard {i} out of range for {len(self)} shards")
+        i %= len(self)
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return self.view(int(i)).copy()
+
+
 class PartitionCache:
     """Remembers partition_indices results, for code that builds many shards of one split.
 
     Every task load partitions the whole training set and keeps one shard, so loading the N shards
     of a federation in one process (the simulator) computes the same partition N times: about a
     second each for a Dirichlet split at N = 1024. partition_indices is pure, so computing it once
-    per (labels, num_shards, scheme, alpha, seed) gives the same shards. Each call returns fresh
-    copies, as partition_indices does, so callers may keep or modify them.
+    per (labels, num_shards, scheme, alpha, seed) gives the same shards. The result is a Shards
+    (one flat index array): indexing it returns a fresh copy of one shard, so callers may keep or
+    modify it, and N loads cost O(N) in all (copying every shard on every lookup was O(N^2): 255 s
+    of setup at 10,000 nodes).
 
     Use `cache.shards(...)` directly, or `with cache.active():` to have the task loaders
     (load_task's built-ins and `tasks.tensor_task`) use it for the tasks loaded inside the block.
@@ -91,18 +147,20 @@ class PartitionCache:
     """
 
     def __init__(self) -> None:
-        self._shards: dict[tuple, list[np.ndarray]] = {}
+        self._shards: dict[tuple, Shards] = {}
 
     def shards(
         self, labels: np.ndarray, num_shards: int, *, scheme: str = "iid", alpha: float = 0.5, seed: int = 0
-    ) -> list[np.ndarray]:
+    ) -> Shards:
         """partition_indices(labels, num_shards, scheme, alpha, seed), computed once per key."""
         arr = np.asarray(labels)
         digest = hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest()
         key = (digest, arr.dtype.str, arr.shape, num_shards, scheme, float(alpha), seed)
         if key not in self._shards:
-            self._shards[key] = partition_indices(labels, num_shards, scheme=scheme, alpha=alpha, seed=seed)
-        return [s.copy() for s in self._shards[key]]
+            self._shards[key] = Shards.of(
+                partition_indices(labels, num_shards, scheme=scheme, alpha=alpha, seed=seed)
+            )
+        return self._shards[key]
 
     @contextlib.contextmanager
     def active(self) -> Iterator[PartitionCache]:
@@ -121,12 +179,52 @@ _ACTIVE_PARTITION_CACHE: contextvars.ContextVar[PartitionCache | None] = context
 
 def shards_for(
     labels: np.ndarray, num_shards: int, *, scheme: str, alpha: float, seed: int
-) -> list[np.ndarray]:
-    """partition_indices, through the active PartitionCache when there is one."""
+) -> Sequence[np.ndarray]:
+    """partition_indices, through the active PartitionCache when there is one (then a Shards:
+    indexing it copies one shard only)."""
     cache = _ACTIVE_PARTITION_CACHE.get()
     if cache is None:
         return partition_indices(labels, num_shards, scheme=scheme, alpha=alpha, seed=seed)
     return cache.shards(labels, num_shards, scheme=scheme, alpha=alpha, seed=seed)
+
+
+def resample_indices(
+    labels: np.ndarray,
+    count: int,
+    *,
+    shard: int,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    by_class: Sequence[np.ndarray] | None = None,
+) -> np.ndarray:
+    """`count` sample indices drawn WITH replacement for one shard (sorted): not a partition, so any
+    number of shards can draw from a small data set, each in O(count) from its own generator
+    (seed, shard): shard i draws the same indices whichever process asks.
+
+    "iid": uniform over all samples. "dirichlet": label skew; the shard's class proportions are
+    drawn from Dir(alpha) (small alpha = strong skew), then each sample uniformly within its class.
+    by_class (the indices of each class, in label order) saves recomputing it per shard.
+    """
+    labels = np.asarray(labels)
+    if count < 1 or not len(labels):
+        raise ConfigError(f"need at least one sample to draw from and count >= 1, got {len(labels)}, {count}")
+    rng = np.random.default_rng([seed, shard, 0x5E5A])
+    if scheme == "iid":
+        return np.sort(rng.integers(0, len(labels), size=count))
+    if scheme != "dirichlet":
+        raise ConfigError(f"unknown partition scheme {scheme!r}; known: {', '.join(PARTITION_SCHEMES)}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ConfigError(f"dirichlet alpha must be > 0, got {alpha!r}")
+    groups = (
+        list(by_class) if by_class is not None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    )
+    p = rng.dirichlet(np.full(len(groups), float(alpha)))
+    if not np.all(np.isfinite(p)):  # degenerate draw for tiny alpha: fall back to uniform
+        p = np.full(len(groups), 1.0 / len(groups))
+    counts = rng.multinomial(count, p)
+    picked = [g[rng.integers(0, len(g), size=c)] for g, c in zip(groups, counts, strict=True) if c]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
 def _dirichlet_shards(labels: np.ndarray, k: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
