@@ -137,8 +137,8 @@ def revoke_command(args: argparse.Namespace) -> int:
         f"{Path(args.dir) / REVOCATION_FILE}"
     )
     print(
-        f"running nodes pass it to each other; copy {REVOCATION_FILE} into at least one node's data dir "
-        "(or any, next to federation.pub) and it reaches the others within seconds; new nodes get it at issue"
+        f"copy {REVOCATION_FILE} into every node's data dir (next to federation.pub): a running node adopts "
+        "it at its next round and drops the revoked node; nodes issued from now on get it with their files"
     )
     return 0
 
