@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="repeat each cell over this many seeds")
     p.add_argument("--testbed-check", type=float, default=None, metavar="NOISE")
     p.add_argument("--testbed-timeout", type=float, default=600.0)
+    p.add_argument("--jobs", type=int, default=1, help="grid cells run in parallel (processes)")
     p.add_argument("--out", default="runs/dp-experiment")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -170,14 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     noises = [float(v) for v in args.noise.split(",")]
     if 0.0 not in noises:
         noises.insert(0, 0.0)  # the baseline is always measured in the same run
-    print(f"load: {os.getloadavg()[0]:.1f} (1 min), {os.cpu_count()} CPUs; nodes {args.nodes}, rounds {args.rounds}, "
-          f"clip {CLIP}, ring gossip averaging in-process")  # fmt: skip
+    print(f"load: {os.getloadavg()[0]:.1f} (1 min), {os.cpu_count()} CPUs, {args.jobs} jobs; nodes {args.nodes}, "
+          f"rounds {args.rounds}, seeds {args.seeds}, clip {CLIP}, ring gossip averaging in-process")  # fmt: skip
     rows: list[dict[str, Any]] = []
-    for task in args.tasks.split(","):
-        data = cancer_data(out) if task == "cancer" else None
+    tasks = args.tasks.split(",")
+    datas = {task: cancer_data(out) if task == "cancer" else None for task in tasks}
+    keys = [(task, noise, seed) for task in tasks for noise in noises for seed in range(args.seeds)]
+    with ProcessPoolExecutor(max_workers=args.jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        futures = {k: pool.submit(run_cell, args, k[0], k[1], k[2], datas[k[0]]) for k in keys}
+        done = {k: f.result() for k, f in futures.items()}
+    for task in tasks:
         base: float | None = None
         for noise in noises:
-            cells = [run_cell(args, task, noise, seed, data) for seed in range(args.seeds)]
+            cells = [done[(task, noise, seed)] for seed in range(args.seeds)]
             acc_mean = float(np.mean([c.acc_mean for c in cells]))
             acc_min = min(c.acc_min for c in cells)
             eps = cells[0].epsilon
@@ -198,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             eps_s = "inf (no DP)" if eps is None else f"{eps:.2f}"
             print(
                 f"{task:7s} noise {noise:4.2f}  epsilon {eps_s:>11s}  delta {row['delta'] or 0:.1e}  "
-                f"acc min {acc_min:.3f} mean {acc_mean:.3f}  ratio to no-DP {row['ratio']:.3f}  ({row['seconds']:.0f} s)",
+                f"acc min {acc_min:.3f} mean {acc_mean:.3f}  ratio to no-DP {row['ratio']:.3f}  "
+                f"({row['seconds']:.0f} s in {args.seeds} run(s))",
                 flush=True,
             )
     result: dict[str, Any] = {"rows": rows, "args": vars(args)}

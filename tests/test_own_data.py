@@ -163,6 +163,45 @@ def test_labels_outside_the_declared_classes_are_refused(tmp_path: Path) -> None
         load_task(TaskSpec(name="digits-mlp", num_classes=3))
 
 
+def test_builtin_tasks_log_their_label_histogram_and_test_size(caplog) -> None:
+    """Every node logs its shard's examples per class and the test split size before round 1, not
+    only own-data sites; a process loading many shards at once (the simulator) keeps it at debug."""
+    from p2pfl.learning import PartitionCache
+
+    with caplog.at_level(logging.INFO, logger="p2pfl.learning"):
+        task = load_task(TaskSpec("digits-mlp", 1, 4))
+    line = next(r.getMessage() for r in caplog.records if "examples per class" in r.getMessage())
+    hist = task.label_histogram()["train"]  # type: ignore[attr-defined]
+    assert line.startswith("digits-mlp shard 1/4: 64 features, 10 classes")
+    assert f"0: {hist[0]}, 1: {hist[1]}" in line and f"; {task.num_test} test examples" in line  # type: ignore[attr-defined]
+    assert "num_classes is not set" not in caplog.text  # built-in data: the class count is known
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="p2pfl.learning"), PartitionCache().active():
+        load_task(TaskSpec("digits-mlp", 2, 4))
+    assert "examples per class" not in caplog.text
+
+
+@pytest.mark.slow
+def test_a_class_count_mismatch_stops_the_node_before_round_1(tmp_path: Path) -> None:
+    """A site whose labels do not fit the federation's [task] num_classes stops at start, through the
+    real command, with one error line saying what to set; no round runs, no model is saved."""
+    from test_bad_input import assert_one_line_error, certified_dir, run_cli, write_config
+
+    data = wine_csv(tmp_path / "site.csv")  # classes 0, 1, 2
+    node_dir = certified_dir(tmp_path)
+    task = {
+        "name": "mlp",
+        "data": str(data),
+        "label_column": "outcome",
+        "num_classes": 2,
+        "standardize": True,
+    }
+    path = write_config(tmp_path / "node.toml", node_dir, task=task)
+    out = run_cli("node", "--config", str(path), cwd=tmp_path)
+    assert_one_line_error(out, "label(s) [2]", "[task] num_classes = 2", "raise num_classes")
+    assert not (node_dir / "metrics.jsonl").exists() and not (node_dir / "model.npz").exists()
+
+
 def test_test_fraction_and_separate_test_file(tmp_path: Path) -> None:
     path = wine_csv(tmp_path / "site.csv")
     n = 178
