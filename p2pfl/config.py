@@ -14,6 +14,7 @@ from typing import Any, get_type_hints
 import networkx as nx
 
 from p2pfl import aggregation, topology
+from p2pfl.compression import Compression
 from p2pfl.errors import ConfigError
 from p2pfl.learning.spec import TaskSpec
 
@@ -77,6 +78,8 @@ class GossipSection:
     wait_factor: float = 4.0  # a round waits up to this x the usual neighbour delay (90th percentile) ...
     min_wait_s: float = 1.0  # ... but at least this long, and never longer than round_timeout_s
     miss_limit: int = 2  # a neighbour that missed this many rounds in a row is not waited for until heard
+    compression: str = "none"  # none, fp16, bf16, int8[:CHUNK], topk:FRACTION (same on every node)
+    keyframe_every: int = 10  # diff-form compression (topk): a full fp16 model every this many rounds
     steps_per_round: int = 1  # gossip exchanges per local training step: train only in every k-th round
 
 
@@ -385,8 +388,25 @@ def _check_topology(cfg: NodeConfig) -> None:
         topo = topology.parse_topology(cfg.gossip.topology)
     except ConfigError as exc:
         raise ConfigError(f"[gossip] topology: {exc}") from exc
+    _check_compression(cfg.gossip, topo)
     if topo.kind == "edges":
         _check_edge_list(topo, cfg.node.name, cfg.task.seed)
+
+
+def _check_compression(gossip: GossipSection, topo: topology.Topology) -> None:
+    """[gossip] compression parses, and a diff form (topk) has a static topology to run on."""
+    try:
+        c = Compression.parse(gossip.compression)
+    except ConfigError as exc:
+        raise ConfigError(f"[gossip] compression: {exc}") from exc
+    if not 1 <= gossip.keyframe_every <= 100_000:
+        raise ConfigError("[gossip] keyframe_every must be 1..100000 rounds")
+    if c.diff and topo.time_varying:
+        raise ConfigError(
+            f"[gossip] compression {gossip.compression!r} sends differences every neighbour must see, and "
+            f"topology {gossip.topology!r} changes neighbours each round: use a static topology, or "
+            "compression fp16, bf16 or int8"
+        )
 
 
 def _check_edge_list(topo: topology.Topology, name: str, seed: int) -> None:

@@ -60,6 +60,9 @@ class Reason(StrEnum):
     TOO_MANY_PARTS = "too_many_parts"  # more parts (or smaller ones) than the message size allows
     TOO_MANY_TENSORS = "too_many_tensors"  # header lists more tensors than allowed
     NEIGHBOUR_BUDGET = "neighbour_budget"  # a neighbour sent more bytes in a round than allowed
+    # compressed updates (p2pfl.compression)
+    COMPRESSION = "compression"  # the update's compression differs from this federation's setting
+    OUT_OF_SYNC = "out_of_sync"  # a diff extends an estimate we do not hold (until the next keyframe)
     # discovery
     FOREIGN_ADVERT = "foreign_advert"  # mDNS advertisement from outside the configured networks
 

@@ -143,6 +143,8 @@ class Node:
             attack=attack,
             staleness=cfg.gossip.staleness,
             silent=cfg.attack.silent,
+            compression=cfg.gossip.compression,
+            keyframe_every=cfg.gossip.keyframe_every,
         )
         if cfg.attack.silent:
             log.warning("SILENT member for experiments: this node never sends an update")

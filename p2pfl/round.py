@@ -35,6 +35,7 @@ make a round wait for nothing, and the degree in the header already keeps the MH
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -46,6 +47,17 @@ import numpy as np
 from p2pfl import codec
 from p2pfl.aggregation import DEFAULT_RULE, MixResult, Neighbour, Reputation, mix
 from p2pfl.attacks import Attack
+from p2pfl.compression import (
+    HEAD,
+    MAX_WIRE_TENSORS,
+    Compression,
+    Estimates,
+    OwnEstimate,
+    chunk_starts,
+    node_key,
+    read_wire,
+    step,
+)
 from p2pfl.envelope import ReplayGuard, UpdateMeta, open_envelope, seal
 from p2pfl.errors import Reason, Rejected
 from p2pfl.federation import Certificate, FederationRoot
@@ -296,6 +308,8 @@ class RoundCore:
         attack: Attack | None = None,
         staleness: int = STALENESS,
         silent: bool = False,
+        compression: Compression | str = "none",
+        keyframe_every: int = 10,
     ) -> None:
         self.identity, self.cert, self.root = identity, cert, root
         self.node_id = identity.node_id
@@ -315,6 +329,19 @@ class RoundCore:
         self.ran = 0  # rounds this process entered, and round numbers it skipped by resync: the
         self.skipped = 0  # skips never outnumber the rounds run
         self.seq = time.time_ns() // 1000  # monotonic across restarts: receivers never see a reused seq
+        self.compression = (
+            compression if isinstance(compression, Compression) else Compression.parse(compression)
+        )
+        sizes = [math.prod(shape) for shape, _ in spec.values()]
+        self.dim = sum(sizes)
+        starts = chunk_starts(self.compression, self.dim, sizes)
+        self.starts = starts
+        # compressed updates: our public estimate (a new process starts with a keyframe) and our
+        # neighbours' (rebuilt from their keyframes after a restart)
+        self.own_estimate = OwnEstimate(
+            self.compression, node_key(self.node_id, seed), starts, keyframe_every
+        )
+        self.estimates = Estimates(self.compression)
 
     # -- plan ---------------------------------------------------------------------------------------
 
@@ -350,6 +377,9 @@ class RoundCore:
             degree=plan.degree,
         )
         keys = {n: plan.members[n].box_key for n in plan.neighbours}
+        if self.compression.enabled:
+            vector = own if crafted is None else crafted
+            return seal(codec.encode(self.own_estimate.pack(vector, plan.round)), meta, self.identity, keys)
         return seal(codec.encode(sent), meta, self.identity, keys)
 
     # -- admit --------------------------------------------------------------------------------------
@@ -369,10 +399,51 @@ class RoundCore:
             raise Rejected(
                 Reason.UNKNOWN_SENDER, f"update signed by {meta.sender} arrived on {publisher}'s topic"
             )
+        if self.compression.enabled:
+            return meta.round, Neighbour(
+                meta.sender,
+                self._admit_compressed(meta.sender, meta.round, payload),
+                max(meta.degree, 1),
+                meta.samples,
+            )
         self.check_round(meta.round)
-        params = codec.decode(payload, expected_tensors=len(self.spec))
-        codec.check_against(params, self.spec)
+        params = self._decode_plain(payload)
         return meta.round, Neighbour(meta.sender, self.flatten(params), max(meta.degree, 1), meta.samples)
+
+    def _decode_plain(self, payload: bytes | memoryview) -> Mapping[str, np.ndarray]:
+        """An uncompressed update's tensors, checked against the local model (a compressed frame is
+        refused as a compression mismatch, which says what to change)."""
+        try:
+            params = codec.decode(payload, expected_tensors=len(self.spec))
+            codec.check_against(params, self.spec)
+        except Rejected as exc:
+            if exc.reason in (Reason.TOO_MANY_TENSORS, Reason.SHAPE_MISMATCH, Reason.DTYPE_MISMATCH):
+                self._refuse_compressed(payload)
+            raise
+        return params
+
+    def _refuse_compressed(self, payload: bytes | memoryview) -> None:
+        try:
+            arrays = codec.decode(payload, max_tensors=MAX_WIRE_TENSORS)
+        except Rejected:
+            return
+        if HEAD in arrays:
+            raise Rejected(
+                Reason.COMPRESSION,
+                "update is compressed, this node uses compression 'none'; every node of a federation "
+                "needs the same [gossip] compression",
+            )
+
+    def _admit_compressed(self, sender: str, round_: int, payload: bytes | memoryview) -> np.ndarray:
+        """Check and decode a compressed update, fold it into the sender's estimate (before the
+        staleness check: a diff chain needs every message), and return the estimate to mix."""
+        if round_ > MAX_ROUNDS_AHEAD:
+            self.check_round(round_)
+        arrays = codec.decode(payload, max_tensors=max(MAX_WIRE_TENSORS, len(self.spec)))
+        message = read_wire(self.compression, arrays, self.dim, self.starts)
+        vector = self.estimates.apply(sender, round_, message)
+        self.check_round(round_)
+        return vector
 
     def check_round(self, round_: int) -> None:
         """Refuse an update older than the staleness bound (also re-checked after opening)."""
@@ -415,6 +486,7 @@ class RoundCore:
         vector = stack.mean(axis=0) if len(sources) < 3 else np.median(stack, axis=0)
         vector = np.asarray(vector, dtype=np.float32)
         self.inbox.take_newest(sources)
+        self.own_estimate.force_keyframe = True  # our model jumps: neighbours get it whole
         self.round = target
         self.inbox.drop_older(target - self.staleness)
         if self.mixer.reputation is not None:
@@ -454,5 +526,12 @@ class RoundCore:
         """
         taken = self.inbox.take(plan.neighbours, plan.round, oldest=plan.round - self.staleness)
         got = [taken[n].neighbour for n in plan.neighbours if n in taken]
-        result = self.mixer.mix(own, plan.degree, got)
-        return result, {n: plan.round - p.round for n, p in taken.items()}
+        staleness = {n: plan.round - p.round for n, p in taken.items()}
+        if not self.compression.enabled:
+            return self.mixer.mix(own, plan.degree, got), staleness
+        # compressed: the rule runs on the public estimates, the model takes gamma x that step
+        estimate = self.own_estimate.estimate
+        estimate = own if estimate is None else estimate
+        result = self.mixer.mix(estimate, plan.degree, got)
+        moved = step(own, estimate, result.vector, self.compression.gamma)
+        return dataclasses.replace(result, vector=moved), staleness

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from p2pfl import codec
+from p2pfl import codec, compression
 from p2pfl.aggregation import RULES, Neighbour, Reputation, mix_many
 from p2pfl.attacks import ATTACKS, Attack, make_attack
 from p2pfl.errors import ConfigError
@@ -240,6 +240,9 @@ class SimConfig(TaskSettings, _Federation):
     byzantine: tuple[int, ...] | int = ()
     trim: int | None = None
     reputation: tuple[tuple[str, float], ...] = ()  # rule "robust": Reputation(**dict(reputation))
+    # update compression, as the nodes' [gossip] compression / keyframe_every (p2pfl.compression)
+    compression: str = "none"
+    keyframe_every: int = 10
     # gossip exchanges per local training step: a round trains once, then mixes gossip_steps times
     # (a real node with [gossip] steps_per_round = k trains only in every k-th of its rounds)
     gossip_steps: int = 1
@@ -286,6 +289,7 @@ class SimConfig(TaskSettings, _Federation):
             self.make_reputation()
         except TypeError as exc:
             raise ConfigError(f"reputation: {exc}") from exc
+        check_compression(self.compression, self.keyframe_every, self.rule, self.topology)
         if self.attack:
             make_attack(self.attack)  # ConfigError for unknown names, listing them
         elif byz:
@@ -574,19 +578,57 @@ def gossip(
     seed: int = 0,
     samples: np.ndarray | None = None,
     radius: float | None = None,
+    compress: str = "none",
+    keyframe_every: int = 10,
 ) -> tuple[np.ndarray, list[float], np.ndarray | None]:
     """Averaging only: `rounds` gossip steps from x0 (N x P). Returns (x, consensus per round
-    including round 0, push-sum masses or None)."""
+    including round 0, push-sum masses or None). `compress`: a [gossip] compression setting, the
+    nodes (ids node-0, node-1, ...) then mix their public estimates (p2pfl.compression)."""
     x = np.array(x0, dtype=np.float32)
     net = Network(topology, x.shape[0], seed=seed)
     mass = None if samples is None else np.asarray(samples, dtype=np.float64).copy()
     dist = [consensus_distance(x)]
+    c = compression.Compression.parse(compress)
+    rg = _row_gossip(c, [f"node-{i}" for i in range(x.shape[0])], seed, x.shape[1], keyframe_every)
     for t in range(1, rounds + 1):
         rows, cols, deg = net.edges(t)
-        res = mix_many(x, rows, cols, deg, rule, radius, samples=samples, mass=mass)
-        x, mass = res.vectors, res.mass if res.mass is not None else mass
+        if rg is not None:
+            rg.send(x, deg > 0, t)
+            y = mix_many(rg.estimates, rows, cols, deg, rule, radius, samples=samples).vectors
+            x = compression.step(x, rg.estimates, y, c.gamma)
+        else:
+            res = mix_many(x, rows, cols, deg, rule, radius, samples=samples, mass=mass)
+            x, mass = res.vectors, res.mass if res.mass is not None else mass
         dist.append(consensus_distance(x))
     return x, dist, (mass if rule == "push-sum" else None)
+
+
+def check_compression(setting: str, keyframe_every: int, rule: str, topology: str | Topology) -> None:
+    """ConfigError unless a simulated federation can run this compression (as a node's config)."""
+    c = compression.Compression.parse(setting)
+    if not c.enabled:
+        return
+    if not isinstance(keyframe_every, int) or keyframe_every < 1:
+        raise ConfigError(f"keyframe_every must be an integer >= 1, got {keyframe_every!r}")
+    if rule == "push-sum":
+        raise ConfigError("compression mixes public estimates; use a rule other than push-sum")
+    topo = parse_topology(topology) if isinstance(topology, str) else topology
+    if c.diff and topo.time_varying:
+        raise ConfigError(
+            f"compression {setting!r} sends differences that every neighbour must see; the time-varying "
+            f"topology {topo.kind!r} changes neighbours each round: use a static topology, or fp16, bf16 "
+            "or int8"
+        )
+
+
+def _row_gossip(
+    c: compression.Compression, ids: Sequence[str], seed: int, d: int, keyframe_every: int
+) -> compression.RowGossip | None:
+    """Every node's compression state at once (None: no compression); node i's key from ids[i]."""
+    if not c.enabled:
+        return None
+    keys = np.array([compression.node_key(nid, seed) for nid in ids], dtype=np.uint64)
+    return compression.RowGossip.start(c, keys, d, compression.chunk_starts(c, d), keyframe_every)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -774,6 +816,9 @@ class Simulation:
 
     def _mix(self, round: int) -> None:
         cfg = self.cfg
+        if self._compression().enabled:
+            self._mix_compressed(round)
+            return
         rows, cols, deg = self.net.edges(round)
         if cfg.drop > 0 and len(rows):
             keep = np.random.default_rng([cfg.seed, round, 7]).random(len(rows)) >= cfg.drop
@@ -829,6 +874,75 @@ class Simulation:
         self.x, self.mass = new, new_mass
         self._note_reputation(reps if self.reputations is not None else None, ids)
 
+    def _compression(self) -> compression.Compression:
+        return compression.Compression.parse(self.cfg.compression)
+
+    def _gossip_state(self) -> compression.RowGossip:
+        """The nodes' public estimates (built at the first compressed exchange)."""
+        rg: compression.RowGossip | None = self.__dict__.get("_rows")
+        if rg is None:
+            cfg, d = self.cfg, self.x.shape[1]
+            width = len(str(max(cfg.nodes - 1, 0)))  # Network's default ids
+            ids = list(cfg.ids) if cfg.ids is not None else [f"node-{i:0{width}d}" for i in range(cfg.nodes)]
+            rg = _row_gossip(self._compression(), ids, cfg.seed, d, cfg.keyframe_every)
+            assert rg is not None
+            rg.starts = compression.chunk_starts(
+                self._compression(), d, [int(np.prod(s)) for s, _ in self.spec.values()]
+            )
+            self.__dict__["_rows"] = rg
+        return rg
+
+    def _mix_compressed(self, round: int) -> None:
+        """One exchange of compressed updates: every node sends Q(x) or Q(x - x̂) and the rule runs on
+        the public estimates x̂ (what the neighbours hold), then x += gamma (y - x̂), as RoundCore.mix
+        on a node. A lost diff leaves its receiver out of sync with that sender until a keyframe."""
+        cfg, c = self.cfg, self._compression()
+        rows, cols, deg = self.net.edges(round)
+        lost_rows = lost_cols = np.zeros(0, dtype=np.int64)
+        if cfg.drop > 0 and len(rows):
+            keep = np.random.default_rng([cfg.seed, round, 7]).random(len(rows)) >= cfg.drop
+            lost_rows, lost_cols, rows, cols = rows[~keep], cols[~keep], rows[keep], cols[keep]
+        rg = self._gossip_state()
+        crafted = self._craft(round)
+        kinds = rg.send(self.x if crafted is None else crafted, deg > 0, round)
+        for i, d in enumerate(deg.tolist()):
+            if d:
+                self.sent[i] += self._message(d, int(kinds[i])) * d
+        usable = rg.deliver(rows, cols, lost_rows, lost_cols, kinds)
+        rows, cols, est = rows[usable], cols[usable], rg.estimates
+        ids = list(cfg.ids) if cfg.ids is not None else None
+        if cfg.vectorised:
+            for b in self.byzantine:
+                self.mixers[b].heard = [est[j] for j in cols[rows == b].tolist()]
+            many = mix_many(
+                est,
+                rows,
+                cols,
+                deg,
+                cfg.rule,
+                cfg.radius,
+                samples=self.samples,
+                reputations=self.reputations,
+                ids=ids,
+                trim=cfg.trim,
+            )
+            mixed, reps = many.vectors, many.reputation
+        else:
+            mixed = np.empty_like(est)
+            starts = np.searchsorted(rows, np.arange(cfg.nodes + 1))
+            reps = []
+            for i in range(cfg.nodes):
+                name = (lambda j: str(j)) if ids is None else ids.__getitem__
+                got = [  # in node id order, as a node's plan lists its neighbours (same float sums)
+                    Neighbour(name(j), est[j], int(deg[j]), int(self.samples[j]))
+                    for j in sorted(cols[starts[i] : starts[i + 1]].tolist(), key=name)
+                ]
+                one = self.mixers[i].mix(est[i], int(deg[i]), got)
+                mixed[i] = one.vector
+                reps.append(one.reputation)
+        self.x = compression.step(self.x, est, mixed, c.gamma)
+        self._note_reputation(reps if self.reputations is not None else None, ids)
+
     def _note_reputation(self, reps: list[dict[str, float]] | None, ids: list[str] | None) -> None:
         """Count the edges at honest receivers judged this round and those down-weighted, each as
         (from Byzantine, from honest senders)."""
@@ -846,10 +960,18 @@ class Simulation:
                 flagged[kind] += score < 1.0
         self._flagged, self._judged = (flagged[0], flagged[1]), (judged[0], judged[1])
 
-    def _message(self, degree: int) -> int:
-        if degree not in self._bytes:
-            self._bytes[degree] = message_bytes(self._params0, degree)
-        return self._bytes[degree]
+    def _message(self, degree: int, kind: int = -1) -> int:
+        """Bytes of one sealed update for `degree` neighbours (a compressed one of `kind`)."""
+        key = degree if kind < 0 else -(4 * degree + kind + 1)  # compressed kinds: negative keys
+        if key not in self._bytes:
+            c = self._compression()
+            params = (
+                self._params0
+                if kind < 0 or not c.enabled
+                else compression.wire_template(c, self.x.shape[1], kind, len(self._gossip_state().starts))
+            )
+            self._bytes[key] = message_bytes(params, degree)
+        return self._bytes[key]
 
     def _evaluate(self, nodes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(accuracy, test loss) of the given nodes (default: every node, in node order)."""
