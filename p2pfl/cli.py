@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from p2pfl import federation_cli, model_cli
+from p2pfl import federation_cli, model_cli, report_cli
 from p2pfl.errors import P2PFLError
 from p2pfl.federation_cli import DAY, PUBLIC_KEYS
 
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     testbed.set_defaults(func=_testbed)
     model_cli.add_commands(sub)
+    report_cli.add_commands(sub)
     return parser
 
 

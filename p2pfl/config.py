@@ -92,6 +92,8 @@ class SecuritySection:
 class MetricsSection:
     path: str = ""  # default: <data_dir>/metrics.jsonl
     save_models: bool = False  # write <data_dir>/models/round_NNNN.npy (flat float32) every round
+    tensorboard: bool = False  # also write scalars per round for TensorBoard (needs the tensorboard extra)
+    tensorboard_dir: str = ""  # default: <data_dir>/tensorboard
 
 
 @dataclass
@@ -462,6 +464,7 @@ def load(path: Path | str | None) -> NodeConfig:
     base = Path(path).absolute().parent
     cfg.node.data_dir = _beside(base, cfg.node.data_dir)
     cfg.metrics.path = _beside(base, cfg.metrics.path)
+    cfg.metrics.tensorboard_dir = _beside(base, cfg.metrics.tensorboard_dir)
     task = cfg.task
     cfg.task = dataclasses.replace(
         task,
@@ -520,6 +523,7 @@ KEY_NOTES: dict[str, dict[str, str]] = {
         "lr_rounds": "cosine: rounds to anneal over; 0: [training] rounds",
     },
     "training": {"rounds": "0: run until stopped"},
+    "metrics": {"tensorboard": 'scalars per round for TensorBoard (pip install "p2pfl-mesh[tensorboard]")'},
     "privacy": {
         "enabled": "DP-SGD local training (needs Opacus: pip install 'p2pfl[privacy]')",
         "noise_multiplier": "noise std / max_grad_norm; set this or target_epsilon",

@@ -4,26 +4,42 @@ Every refusal is counted, but its log line is rate-limited (`LogLimiter`): a pee
 connections, that makes the node refuse thousands of times a second would otherwise fill the disk
 with near-identical lines (~150 B each). Neither a failed metrics write nor a failing log handler
 may stop the training: both are swallowed here, the former logged.
+
+Each round record goes to metrics.jsonl and then to the sinks: callables that receive the record
+(an embedding program's `on_round` callback, the optional TensorBoard writer). A sink that raises
+is logged and skipped; it never stops the node. The first record a node process writes carries
+`settings` (task, topology, rule, rounds), so `p2pfl report` can title its plots from the metrics
+alone, even when the node.toml stayed on another machine.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from p2pfl.errors import Reason
+from p2pfl.errors import ConfigError, Reason
+
+if TYPE_CHECKING:
+    from p2pfl.config import NodeConfig
 
 __all__ = [
+    "TENSORBOARD_INSTALL",
     "LogLimiter",
     "Metrics",
+    "RoundSink",
+    "TensorBoardSink",
     "read_jsonl",
+    "run_settings",
+    "tensorboard_dir",
 ]
 
 log = logging.getLogger("p2pfl.metrics")
@@ -152,8 +168,25 @@ class LogLimiter:
         return lines
 
 
+RoundSink = Callable[[dict[str, Any]], None]  # receives each round record, after it is on disk
+
+TENSORBOARD_INSTALL = 'pip install "p2pfl-mesh[tensorboard]"'
+TENSORBOARD_SCALARS = {  # record key -> TensorBoard tag
+    "accuracy": "accuracy/test",
+    "test_loss": "loss/test",
+    "train_loss": "loss/train",
+    "round_s": "time/round_s",
+    "bytes_out": "bytes/sent_total",
+    "bytes_in": "bytes/received_total",
+    "epsilon": "privacy/epsilon",
+    "members": "mesh/members",
+    "own_weight": "mixing/own_weight",
+}
+
+
 class Metrics:
-    """Counts what the node refused and moved, and appends round records to a JSONL file."""
+    """Counts what the node refused and moved, appends round records to a JSONL file and hands each
+    record to the sinks."""
 
     def __init__(
         self,
@@ -161,13 +194,28 @@ class Metrics:
         *,
         log_interval_s: float = LOG_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        sinks: Sequence[RoundSink] = (),
+        settings: dict[str, Any] | None = None,
     ) -> None:
         self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)  # appended to: a restarted node's log goes on
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
         self.bytes_out = 0
+        self.sinks = list(sinks)
+        self._settings = settings  # written into the first record only
         self._limiter = LogLimiter(log, log_interval_s, clock=clock)
+
+    @classmethod
+    def for_node(cls, cfg: NodeConfig, on_round: RoundSink | None = None) -> Metrics:
+        """The node's metrics: its JSONL file, TensorBoard when [metrics] tensorboard is on (a
+        ConfigError at start if the package is missing), then the embedding program's callback."""
+        sinks: list[RoundSink] = []
+        if cfg.metrics.tensorboard:
+            sinks.append(TensorBoardSink(tensorboard_dir(cfg)))
+        if on_round is not None:
+            sinks.append(on_round)
+        return cls(cfg.metrics_path, sinks=sinks, settings=run_settings(cfg))
 
     def reject(self, reason: Reason, detail: str, peer: str = "?") -> None:
         """Every refusal is counted; its log line is rate-limited per reason and peer (see LogLimiter)."""
@@ -183,7 +231,8 @@ class Metrics:
         )
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record; a failure is logged, never raised (the training matters more than its log)."""
+        """Append one record, then hand it to each sink; a failure is logged, never raised (the
+        training matters more than its log)."""
         self._limiter.flush()
         record = {
             **record,
@@ -191,22 +240,89 @@ class Metrics:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
         }
+        if self._settings is not None:
+            record["settings"], self._settings = self._settings, None
         try:
             line = json.dumps(record) + "\n"
             with self.path.open("a") as fh:
                 fh.write(line)
         except (OSError, TypeError, ValueError) as exc:  # full disk, no fd left, a value json cannot hold
             _safe_log(log, logging.ERROR, "could not append to %s: %s", self.path, exc)
+        for sink in self.sinks:
+            try:
+                sink(dict(record))  # a copy: a sink that edits it cannot reach the next one
+            except Exception as exc:  # noqa: BLE001 - a callback or writer must not stop the node
+                _safe_log(log, logging.ERROR, "metrics sink %r failed: %r", sink, exc)
+
+
+def run_settings(cfg: NodeConfig) -> dict[str, Any]:
+    """What a report's titles say about the run: the federation-wide choices in this node's config."""
+    return {
+        "task": cfg.task.name,
+        "partition": cfg.task.partition,
+        "topology": cfg.gossip.topology,
+        "rule": cfg.gossip.rule,
+        "rounds": cfg.training.rounds,
+        "expect_peers": cfg.discovery.expect_peers,
+    }
+
+
+def tensorboard_dir(cfg: NodeConfig) -> Path:
+    """[metrics] tensorboard_dir, or <data_dir>/tensorboard (one folder per node: point
+    `tensorboard --logdir` at a folder above several nodes' to compare them)."""
+    return Path(cfg.metrics.tensorboard_dir) if cfg.metrics.tensorboard_dir else cfg.data_dir / "tensorboard"
+
+
+class TensorBoardSink:
+    """Scalars per round (accuracy, losses, round time, bytes, epsilon when DP is on) in a
+    TensorBoard event file, through torch.utils.tensorboard; flushed every round, so a node killed
+    at any point leaves every finished round readable."""
+
+    def __init__(self, log_dir: Path) -> None:
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(
+                f"[metrics] tensorboard = true needs the tensorboard package: {TENSORBOARD_INSTALL} "
+                "(or set tensorboard = false)"
+            )
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
+
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = log_dir
+        self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        step = record.get("round")
+        if not isinstance(step, int):
+            return
+        for key, tag in TENSORBOARD_SCALARS.items():
+            value = record.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                self._writer.add_scalar(tag, value, global_step=step)
+        rejected = record.get("rejected")
+        if isinstance(rejected, dict):
+            self._writer.add_scalar("mesh/rejected_total", sum(rejected.values()), global_step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __repr__(self) -> str:
+        return f"TensorBoardSink({str(self.log_dir)!r})"
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a metrics file, tolerating a half-written last line from a node that is still running."""
+    """Every well-formed record of a metrics file. Lines that do not parse (a last line cut short by
+    a kill -9 during a write, or such a fragment followed by a restarted node's records) are skipped."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return []
     records: list[dict[str, Any]] = []
-    if not path.exists():
-        return records
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            break
+            continue
+        if isinstance(record, dict):
+            records.append(record)
     return records

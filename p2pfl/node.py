@@ -32,7 +32,7 @@ from p2pfl.identity import Identity, load_or_create
 from p2pfl.learning import get_params, load_task, set_params, unflatten
 from p2pfl.learning.privacy import attach_privacy
 from p2pfl.mesh import Mesh, MqttMesh
-from p2pfl.metrics import Metrics
+from p2pfl.metrics import Metrics, RoundSink
 from p2pfl.round import CatchUp, Pace, Plan, RoundCore
 from p2pfl.topology import parse_topology
 from p2pfl.warmup import warm_up
@@ -109,14 +109,18 @@ class TrainingDiverged(P2PFLError):
 class Node:
     """A single federation member: the asyncio shell around the round core, over a mesh."""
 
-    def __init__(self, cfg: NodeConfig, *, mesh: Mesh | None = None) -> None:
+    def __init__(
+        self, cfg: NodeConfig, *, mesh: Mesh | None = None, on_round: RoundSink | None = None
+    ) -> None:
+        """`on_round(record)` is called in the event loop after each round's metrics record is written
+        (the dict of one metrics.jsonl line); an exception in it is logged, never stops the node."""
         self.cfg = cfg
         self.identity, self.cert, self.root = load_credentials(cfg.data_dir)
         self.revocations = revocation.load(cfg.data_dir / revocation.REVOCATION_FILE, self.root)
         if cfg.node.name == NodeSection.name:  # not set: the name the federation certified
             cfg.node.name = self.cert.name
         self.node_id = self.identity.node_id
-        self.metrics = Metrics(cfg.metrics_path)
+        self.metrics = Metrics.for_node(cfg, on_round)  # + TensorBoard when [metrics] tensorboard
         attack = make_attack(cfg.attack.kind, cfg.attack.seed) if cfg.attack.kind else None
         self.task = load_task(cfg.task)
         if attack is not None:

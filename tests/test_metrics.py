@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
 
 import pytest
 
-from p2pfl.errors import Reason
-from p2pfl.metrics import LogLimiter, Metrics, read_jsonl
+from p2pfl import config
+from p2pfl.config import NodeConfig, validate
+from p2pfl.errors import ConfigError, Reason
+from p2pfl.metrics import LogLimiter, Metrics, read_jsonl, tensorboard_dir
 
 
 class Clock:
@@ -117,3 +120,89 @@ def test_neither_a_failed_write_nor_a_failing_log_handler_is_fatal(tmp_path: Pat
         logger.removeHandler(handler)
     assert [r["round"] for r in read_jsonl(target)] == [3]
     assert json.loads(target.read_text())["rejected"] == {"malformed": 1}
+
+
+# -- sinks: the embedding program's callback, TensorBoard --------------------------------------------
+
+
+def node_cfg(tmp_path: Path, **metrics: object) -> NodeConfig:
+    cfg = NodeConfig()
+    cfg.node.data_dir = str(tmp_path / "node")
+    for key, value in metrics.items():
+        setattr(cfg.metrics, key, value)
+    return validate(cfg)
+
+
+def test_each_record_reaches_the_sinks_and_the_first_carries_the_run_settings(tmp_path: Path) -> None:
+    seen: list[dict] = []
+    metrics = Metrics.for_node(node_cfg(tmp_path), on_round=seen.append)
+    metrics.bytes_out = 10
+    metrics.write({"round": 1})
+    metrics.write({"round": 2})
+    assert [r["round"] for r in seen] == [1, 2] and seen[0]["bytes_out"] == 10
+    assert seen[0]["settings"]["topology"] == "ring" and "settings" not in seen[1]
+    assert read_jsonl(metrics.path) == seen  # the callback gets exactly the line on disk
+
+
+def test_a_failing_sink_is_logged_and_the_others_still_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[int] = []
+
+    def broken(record: dict) -> None:
+        record["round"] = -1  # a sink edits its copy only
+        raise ValueError("callback bug")
+
+    metrics = Metrics(tmp_path / "m.jsonl", sinks=[broken, lambda r: seen.append(r["round"])])
+    caplog.set_level(logging.ERROR, logger="p2pfl.metrics")
+    metrics.write({"round": 1})
+    assert seen == [1] and "callback bug" in caplog.text
+    assert read_jsonl(tmp_path / "m.jsonl")[0]["round"] == 1
+
+
+def test_tensorboard_on_without_the_package_stops_at_start_with_the_install_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r'pip install "p2pfl-mesh\[tensorboard\]"'):
+        Metrics.for_node(node_cfg(tmp_path, tensorboard=True))
+    Metrics.for_node(node_cfg(tmp_path))  # off: the package is not needed
+
+
+def test_tensorboard_gets_a_scalar_per_round(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = tmp_path / "tb"
+    metrics = Metrics.for_node(node_cfg(tmp_path, tensorboard=True, tensorboard_dir=str(log_dir)))
+    for r in (1, 2, 3):
+        metrics.write(
+            {
+                "round": r,
+                "accuracy": 0.5 + r / 10,
+                "round_s": 1.5,
+                "epsilon": None,
+                "train_loss": float("nan"),
+            }
+        )
+    events = EventAccumulator(str(log_dir))
+    events.Reload()  # flushed every round: readable while the node runs
+    assert [(e.step, round(e.value, 3)) for e in events.Scalars("accuracy/test")] == [
+        (1, 0.6),
+        (2, 0.7),
+        (3, 0.8),
+    ]
+    tags = set(events.Tags()["scalars"])
+    assert {"time/round_s", "bytes/sent_total", "mesh/rejected_total"} <= tags
+    assert "privacy/epsilon" not in tags and "loss/train" not in tags  # None and NaN are left out
+
+
+def test_tensorboard_dir_defaults_to_the_data_dir_and_resolves_beside_the_config(tmp_path: Path) -> None:
+    assert tensorboard_dir(node_cfg(tmp_path)) == tmp_path / "node" / "tensorboard"
+    path = tmp_path / "site" / "node.toml"
+    path.parent.mkdir()
+    path.write_text('[node]\ndata_dir = "data"\n[metrics]\ntensorboard_dir = "tb"\n')
+    assert tensorboard_dir(config.load(path)) == tmp_path / "site" / "tb"

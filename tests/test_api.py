@@ -1,0 +1,76 @@
+"""The Python API: a Node embedded in another asyncio program, with a callback per round."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from helpers import certify
+from memory_mesh import Hub
+
+from p2pfl.config import NodeConfig, validate
+from p2pfl.federation import FederationAuthority
+from p2pfl.learning.spec import TaskSpec
+from p2pfl.metrics import read_jsonl
+from p2pfl.node import Node
+
+
+def make_node(tmp: Path, authority: FederationAuthority, hub: Hub, i: int, rounds: int, **kw: object) -> Node:
+    cfg = NodeConfig()
+    cfg.node.name, cfg.node.data_dir = f"node-{i}", str(tmp / f"n{i}")
+    cfg.discovery.expect_peers, cfg.discovery.wait_s = 1, 120.0
+    cfg.task = TaskSpec(name="synthetic-logreg", shard=i, num_shards=2, lr=0.5)
+    cfg.training.rounds = rounds
+    cfg.gossip.round_timeout_s, cfg.gossip.linger_s = 300.0, 0.0
+    _, cert = certify(authority, cfg.node.name, cfg.data_dir)
+    return Node(validate(cfg), mesh=hub.mesh(cert), **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(240)
+def test_on_round_sees_every_record_and_can_stop_the_node(tmp_path: Path) -> None:
+    """The host program's callback gets each round's record as written; asking the node to stop
+    from it ends run() normally, with the final model saved."""
+    authority, hub = FederationAuthority.create(tmp_path / "federation"), Hub()
+    seen: list[dict] = []
+    holder: list[Node] = []
+
+    def on_round(record: dict) -> None:
+        seen.append(record)
+        if record["round"] == 3:
+            holder[0].request_stop()
+
+    host = make_node(tmp_path, authority, hub, 0, 0, on_round=on_round)  # rounds 0: until stopped
+    holder.append(host)
+    peer = make_node(tmp_path, authority, hub, 1, 0)
+
+    async def main() -> None:
+        peer_run = asyncio.ensure_future(peer.run())
+        await host.run()
+        peer.request_stop()
+        await peer_run
+
+    asyncio.run(main())
+    assert [r["round"] for r in seen] == [1, 2, 3]
+    assert seen == read_jsonl(host.cfg.metrics_path)
+    assert {"accuracy", "train_loss", "round_s", "bytes_out", "neighbours"} <= set(seen[-1])
+    assert (host.cfg.data_dir / "model.npz").exists()
+
+
+@pytest.mark.timeout(240)
+def test_a_raising_callback_does_not_stop_the_training(tmp_path: Path) -> None:
+    authority, hub = FederationAuthority.create(tmp_path / "federation"), Hub()
+
+    def on_round(record: dict) -> None:
+        raise RuntimeError("bug in the host program")
+
+    nodes = [
+        make_node(tmp_path, authority, hub, 0, 2, on_round=on_round),
+        make_node(tmp_path, authority, hub, 1, 2),
+    ]
+
+    async def main() -> None:
+        await asyncio.gather(*(n.run() for n in nodes))
+
+    asyncio.run(main())
+    assert [r["round"] for r in read_jsonl(nodes[0].cfg.metrics_path)] == [1, 2]
