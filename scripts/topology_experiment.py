@@ -16,6 +16,14 @@ by --compare-on (default: dirichlet, where shard sizes differ).
     python scripts/topology_experiment.py                      # the default grid (a few minutes)
     python scripts/topology_experiment.py --quick              # a smoke test (seconds)
     python scripts/topology_experiment.py --topologies ring,exponential --sizes 64 --rounds 50
+
+Compression comparison (--compression, a comma list of [gossip] compression settings, ";" between
+settings that carry options): every setting on every topology and size of the grid (mean rule, the
+first partition), against uncompressed updates, into compression.md / compression.csv: bytes per
+node-round, rounds and bytes until EVERY node reaches --target, final mean / min accuracy.
+
+    python scripts/topology_experiment.py --compression none,fp16,bf16,int8,topk:0.1,topk:0.01 \
+        --topologies ring,exponential --sizes 16 --task digits-mlp --lr 0.5 --rounds 60 --target 0.9
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import numpy as np  # noqa: E402
 
 from p2pfl import reporting  # noqa: E402
 from p2pfl.aggregation import rule_names  # noqa: E402
+from p2pfl.compression import Compression  # noqa: E402
 from p2pfl.reporting import fmt  # noqa: E402
 from p2pfl.sim import SimResult, Simulation, config_from_args, set_torch_threads  # noqa: E402
 from p2pfl.topology import parse_topology  # noqa: E402
@@ -105,6 +114,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch threads (default 1: the batched steps are small, and extra threads only spin "
         "when other work shares the cores)",
     )
+    p.add_argument(
+        "--compression",
+        dest="compressions",
+        default="",
+        help="compare these [gossip] compression settings (comma list; ';' when one has options) "
+        "instead of the rules: writes compression.md",
+    )
+    p.add_argument("--keyframe-every", type=int, default=10, help="compression: rounds between keyframes")
     p.add_argument("--out", default="runs/topology")
     p.add_argument("--quick", action="store_true", help="ring/exponential/full, n=16, 20 rounds")
     p.add_argument("--no-plots", action="store_true")
@@ -365,8 +382,104 @@ def plots(out: Path, results: dict[str, tuple[Run, SimResult]], a: argparse.Name
     return written
 
 
+def compression_settings(text: str) -> list[str]:
+    """The --compression list: split at ';' if present (settings with options), else at ','."""
+    parts = text.split(";") if ";" in text else text.split(",")
+    settings = [p.strip() for p in parts if p.strip()]
+    for setting in settings:
+        Compression.parse(setting)  # fail before the first run on a typo
+    return settings if "none" in settings else ["none", *settings]
+
+
+def compression_row(top: str, n: int, setting: str, res: SimResult, target: float, seconds: float) -> dict:
+    final = res.final
+    rounds = len(res.rounds)
+    sent = res.rounds[-1].bytes_per_node if res.rounds else 0.0
+    return {
+        "topology": top,
+        "nodes": n,
+        "compression": setting,
+        "gamma": Compression.parse(setting).gamma,
+        "bytes_per_node_round": sent / max(rounds, 1),
+        "rounds_to_target": res.rounds_to(target, "min"),
+        "bytes_to_target": res.bytes_to(target, "min"),
+        "final_mean_accuracy": final.mean_accuracy if final else None,
+        "final_min_accuracy": final.min_accuracy if final else None,
+        "final_consensus": res.rounds[-1].consensus if res.rounds else None,
+        "seconds": seconds,
+    }
+
+
+def compression_markdown(rows: list[dict], a: argparse.Namespace) -> str:
+    """One table: each setting beside the uncompressed run of the same topology and size (ratios)."""
+    base = {(r["topology"], r["nodes"]): r for r in rows if r["compression"] == "none"}
+    lines = [
+        f"Task {a.task} (lr {a.lr}), partition {a.partitions.split(',')[0]}, rule mean, {a.rounds} rounds, "
+        f"keyframe every {a.keyframe_every} rounds (diff form); target: every node >= {a.target}.",
+        "",
+        "| topology | N | compression | gamma | KB / node-round | x smaller | rounds to target | "
+        "MB to target | x fewer bytes | final mean | final min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b = base.get((r["topology"], r["nodes"]))
+        smaller = (
+            b["bytes_per_node_round"] / r["bytes_per_node_round"] if b and r["bytes_per_node_round"] else None
+        )
+        fewer = (
+            b["bytes_to_target"] / r["bytes_to_target"]
+            if b and b["bytes_to_target"] and r["bytes_to_target"]
+            else None
+        )
+        lines.append(
+            f"| {r['topology']} | {r['nodes']} | {r['compression']} | {r['gamma']:g} | "
+            f"{r['bytes_per_node_round'] / 1e3:.1f} | {fmt(smaller, '.1f')} | "
+            f"{fmt(r['rounds_to_target'], 'd', '-')} | {_mb(r['bytes_to_target'])} | {fmt(fewer, '.1f')} | "
+            f"{fmt(r['final_mean_accuracy'])} | {fmt(r['final_min_accuracy'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_compression(a: argparse.Namespace) -> int:
+    """The compression comparison (--compression): compression.csv and compression.md in --out."""
+    settings = compression_settings(a.compressions)
+    tops = [t.strip() for t in a.topologies.split(",") if t.strip()]
+    sizes = [int(v) for v in a.sizes.split(",") if v.strip()]
+    partition = a.partitions.split(",")[0].strip()
+    set_torch_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    started = time.perf_counter()
+    for n in sizes:
+        for top in tops:
+            for setting in settings:
+                t0 = time.perf_counter()
+                cfg = config_from_args(
+                    a, nodes=n, topology=top, rule="mean", partition=partition, compression=setting
+                )
+                res = Simulation(cfg).run(gap=False)
+                row = compression_row(top, n, setting, res, a.target, time.perf_counter() - t0)
+                rows.append(row)
+                print(
+                    f"{top} n={n} {setting:<22} {row['bytes_per_node_round'] / 1e3:8.1f} KB/node-round  "
+                    f"target@{fmt(row['rounds_to_target'], 'd', '-'):>4} ({_mb(row['bytes_to_target'])} MB)  "
+                    f"acc {fmt(row['final_mean_accuracy'])} (min {fmt(row['final_min_accuracy'])})  "
+                    f"{row['seconds']:.1f} s",
+                    flush=True,
+                )
+    reporting.write_rows(out / "compression.csv", rows)
+    table = compression_markdown(rows, a)
+    (out / "compression.md").write_text(table)
+    print(table)
+    print(f"{len(rows)} runs in {time.perf_counter() - started:.0f} s; wrote {out / 'compression.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.compressions:
+        return run_compression(a)
     runs = grid(a)
     set_torch_threads(a.threads)
     console, out = reporting.start_grid(a.out, len(runs), a.rounds)
