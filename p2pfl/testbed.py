@@ -189,6 +189,7 @@ def node_config(
         args.rule,
         args.round_timeout,
     )
+    cfg.gossip.compression = getattr(args, "compression", "none")
     cfg.metrics.save_models = True
     if index in byzantine_indices(args.nodes, args.byzantine):
         cfg.attack.kind, cfg.attack.seed = args.attack, args.seed + index
@@ -600,6 +601,11 @@ def build_parser(prog: str = "testbed") -> argparse.ArgumentParser:
         help="Dirichlet concentration for --partition dirichlet",
     )
     p.add_argument("--rule", default="robust", choices=aggregation.node_rules())
+    p.add_argument(
+        "--compression",
+        default="none",
+        help="[gossip] compression of every node: none, fp16, bf16, int8[:CHUNK], topk:FRACTION",
+    )
     p.add_argument(
         "--lr",
         type=_float_above(0.0),
