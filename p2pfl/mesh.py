@@ -1,4 +1,5 @@
-"""The node's view of the network: who is a proven member, and how an update reaches its recipients.
+"""The node's view of the network: who is a member, which links it holds, and how an update reaches
+its recipients.
 
 `Mesh` is what the node needs from a transport; the node is handed one, so multi-node logic can be
 tested with an in-memory mesh while end-to-end tests run `MqttMesh`, the real thing:
@@ -6,28 +7,37 @@ tested with an in-memory mesh while end-to-end tests run `MqttMesh`, the real th
 - its own broker (the outbox), where it publishes its certificate and one copy of each update per
   recipient, on that recipient's inbox topic; every client connects with mutual TLS and is known by
   the node id its certificate proves;
-- a link to every advertised peer's broker (mDNS, or static peers), over mutual TLS: the broker's
-  certificate must prove the node id discovery advertised; the link fetches the peer's p2pfl
-  certificate (it carries the box key updates are sealed to) and subscribes to its updates for us;
-- membership: the peers whose broker proved its node id in the TLS handshake and whose p2pfl
-  certificate chains to the federation root, names that node, and matches what discovery advertised.
+- membership without links (`p2pfl.membership`): the peers discovery advertises now whose
+  certificate, fetched once per advertised fingerprint over a short mutual-TLS session to the peer's
+  broker (which must prove the advertised node id), chains to the federation root and matches the
+  advertisement;
+- links only to the neighbours the topology gives (`follow`, `p2pfl.linkset`): a link to a
+  neighbour's broker subscribes to our inbox there, which is how its updates reach us; a link no
+  longer needed is closed after a grace period, and closing it leaves membership as it is;
+- static peers (no mDNS) keep a link each for as long as the node runs: nothing else says they are up.
+
+`reachable(n)` is False for a neighbour whose link failed or dropped, so a round does not wait for a
+peer that is gone while discovery still advertises it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from p2pfl.config import NodeConfig
 from p2pfl.discovery import Discovery, PeerAd
-from p2pfl.errors import Reason, Rejected
+from p2pfl.errors import Rejected
 from p2pfl.federation import Certificate, FederationRoot
 from p2pfl.identity import Identity
+from p2pfl.linkset import LinkSet
+from p2pfl.membership import Roster, check_certificate
 from p2pfl.metrics import Metrics
 from p2pfl.resources import ensure_fd_headroom, fd_need
 from p2pfl.tls import NodeTls, load_node_tls, peer_node_id
@@ -40,12 +50,29 @@ log = logging.getLogger("p2pfl.mesh")
 
 OnUpdate = Callable[[str, bytes], Awaitable[None]]  # (publisher node id, message)
 
+MAX_FETCHES = 4  # certificate fetches under way at once (each a short TLS session)
+FETCH_TIMEOUT_S = 15.0  # one fetch attempt; a peer that does not answer is tried again later
+FETCH_RETRY_S = (2.0, 5.0, 10.0, 30.0)  # waits before the next attempt after 1, 2, 3, 4+ failures
+
 
 class Mesh(Protocol):
-    """What the node needs from the network; `on_change` fires whenever membership may have changed."""
+    """What the node needs from the network; `on_change` fires whenever membership or a neighbour's
+    reachability may have changed."""
 
     def members(self) -> dict[str, Certificate]:
-        """Proven members reachable now (the node itself not included)."""
+        """Certified peers advertised now (the node itself not included); no link needed."""
+        ...
+
+    def reachable(self, node_id: str) -> bool:
+        """False once the link to this neighbour failed or dropped (until it is up again)."""
+        ...
+
+    def follow(self, neighbours: Collection[str]) -> None:
+        """Hold links to these peers (the coming rounds' neighbours); close others after a grace."""
+        ...
+
+    def links(self) -> int:
+        """Links open now (neighbours, static peers, certificate fetches under way)."""
         ...
 
     async def start(self, on_update: OnUpdate, on_change: Callable[[], None]) -> None: ...
@@ -56,16 +83,24 @@ class Mesh(Protocol):
 
 
 @dataclass
+class Fetch:
+    """A certificate fetch: a link that subscribes to the peer's certificate only; `done` once known."""
+
+    link: PeerLink
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    started: bool = False  # holds a fetch slot (its link is open or opening)
+
+
+@dataclass
 class Peer:
-    """One neighbour broker we hold a link to; `cert` is set once its certificate checks out."""
+    """A static peer's broker (no mDNS): linked for as long as the node runs; `cert` once checked."""
 
     link: PeerLink
     cert: Certificate | None = None
-    fingerprint: str | None = None  # what mDNS advertised; the certificate must match it
 
 
 class MqttMesh:
-    """Own embedded broker + links to peers' brokers + mDNS discovery, all sessions mutual TLS."""
+    """Own embedded broker + links to neighbours' brokers + mDNS discovery, all sessions mutual TLS."""
 
     def __init__(
         self,
@@ -85,7 +120,13 @@ class MqttMesh:
         self.fed = root.federation_id
         self.tls = tls or load_node_tls(cfg.data_dir, identity, cert, root)
         self._client_tls = self.tls.client_context()
-        self.peers: dict[str, Peer] = {}  # by "host:port"
+        self.roster = Roster(root)
+        self.peers: dict[str, Peer] = {}  # static peers, by "host:port"
+        self.neighbour_links: dict[str, PeerLink] = {}  # by node id
+        self.linkset = LinkSet()
+        self._fetching: dict[str, Fetch] = {}  # fingerprint -> its fetch, while under way
+        self._fetch_failures: dict[str, int] = {}  # fingerprint -> failed attempts so far
+        self._fetch_slots = asyncio.Semaphore(MAX_FETCHES)
         self.door_limits = _door_limits(cfg.node.host)
         self.outbox = Outbox(
             cfg.node.host,
@@ -100,16 +141,42 @@ class MqttMesh:
         self.discovery: Discovery | None = None
         self._on_update: OnUpdate | None = None
         self._on_change: Callable[[], None] = lambda: None
-        self._tasks: set[asyncio.Task[None]] = set()  # link starts/stops: kept so none is lost
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()  # link starts/stops, fetches: kept so none is lost
 
     # -- Mesh ---------------------------------------------------------------------------------------
 
     def members(self) -> dict[str, Certificate]:
-        return {
-            p.cert.node_id: p.cert
-            for p in self.peers.values()
-            if p.cert and p.link.connected and p.link.peer_id == p.cert.node_id
-        }
+        found = self.roster.members()
+        for peer in self.peers.values():
+            c = peer.cert
+            if (
+                c
+                and peer.link.connected
+                and peer.link.peer_id == c.node_id
+                and c.node_id not in self.root.revoked
+            ):
+                found.setdefault(c.node_id, c)
+        found.pop(self.node_id, None)
+        return found
+
+    def reachable(self, node_id: str) -> bool:
+        link = self.neighbour_links.get(node_id)
+        return link is None or not link.down
+
+    def follow(self, neighbours: Collection[str]) -> None:
+        keep = self.linkset.update(neighbours, time.monotonic())
+        static = {p.cert.node_id for p in self.peers.values() if p.cert is not None}
+        for node_id in sorted(keep - static - set(self.neighbour_links)):
+            ad = self.roster.ad(node_id)
+            if ad is not None:
+                self._open(ad)
+        for node_id in [n for n in self.neighbour_links if n not in keep or n in static]:
+            self._close(node_id)
+
+    def links(self) -> int:
+        fetching = sum(1 for f in self._fetching.values() if f.started)
+        return len(self.neighbour_links) + len(self.peers) + fetching
 
     async def start(self, on_update: OnUpdate, on_change: Callable[[], None]) -> None:
         self._on_update, self._on_change = on_update, on_change
@@ -119,7 +186,7 @@ class MqttMesh:
         await self.outbox.publish_certificate(self.cert.to_bytes())
         for peer in self.cfg.discovery.static_peers:
             host, _, port = peer.rpartition(":")
-            self._add_link(host, int(port), None, None)
+            self._add_static(host, int(port))
         if self.cfg.discovery.mdns:
             node = self.cfg.node
             ad = PeerAd(
@@ -128,7 +195,7 @@ class MqttMesh:
             self.discovery = Discovery(
                 ad,
                 self.cfg.discovery.interfaces,
-                on_change=self._sync_links,
+                on_change=self._sync_ads,
                 on_reject=lambda reason, detail: self.metrics.reject(reason, detail, peer="mdns"),
             )
             await self.discovery.start()
@@ -137,18 +204,30 @@ class MqttMesh:
         await self.outbox.publish_update(message, list(recipients))
 
     async def stop(self) -> None:
+        self._stopping = True
         t0 = time.monotonic()
         if self.discovery is not None:
             await self.discovery.stop()
         t1 = time.monotonic()
-        await asyncio.gather(
-            *(p.link.stop() for p in self.peers.values()), *self._tasks, return_exceptions=True
-        )
+        links = [p.link for p in self.peers.values()]
+        links += [*self.neighbour_links.values(), *(f.link for f in self._fetching.values())]
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*(link.stop() for link in links), *self._tasks, return_exceptions=True)
         t2 = time.monotonic()
         await self.outbox.stop()
         log.info(
             "stopped: discovery %.2f s, links %.2f s, broker %.2f s", t1 - t0, t2 - t1, time.monotonic() - t2
         )
+
+    def set_root(self, root: FederationRoot) -> None:
+        """A newer root (revocations): revoked peers leave membership and lose their links at once."""
+        self.root = root
+        self.roster.root = root
+        self.linkset.forget(root.revoked)
+        for node_id in [n for n in self.neighbour_links if n in root.revoked]:
+            self._close(node_id)
+        self._on_change()
 
     # -- links --------------------------------------------------------------------------------------
 
@@ -156,31 +235,51 @@ class MqttMesh:
         """The node id a TLS peer's certificate proves (Rejected if revoked or not ours)."""
         return peer_node_id(ssl_object, self.root)
 
-    def _add_link(self, host: str, port: int, node_id: str | None, fingerprint: str | None) -> None:
+    def _link(
+        self,
+        host: str,
+        port: int,
+        expected: str | None,
+        on_certificate: Callable[[str, bytes], None],
+        *,
+        inbox: bool = True,
+    ) -> PeerLink:
         address = f"{host}:{port}"
-        if (host, port) == (self.cfg.node.host, self.outbox.port):
-            return
-        known = self.peers.get(address)
-        if known is not None:
-            if node_id is not None and known.link.expected != node_id:
-                # another node advertises this address now: the link must prove the new id
-                log.info("peer at %s now advertises node %s", address, node_id)
-                known.link.expected, known.fingerprint, known.cert = node_id, fingerprint, None
-            return
-        link = PeerLink(
+        return PeerLink(
             host,
             port,
             self.fed,
             self.node_id,
             tls_context=self._client_tls,
             identify=self._identify,
-            on_certificate=lambda pub, data: self._on_certificate(address, pub, data),
-            on_update=lambda pub, msg: self._deliver(pub, msg),
+            on_certificate=on_certificate,
+            on_update=self._deliver,
             on_reject=lambda reason, detail: self.metrics.reject(reason, detail, peer=address),
             max_message_bytes=int(self.cfg.gossip.max_update_mb * (1 << 20)),
-            expected=node_id,
+            expected=expected,
+            inbox=inbox,
+            on_state=self._changed,
         )
-        self.peers[address] = Peer(link=link, fingerprint=fingerprint)
+
+    def _open(self, ad: PeerAd) -> None:
+        """A link to a neighbour's broker: our inbox there carries its updates to us."""
+        link = self._link(ad.host, ad.port, ad.node_id, lambda pub, data: self._take_cert(ad, pub, data))
+        self.neighbour_links[ad.node_id] = link
+        log.info("link to neighbour %s (%s) at %s:%d", ad.name, ad.node_id, ad.host, ad.port)
+        self._spawn(link.start())
+
+    def _close(self, node_id: str) -> None:
+        link = self.neighbour_links.pop(node_id, None)
+        if link is not None:
+            log.info("link to %s at %s closed: no longer a neighbour", node_id, link.name)
+            self._spawn(link.stop())
+
+    def _add_static(self, host: str, port: int) -> None:
+        address = f"{host}:{port}"
+        if (host, port) == (self.cfg.node.host, self.outbox.port) or address in self.peers:
+            return
+        link = self._link(host, port, None, lambda pub, data: self._take_static_cert(address, pub, data))
+        self.peers[address] = Peer(link=link)
         self._spawn(link.start())
 
     async def _deliver(self, publisher: str, message: bytes) -> None:
@@ -192,44 +291,106 @@ class MqttMesh:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _sync_links(self) -> None:
-        """Follow discovery: link to new peers, drop vanished ones (static peers always stay)."""
+    def _changed(self) -> None:
+        if not self._stopping:
+            self._on_change()
+
+    def _sync_ads(self) -> None:
+        """Follow discovery: new fingerprints are fetched once; a neighbour that moved is re-linked."""
         assert self.discovery is not None
-        advertised = {f"{a.host}:{a.port}": a for a in self.discovery.peers().values()}
-        for ad in advertised.values():
-            self._add_link(ad.host, ad.port, ad.node_id, ad.fingerprint)
-        for address in list(self.peers):
-            if address not in advertised and address not in self.cfg.discovery.static_peers:
-                peer = self.peers.pop(address)
-                log.info("peer at %s vanished", address)
-                self._spawn(peer.link.stop())
-        self._on_change()
+        ads = self.discovery.peers()
+        self.roster.advertise(ads)
+        for node_id, link in list(self.neighbour_links.items()):
+            ad = ads.get(node_id)
+            if ad is not None and (ad.host, ad.port) != (link.host, link.port):
+                log.info("neighbour %s moved to %s:%d", node_id, ad.host, ad.port)
+                self._close(node_id)
+                self._open(ad)
+        for ad in self.roster.unknown():
+            self._want_cert(ad)
+        self._changed()
 
-    # -- who a broker is ----------------------------------------------------------------------------
+    # -- membership: one certificate fetch per advertised fingerprint --------------------------------
 
-    def _on_certificate(self, address: str, publisher: str, data: bytes) -> None:
-        """The p2pfl certificate on a broker whose TLS certificate proved `publisher`: it must chain to
-        the root, name that node, and match what discovery advertised."""
+    def _want_cert(self, ad: PeerAd) -> None:
+        if ad.fingerprint in self._fetching or self._stopping:
+            return
+        link = self._link(
+            ad.host, ad.port, ad.node_id, lambda pub, data: self._take_cert(ad, pub, data), inbox=False
+        )
+        fetch = Fetch(link)
+        self._fetching[ad.fingerprint] = fetch
+        self._spawn(self._fetch(ad, fetch))
+
+    async def _fetch(self, ad: PeerAd, fetch: Fetch) -> None:
+        """One short session that reads the peer's retained certificate; retried later on failure."""
+        try:
+            async with self._fetch_slots:
+                if not fetch.done.is_set():
+                    fetch.started = True
+                    await fetch.link.start()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(fetch.done.wait(), FETCH_TIMEOUT_S)
+        finally:
+            await fetch.link.stop()
+            if self._fetching.get(ad.fingerprint) is fetch:
+                del self._fetching[ad.fingerprint]
+            if not fetch.done.is_set() and not self._stopping:
+                self._retry_later(ad)
+        self._changed()
+
+    def _retry_later(self, ad: PeerAd) -> None:
+        failures = self._fetch_failures.get(ad.fingerprint, 0) + 1
+        self._fetch_failures[ad.fingerprint] = failures
+        delay = FETCH_RETRY_S[min(failures, len(FETCH_RETRY_S)) - 1]
+        log.info(
+            "certificate of %s at %s:%d not fetched; trying again in %.0f s",
+            ad.node_id,
+            ad.host,
+            ad.port,
+            delay,
+        )
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            for current in self.roster.unknown():  # still advertised with this certificate, still unknown
+                if current.fingerprint == ad.fingerprint:
+                    self._want_cert(current)
+
+        self._spawn(later())
+
+    def _take_cert(self, ad: PeerAd, publisher: str, data: bytes) -> None:
+        """The certificate on the broker discovery advertised for `ad`; the link already checked that
+        the broker's TLS certificate proved `publisher`, the node id `ad` names."""
+        try:
+            proven = publisher if publisher == ad.node_id else None
+            cert = check_certificate(data, self.root, proven, ad.fingerprint)
+        except Rejected as exc:
+            self.metrics.reject(exc.reason, exc.detail, peer=f"{ad.host}:{ad.port}")
+            return
+        fetch = self._fetching.get(ad.fingerprint)
+        if fetch is not None:
+            fetch.done.set()
+        if self.roster.learn(cert):
+            log.info("peer %s (%s) certified, identity proven by TLS", cert.name, cert.node_id)
+            self._fetch_failures.pop(ad.fingerprint, None)
+            self._changed()
+
+    def _take_static_cert(self, address: str, publisher: str, data: bytes) -> None:
+        """A static peer's certificate: it must chain to the root and name the node its TLS proved."""
         peer = self.peers.get(address)
         if peer is None or publisher == self.node_id:
             return
+        proven = peer.link.peer_id
         try:
-            cert = Certificate.from_bytes(data)
-            self.root.verify(cert)
-            if cert.node_id != publisher or publisher != peer.link.peer_id:
-                raise Rejected(
-                    Reason.PEER_IDENTITY,
-                    f"certificate of {cert.node_id} on the broker of {peer.link.peer_id} at {address}",
-                )
-            if peer.fingerprint and cert.fingerprint() != peer.fingerprint:
-                raise Rejected(Reason.UNCERTIFIED, "certificate does not match the advertised fingerprint")
+            cert = check_certificate(data, self.root, proven if proven == publisher else None, None)
         except Rejected as exc:
             self.metrics.reject(exc.reason, exc.detail, peer=address)
             return
         if peer.cert is None or peer.cert.node_id != cert.node_id:
             log.info("peer %s (%s) at %s certified, identity proven by TLS", cert.name, cert.node_id, address)
         peer.cert = cert
-        self._on_change()
+        self._changed()
 
 
 def _door_limits(host: str) -> DoorLimits:

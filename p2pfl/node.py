@@ -31,6 +31,7 @@ from p2pfl.federation import Certificate, FederationRoot
 from p2pfl.identity import Identity, load_or_create
 from p2pfl.learning import get_params, load_task, set_params, unflatten
 from p2pfl.learning.privacy import attach_privacy
+from p2pfl.linkset import link_targets
 from p2pfl.mesh import Mesh, MqttMesh
 from p2pfl.metrics import Metrics, RoundSink
 from p2pfl.round import CatchUp, Pace, Plan, RoundCore
@@ -172,8 +173,8 @@ class Node:
         self._resume()
 
     def members(self) -> dict[str, Certificate]:
-        """Proven peers we can currently reach, plus ourselves: the input of the topology (a peer
-        revoked since its link came up is out at once)."""
+        """Certified peers discovery advertises now, plus ourselves: the input of the topology (a peer
+        revoked since its certificate was checked is out at once). No link to them is needed."""
         peers = {n: c for n, c in self.mesh.members().items() if n not in self.root.revoked}
         return {**peers, self.node_id: self.cert}
 
@@ -263,8 +264,10 @@ class Node:
         again); returns how long the round was allowed to wait.
         """
         while True:
-            reachable = self.mesh.members()
-            expected = [n for n in self.pace.expected(plan.neighbours) if n in reachable]
+            members = self.mesh.members()
+            expected = [
+                n for n in self.pace.expected(plan.neighbours) if n in members and self.mesh.reachable(n)
+            ]
             missing = self.core.missing(plan, expected)
             arrivals = [
                 t - started
@@ -289,6 +292,8 @@ class Node:
         started = time.monotonic()
         self.reload_revocations()
         plan = self.core.plan(round_, self.members())
+        # links to this round's neighbours (and the coming rounds' of a time-varying topology) only
+        self.mesh.follow(link_targets(self.core.topology, plan, self.node_id, self.core.seed))
         if hasattr(self.task, "set_round"):  # a learning-rate schedule follows the federation's round
             self.task.set_round(round_)
         loss, self.cpu_s["train"] = await asyncio.to_thread(_timed, self.task.train, self.model)
@@ -382,6 +387,7 @@ class Node:
             "round_s": time.monotonic() - started,
             "epoch": plan.epoch,
             "members": len(plan.members),
+            "links": self.mesh.links(),  # MQTT links held now: the neighbours (+ certificate fetches)
             "attack": self.cfg.attack.kind or None,
             "epsilon": getattr(self.task, "epsilon", None),  # DP spent so far ([privacy]); None: off
         }

@@ -7,7 +7,7 @@ work, as they would over MQTT. End-to-end tests run the real `MqttMesh` instead.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from p2pfl.federation import Certificate
 from p2pfl.mesh import OnUpdate
@@ -56,6 +56,16 @@ class MemoryMesh:
         self.hub, self.cert = hub, cert
         self.on_update: OnUpdate | None = None
         self.on_change: Callable[[], None] = lambda: None
+        self.followed: set[str] = set()  # the peers the node asked to be linked to
+
+    def reachable(self, node_id: str) -> bool:
+        return node_id in self.hub.meshes
+
+    def follow(self, neighbours: Collection[str]) -> None:
+        self.followed = set(neighbours)
+
+    def links(self) -> int:
+        return len(self.followed)
 
     def members(self) -> dict[str, Certificate]:
         if self.cert.node_id not in self.hub.meshes:

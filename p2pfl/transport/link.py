@@ -3,8 +3,10 @@
 Each session is mutual TLS: the link shows this node's certificate, and right after the handshake it
 reads the node id out of the broker's certificate and checks it against what discovery advertised
 (a mismatch closes the session and is counted as PEER_IDENTITY). It then subscribes to that node's
-certificate and to its own inbox there, rebuilds updates from their parts and hands them on; only
-parts published by the proven owner are accepted. It reconnects with backoff until stopped.
+certificate and (unless it only fetches the certificate: `inbox=False`) to its own inbox there,
+rebuilds updates from their parts and hands them on; only parts published by the proven owner are
+accepted. It reconnects with backoff until stopped; `down` says that its last attempt failed or its
+session dropped, so a round need not wait for that neighbour.
 """
 
 from __future__ import annotations
@@ -93,11 +95,15 @@ class PeerLink:
         on_reject: Callable[[Reason, str], None],
         max_message_bytes: int,
         expected: str | None = None,
+        inbox: bool = True,
+        on_state: Callable[[], None] | None = None,
     ) -> None:
         """`tls_context`: this node's client context (NodeTls.client_context); `identify(tls socket)`
-        returns the node id the broker's certificate proves, or raises Rejected; `expected`: the node
-        id discovery advertised for this address (None for a static peer: then only the certificate
-        the broker publishes, which must be the proven node's, says who it is)."""
+                returns the node id the broker's certificate proves, or raises Rejected; `expected`: the node
+                id discovery advertised for this address (None for a static peer: then only the certificate
+                the broker publishes, which must be the proven node's, says who it is); `inbox`: subscribe to our
+        inbox there (False: only the broker's certificate, for a membership check); `on_state()`: called
+        when `connected` or `down` changes."""
         if tls_context.verify_mode != ssl.CERT_REQUIRED:
             raise ValueError("a link's TLS context must verify the broker's certificate")
         self.host = host
@@ -105,6 +111,9 @@ class PeerLink:
         self.federation_id = check_level(federation_id, "federation id")
         self.node_id = check_level(node_id, "node id")
         self.expected = expected
+        self.inbox = inbox
+        self._on_state = on_state
+        self._down = False
         self._tls = tls_context
         self._identify = identify
         self._on_certificate = on_certificate
@@ -125,6 +134,12 @@ class PeerLink:
         return self._ready
 
     @property
+    def down(self) -> bool:
+        """True from the end of a failed attempt or a dropped session until the next session is up;
+        False while the first attempt is still under way."""
+        return self._down
+
+    @property
     def name(self) -> str:
         return f"{self.host}:{self.port}"
 
@@ -135,6 +150,7 @@ class PeerLink:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
+        self._on_state = None  # a stopped link reports nothing more
         if task is None:
             return
         task.cancel()
@@ -203,6 +219,17 @@ class PeerLink:
             self._client = None
             self._ready = False
             self.peer_id = None
+            self._mark(down=True)
+
+    def _mark(self, *, down: bool) -> None:
+        if down == self._down:
+            return
+        self._down = down
+        if self._on_state is not None:
+            try:
+                self._on_state()
+            except Exception:  # noqa: BLE001 - a faulty callback must not end the link
+                log.warning("on_state callback raised", exc_info=True)
 
     async def _session(self) -> None:
         """One connection: TLS, check who the broker is, subscribe (its certificate and our inbox),
@@ -226,12 +253,13 @@ class PeerLink:
                 self._client = client
                 self._reassembler.drop_incomplete()
                 # one SUBSCRIBE: the broker replays the retained certificate before the retained parts
-                await self._subscribe(
-                    client,
-                    [cert_topic(self.federation_id, owner), inbox_filter(self.federation_id, self.node_id)],
-                )
+                filters = [cert_topic(self.federation_id, owner)]
+                if self.inbox:
+                    filters.append(inbox_filter(self.federation_id, self.node_id))
+                await self._subscribe(client, filters)
                 self._ready = True
                 self._set_state("connected", "")
+                self._mark(down=False)
                 async for message in client.messages:
                     await self._dispatch(message.topic.value, message.payload)
         finally:
@@ -293,7 +321,7 @@ class PeerLink:
         self._on_certificate(publisher, bytes(payload))
 
     async def _take_part(self, topic: Topic, payload: bytes | bytearray) -> None:
-        if topic.target != self.node_id or not payload:
+        if topic.target != self.node_id or not payload or not self.inbox:
             return  # not addressed to us (never granted by the broker), or a cleared part
         if topic.publisher != self.peer_id:
             raise Rejected(

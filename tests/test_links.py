@@ -1,0 +1,296 @@
+"""Links follow the topology: which links a node holds (pure), who is a member without a link (pure),
+the broker's indexed topic matching, a real mesh over mDNS and brokers, and real node processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from amqtt.broker import Broker
+from helpers import certify
+
+from p2pfl import testbed
+from p2pfl.config import NodeConfig, validate
+from p2pfl.discovery import PeerAd
+from p2pfl.errors import Reason, Rejected
+from p2pfl.federation import Certificate, FederationAuthority
+from p2pfl.identity import Identity
+from p2pfl.linkset import LinkSet, link_targets, period
+from p2pfl.membership import Roster, check_certificate
+from p2pfl.mesh import MqttMesh
+from p2pfl.metrics import Metrics, read_jsonl
+from p2pfl.round import Plan
+from p2pfl.topology import parse_topology
+from p2pfl.transport.amqtt_patches import _SubscriptionTable
+
+HOST = "127.0.0.1"
+
+# -- which links (pure) -------------------------------------------------------------------------------
+
+
+def _plan(round_: int, ids: list[str], me: str, topology: str) -> Plan:
+    members = {i: _cert_stub(i) for i in ids}
+    view = parse_topology(topology).view(ids, me, round_)
+    return Plan(round_, members, tuple(view.neighbours), view.epoch)
+
+
+def _cert_stub(node_id: str) -> Certificate:
+    return SimpleNamespace(name=node_id, node_id=node_id)  # type: ignore[return-value]
+
+
+def test_a_static_topology_links_exactly_the_planned_neighbours() -> None:
+    ids = [f"n{i:02d}" for i in range(32)]
+    for name in ("ring", "exponential", "torus"):
+        topology = parse_topology(name)
+        plan = _plan(7, ids, "n05", name)
+        assert link_targets(topology, plan, "n05", seed=0) == set(plan.neighbours), name
+        assert period(topology, 32) == 1
+
+
+def test_a_time_varying_topology_links_the_partners_of_one_period() -> None:
+    ids = [f"n{i}" for i in range(8)]
+    topology = parse_topology("one-peer-exponential")
+    assert period(topology, 8) == 3
+    targets = link_targets(topology, _plan(4, ids, "n0", "one-peer-exponential"), "n0", seed=0)
+    partners = set().union(*(topology.view(ids, "n0", r).neighbours for r in (4, 5, 6)))
+    assert targets == partners == {"n1", "n2", "n4"}  # index 0 XOR 1, 2, 4: log2(8) links, not 7
+
+
+def test_an_unwanted_link_closes_only_after_its_grace() -> None:
+    links = LinkSet(grace_plans=2, grace_s=5.0)
+    assert links.update({"a", "b"}, now=0.0) == {"a", "b"}
+    assert links.update({"a"}, now=1.0) == {"a", "b"}  # dropped once: a re-plan must not flap it
+    assert links.update({"a"}, now=2.0) == {"a", "b"}  # two plans, but not yet 5 s
+    assert links.update({"a"}, now=6.0) == {"a"}  # both graces over: closed
+    assert links.update({"a", "b"}, now=6.5) == {"a", "b"}  # wanted again: reopened
+    links.forget({"b"})  # revoked: at once
+    assert links.kept() == {"a"}
+
+
+# -- who is a member (pure) ---------------------------------------------------------------------------
+
+
+def _issue(authority: FederationAuthority, name: str, ttl_s: float = 3600.0) -> tuple[Identity, Certificate]:
+    ident = Identity.generate()
+    return ident, authority.issue(name, ident.verify_key_bytes, ident.box_public_bytes, ttl_s)
+
+
+def _ad(cert: Certificate, port: int = 1, fingerprint: str | None = None) -> PeerAd:
+    fp = fingerprint or cert.fingerprint()
+    return PeerAd(cert.node_id, cert.federation_id, cert.name, HOST, port, fp)
+
+
+def test_members_are_advertised_peers_whose_certificate_proved_itself(tmp_path: Path) -> None:
+    authority = FederationAuthority.create(tmp_path / "fed")
+    _, a = _issue(authority, "a")
+    _, b = _issue(authority, "b")
+    _, c = _issue(authority, "c")
+    roster = Roster(authority.root)
+    roster.advertise({x.node_id: _ad(x) for x in (a, b, c)})
+    assert roster.members() == {}  # advertised, but no certificate fetched yet
+    assert {ad.node_id for ad in roster.unknown()} == {a.node_id, b.node_id, c.node_id}
+    assert roster.learn(a) and roster.learn(b) and not roster.learn(a)
+    assert roster.members() == {a.node_id: a, b.node_id: b}
+    assert [ad.node_id for ad in roster.unknown()] == [c.node_id]  # fetched once per fingerprint
+
+    roster.advertise({b.node_id: _ad(b)})  # a's advertisement expired (gone without a goodbye)
+    assert roster.members() == {b.node_id: b}
+    roster.advertise({x.node_id: _ad(x, port=9) for x in (a, b)})  # back, elsewhere: no new fetch
+    assert roster.members() == {a.node_id: a, b.node_id: b} and roster.unknown() == []
+
+    _, b2 = _issue(authority, "b-renewed")  # an advertisement naming b with another fingerprint
+    roster.advertise({a.node_id: _ad(a), b.node_id: _ad(b, fingerprint=b2.fingerprint())})
+    assert roster.members() == {a.node_id: a}  # b's cached certificate does not cover it
+    roster.root = authority.root.with_revoked(a.node_id)
+    assert roster.members() == {}  # revoked: out at once
+    roster.root = authority.root
+    assert roster.members(now=a.expires + 1) == {}  # expired
+
+
+def test_a_fetched_certificate_must_chain_name_the_proven_node_and_match_the_fingerprint(
+    tmp_path: Path,
+) -> None:
+    authority = FederationAuthority.create(tmp_path / "fed")
+    other = FederationAuthority.create(tmp_path / "other")
+    _, a = _issue(authority, "a")
+    _, b = _issue(authority, "b")
+    _, outsider = _issue(other, "x")
+    root = authority.root
+    assert check_certificate(a.to_bytes(), root, a.node_id, a.fingerprint()) == a
+    cases = [
+        (b.to_bytes(), a.node_id, a.fingerprint(), Reason.PEER_IDENTITY),  # b's certificate on a's broker
+        (a.to_bytes(), None, a.fingerprint(), Reason.PEER_IDENTITY),  # nothing proven
+        (a.to_bytes(), a.node_id, b.fingerprint(), Reason.UNCERTIFIED),  # not what mDNS advertised
+        (outsider.to_bytes(), outsider.node_id, None, Reason.WRONG_FEDERATION),
+        (b"junk", a.node_id, None, Reason.MALFORMED),
+    ]
+    for data, proven, fingerprint, reason in cases:
+        with pytest.raises(Rejected) as info:
+            check_certificate(data, root, proven, fingerprint)
+        assert info.value.reason is reason
+    with pytest.raises(Rejected) as info:
+        check_certificate(a.to_bytes(), root.with_revoked(a.node_id), a.node_id, None)
+    assert info.value.reason is Reason.REVOKED
+
+
+# -- the broker's topic matching ---------------------------------------------------------------------
+
+FILTERS = [
+    "#",
+    "+",
+    "a",
+    "a/#",
+    "a/+",
+    "a/b",
+    "a/+/c",
+    "+/b/#",
+    "+/+/+",
+    "$SYS/#",
+    "$SYS/+",
+    "p2pfl/f/+/to/me/+",
+    "p2pfl/f/+/to/you/+",
+    "p2pfl/f/own/cert",
+    "p2pfl/f/+/cert",
+    "a//c",
+    "/a",
+]
+TOPICS = ["a", "a/b", "a/b/c", "a/x/c", "b", "x/b", "x/b/y/z", "$SYS/x", "$SYS", "a//c", "/a", "",
+          "p2pfl/f/own/to/me/0", "p2pfl/f/own/to/you/12", "p2pfl/f/own/cert", "p2pfl/f/other/cert"]  # fmt: skip
+
+
+def test_the_subscription_index_matches_exactly_what_amqtt_matches() -> None:
+    stock = SimpleNamespace(logger=logging.getLogger("test"))
+    table = _SubscriptionTable()
+    for f in FILTERS:
+        table[f] = [("session", 1)]
+    for topic in TOPICS:
+        expected = {f for f in FILTERS if Broker._matches(stock, topic, f)}
+        found = dict(table.matching(topic))
+        assert set(found) == expected, topic
+        assert all(subs == [("session", 1)] for subs in found.values())
+
+
+def test_a_publish_finds_its_filters_whatever_else_is_subscribed() -> None:
+    table = _SubscriptionTable()
+    for i in range(5000):  # unrelated subscriptions: other recipients' inboxes
+        table[f"p2pfl/f/+/to/r{i}/+"] = [(f"s{i}", 1)]
+    table["p2pfl/f/own/cert"] = [("c", 1)]
+    assert table.matching("p2pfl/f/own/to/r42/3") == [("p2pfl/f/+/to/r42/+", [("s42", 1)])]
+    assert table.matching("p2pfl/f/own/to/nobody/3") == []
+    for key in list(table):
+        del table[key]
+    assert table.matching("p2pfl/f/own/to/r42/3") == [] and not table._tree.children  # pruned
+    table["a/b"] = []
+    table.clear()
+    assert table.matching("a/b") == [] and len(table) == 0
+
+
+# -- a real mesh: members by mDNS and one certificate fetch, links to neighbours only -----------------
+
+
+async def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} within {timeout:.0f} s"
+        await asyncio.sleep(0.05)
+
+
+def _mesh(authority: FederationAuthority, name: str, directory: Path) -> MqttMesh:
+    identity, cert = certify(authority, name, directory)
+    cfg = NodeConfig()
+    cfg.node.name, cfg.node.data_dir, cfg.node.port = name, str(directory), 0
+    cfg.discovery.interfaces = [HOST]
+    cfg = validate(cfg)
+    return MqttMesh(cfg, identity=identity, cert=cert, root=authority.root, metrics=Metrics(cfg.metrics_path))
+
+
+@pytest.mark.timeout(180)
+def test_a_real_mesh_knows_every_member_but_links_only_its_neighbours(tmp_path: Path) -> None:
+    asyncio.run(_real_mesh(tmp_path))
+
+
+async def _real_mesh(tmp: Path) -> None:
+    authority = FederationAuthority.create(tmp / "fed")
+    meshes = [_mesh(authority, f"m{i}", tmp / f"m{i}") for i in range(4)]
+    received: dict[int, list[tuple[str, bytes]]] = {i: [] for i in range(4)}
+    for i, mesh in enumerate(meshes):
+        mesh.linkset = LinkSet(grace_plans=1, grace_s=0.0)  # close at the next plan: the test's pace
+
+        async def on_update(publisher: str, message: bytes, i: int = i) -> None:
+            received[i].append((publisher, message))
+
+        await mesh.start(on_update, lambda: None)
+    a, b, c, d = meshes
+    try:
+        ids = {m.node_id for m in meshes}
+        # membership from mDNS plus one fetch per peer; no link held afterwards
+        await _until(lambda: all(set(m.members()) == ids - {m.node_id} for m in meshes), 120, "members")
+        await _until(lambda: all(m.links() == 0 for m in meshes), 60, "fetch links closed")
+        assert all(m.neighbour_links == {} for m in meshes)
+
+        # a and b are neighbours: a's link to b's broker carries b's update (and only that link)
+        a.follow({b.node_id})
+        b.follow({a.node_id})
+        assert a.links() == 1 and a.reachable(b.node_id)
+        await _until(lambda: a.neighbour_links[b.node_id].connected, 60, "link a -> b")
+        broker = b.outbox._broker
+        assert broker is not None
+        scans: list[str] = []
+
+        def scan(topic: str, topic_filter: str) -> bool:
+            if sys._getframe(1).f_code.co_name == "_run_broadcast":  # not the replay on subscribe
+                scans.append(topic_filter)
+            return Broker._matches(broker, topic, topic_filter)
+
+        broker._matches = scan
+        await b.publish(b"update from b", [a.node_id])
+        await _until(lambda: received[0] == [(b.node_id, b"update from b")], 30, "update b -> a")
+        assert scans == []  # the broadcast found a's subscription through the index, testing no filter
+        assert received[2] == received[3] == []
+
+        # the plan moves on: the link closes, membership stays
+        a.follow({c.node_id})
+        assert set(a.neighbour_links) == {c.node_id} and a.links() == 1
+        assert set(a.members()) == ids - {a.node_id}
+        await _until(lambda: a.neighbour_links[c.node_id].connected, 60, "link a -> c")
+
+        # c's broker goes away: c is still advertised (until its records expire), but not reachable
+        await c.outbox.stop()
+        await _until(lambda: not a.reachable(c.node_id), 60, "a dead neighbour seen")
+        assert c.node_id in a.members()
+        assert d.reachable(c.node_id)  # not d's neighbour: d holds no link to it, and waits on nothing
+    finally:
+        for mesh in meshes:
+            await mesh.stop()
+
+
+# -- real node processes -----------------------------------------------------------------------------
+
+WAIT_S = 180  # processes import torch and find each other by mDNS on a loaded 2-core machine
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_real_nodes_on_a_ring_hold_one_link_per_neighbour_and_learn(tmp_path: Path) -> None:
+    nodes, rounds = 8, 12
+    out = tmp_path / "ring"
+    argv = ["--nodes", str(nodes), "--rounds", str(rounds), "--topology", "ring", "--wait", str(WAIT_S),
+            "--out", str(out)]  # fmt: skip
+    assert testbed.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for node in summary["nodes"]:
+        rows = read_jsonl(out / node["name"] / "metrics.jsonl")
+        assert [r["round"] for r in rows] == list(range(1, rounds + 1)), node["name"]
+        assert all(r["members"] == nodes for r in rows), node["name"]  # everyone is a member ...
+        assert all(len(r["neighbours"]) == 2 for r in rows), node["name"]
+        assert rows[-1]["links"] == 2, node["name"]  # ... but links go to the 2 ring neighbours only
+        assert max(r["links"] for r in rows) <= 2 + 4, node["name"]  # + certificate fetches at most
+        assert sum(len(r["missing"]) for r in rows) <= 0.1 * 2 * rounds, node["name"]
+    assert summary["min_accuracy"] > 0.6
