@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from helpers import certify
 from memory_mesh import Hub
 
+from p2pfl import reporting, testbed
 from p2pfl.config import NodeConfig, validate
 from p2pfl.federation import FederationAuthority
 from p2pfl.learning.spec import TaskSpec
@@ -74,3 +77,43 @@ def test_a_raising_callback_does_not_stop_the_training(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert [r["round"] for r in read_jsonl(nodes[0].cfg.metrics_path)] == [1, 2]
+
+
+# -- the example: one node embedded in a host program, beside real node processes ---------------------
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "embed_node.py"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_embedding_example_runs_a_node_beside_two_node_processes(tmp_path: Path) -> None:
+    """What examples/embed_node.py's docstring tells a user to do, on 127.0.0.1: prepare a
+    federation with the testbed's code, start two `p2pfl node` processes, run the third node in the
+    host program, which prints each round from its callback and stops the node after round 3."""
+    out = tmp_path / "fed"
+    options = ["--rounds", "6", "--task", "synthetic-logreg", "--wait", "240", "--round-timeout", "60"]
+    python = [sys.executable, str(EXAMPLE)]
+    subprocess.run([*python, "--prepare", str(out), *options], check=True, capture_output=True, timeout=300)
+    procs = [testbed.launch_node(out / f"node-{i}" / "node.toml") for i in (0, 1)]
+    try:
+        host = subprocess.run(
+            [*python, str(out / "node-2" / "node.toml"), "--stop-after", "3"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert host.returncode == 0, host.stderr[-3000:]
+        lines = [line for line in host.stdout.splitlines() if line.startswith("host: round")]
+        assert [line.split()[2] for line in lines] == ["1", "2", "3"]
+        assert "host: node stopped after round 3" in host.stdout
+        for p in procs:  # the two others finish their rounds without it
+            assert p.proc.wait(timeout=600) == 0, (p.directory / "node.log").read_text()[-3000:]
+    finally:
+        testbed.stop_all(procs)
+    assert (out / "node-2" / "model.npz").exists()
+    summary = reporting.summarize(reporting.find_node_runs(out))
+    assert [(n["name"], n["rounds_completed"]) for n in summary["nodes"]] == [
+        ("node-0", 6),
+        ("node-1", 6),
+        ("node-2", 3),
+    ]
