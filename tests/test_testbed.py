@@ -252,3 +252,36 @@ def test_a_forked_federation_trains_with_the_options_and_reports_memory(tmp_path
         assert all(r["train_cpu_s"] > 0 and r["seal_cpu_s"] > 0 and r["mix_cpu_s"] >= 0 for r in rows)
         assert sum(r["open_cpu_s"] for r in rows) > 0
         assert "batch_size = 16" in (out / n["name"] / "node.toml").read_text()
+
+
+# -- the scale benchmark's figures ------------------------------------------------------------------
+
+
+def test_bench_scale_figures_from_metrics(tmp_path: Path) -> None:
+    """Round 1 against the steady rounds, the work floor from the CPU fields, links when recorded."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_scale", Path(__file__).parents[1] / "scripts/bench_scale.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    nodes = []
+    for i in range(2):
+        rows = [
+            {"round": r, "round_s": 2.0 if r == 1 else 0.5, "train_cpu_s": 0.2, "seal_cpu_s": 0.1,
+             "open_cpu_s": 0.1, "mix_cpu_s": 0.1, "neighbours": {"x": {}}, **({"links": 3} if i else {})}
+            for r in range(1, 6)
+        ]  # fmt: skip
+        (tmp_path / f"node-{i}").mkdir()
+        (tmp_path / f"node-{i}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        nodes.append({"name": f"node-{i}", "final_accuracy": 0.9 + i / 100, "rounds_completed": 5})
+    (tmp_path / "summary.json").write_text(json.dumps({"nodes": nodes, "memory": None, "wall_s": 9.0}))
+    f = bench.figures(tmp_path, cores=2, target=0.9)
+    assert f["round1_s"] == 2.0 and f["steady_round_s"] == 0.5 and f["round1_ratio"] == 4.0
+    assert f["floor_s"] == pytest.approx(2 * 0.5 / 2)  # two nodes x 0.5 CPU-s per round on 2 cores
+    assert f["round_over_floor"] == pytest.approx(1.0)
+    assert f["links_median"] == 3 and f["degree_median"] == 1
+    assert f["acc_min"] == 0.9 and f["all_at_target"]
+    assert "| 4.00 |" in bench.table({2: f})
