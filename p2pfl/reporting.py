@@ -502,6 +502,10 @@ def summarize(
     }
 
 
+def _size(count: float) -> str:
+    return f"{count / 1e6:.1f} MB" if count >= 1e5 else f"{count / 1e3:.1f} kB"
+
+
 def summary_table(summary: Mapping[str, Any], title: str = "p2pfl report") -> Table:
     """The summary as a rich table: one row per node, the run's figures in the caption."""
     from rich.table import Table
@@ -538,7 +542,7 @@ def summary_table(summary: Mapping[str, Any], title: str = "p2pfl report") -> Ta
             if cd["last"] is not None
             else "- (no saved models)"
         )
-        + f"; wall {fmt(wall, '.1f')} s; sent {summary['bytes_sent_total'] / 1e6:.1f} MB"
+        + f"; wall {fmt(wall, '.1f')} s; sent {_size(summary['bytes_sent_total'])}"
         + (f"; faults {len(summary['faults'])}" if summary.get("faults") else "")
     )
     return table
