@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import certify
 from memory_mesh import Hub
-from test_round import node_config
+from test_round import node_config, run_until_crash, until
 
 from p2pfl import codec, compression
 from p2pfl.compression import (
@@ -492,3 +492,55 @@ def test_nodes_learn_together_with_compressed_updates(tmp_path: Path, setting: s
         assert [r["round"] for r in records] == list(range(1, 9))
         assert records[-1]["accuracy"] > 0.5
         assert not node.metrics.rejected.get("compression")
+
+
+@pytest.mark.timeout(300)
+def test_a_restarted_node_with_compressed_updates_rejoins_from_keyframes(tmp_path: Path) -> None:
+    """Nothing of the estimates is checkpointed: the restarted node's first update is a keyframe, and
+    it mixes its neighbours again from their next keyframes (every 3 rounds here)."""
+    hub = Hub()
+    authority = FederationAuthority.create(tmp_path / "federation")
+    nodes = []
+    for i in range(4):
+        cfg = node_config(tmp_path, i, 4, 12)
+        cfg.gossip.compression, cfg.gossip.keyframe_every = "topk:0.2", 3
+        _, cert = certify(authority, cfg.node.name, cfg.data_dir)
+        nodes.append(Node(validate(cfg), mesh=hub.mesh(cert)))
+    victim = nodes[3]
+
+    async def main() -> None:
+        survivors = [asyncio.ensure_future(node.run()) for node in nodes[:3]]
+        await run_until_crash(victim, 4)
+        await until(lambda: nodes[0].core.round >= 7)
+        restarted = Node(victim.cfg, mesh=hub.mesh(victim.cert))
+        assert restarted.core.round == 4 and restarted.core.own_estimate.estimate is None
+        await asyncio.gather(*survivors, restarted.run())
+
+    asyncio.run(main())
+    records = read_jsonl(victim.cfg.metrics_path)
+    assert records[-1]["round"] == 12
+    assert any(r.get("neighbours") and len(r["missing"]) < 2 for r in records[4:]), "never mixed again"
+    for node in nodes[:3]:
+        assert read_jsonl(node.cfg.metrics_path)[-1]["round"] == 12
+        assert not node.metrics.rejected.get("compression")
+
+
+@pytest.mark.parametrize("setting", ["topk:0.01", "int8", "int8:64,form=diff", "bf16", "fp16"])
+def test_mutated_frames_are_refused_or_read_never_crash(setting: str) -> None:
+    """Random byte flips in honest frames (keyframes and diffs): every outcome is a checked message
+    or a Rejected, and an accepted one decodes to finite values of the local length."""
+    c = Compression.parse(setting)
+    starts = chunk_starts(c, D)
+    own = OwnEstimate(c, 5, starts)
+    v = rng_rows(2)
+    frames = [codec.encode(own.pack(v[0], 1)), codec.encode(own.pack(v[1], 2))]
+    rng = np.random.default_rng(11)
+    for k in range(400):
+        buf = bytearray(frames[k % 2])
+        for pos in rng.integers(0, len(buf), size=int(rng.integers(1, 4))):
+            buf[pos] = int(rng.integers(0, 256))
+        try:
+            msg = read_wire(c, codec.decode(bytes(buf), max_tensors=4), D, starts)
+        except Rejected:
+            continue
+        assert msg.values.shape == (D,) and np.isfinite(msg.values).all()
