@@ -117,3 +117,23 @@ def test_the_embedding_example_runs_a_node_beside_two_node_processes(tmp_path: P
         ("node-1", 6),
         ("node-2", 3),
     ]
+
+
+@pytest.mark.timeout(240)
+def test_a_node_with_tensorboard_on_writes_its_rounds(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    authority, hub = FederationAuthority.create(tmp_path / "federation"), Hub()
+    nodes = [make_node(tmp_path, authority, hub, i, 2) for i in (0, 1)]
+    nodes[0].cfg.metrics.tensorboard = True  # as [metrics] tensorboard = true would
+    nodes[0] = Node(nodes[0].cfg, mesh=hub.mesh(nodes[0].cert))
+
+    async def main() -> None:
+        await asyncio.gather(*(n.run() for n in nodes))
+
+    asyncio.run(main())
+    events = EventAccumulator(str(nodes[0].cfg.data_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("accuracy/test")] == [1, 2]
+    assert [e.step for e in events.Scalars("time/round_s")] == [1, 2]
