@@ -525,7 +525,7 @@ KEY_NOTES: dict[str, dict[str, str]] = {
     "training": {"rounds": "0: run until stopped"},
     "metrics": {"tensorboard": 'scalars per round for TensorBoard (pip install "p2pfl-mesh[tensorboard]")'},
     "privacy": {
-        "enabled": "DP-SGD local training (needs Opacus: pip install 'p2pfl[privacy]')",
+        "enabled": "DP-SGD local training (needs Opacus: pip install 'p2pfl-mesh[privacy]')",
         "noise_multiplier": "noise std / max_grad_norm; set this or target_epsilon",
         "delta": "0: min(1e-5, 1 / (2 x local training examples))",
         "target_epsilon": "derive the noise for this budget and stop before exceeding it",

@@ -98,7 +98,7 @@ def _opacus() -> Any:
         import opacus
     except ImportError:  # pragma: no cover - opacus is a dev dependency
         raise ConfigError(
-            "[privacy] enabled = true needs Opacus: pip install 'p2pfl[privacy]' (or set enabled = false)"
+            "[privacy] enabled = true needs Opacus: pip install 'p2pfl-mesh[privacy]' (or set enabled = false)"
         ) from None
     return opacus
 
