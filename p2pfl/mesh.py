@@ -164,6 +164,11 @@ class MqttMesh:
         link = self.neighbour_links.get(node_id)
         return link is None or not link.down
 
+    def linked(self, node_id: str) -> bool:
+        """True once the link to this neighbour is connected and subscribed (round 1 may start)."""
+        link = self.neighbour_links.get(node_id)
+        return link is not None and link.connected
+
     def follow(self, neighbours: Collection[str]) -> None:
         keep = self.linkset.update(neighbours, time.monotonic())
         static = {p.cert.node_id for p in self.peers.values() if p.cert is not None}

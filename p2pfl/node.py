@@ -47,6 +47,7 @@ PARENT_POLL_S = 1.0
 DIVERGED_LOSS = 1e6  # a mean training loss above this (or not finite) stops the node
 FINAL_MODEL_FILE = "model.npz"  # the model a node ends with (p2pfl predict / evaluate / export)
 BEST_MODEL_FILE = "best_model.npz"  # the round with the best local test accuracy
+FIRST_LINKS_S = 10.0  # the longest a node waits for round 1's links before starting it anyway
 WARMUP_WAIT_S = 10.0  # the least a round waits before neighbours' usual delays are known (start-up skew)
 
 CPU_STEPS = ("train", "seal", "open", "mix")  # the work a round does, timed in metrics.jsonl
@@ -538,6 +539,22 @@ class Node:
             )
         log.info("starting with %d peer(s) (expected %d)", found, want)
 
+    async def _link_first_neighbours(self) -> None:
+        """Open round 1's links before its clock starts: their TLS handshakes are a one-time cost, like
+        the warm-up, and in round 1 they would count as this node's pace. Bounded by FIRST_LINKS_S;
+        a link still coming up then is waited for by round 1 as before."""
+        linked = getattr(self.mesh, "linked", None)
+        members = self.members()
+        round_ = self.core.round + 1
+        names = {n: c.name for n, c in members.items()}
+        view = self.core.topology.view(list(members), self.node_id, round_, seed=self.core.seed, names=names)
+        plan = Plan(round_, members, tuple(view.neighbours), view.epoch)
+        targets = link_targets(self.core.topology, plan, self.node_id, self.core.seed)
+        self.mesh.follow(targets)
+        deadline = time.monotonic() + FIRST_LINKS_S
+        while callable(linked) and not all(linked(n) for n in targets) and time.monotonic() < deadline:
+            await self._wait(min(0.5, max(0.0, deadline - time.monotonic())))
+
     def _finished(self) -> bool:
         rounds = self.cfg.training.rounds
         return self.stopping.is_set() or (rounds > 0 and self.core.round >= rounds)
@@ -559,6 +576,7 @@ class Node:
         try:
             await self.start()
             await self._wait_for_peers()
+            await self._link_first_neighbours()
             while not self._finished():
                 await self._round(self.core.round + 1)
             linger_until = time.monotonic() + self.cfg.gossip.linger_s
