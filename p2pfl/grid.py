@@ -160,3 +160,14 @@ def simulate(cfg: Any) -> Any:
     from p2pfl.sim import simulate as run
 
     return run(cfg)
+
+
+def timed_run(cfg: Any) -> tuple[Any, float]:
+    """(Simulation(cfg).run(gap=False), its seconds): the robustness grid's job."""
+    import time
+
+    from p2pfl.sim import Simulation
+
+    started = time.perf_counter()
+    result = Simulation(cfg).run(gap=False)
+    return result, time.perf_counter() - started

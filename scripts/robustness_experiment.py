@@ -54,8 +54,9 @@ import numpy as np  # noqa: E402
 from p2pfl import reporting  # noqa: E402
 from p2pfl.aggregation import rule_names  # noqa: E402
 from p2pfl.attacks import ATTACKS, make_attack  # noqa: E402
+from p2pfl.grid import BACKENDS, run_grid, timed_run  # noqa: E402
 from p2pfl.learning.spec import PARTITION_SCHEMES  # noqa: E402
-from p2pfl.sim import SimConfig, Simulation, config_from_args, set_torch_threads, spread  # noqa: E402
+from p2pfl.sim import SimConfig, config_from_args, set_torch_threads, spread  # noqa: E402
 from p2pfl.topology import parse_topology  # noqa: E402
 
 DEFAULT_TOPOLOGIES = ("random-regular:4", "torus")
@@ -136,6 +137,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument(
+        "--backend",
+        default="serial",
+        choices=BACKENDS,
+        help="where the grid runs (p2pfl.grid): here, a local process pool, or Ray (pip install ray); "
+        "the results are the same",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="process-pool / local Ray workers (default: cores)"
+    )
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     p.add_argument("--out", default="runs/robustness")
     p.add_argument(
         "--quick", action="store_true", help="torus, mean/robust, 3 attacks, b in {0, 3}, 15 rounds"
@@ -604,11 +616,16 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
         overall = progress.add_task("grid", total=len(runs))
-        for run in runs:
-            progress.update(overall, description=f"{run.key:<52}")
-            t0 = time.perf_counter()
-            res = Simulation(config(run, a)).run(gap=False)
-            seconds = time.perf_counter() - t0
+        done = run_grid(
+            timed_run,
+            [config(run, a) for run in runs],
+            backend=a.backend,
+            workers=a.workers,
+            threads=a.threads,
+            address=a.ray_address,
+            on_result=lambda i, _: progress.update(overall, description=f"{runs[i].key:<52}", advance=1),
+        )
+        for run, (res, seconds) in zip(runs, done, strict=True):
             final = res.final
             assert final is not None
             row = {
@@ -639,7 +656,6 @@ def main(argv: list[str] | None = None) -> int:
                     )  # fmt: skip
                     curve.append(r.honest_mean_accuracy)
             per_round.setdefault((run.topology, run.rule, run.attack, run.byzantine), []).append(curve)
-            progress.advance(overall)
     wall = time.perf_counter() - started
     reporting.write_rows(out / "runs.csv", rows)
     if a.false_positives:
