@@ -137,8 +137,9 @@ def revoke_command(args: argparse.Namespace) -> int:
         f"{Path(args.dir) / REVOCATION_FILE}"
     )
     print(
-        f"copy {REVOCATION_FILE} into every node's data dir (next to federation.pub): a running node adopts "
-        "it at its next round and drops the revoked node; nodes issued from now on get it with their files"
+        f"copy {REVOCATION_FILE} into any running node's data dir (next to federation.pub): it adopts it at "
+        "its next round, drops the revoked node and offers the list to its neighbours, which pass it on; "
+        "nodes issued from now on get it with their files"
     )
     return 0
 

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from p2pfl.config import NodeConfig
 from p2pfl.discovery import Discovery, PeerAd
-from p2pfl.errors import Rejected
+from p2pfl.errors import Rejected, TransportError
 from p2pfl.federation import Certificate, FederationRoot
 from p2pfl.identity import Identity
 from p2pfl.linkset import LinkSet
@@ -111,9 +111,13 @@ class MqttMesh:
         root: FederationRoot,
         metrics: Metrics,
         tls: NodeTls | None = None,
+        revocations: bytes | None = None,
+        on_revocations: Callable[[bytes, str], bool] | None = None,
     ) -> None:
         """`tls`: the node's TLS credentials; read from the data dir (node.crt, ca.crt) when omitted,
-        and a data dir without them stops the node with the command that creates them."""
+        and a data dir without them stops the node with the command that creates them.
+        `revocations`: the root-signed list the node holds, offered on its broker; `on_revocations(data,
+        source)`: the node's adopt method, handed the lists linked neighbours offer (p2pfl.revocation)."""
         self.cfg = cfg
         self.identity, self.cert, self.root, self.metrics = identity, cert, root, metrics
         self.node_id = identity.node_id
@@ -143,6 +147,8 @@ class MqttMesh:
         self._on_change: Callable[[], None] = lambda: None
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()  # link starts/stops, fetches: kept so none is lost
+        self._revocations = revocations
+        self._adopt = on_revocations
 
     # -- Mesh ---------------------------------------------------------------------------------------
 
@@ -189,6 +195,8 @@ class MqttMesh:
         ensure_fd_headroom(fd_need(self.door_limits, links=self.door_limits.max_sessions))
         await self.outbox.start()
         await self.outbox.publish_certificate(self.cert.to_bytes())
+        if self._revocations:
+            await self.outbox.publish_revocations(self._revocations)
         for peer in self.cfg.discovery.static_peers:
             host, _, port = peer.rpartition(":")
             self._add_static(host, int(port))
@@ -225,14 +233,34 @@ class MqttMesh:
             "stopped: discovery %.2f s, links %.2f s, broker %.2f s", t1 - t0, t2 - t1, time.monotonic() - t2
         )
 
-    def set_root(self, root: FederationRoot) -> None:
-        """A newer root (revocations): revoked peers leave membership and lose their links at once."""
+    def set_root(self, root: FederationRoot, revocations: bytes | None = None) -> None:
+        """A newer root (revocations): revoked peers leave membership and lose their links at once;
+        `revocations`, the signed list it came from, is offered to the neighbours in turn."""
         self.root = root
         self.roster.root = root
         self.linkset.forget(root.revoked)
         for node_id in [n for n in self.neighbour_links if n in root.revoked]:
             self._close(node_id)
+        for address, peer in list(self.peers.items()):
+            if {peer.link.peer_id, peer.cert.node_id if peer.cert else None} & root.revoked:
+                log.warning("static peer %s is revoked: link closed", address)
+                del self.peers[address]
+                self._spawn(peer.link.stop())
+        if revocations is not None:
+            self._revocations = revocations
+            if self._on_update is not None:  # started (else start() offers it)
+                self._spawn(self._offer(revocations))
         self._on_change()
+
+    async def _offer(self, revocations: bytes) -> None:
+        with contextlib.suppress(TransportError):  # stopping: nobody to offer it to
+            await self.outbox.publish_revocations(revocations)
+
+    def _offered(self, publisher: str, data: bytes) -> None:
+        """A linked neighbour offers its revocation list: the node adopts it if the root signed it and
+        it is newer (and then offers it on through set_root)."""
+        if self._adopt is not None:
+            self._adopt(data, publisher)
 
     # -- links --------------------------------------------------------------------------------------
 
@@ -264,6 +292,7 @@ class MqttMesh:
             expected=expected,
             inbox=inbox,
             on_state=self._changed,
+            on_revocations=self._offered if inbox and self._adopt else None,
         )
 
     def _open(self, ad: PeerAd) -> None:

@@ -163,7 +163,13 @@ class Node:
             warmup_floor_s=max(WARMUP_WAIT_S, gossip.min_wait_s),
         )
         self.mesh: Mesh = mesh or MqttMesh(
-            cfg, identity=self.identity, cert=self.cert, root=self.root, metrics=self.metrics
+            cfg,
+            identity=self.identity,
+            cert=self.cert,
+            root=self.root,
+            metrics=self.metrics,
+            revocations=self.revocations.to_bytes() if self.revocations else None,
+            on_revocations=self.adopt_revocations,
         )
         self.changed = asyncio.Event()  # an update arrived or membership may have changed
         self.stopping = asyncio.Event()  # a stop was asked for (signal, parent gone)
@@ -202,7 +208,7 @@ class Node:
         self.revocations = incoming
         root = incoming.apply(self.root)
         fresh = sorted(root.revoked - self.root.revoked)
-        self._set_root(root)
+        self._set_root(root, incoming.to_bytes())
         log.warning(
             "revocation list %d from %s adopted: %d node(s) revoked%s",
             incoming.serial,
@@ -228,14 +234,14 @@ class Node:
             return False
         return self.adopt_revocations(data, source=revocation.REVOCATION_FILE)
 
-    def _set_root(self, root: FederationRoot) -> None:
+    def _set_root(self, root: FederationRoot, revocations: bytes) -> None:
         """FederationRoot is immutable: hand the new one to every holder (the round core checks
         updates with it; the mesh checks TLS peers and certificates with it)."""
         self.root = root
         self.core.root = root
         set_root = getattr(self.mesh, "set_root", None)
         if callable(set_root):
-            set_root(root)  # the mesh drops links and sessions of revoked peers
+            set_root(root, revocations)  # drops revoked peers' links, offers the list to neighbours
         elif isinstance(getattr(self.mesh, "root", None), FederationRoot):
             self.mesh.root = root  # type: ignore[attr-defined]
 

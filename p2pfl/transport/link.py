@@ -23,6 +23,7 @@ from aiomqtt.exceptions import MqttConnectError
 
 from p2pfl.errors import Reason, Rejected
 from p2pfl.federation import MAX_CERT_BYTES
+from p2pfl.revocation import MAX_REVOCATION_BYTES
 from p2pfl.transport.framing import Reassembler
 from p2pfl.transport.outbox import client_id_for
 from p2pfl.transport.topics import (
@@ -34,6 +35,7 @@ from p2pfl.transport.topics import (
     inbox_filter,
     parse_topic,
     part_index,
+    revocations_topic,
 )
 
 log = logging.getLogger(__name__)
@@ -97,13 +99,15 @@ class PeerLink:
         expected: str | None = None,
         inbox: bool = True,
         on_state: Callable[[], None] | None = None,
+        on_revocations: Callable[[str, bytes], None] | None = None,
     ) -> None:
         """`tls_context`: this node's client context (NodeTls.client_context); `identify(tls socket)`
                 returns the node id the broker's certificate proves, or raises Rejected; `expected`: the node
                 id discovery advertised for this address (None for a static peer: then only the certificate
                 the broker publishes, which must be the proven node's, says who it is); `inbox`: subscribe to our
         inbox there (False: only the broker's certificate, for a membership check); `on_state()`: called
-        when `connected` or `down` changes."""
+        when `connected` or `down` changes; `on_revocations(owner, data)`: gets the revocation list the
+        broker's owner offers (at most MAX_REVOCATION_BYTES; not parsed here)."""
         if tls_context.verify_mode != ssl.CERT_REQUIRED:
             raise ValueError("a link's TLS context must verify the broker's certificate")
         self.host = host
@@ -119,6 +123,7 @@ class PeerLink:
         self._on_certificate = on_certificate
         self._on_update = on_update
         self._on_reject = on_reject
+        self._on_revocations = on_revocations
         self.peer_id: str | None = None  # the broker's node id, proven by TLS in the current session
         self.bytes_in = 0
         self._reassembler = Reassembler(max_message_bytes)
@@ -256,6 +261,8 @@ class PeerLink:
                 filters = [cert_topic(self.federation_id, owner)]
                 if self.inbox:
                     filters.append(inbox_filter(self.federation_id, self.node_id))
+                if self._on_revocations is not None:
+                    filters.append(revocations_topic(self.federation_id, owner))
                 await self._subscribe(client, filters)
                 self._ready = True
                 self._set_state("connected", "")
@@ -307,6 +314,8 @@ class PeerLink:
                 self._take_certificate(publisher, payload)
             elif parsed.kind is Kind.INBOX:
                 await self._take_part(parsed, payload)
+            elif parsed.kind is Kind.REVOCATIONS:
+                self._take_revocations(publisher, payload)
         except Rejected as exc:
             self._reject(exc.reason, f"{self.name} ({publisher}): {exc.detail}")
         except Exception:  # noqa: BLE001 - a faulty handler must not drop the link
@@ -319,6 +328,14 @@ class PeerLink:
         if size > MAX_CERT_BYTES:
             raise Rejected(Reason.OVERSIZE, f"certificate of {size} bytes from {publisher}")
         self._on_certificate(publisher, bytes(payload))
+
+    def _take_revocations(self, publisher: str, payload: bytes | bytearray) -> None:
+        size = len(payload)
+        if size == 0 or publisher != self.peer_id or self._on_revocations is None:
+            return  # cleared, or not the proven owner's (never granted)
+        if size > MAX_REVOCATION_BYTES:
+            raise Rejected(Reason.OVERSIZE, f"revocation list of {size} bytes from {publisher}")
+        self._on_revocations(publisher, bytes(payload))
 
     async def _take_part(self, topic: Topic, payload: bytes | bytearray) -> None:
         if topic.target != self.node_id or not payload or not self.inbox:

@@ -47,6 +47,7 @@ from p2pfl.transport.topics import (
     check_level,
     is_level,
     parse_topic,
+    revocations_topic,
     update_topic,
 )
 
@@ -225,6 +226,13 @@ class Outbox:
         await broker.retain_message(None, topic, data, QOS)
         await broker.internal_message_broadcast(topic, data, QOS)
 
+    async def publish_revocations(self, data: bytes) -> None:
+        """Offer the revocation list this node holds to every neighbour (retained, like the certificate)."""
+        broker = self._require_broker()
+        topic = revocations_topic(self.federation_id, self.node_id)
+        await broker.retain_message(None, topic, bytes(data), QOS)
+        await broker.internal_message_broadcast(topic, bytes(data), QOS)
+
     async def publish_update(self, message: bytes, recipients: Sequence[str]) -> int:
         """Publish the latest sealed update to each recipient's inbox as retained parts.
 
@@ -327,7 +335,7 @@ class Outbox:
         recipient was dropped (or had not yet subscribed) is not delivered."""
         if topic.publisher != self.node_id:
             return False
-        if topic.kind is Kind.CERT:
+        if topic.kind in (Kind.CERT, Kind.REVOCATIONS):
             return True
         return topic.kind is Kind.INBOX and topic.target == me and me in self._recipients
 
@@ -337,7 +345,7 @@ class Outbox:
         replayed on subscribe without a per-topic RECEIVE check."""
         if topic.publisher not in (self.node_id, ANY):
             return False
-        if topic.kind is Kind.CERT:
+        if topic.kind in (Kind.CERT, Kind.REVOCATIONS):
             return True
         return topic.kind is Kind.INBOX and topic.target == me and topic.index in (ANY, ALL)
 

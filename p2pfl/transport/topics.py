@@ -3,6 +3,7 @@
 Everything a node publishes lives under `p2pfl/{federation}/{publisher}/` in two shapes:
 
 - `.../cert`: the publisher's certificate (retained; it carries the box key updates are sealed to);
+- `.../revocations`: the root-signed revocation list the publisher holds (retained; p2pfl.revocation);
 - `.../to/{recipient}/{index}`: part `index` of the latest update addressed to `recipient` (retained).
 
 The broker's ACL, the links' subscriptions and the links' dispatch all go through this module, so
@@ -28,9 +29,10 @@ class Kind(StrEnum):
 
     CERT = "cert"
     INBOX = "to"
+    REVOCATIONS = "revocations"
 
 
-_ARITY = {Kind.CERT: 0, Kind.INBOX: 2}
+_ARITY = {Kind.CERT: 0, Kind.INBOX: 2, Kind.REVOCATIONS: 0}
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,10 @@ def _join(*levels: str) -> str:
 
 def cert_topic(federation_id: str, node_id: str) -> str:
     return _join(federation_id, node_id, Kind.CERT)
+
+
+def revocations_topic(federation_id: str, node_id: str) -> str:
+    return _join(federation_id, node_id, Kind.REVOCATIONS)
 
 
 def update_topic(federation_id: str, node_id: str, recipient: str, index: int) -> str:
