@@ -191,6 +191,8 @@ def node_config(
     )
     cfg.gossip.compression = getattr(args, "compression", "none")
     cfg.metrics.save_models = True
+    if getattr(args, "min_wait", None) is not None:
+        cfg.gossip.min_wait_s = args.min_wait
     if index in byzantine_indices(args.nodes, args.byzantine):
         cfg.attack.kind, cfg.attack.seed = args.attack, args.seed + index
     cfg.attack.silent = args.nodes - getattr(args, "silent", 0) <= index < args.nodes
@@ -640,6 +642,13 @@ def build_parser(prog: str = "testbed") -> argparse.ArgumentParser:
         help="how many members (the last ones) stay connected but never send an update",
     )
     p.add_argument("--round-timeout", type=_float_above(0.0), default=30.0)
+    p.add_argument(
+        "--min-wait",
+        type=_float_above(0.0, inclusive=True),
+        default=None,
+        help="[gossip] min_wait_s: the least a round waits for a missing neighbour (at most "
+        "--round-timeout); large values make the first round wait for nodes still starting",
+    )
     p.add_argument(
         "--wait",
         type=_float_above(0.0, inclusive=True),
