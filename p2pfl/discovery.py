@@ -81,14 +81,12 @@ SERVICE_TYPE = "_p2pfl._tcp.local."
 TXT_VERSION = "1"
 
 RESOLVE_TIMEOUT_MS = 3000  # one resolution of an added / updated service, then we give up on it
-# Record TTLs we advertise. Membership follows discovery (links are held to neighbours only), so a
-# node that vanished without a goodbye (kill -9, cable) stays a member until its records expire: at
-# most this plus zeroconf's 10 s cache sweep. zeroconf re-queries live records from 75% of the TTL on
-# (several tries), so a healthy peer is refreshed long before; each refresh costs one query and one
-# answer per peer per ~0.8 TTL, multicast to every node, so the TTL trades mDNS traffic (N^2/TTL
-# datagrams read, all nodes together) for how long a dead member lingers. Its neighbours' links fail
-# at once, so no round waits for it meanwhile.
-RECORD_TTL_S = 30
+# Record TTLs we advertise (the host's A and the SRV record; our TXT and PTR too, but zeroconf raises a
+# received PTR's TTL to at least 1125 s, _DNS_PTR_MIN_TTL, and browsers drop a service only when
+# its PTR expires). So a node gone without a goodbye (kill -9, cable) stays advertised in its peers'
+# caches for up to ~20 min whatever we set here; membership follows discovery, so it stays a member
+# that long, while its neighbours' links to it fail at once and no round waits for it.
+RECORD_TTL_S = 120
 MAX_TXT_BYTES = 512  # whole TXT record; ours is ~100 bytes, anything much bigger is not ours
 MAX_NAME_BYTES = 64  # UTF-8; keeps "name=..." well inside one 255-byte TXT item
 

@@ -87,11 +87,12 @@ def left_after_joining(rows: list[dict[str, Any]]) -> int | None:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_killed_peer_does_not_stall_the_others(tmp_path: Path) -> None:
-    """SIGKILL one of 4 nodes mid-run: the rest drop it from the membership and finish every round.
+    """SIGKILL one of 4 nodes mid-run: the rest finish every round without waiting for it.
 
     Synchronised on what the test is about, never on round counts or sleeps: the kill comes once
-    every node has run a round with all 4 members, and the survivors must then report a round with
-    3 members (the membership change) before they finish.
+    every node has run a round with all 4 members. Members need no link, so the killed node stays a
+    member until its mDNS records expire (no goodbye; minutes), alike on every survivor, but its
+    neighbours' links to it fail at once: they stop waiting for it and record it as missing.
     """
     rounds = 12
     args = testbed.parse_args(
@@ -110,13 +111,6 @@ def test_a_killed_peer_does_not_stall_the_others(tmp_path: Path) -> None:
         wait_until(formed, WAIT_S + CHANGE_S, "the 4 nodes did not run a round together")
         victim.proc.kill()
 
-        def dropped() -> bool:
-            done = [left_after_joining(p.metrics) is not None for p in survivors]
-            for p, ok in zip(survivors, done, strict=True):
-                assert ok or p.proc.poll() is None, f"{p.name} finished without dropping the killed node"
-            return all(done)
-
-        wait_until(dropped, CHANGE_S, "the survivors did not drop the killed node from the membership")
         for p in survivors:
             assert p.proc.wait(timeout=300) == 0, p.name
     finally:
@@ -124,11 +118,12 @@ def test_a_killed_peer_does_not_stall_the_others(tmp_path: Path) -> None:
     for p in survivors:
         rows = p.metrics
         assert [r["round"] for r in rows] == list(range(1, rounds + 1)), p.name
-        first = left_after_joining(rows)
-        assert first is not None, p.name
-        assert all(r["members"] == 3 for r in rows[first:]), p.name  # the dead node stays out...
-        assert victim.name not in rows[-1]["neighbours"], p.name  # ...so the ring re-formed without it
-        assert rows[-1]["accuracy"] > 0.5, p.name
+        last = rows[-1]
+        if victim.name in last["neighbours"]:  # a neighbour of the dead node: nothing from it, no wait
+            assert victim.name in last["missing"], p.name
+            assert last["neighbours"][victim.name]["weight"] == 0.0, p.name
+        assert len(last["staleness"]) >= 1, p.name  # the live neighbours still mix each other
+        assert last["accuracy"] > 0.5, p.name
 
 
 @pytest.mark.slow
