@@ -34,6 +34,9 @@ def test_training_options_reach_every_node_config() -> None:
     args = testbed.parse_args(
         ["--nodes", "3", "--lr", "0.05", "--local-epochs", "2", "--batch-size", "16", "--optimizer", "adam"]
     )
+    assert testbed.node_config(args, 0, Path("node-0")).gossip.min_wait_s == 1.0  # the nodes' default
+    waiting = testbed.parse_args(["--min-wait", "600", "--round-timeout", "600"])
+    assert testbed.node_config(waiting, 0, Path("node-0")).gossip.min_wait_s == 600.0
     for i in range(3):
         task = testbed.node_config(args, i, Path(f"node-{i}")).task
         assert (task.lr, task.local_epochs, task.batch_size, task.optimizer) == (0.05, 2, 16, "adam")
