@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -121,20 +122,26 @@ class Inbox:
     In round r a node mixes a neighbour's update for r if it has one, else its newest older one
     within the staleness bound; updates for later rounds wait for their round. So when every update
     arrives in time, rounds mix exactly as lock-step gossip would.
+
+    The event loop files updates while a worker thread mixes (and takes), so every method holds the
+    lock: iterating a neighbour's rounds while the other thread files one would raise.
     """
 
     pending: dict[str, dict[int, Pending]] = field(default_factory=dict)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def put(self, p: Pending) -> None:
         """File an update (a later one for the same round replaces the earlier)."""
-        rounds = self.pending.setdefault(p.neighbour.node_id, {})
-        rounds[p.round] = p
-        while len(rounds) > MAX_PENDING:
-            del rounds[min(rounds)]
+        with self._lock:
+            rounds = self.pending.setdefault(p.neighbour.node_id, {})
+            rounds[p.round] = p
+            while len(rounds) > MAX_PENDING:
+                del rounds[min(rounds)]
 
     def newest(self, node_id: str) -> Pending | None:
-        rounds = self.pending.get(node_id)
-        return rounds[max(rounds)] if rounds else None
+        with self._lock:
+            rounds = self.pending.get(node_id)
+            return rounds[max(rounds)] if rounds else None
 
     def fresh(self, node_id: str, round_: int) -> bool:
         """Has `node_id` an update for `round_` or a later one waiting?"""
@@ -143,38 +150,42 @@ class Inbox:
 
     def arrival(self, node_id: str, round_: int) -> float | None:
         """When the update of `node_id` that round `round_` would mix arrived (None: none yet)."""
-        rounds = self.pending.get(node_id, {})
-        usable = [r for r in rounds if r >= round_]
-        return rounds[min(usable)].arrived if usable else None
+        with self._lock:
+            rounds = self.pending.get(node_id, {})
+            usable = [r for r in rounds if r >= round_]
+            return rounds[min(usable)].arrived if usable else None
 
     def take(self, node_ids: Iterable[str], round_: int, oldest: int) -> dict[str, Pending]:
         """Remove and return, per neighbour, the update for `round_`, else its newest older one that
         is not older than `oldest`; what it supersedes is dropped, later rounds stay."""
         out = {}
-        for nid in node_ids:
-            rounds = self.pending.get(nid, {})
-            usable = [r for r in rounds if oldest <= r <= round_]
-            if usable:
-                chosen = max(usable)
-                out[nid] = rounds[chosen]
-                for r in [r for r in rounds if r <= chosen]:
-                    del rounds[r]
+        with self._lock:
+            for nid in node_ids:
+                rounds = self.pending.get(nid, {})
+                usable = [r for r in rounds if oldest <= r <= round_]
+                if usable:
+                    chosen = max(usable)
+                    out[nid] = rounds[chosen]
+                    for r in [r for r in rounds if r <= chosen]:
+                        del rounds[r]
         return out
 
     def take_newest(self, node_ids: Iterable[str]) -> dict[str, Pending]:
         """Remove every waiting update of `node_ids` and return the newest of each (a catch-up)."""
         out = {}
-        for nid in node_ids:
-            p = self.newest(nid)
-            if p is not None:
-                out[nid] = p
-                del self.pending[nid]
+        with self._lock:
+            for nid in node_ids:
+                p = self.newest(nid)
+                if p is not None:
+                    out[nid] = p
+                    del self.pending[nid]
         return out
 
     def drop_older(self, oldest: int) -> None:
-        for rounds in self.pending.values():
-            for r in [r for r in rounds if r < oldest]:
-                del rounds[r]
+        with self._lock:
+            for rounds in self.pending.values():
+                for r in [r for r in rounds if r < oldest]:
+                    del rounds[r]
 
 
 class Pace:

@@ -425,3 +425,37 @@ def test_an_unnamed_node_takes_the_name_its_certificate_gives(tmp_path: Path) ->
     cfg.node.name = NodeConfig().node.name  # not set in the config file
     certify(authority, "hospital-a", cfg.data_dir)
     assert Node(cfg, mesh=Hub().mesh(load_credentials(cfg.data_dir)[1])).cfg.node.name == "hospital-a"
+
+
+def test_inbox_files_while_a_worker_thread_takes() -> None:
+    """The event loop files updates while the mixing thread takes them (a real node crashed at round
+    926 with 'dictionary changed size during iteration'); both sides must see a consistent inbox."""
+    import threading
+
+    from p2pfl.aggregation import Neighbour
+    from p2pfl.round import Inbox, Pending
+
+    inbox, errors, rounds = Inbox(), [], 4000
+    vector = np.zeros(2, dtype=np.float32)
+
+    def filer() -> None:
+        try:
+            for r in range(rounds):
+                inbox.put(Pending(r, Neighbour("n", vector, 1, 1), float(r)))
+        except Exception as exc:  # noqa: BLE001 - any exception here is the failure
+            errors.append(exc)
+
+    thread = threading.Thread(target=filer)
+    thread.start()
+    taken = 0
+    while thread.is_alive() or inbox.newest("n") is not None:
+        try:
+            got = inbox.take(["n"], rounds, oldest=0)
+            inbox.arrival("n", 0)
+            inbox.drop_older(0)
+        except RuntimeError as exc:
+            errors.append(exc)
+            break
+        taken += len(got)
+    thread.join()
+    assert errors == [] and taken > 0
