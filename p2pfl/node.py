@@ -176,6 +176,7 @@ class Node:
         self.checkpoint_path = cfg.data_dir / "checkpoint.npz"
         self.last_eval: tuple[float, float] | None = None  # (accuracy, test loss) of the last round
         self.best_accuracy = _saved_accuracy(cfg.data_dir / BEST_MODEL_FILE)
+        self._last_loss: float | None = None  # [gossip] steps_per_round: the last training loss
         self.cpu_s = dict.fromkeys(CPU_STEPS, 0.0)  # this round's CPU seconds per step (metrics)
         self._resume()
 
@@ -301,10 +302,17 @@ class Node:
         plan = self.core.plan(round_, self.members())
         # links to this round's neighbours (and the coming rounds' of a time-varying topology) only
         self.mesh.follow(link_targets(self.core.topology, plan, self.node_id, self.core.seed))
-        if hasattr(self.task, "set_round"):  # a learning-rate schedule follows the federation's round
-            self.task.set_round(round_)
-        loss, self.cpu_s["train"] = await asyncio.to_thread(_timed, self.task.train, self.model)
-        self._check_loss(round_, loss)
+        # [gossip] steps_per_round = k: k gossip exchanges per local training step (a sparse topology
+        # averages further per epoch); rounds count exchanges and only every k-th one trains
+        k = self.cfg.gossip.steps_per_round
+        if (round_ - 1) % k == 0 or self._last_loss is None:
+            if hasattr(self.task, "set_round"):  # a learning-rate schedule follows the training round
+                self.task.set_round((round_ - 1) // k + 1)
+            loss, self.cpu_s["train"] = await asyncio.to_thread(_timed, self.task.train, self.model)
+            self._check_loss(round_, loss)
+            self._last_loss = loss
+        else:  # an exchange-only round: mix the current model again
+            loss, self.cpu_s["train"] = self._last_loss, 0.0
         params = get_params(self.model)
         own = self.core.flatten(params)
         message, self.cpu_s["seal"] = await asyncio.to_thread(_timed, self.core.pack, params, own, plan)
