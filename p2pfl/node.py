@@ -26,7 +26,7 @@ from p2pfl import checkpoint, codec, model_file, revocation
 from p2pfl.aggregation import MixResult
 from p2pfl.attacks import make_attack
 from p2pfl.config import NodeConfig, NodeSection
-from p2pfl.errors import IdentityError, P2PFLError, Rejected
+from p2pfl.errors import IdentityError, P2PFLError, Reason, Rejected
 from p2pfl.federation import Certificate, FederationRoot
 from p2pfl.identity import Identity, load_or_create
 from p2pfl.learning import get_params, load_task, set_params, unflatten
@@ -38,7 +38,7 @@ from p2pfl.round import CatchUp, Pace, Plan, RoundCore
 from p2pfl.topology import parse_topology
 from p2pfl.warmup import warm_up
 
-__all__ = ["Node", "TrainingDiverged", "load_credentials", "run_node"]
+__all__ = ["ModelMismatch", "Node", "TrainingDiverged", "load_credentials", "run_node"]
 
 T = TypeVar("T")
 
@@ -106,6 +106,15 @@ class PeersMissing(P2PFLError):
 
 class TrainingDiverged(P2PFLError):
     """Local training produced a non-finite or exploding loss: going on would only spread it."""
+
+
+class ModelMismatch(P2PFLError):
+    """Every neighbour that spoke sends a model of another shape: this node's [task] disagrees with
+    the federation's, and it would only ever train alone."""
+
+
+MISFIT_REASONS = (Reason.SHAPE_MISMATCH, Reason.DTYPE_MISMATCH, Reason.TOO_MANY_TENSORS)
+FIT_CHECK_ROUNDS = 3  # the first rounds in which a node whose model fits no neighbour stops
 
 
 class Node:
@@ -178,6 +187,8 @@ class Node:
         self.best_accuracy = _saved_accuracy(cfg.data_dir / BEST_MODEL_FILE)
         self._last_loss: float | None = None  # [gossip] steps_per_round: the last training loss
         self.cpu_s = dict.fromkeys(CPU_STEPS, 0.0)  # this round's CPU seconds per step (metrics)
+        self.fits: set[str] = set()  # neighbours whose updates fit our model
+        self.misfits: dict[str, str] = {}  # neighbours whose model has another shape -> why
         self._resume()
 
     def members(self) -> dict[str, Certificate]:
@@ -259,7 +270,19 @@ class Node:
             self.core.accept(round_, neighbour, time.monotonic())  # it may have gone stale meanwhile
         except Rejected as exc:
             self.metrics.reject(exc.reason, exc.detail, peer=publisher)
+            if exc.reason in MISFIT_REASONS and publisher not in self.misfits:
+                self.misfits[publisher] = exc.detail
+                cert = self.members().get(publisher)
+                log.error(
+                    "%s sends a model of another shape (%s): every node needs the same [task] model "
+                    "settings (name, num_classes / class_names, features, hidden)",
+                    cert.name if cert is not None else publisher,
+                    exc.detail,
+                )
+                self.changed.set()  # not worth waiting for any more
             return
+        self.fits.add(neighbour.node_id)
+        self.misfits.pop(neighbour.node_id, None)  # it was fixed and restarted
         self.pace.heard(neighbour.node_id)  # alive and within the bound: wait for it again
         self.changed.set()
 
@@ -274,7 +297,9 @@ class Node:
         while True:
             members = self.mesh.members()
             expected = [
-                n for n in self.pace.expected(plan.neighbours) if n in members and self.mesh.reachable(n)
+                n
+                for n in self.pace.expected(plan.neighbours)
+                if n in members and self.mesh.reachable(n) and n not in self.misfits  # it never fits
             ]
             missing = self.core.missing(plan, expected)
             arrivals = [
@@ -320,6 +345,7 @@ class Node:
             await self.mesh.publish(message, plan.neighbours)
             self.metrics.bytes_out += len(message) * plan.degree
         allowed = await self._collect(plan, started)
+        self._check_model_fits(plan)
         self._note_pace(plan, started)
         jump = self.core.catch_up(plan)
         if jump is not None:
@@ -380,6 +406,17 @@ class Node:
         record = {f"{k}_cpu_s": round(v, 6) for k, v in self.cpu_s.items()}
         self.cpu_s = dict.fromkeys(CPU_STEPS, 0.0)
         return record
+
+    def _check_model_fits(self, plan: Plan) -> None:
+        """Stop in the first rounds if neighbours spoke and none sent a model of our shape: then this
+        node is the odd one out (one Byzantine member cannot stop a node that has an honest neighbour)."""
+        if self.fits or not self.misfits or self.core.ran > FIT_CHECK_ROUNDS:
+            return
+        examples = "; ".join(f"{plan.name(n)}: {why}" for n, why in list(self.misfits.items())[:3])
+        raise ModelMismatch(
+            f"no neighbour's model has this node's shape ({examples}); set the same [task] model "
+            "settings (name, num_classes or class_names, features, hidden) on every node, then restart"
+        )
 
     def _check_loss(self, round_: int, loss: float) -> None:
         if not math.isfinite(loss) or loss > DIVERGED_LOSS:

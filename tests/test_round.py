@@ -459,3 +459,30 @@ def test_inbox_files_while_a_worker_thread_takes() -> None:
         taken += len(got)
     thread.join()
     assert errors == [] and taken > 0
+
+
+def test_the_node_whose_model_fits_no_neighbour_stops_before_training_alone(tmp_path: Path) -> None:
+    """A site configured with another model (here another task) gets only updates it must refuse; it
+    stops in its first rounds with the settings to fix, while the others, who fit each other, go on."""
+    from p2pfl.node import ModelMismatch
+
+    hub, authority, nodes = Hub(), FederationAuthority.create(tmp_path / "federation"), []
+    for i in range(3):
+        cfg = node_config(tmp_path, i, 3, 4)
+        if i == 2:
+            cfg.task = TaskSpec(name="digits-mlp", lr=0.3)
+        cfg.gossip.topology = "full"
+        _, cert = certify(authority, cfg.node.name, cfg.data_dir)
+        nodes.append(Node(validate(cfg), mesh=hub.mesh(cert)))
+
+    async def main() -> list[BaseException | None]:
+        results = await asyncio.gather(*(node.run() for node in nodes), return_exceptions=True)
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+    outcome = asyncio.run(main())
+    assert outcome[:2] == [None, None], outcome
+    assert isinstance(outcome[2], ModelMismatch), outcome
+    assert "num_classes" in str(outcome[2]) and "node-0" in str(outcome[2])
+    for node in nodes[:2]:
+        assert [r["round"] for r in read_jsonl(node.cfg.metrics_path)] == [1, 2, 3, 4]
+        assert node.metrics.rejected.get("too_many_tensors", 0) >= 1  # the bigger model's updates
