@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from p2pfl import aggregation
+from p2pfl import aggregation, reporting
 from p2pfl import config as config_mod
 from p2pfl.attacks import ATTACKS
 from p2pfl.errors import ConfigError
@@ -56,6 +56,7 @@ from p2pfl.identity import load_or_create
 from p2pfl.learning.data import read_table
 from p2pfl.learning.spec import OPTIMIZERS, PARTITION_SCHEMES, TaskSpec
 from p2pfl.memory import MemoryWatch
+from p2pfl.metrics import read_jsonl
 from p2pfl.topology import parse_topology
 from p2pfl.zygote import Zygote, ZygoteError
 
@@ -66,14 +67,12 @@ __all__ = [
     "NodeProcess",
     "build_parser",
     "byzantine_indices",
-    "consensus_by_round",
     "consensus_distances",
     "launch",
     "launch_node",
     "main",
     "node_config",
     "parse_args",
-    "plot",
     "prepare",
     "progress_table",
     "read_metrics",
@@ -90,14 +89,8 @@ STOP_GRACE_S = 10.0
 POLL_S = 0.1
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every well-formed record of a metrics file. Lines that do not parse (a last line cut short by a
-    kill -9 during a write, or such a fragment followed by a restarted node's records) are skipped."""
-    try:
-        text = path.read_bytes().decode("utf-8", errors="replace")
-    except OSError:
-        return []
-    return [r for r in (_parse_line(line) for line in text.splitlines()) if r is not None]
+# the scripts and tests that read a run's metrics files import it from here
+read_metrics = read_jsonl
 
 
 def _parse_line(line: str) -> dict[str, Any] | None:
@@ -348,36 +341,9 @@ def progress_table(
     return table
 
 
-def _load_model(path: Path) -> np.ndarray | None:
-    """A saved model, or None if it is missing or was cut short by a kill."""
-    try:
-        return np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
-    except (OSError, ValueError, EOFError):
-        return None
-
-
-def consensus_by_round(procs: list[NodeProcess], rounds: int) -> tuple[list[float | None], list[int]]:
-    """Per round: mean squared distance of the given nodes' models from their average, over the nodes
-    that saved a readable model for that round (None when fewer than 2 did), and how many did."""
-    distances: list[float | None] = []
-    counts: list[int] = []
-    for r in range(1, rounds + 1):
-        loaded = [_load_model(p.directory / "models" / f"round_{r:04d}.npy") for p in procs]
-        models = [m for m in loaded if m is not None]
-        if len({m.shape for m in models}) > 1:
-            models = []
-        counts.append(len(models))
-        if len(models) < 2:
-            distances.append(None)
-            continue
-        stack = np.stack(models)
-        distances.append(float(np.mean(np.sum((stack - stack.mean(axis=0)) ** 2, axis=1))))
-    return distances, counts
-
-
 def consensus_distances(procs: list[NodeProcess], rounds: int) -> list[float | None]:
     """Mean squared distance of the node models from their average, per round (None if a model is missing)."""
-    distances, counts = consensus_by_round(procs, rounds)
+    distances, counts = reporting.consensus_by_round([p.directory for p in procs], rounds)
     return [d if c == len(procs) else None for d, c in zip(distances, counts, strict=True)]
 
 
@@ -390,41 +356,26 @@ def summarize(
     faults: list[dict[str, Any]] | None = None,
     memory: MemoryWatch | None = None,
 ) -> dict[str, Any]:
-    """Accuracy and consensus are over the honest nodes alive at the end: a killed or silent node's
-    stale last round must not enter them. Every node is still listed, with its peak memory when
-    `memory` sampled it."""
+    """`reporting.summarize` of the node processes, whose exit codes and roles only the testbed knows
+    (accuracy and consensus are over the honest nodes alive at the end), plus each node's peak memory
+    when `memory` sampled it and the round-1 against steady round times."""
     alive = {p.name for p in procs if p.proc.returncode in (None, 0)} if alive is None else alive
-    nodes = [
-        _node_summary(p.name, p.directory, p.proc.returncode, i in byzantine, p.name in alive)
+    runs = [
+        reporting.NodeRun.load(
+            p.directory,
+            name=p.name,
+            exit_code=p.proc.returncode,
+            byzantine=i in byzantine,
+            alive=p.name in alive,
+        )
         for i, p in enumerate(procs)
     ]
-    for n in nodes:
+    summary = reporting.summarize(runs, rounds=rounds, wall_s=wall_s, faults=faults)
+    for n in summary["nodes"]:
         n["memory"] = memory.peaks.get(n["name"]) if memory is not None else None
-    counted = [n for n in nodes if n["alive_at_end"] and not n["byzantine"]]
-    accs = [n["final_accuracy"] for n in counted if n["final_accuracy"] is not None]
-    horizon = max([rounds] + [n["rounds_completed"] for n in counted])
-    members = [p for p, n in zip(procs, nodes, strict=True) if n in counted]
-    cd, counts = consensus_by_round(members, horizon)
-    full = [d for d, c in zip(cd, counts, strict=True) if d is not None and c == len(members)]
-    known = full or [d for d in cd if d is not None]
-    return {
-        "nodes": nodes,
-        "alive_at_end": sorted(n["name"] for n in nodes if n["alive_at_end"]),
-        "mean_accuracy": float(np.mean(accs)) if accs else None,
-        "min_accuracy": float(np.min(accs)) if accs else None,
-        "accuracy_spread": float(np.max(accs) - np.min(accs)) if accs else None,
-        "consensus_distance": {
-            "first": known[0] if known else None,
-            "last": known[-1] if known else None,
-            "by_round": cd,
-            "nodes_by_round": counts,
-        },
-        "faults": faults or [],
-        "wall_s": wall_s,
-        "bytes_sent_total": int(sum(n["bytes_sent"] for n in nodes)),
-        "memory": memory.summary(p.name for p in procs) if memory is not None else None,
-        "round_times": _round_times(procs),
-    }
+    summary["memory"] = memory.summary(p.name for p in procs) if memory is not None else None
+    summary["round_times"] = _round_times(procs)
+    return summary
 
 
 def _round_times(procs: list[NodeProcess]) -> dict[str, float | None]:
@@ -434,7 +385,7 @@ def _round_times(procs: list[NodeProcess]) -> dict[str, float | None]:
     steady: list[float] = []
     for p in procs:
         for r in read_metrics(p.directory / "metrics.jsonl"):
-            value, round_ = _number(r.get("round_s")), r.get("round")
+            value, round_ = reporting._number(r.get("round_s")), r.get("round")
             if value is None or not isinstance(round_, int) or "caught_up_from" in r:
                 continue
             (first if round_ == 1 else steady if round_ >= 3 else []).append(value)
@@ -443,76 +394,11 @@ def _round_times(procs: list[NodeProcess]) -> dict[str, float | None]:
     return {"round1_s": f, "steady_s": st, "ratio": f / st if f is not None and st else None}
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _node_summary(
-    name: str, directory: Path, exit_code: int | None, byzantine: bool, alive: bool
-) -> dict[str, Any]:
-    m = read_metrics(directory / "metrics.jsonl")
-    last = m[-1] if m else {}
-    raw = last.get("rejected")
-    rejected: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    return {
-        "name": name,
-        "byzantine": byzantine,
-        "alive_at_end": alive,
-        "final_accuracy": _number(last.get("accuracy")),
-        "rounds_completed": last_round(m),
-        "rejected": int(sum(v for v in rejected.values() if isinstance(v, int))),
-        "rejected_by_reason": rejected,
-        "bytes_sent": int(_number(last.get("bytes_out")) or 0),
-        "bytes_received": int(_number(last.get("bytes_in")) or 0),
-        "exit_code": exit_code,
-        "accuracy_by_round": [_number(r.get("accuracy")) for r in m],
-    }
-
-
-def plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for n in summary["nodes"]:
-        ax1.plot(range(1, len(n["accuracy_by_round"]) + 1), n["accuracy_by_round"], label=n["name"])
-    for f in summary.get("faults", []):
-        ax1.axvline(f["at_round"], color="grey", lw=0.8, ls=":")
-    ax1.set(xlabel="round", ylabel="test accuracy", title="accuracy per node")
-    if summary["nodes"]:
-        ax1.legend(fontsize="small")
-    cd = [(i + 1, d) for i, d in enumerate(summary["consensus_distance"]["by_round"]) if d]
-    if cd:
-        ax2.semilogy(*zip(*cd, strict=True), marker=".")
-    ax2.set(xlabel="round", ylabel="consensus distance", title="mean squared distance from average model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def summary_table(summary: dict[str, Any]) -> Table:
-    table = Table(title="testbed summary")
-    for col in ("node", "final accuracy", "rounds", "rejected", "bytes sent", "exit"):
-        table.add_column(col)
-    for n in summary["nodes"]:
-        acc = n["final_accuracy"]
-        tags = (" (byzantine)" if n["byzantine"] else "") + ("" if n["alive_at_end"] else " (down)")
-        table.add_row(
-            n["name"] + tags,
-            "-" if acc is None else f"{acc:.4f}",
-            str(n["rounds_completed"]),
-            str(n["rejected"]),
-            f"{n['bytes_sent'] / 1e6:.2f} MB",
-            str(n["exit_code"]),
-        )
-    cd = summary["consensus_distance"]
+    """`reporting.summary_table`, with the testbed's memory and round-1 lines in the caption."""
+    table = reporting.summary_table(summary, title="testbed summary")
     table.caption = (
-        f"honest live nodes: mean acc {summary['mean_accuracy'] or 0:.4f}, min {summary['min_accuracy'] or 0:.4f}, "
-        f"spread {summary['accuracy_spread'] or 0:.4f}; consensus distance first {cd['first'] or 0:.3g} "
-        f"-> last {cd['last'] or 0:.3g}; wall {summary['wall_s']:.1f} s; "
-        f"sent {summary['bytes_sent_total'] / 1e6:.1f} MB; faults {len(summary['faults'])}"
+        str(table.caption or "")
         + _memory_caption(summary.get("memory"))
         + _rounds_caption(summary.get("round_times"))
     )
@@ -854,7 +740,9 @@ class Run:
         )  # fmt: skip
         launched = {p.name for p in self.procs}
         summary["nodes"] += [  # joiners whose join never fired: listed, never counted
-            _node_summary(f"node-{i}", self.out / f"node-{i}", None, False, False)
+            reporting.node_summary(
+                reporting.NodeRun.load(self.out / f"node-{i}", name=f"node-{i}", byzantine=False, alive=False)
+            )
             for i in args.joiners
             if f"node-{i}" not in launched
         ]
@@ -863,11 +751,13 @@ class Run:
         )
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         try:
-            plot(summary, self.out / "accuracy.png")
+            reporting.plot_report(summary, self.out)
         except Exception as exc:  # a plot must never cost the summary
-            self.log(f"could not draw accuracy.png: {exc}")
+            self.log(f"could not draw the plots: {exc}")
         self.console.print(summary_table(summary))
-        self.log(f"wrote {self.out / 'summary.json'}, accuracy.png, per-node logs and metrics in {self.out}")
+        self.log(
+            f"wrote {self.out / 'summary.json'}, accuracy.png (and the other plots), per-node logs and metrics in {self.out}"
+        )
         down = _expected_down(faults) | ((self.runner.frozen if self.runner else set()) - self.alive)
         failed = [
             n["name"]
