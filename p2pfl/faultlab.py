@@ -34,6 +34,7 @@ __all__ = [
     "child_setup",
     "cleanup_stale",
     "netns_unavailable",
+    "pid_alive",
     "signal_group",
 ]
 
@@ -103,7 +104,7 @@ def _ip(*args: str, check: bool = True) -> str:
     return done.stdout
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -132,7 +133,7 @@ def cleanup_stale() -> list[str]:
     removed = []
     for name in _lab_namespaces():
         owner = name[len(LAB_PREFIX) :].split("-", 1)[0]
-        if owner.isdigit() and not _pid_alive(int(owner)):
+        if owner.isdigit() and not pid_alive(int(owner)):
             _kill_namespace(name)
             removed.append(name)
     return removed

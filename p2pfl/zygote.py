@@ -15,7 +15,6 @@ as it does to the server when the testbed dies.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -29,22 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Zygote", "ZygoteChild", "ZygoteError", "preload", "serve"]
+from p2pfl.faultlab import PARENT_PID_ENV, child_setup, pid_alive
 
-_PR_SET_PDEATHSIG = 1
-PARENT_PID_ENV = "P2PFL_PARENT_PID"
+__all__ = ["Zygote", "ZygoteChild", "ZygoteError", "preload", "serve"]
 
 
 class ZygoteError(RuntimeError):
     """The fork server could not start or fork; the message says why (the testbed then execs nodes)."""
-
-
-def _die_with_parent(parent: int) -> None:
-    """SIGTERM when the parent goes (Linux); covers a parent that is already gone."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def preload(config: Path | None) -> None:
@@ -80,7 +70,7 @@ def _child(request: dict[str, Any], parent: int, closing: list[int]) -> None:
         for fd in closing:
             os.close(fd)
         os.setsid()
-        _die_with_parent(parent)
+        child_setup(parent)()
         with open(request["log"], "ab") as log:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
@@ -140,7 +130,7 @@ def _requests(fd: int, pending: bytearray) -> tuple[list[bytes], bool]:
 def serve(config: Path | None = None) -> int:
     """Preload, then fork one child per request line until stdin closes."""
     parent = os.getppid()
-    _die_with_parent(parent)
+    child_setup(parent)()
     preload(config)
     if threading.active_count() > 1:  # forking a threaded process could deadlock the children
         raise ZygoteError(f"{threading.active_count()} threads after preloading; cannot fork safely")
@@ -275,7 +265,7 @@ class Zygote:
         with self._changed:
             if pid in self._exits:
                 return self._exits[pid]
-            if self._closed and not _alive(pid):
+            if self._closed and not pid_alive(pid):
                 return -int(signal.SIGTERM)
             return None
 
@@ -299,16 +289,6 @@ class Zygote:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=timeout)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 if __name__ == "__main__":
