@@ -165,14 +165,19 @@ class Compression:
         return f"{self.text} ({form} form, gamma {self.gamma:g})"
 
 
-def _parse_fraction(arg: str) -> float:
+def _parse_unit(text: str, error: str) -> float:
+    """A number in (0, 1]; anything else raises CompressionError(`error`)."""
     try:
-        fraction = float(arg)
+        value = float(text)
     except ValueError:
-        fraction = math.nan
-    if not 0.0 < fraction <= 1.0:
-        raise CompressionError(f"topk needs a fraction in (0, 1], e.g. topk:0.01 (got {arg!r})")
-    return fraction
+        value = math.nan
+    if not 0.0 < value <= 1.0:
+        raise CompressionError(error)
+    return value
+
+
+def _parse_fraction(arg: str) -> float:
+    return _parse_unit(arg, f"topk needs a fraction in (0, 1], e.g. topk:0.01 (got {arg!r})")
 
 
 def _parse_chunk(arg: str) -> int:
@@ -188,13 +193,7 @@ def _parse_chunk(arg: str) -> int:
 
 
 def _parse_gamma(value: str) -> float:
-    try:
-        gamma = float(value)
-    except ValueError:
-        gamma = math.nan
-    if not 0.0 < gamma <= 1.0:
-        raise CompressionError(f"gamma (the consensus step) must be in (0, 1], got {value!r}")
-    return gamma
+    return _parse_unit(value, f"gamma (the consensus step) must be in (0, 1], got {value!r}")
 
 
 def chunk_starts(c: Compression, d: int, tensor_sizes: Sequence[int] = ()) -> np.ndarray:
