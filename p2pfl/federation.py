@@ -174,6 +174,14 @@ class FederationRoot:
     def federation_id(self) -> str:
         return federation_id_for(self.public_key)
 
+    def signed(self, message: bytes, signature: bytes) -> bool:
+        """Whether the root key signed `message` (certificates, revocation lists)."""
+        try:
+            nacl.signing.VerifyKey(self.public_key).verify(message, bytes(signature))
+        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+            return False
+        return True
+
     def verify(self, cert: Certificate, now: float | None = None) -> None:
         """Accept `cert` only if the root signed it, it names the right node, and it is current."""
         if cert.federation_id != self.federation_id:
@@ -182,12 +190,10 @@ class FederationRoot:
                 f"certificate of {cert.node_id!r} is for federation {cert.federation_id!r}, "
                 f"ours is {self.federation_id!r}",
             )
-        try:
-            nacl.signing.VerifyKey(self.public_key).verify(cert.signed_bytes(), bytes(cert.signature))
-        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+        if not self.signed(cert.signed_bytes(), cert.signature):
             raise Rejected(
                 Reason.UNCERTIFIED, f"certificate of {cert.node_id!r} is not signed by the federation root"
-            ) from None
+            )
         if cert.node_id != node_id_for(cert.sign_key):
             raise Rejected(Reason.UNCERTIFIED, f"certificate node_id {cert.node_id!r} does not match its key")
         if cert.node_id in self.revoked:

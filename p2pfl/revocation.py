@@ -175,12 +175,10 @@ class RevocationList:
                 Reason.WRONG_FEDERATION,
                 f"revocation list is for federation {self.federation_id!r}, ours is {root.federation_id!r}",
             )
-        try:
-            nacl.signing.VerifyKey(root.public_key).verify(self.signed_bytes(), bytes(self.signature))
-        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+        if not root.signed(self.signed_bytes(), self.signature):
             raise Rejected(
                 Reason.BAD_SIGNATURE, f"revocation list {self.serial} is not signed by the federation root"
-            ) from None
+            )
 
     @classmethod
     def accept(cls, data: object, root: FederationRoot) -> RevocationList:
