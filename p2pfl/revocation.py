@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import nacl.exceptions
 import nacl.signing
 
 from p2pfl.errors import IdentityError, Reason, Rejected
