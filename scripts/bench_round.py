@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One full-mesh gossip round of 5 nodes with a ResNet-18-sized model, against its floor.
+"""One gossip round of 5 nodes (full mesh, ResNet-18-sized model), against its floor; with peak memory.
 
 The measured round: 5 node processes, each with its own identity and certificate from one
 federation, its own Outbox (embedded amqtt broker) on a free 127.0.0.1 port and a PeerLink to each
@@ -20,6 +20,15 @@ not counted.
 Prints a table with per-phase timings (relative to the common start), then one JSON line (last).
 
     python scripts/bench_round.py [--rounds 4] [--profile] [--chunk-mib 4]
+    python scripts/bench_round.py --model linear:10000x5000 --nodes 3 --topology ring --rounds 1
+
+Memory: every node resets its peak RSS (VmHWM, /proc/self/clear_refs) before each round and reads
+it after, so each round has its own per-node peak; the baseline is the node's RSS once it is idle
+(imports, model, broker and links up, before any round). The table prints peak, baseline, and
+(peak - baseline) as a multiple of the model's bytes, for the MQTT and the floor rounds, and the
+RSS peak of each phase of the node's round (pack, publish, receive + admit, mix) from a 2 ms sampler.
+--model linear:RxC is a torch nn.Linear(C, R) whose parameters go through learning.get_params /
+set_params each round, as in node.py (the default resnet18 shapes are numpy arrays used as they are).
 
 --profile adds one unmeasured MQTT round under cProfile (CPU time of each node's event-loop thread).
 --zero-copy-decode / --switch-interval-ms are experiments that change the workers only (candidate
@@ -52,7 +61,7 @@ from typing import Any
 
 from bench_wire import resnet18_shapes  # same model shapes as the wire benchmark
 
-N_NODES = 5
+N_NODES = 5  # the default; --nodes
 HOST = "127.0.0.1"
 MAX_BYTES = 1 << 30  # the node's default max_update_mb (1024)
 SETUP_TIMEOUT_S = 60.0  # processes up, brokers listening, links connected
@@ -61,6 +70,8 @@ COMMAND_TIMEOUT_S = 120.0  # a worker waiting for its next command
 TOTAL_BUDGET_S = 210.0  # no new round starts after this (the script must end well under 5 minutes)
 HARD_LIMIT_S = 250.0  # every wait of the coordinator ends by then; cleanup takes at most ~25 s more
 TARGET_RATIO = 2.0
+RSS_SAMPLE_S = 0.002  # the phase sampler's period
+PAGE = os.sysconf("SC_PAGE_SIZE")
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
@@ -70,6 +81,44 @@ _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NU
 
 class RoundTimeout(Exception):
     pass
+
+
+def _status_kb(field: str) -> int:
+    """One `field:  N kB` line of /proc/self/status (VmRSS, VmHWM), in kB."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(field.encode() + b":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Restart VmHWM from the current RSS (Linux: `echo 5 > /proc/PID/clear_refs`)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class PhaseSampler:
+    """RSS every RSS_SAMPLE_S in a thread, keeping the peak of each phase the round names."""
+
+    def __init__(self) -> None:
+        self.phase = "idle"
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._fd = os.open("/proc/self/statm", os.O_RDONLY)
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(RSS_SAMPLE_S):
+            rss = int(os.pread(self._fd, 128, 0).split()[1]) * PAGE
+            phase = self.phase
+            if rss > self.peaks.get(phase, 0):
+                self.peaks[phase] = rss
+
+    def take(self) -> dict[str, int]:
+        peaks, self.peaks = self.peaks, {}
+        return peaks
 
 
 def _recv_into(sock: socket.socket, buf: bytearray) -> float | None:
@@ -120,20 +169,29 @@ class BenchNode:
         self.fed = self.root.federation_id
         self.node_id = self.identity.node_id
         self.chunk_bytes = setup["chunk_bytes"]
-        rng = np.random.default_rng(1000 + index)
-        self.params = {
-            name: rng.standard_normal(shape, dtype=np.float32) for name, shape in resnet18_shapes().items()
-        }
+        self.model: Any = None  # a torch module for --model linear:RxC, else numpy params as they are
+        if setup["model"] == "resnet18":
+            rng = np.random.default_rng(1000 + index)
+            self.params = {
+                name: rng.standard_normal(shape, dtype=np.float32)
+                for name, shape in resnet18_shapes().items()
+            }
+        else:
+            self.model = build_linear(setup["model"], seed=1000 + index)
+            self.params = self._get_params()
         self.core = RoundCore(
             identity=self.identity,
             cert=self.cert,
             root=self.root,
-            topology=parse_topology("full"),
+            topology=parse_topology(setup["topology"]),
             spec=codec.spec_of(self.params),
             samples=1000,
-            rule="mean",
+            rule=setup["rule"],
             max_update_bytes=MAX_BYTES,
         )
+        self.round_timeout_s = setup["round_timeout_s"]
+        self.sampler = PhaseSampler()
+        self.baseline_rss = 0
         self.plan: Any = None
         self.round = 0
         self.certs: dict[str, Certificate] = {self.node_id: self.cert}  # filled from the links
@@ -152,11 +210,20 @@ class BenchNode:
 
     # -- shared per-round work (identical in both modes): the node's round core -----------------
 
-    def pack_update(self) -> tuple[bytes, float]:
-        """Node._round's pack step: flatten + RoundCore.pack (encode + seal for the 4 others)."""
-        own = self.core.flatten(self.params)
-        message = self.core.pack(self.params, own, self.plan)
+    def _get_params(self) -> Any:
+        from p2pfl.learning.params import get_params
+
+        return get_params(self.model)
+
+    def pack_update(self) -> tuple[Any, float]:
+        """Node._round's pack step: (get_params +) flatten + RoundCore.pack (encode + seal)."""
+        self.sampler.phase = "pack"
+        if self.model is not None:
+            self.params = self._get_params()  # node.py: params = get_params(self.model)
+        self.own = self.core.flatten(self.params)
+        message = self.core.pack(self.params, self.own, self.plan)
         assert message is not None
+        self.sampler.phase = "publish"
         return message, time.monotonic()
 
     def admit(self, publisher: str, message: Any, members: dict[str, Any], tm: dict[str, float]) -> Any:
@@ -167,12 +234,19 @@ class BenchNode:
         return round_, neighbour
 
     def average(self) -> Any:
-        """Node._round's mix step: RoundCore.mix (rule "mean" on the full graph: 1/5 each)."""
+        """Node._round's mix step: RoundCore.mix (then set_params, as node.py does, for a torch model)."""
+        from p2pfl.learning.params import set_params, unflatten
+
+        self.sampler.phase = "mix"
         for round_, neighbour in self.vectors.values():
             self.core.accept(round_, neighbour, time.monotonic())
-        result, staleness = self.core.mix(self.core.flatten(self.params), self.plan)
-        if sorted(staleness) != self.others:
+        self.vectors = {}
+        result, staleness = self.core.mix(self.own, self.plan)
+        if sorted(staleness) != sorted(self.plan.neighbours):
             raise RuntimeError(f"node {self.index}: mixed only {sorted(staleness)}")
+        if self.model is not None:
+            set_params(self.model, unflatten(result.vector, self.core.spec))
+        self.own = None
         return result.vector
 
     def _begin_round(self, r: int, start_at: float) -> None:
@@ -181,7 +255,11 @@ class BenchNode:
         self.start_at = start_at
         self.vectors = {}
         self.errors = []
-        self.timing = {p: {} for p in self.others}
+        self.timing = {p: {} for p in self.plan.neighbours}
+        self.expected = sorted(self.plan.neighbours)
+        self.sampler.take()
+        self.sampler.phase = "start"
+        _reset_peak()
 
     def _result(
         self,
@@ -195,7 +273,11 @@ class BenchNode:
         mean: Any,
     ) -> dict[str, Any]:
         s = self.start_at
+        self.sampler.phase = "idle"
         return {
+            "peak_rss": _status_kb("VmHWM") * 1024,
+            "baseline_rss": self.baseline_rss,
+            "phase_rss": self.sampler.take(),
             "node": self.index,
             "t0": t0 - s,
             "packed": t_pack - s,
@@ -205,7 +287,7 @@ class BenchNode:
             "transport_cpu_s": transport_cpu,
             "peers": {p: {k: v - s for k, v in tm.items()} for p, tm in self.timing.items()},
             "message_bytes": message_len,
-            "bytes_sent": message_len * len(self.others),
+            "bytes_sent": message_len * len(self.expected),
             "checksum": float(mean.sum(dtype="float64")),
             "rejects": list(self.rejects),
         }
@@ -291,17 +373,18 @@ class BenchNode:
         if prof is not None:
             prof.enable()
         message, t_pack = await asyncio.to_thread(self.pack_update)
-        await self.outbox.publish_update(message, self.others)
+        await self.outbox.publish_update(message, self.expected)
+        self.sampler.phase = "receive+admit"
         t_pub = time.monotonic()
-        deadline = t0 + ROUND_TIMEOUT_S
-        while len(self.vectors) < len(self.others):
+        deadline = t0 + self.round_timeout_s
+        while len(self.vectors) < len(self.expected):
             if self.errors:
                 raise RuntimeError("; ".join(self.errors))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RoundTimeout(
-                    f"node {self.index}: {len(self.vectors)}/{len(self.others)} updates "
-                    f"after {ROUND_TIMEOUT_S:.0f} s; rejects: {self.rejects[-5:]}"
+                    f"node {self.index}: {len(self.vectors)}/{len(self.expected)} updates "
+                    f"after {self.round_timeout_s:.0f} s; rejects: {self.rejects[-5:]}"
                 )
             self.changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -328,7 +411,7 @@ class BenchNode:
                 self.listener.settimeout(SETUP_TIMEOUT_S / 2)
                 while len(accepted) < len(others):
                     sock, _ = self.listener.accept()
-                    sock.settimeout(ROUND_TIMEOUT_S)
+                    sock.settimeout(self.round_timeout_s)
                     hello = _recv_exact(sock, 16).decode("ascii")
                     accepted[hello] = sock
             except BaseException as exc:  # noqa: BLE001 - reported below
@@ -338,7 +421,7 @@ class BenchNode:
         acceptor.start()
         for row in others:
             sock = socket.create_connection((HOST, row["tcp_port"]), timeout=SETUP_TIMEOUT_S / 2)
-            sock.settimeout(ROUND_TIMEOUT_S)
+            sock.settimeout(self.round_timeout_s)
             sock.sendall(self.node_id.encode("ascii"))
             self.tcp_out[row["node_id"]] = sock
         acceptor.join(SETUP_TIMEOUT_S / 2 + 1)
@@ -388,26 +471,29 @@ class BenchNode:
                 transport_cpu[0] += time.thread_time() - c0
 
         receivers = [
-            threading.Thread(target=receive, args=(p, self.tcp_in[p]), daemon=True) for p in self.others
+            threading.Thread(target=receive, args=(p, self.tcp_in[p]), daemon=True) for p in self.expected
         ]
         for t in receivers:
             t.start()
         message, t_pack = self.pack_update()
         senders = [
             threading.Thread(target=send, args=(p, self.tcp_out[p], message), daemon=True)
-            for p in self.others
+            for p in self.expected
         ]
         for t in senders:
             t.start()
-        deadline = t0 + ROUND_TIMEOUT_S
+        self.sampler.phase = "receive+admit"
+        deadline = t0 + self.round_timeout_s
         for t in senders:
             t.join(max(0.0, deadline - time.monotonic()))
         t_pub = time.monotonic()  # every byte handed to the kernel
         for t in receivers:
             t.join(max(0.0, deadline - time.monotonic()))
         if any(t.is_alive() for t in senders + receivers):
-            raise RoundTimeout(f"node {self.index}: floor round not finished after {ROUND_TIMEOUT_S:.0f} s")
-        if self.errors or len(self.vectors) != len(self.others):
+            raise RoundTimeout(
+                f"node {self.index}: floor round not finished after {self.round_timeout_s:.0f} s"
+            )
+        if self.errors or len(self.vectors) != len(self.expected):
             raise RuntimeError(f"node {self.index}: floor round failed: {self.errors}")
         mean = self.average()
         t_done = time.monotonic()
@@ -474,6 +560,7 @@ class BenchNode:
                 self.changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.changed.wait(), timeout=0.1)
+            self.baseline_rss = _status_kb("VmRSS") * 1024  # idle: imports, model, broker, links
             self.conn.send(("ready", self.index, None))
             while True:
                 cmd = await self._recv(COMMAND_TIMEOUT_S)
@@ -541,6 +628,32 @@ def _install_zero_copy_publish_decoder() -> None:
     _packet.decode_publish = decode_publish
 
 
+def linear_shape(model: str) -> tuple[int, int]:
+    """(rows, cols) of --model linear:RxC."""
+    kind, _, dims = model.partition(":")
+    rows, _, cols = dims.partition("x")
+    if kind != "linear" or not rows.isdigit() or not cols.isdigit() or int(rows) < 1 or int(cols) < 1:
+        raise ValueError(f"--model must be resnet18 or linear:ROWSxCOLS, got {model!r}")
+    return int(rows), int(cols)
+
+
+def model_shapes(model: str) -> dict[str, tuple[int, ...]]:
+    if model == "resnet18":
+        return resnet18_shapes()
+    rows, cols = linear_shape(model)
+    return {"weight": (rows, cols), "bias": (rows,)}
+
+
+def build_linear(model: str, seed: int) -> Any:
+    """torch nn.Linear(cols, rows), seeded: the model a node trains, read through get_params."""
+    import torch
+
+    rows, cols = linear_shape(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return torch.nn.Linear(cols, rows)
+
+
 def worker_entry(index: int, conn: Connection, setup: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"node{index} %(levelname)s %(name)s: %(message)s")
     if setup.get("switch_interval_ms"):
@@ -563,7 +676,8 @@ def worker_entry(index: int, conn: Connection, setup: dict[str, Any]) -> None:
 
 class Coordinator:
     def __init__(self, args: argparse.Namespace, tmp: Path, began: float) -> None:
-        self.hard_deadline = began + HARD_LIMIT_S
+        self.hard_deadline = began + args.budget_s + (HARD_LIMIT_S - TOTAL_BUDGET_S)
+        self.n = args.nodes
         self.args = args
         self.tmp = tmp
         self.procs: list[mp.process.BaseProcess] = []
@@ -575,7 +689,7 @@ class Coordinator:
 
         auth = FederationAuthority.create(self.tmp / "fed")
         ctx = mp.get_context("spawn")
-        for i in range(N_NODES):
+        for i in range(self.n):
             ident = Identity.generate()
             cert = auth.issue(f"n{i}", ident.verify_key_bytes, ident.box_public_bytes, ttl_s=3600)
             setup = {
@@ -588,6 +702,10 @@ class Coordinator:
                 "chunk_bytes": int(self.args.chunk_mib * (1 << 20)),
                 "switch_interval_ms": self.args.switch_interval_ms,
                 "zero_copy_decode": self.args.zero_copy_decode,
+                "model": self.args.model,
+                "topology": self.args.topology,
+                "rule": self.args.rule,
+                "round_timeout_s": self.args.round_timeout,
             }
             parent, child = ctx.Pipe()
             proc = ctx.Process(
@@ -602,7 +720,7 @@ class Coordinator:
         """One `kind` message from every worker, or raise (worker error, death or timeout)."""
         got: dict[int, Any] = {}
         deadline = min(time.monotonic() + timeout, self.hard_deadline)
-        while len(got) < N_NODES:
+        while len(got) < self.n:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(
@@ -623,7 +741,7 @@ class Coordinator:
             for i, proc in enumerate(self.procs):
                 if i not in got and not proc.is_alive():
                     raise RuntimeError(f"node {i} died (exit code {proc.exitcode})")
-        return [got[i] for i in range(N_NODES)]
+        return [got[i] for i in range(self.n)]
 
     def send_all(self, msg: Any) -> None:
         for conn in self.conns:
@@ -634,9 +752,11 @@ class Coordinator:
         for i, conn in enumerate(self.conns):
             path = str(self.tmp / f"prof-{mode}-{r}-{i}.pstats") if profile else None
             conn.send(("round", mode, r, start_at, path))
-        results = self.collect("done", ROUND_TIMEOUT_S + 10)
+        results = self.collect("done", self.args.round_timeout + 10)
         sums = [res["checksum"] for res in results]
-        if max(sums) - min(sums) > 1e-3 * max(1.0, abs(sums[0])):
+        # every node ends with the same mean only where every node hears every other
+        complete = self.args.topology == "full" or (self.args.topology == "ring" and self.n <= 3)
+        if complete and max(sums) - min(sums) > 1e-3 * max(1.0, abs(sums[0])):
             raise RuntimeError(f"{mode} round {r}: nodes disagree on the mean ({sums})")
         rejects = [rej for res in results for rej in res["rejects"]]
         if rejects:
@@ -707,6 +827,31 @@ def phase_table(rounds: list[list[dict[str, Any]]]) -> dict[str, dict[str, float
     return table
 
 
+def memory_table(measured: dict[str, list[list[dict[str, Any]]]], model_bytes: int) -> dict[str, Any]:
+    """Per node: idle baseline, peak RSS of its MQTT / floor rounds, (peak - baseline) / model."""
+    nodes = []
+    for i in range(len(measured["mqtt"][0])):
+        base = measured["mqtt"][0][i]["baseline_rss"]
+        row: dict[str, Any] = {"node": i, "baseline_mb": base / 1e6}
+        for mode in ("mqtt", "floor"):
+            peak = max(rnd[i]["peak_rss"] for rnd in measured[mode])
+            row[f"{mode}_peak_mb"] = peak / 1e6
+            row[f"{mode}_x_model"] = (peak - base) / model_bytes
+        nodes.append(row)
+    out: dict[str, Any] = {"nodes": nodes, "phases_x_model": {}}
+    for mode in ("mqtt", "floor"):
+        out[f"{mode}_peak_mb_max"] = max(r[f"{mode}_peak_mb"] for r in nodes)
+        out[f"{mode}_x_model_max"] = max(r[f"{mode}_x_model"] for r in nodes)
+        phases: dict[str, float] = {}
+        for rnd in measured[mode]:
+            for res in rnd:
+                for phase, rss in res["phase_rss"].items():
+                    x = (rss - res["baseline_rss"]) / model_bytes
+                    phases[phase] = round(max(phases.get(phase, x), x), 2)
+        out["phases_x_model"][mode] = phases
+    return out
+
+
 def top_profile(paths: list[str], limit: int = 25) -> list[dict[str, Any]]:
     stats = pstats.Stats(paths[0], stream=io.StringIO())
     for path in paths[1:]:
@@ -748,9 +893,28 @@ def main() -> int:
         help="experiment: replace paho's copying PUBLISH decoder in every node (see "
         "_install_zero_copy_publish_decoder)",
     )
+    ap.add_argument("--nodes", type=int, default=N_NODES, help="node processes (default 5)")
+    ap.add_argument("--topology", default="full", help="full (default) or ring, or any built-in topology")
+    ap.add_argument("--rule", default="mean", help="aggregation rule of every node (default mean)")
+    ap.add_argument(
+        "--model",
+        default="resnet18",
+        help="resnet18 (numpy, 46.8 MB; default) or linear:ROWSxCOLS (a torch nn.Linear, e.g. "
+        "linear:10000x5000 = 200 MB)",
+    )
+    ap.add_argument("--round-timeout", type=float, default=ROUND_TIMEOUT_S, help="seconds per round")
+    ap.add_argument(
+        "--budget-s", type=float, default=TOTAL_BUDGET_S, help="no new round starts after this (s)"
+    )
     args = ap.parse_args()
     if not 1 <= args.rounds <= 20:
         ap.error("--rounds must be 1..20")
+    if not 2 <= args.nodes <= 32:
+        ap.error("--nodes must be 2..32")
+    try:
+        shapes = model_shapes(args.model)
+    except ValueError as exc:
+        ap.error(str(exc))
     for name in _THREAD_ENV:
         os.environ[name] = "1"  # the spawned workers inherit it before importing numpy
 
@@ -763,7 +927,7 @@ def main() -> int:
             coord.send_all(("peers", ports))
             coord.collect("ready", SETUP_TIMEOUT_S)
             setup_s = time.monotonic() - began
-            print(f"{N_NODES} nodes up, full mesh connected in {setup_s:.1f} s", file=sys.stderr)
+            print(f"{args.nodes} nodes up, links connected in {setup_s:.1f} s", file=sys.stderr)
 
             schedule = [("mqtt", True), ("floor", True)]  # warm-ups
             for k in range(args.rounds):
@@ -775,7 +939,7 @@ def main() -> int:
             truncated = False
             r = 0
             for mode, warmup in schedule:
-                if time.monotonic() - began + 2 * longest + 5 > TOTAL_BUDGET_S:
+                if time.monotonic() - began + 2 * longest + 5 > args.budget_s:
                     truncated = True
                     print("time budget reached; stopping early", file=sys.stderr)
                     break
@@ -791,25 +955,25 @@ def main() -> int:
                 if not warmup:
                     measured[mode].append(results)
             profile_rows: list[dict[str, Any]] = []
-            if args.profile and not truncated and time.monotonic() - began + 2 * longest + 5 < TOTAL_BUDGET_S:
+            if args.profile and not truncated and time.monotonic() - began + 2 * longest + 5 < args.budget_s:
                 r += 1
                 results = coord.round("mqtt", r, profile=True)
                 print(
                     f"round {r:2d} mqtt  (cProfile): {max(res['done'] for res in results):.3f} s",
                     file=sys.stderr,
                 )
-                paths = [str(Path(tmpdir) / f"prof-mqtt-{r}-{i}.pstats") for i in range(N_NODES)]
+                paths = [str(Path(tmpdir) / f"prof-mqtt-{r}-{i}.pstats") for i in range(args.nodes)]
                 profile_rows = top_profile([p for p in paths if Path(p).exists()])
         finally:
             coord.stop()
 
     if not measured["mqtt"] or not measured["floor"]:
-        print(json.dumps({"nodes": N_NODES, "error": "no measured rounds"}))
+        print(json.dumps({"nodes": args.nodes, "error": "no measured rounds"}))
         return 1
     mq = [max(res["done"] for res in rnd) for rnd in measured["mqtt"]]
     fl = [max(res["done"] for res in rnd) for rnd in measured["floor"]]
     first = measured["mqtt"][0][0]
-    n_params = sum(int(_prod(s)) for s in resnet18_shapes().values())
+    n_params = sum(int(_prod(s)) for s in shapes.values())
     model_bytes = n_params * 4
     phases = {"mqtt": phase_table(measured["mqtt"]), "floor": phase_table(measured["floor"])}
     ratio = _med(mq) / _med(fl)
@@ -818,7 +982,8 @@ def main() -> int:
 
     print()
     print(
-        f"{N_NODES} nodes, full mesh on {HOST}; model {n_params:,} float32 params in {len(resnet18_shapes())} "
+        f"{args.nodes} nodes, topology {args.topology}, rule {args.rule} on {HOST}; model {args.model}: "
+        f"{n_params:,} float32 params in {len(shapes)} "
         f"tensors ({model_bytes / 1e6:.1f} MB); sealed message {first['message_bytes'] / 1e6:.1f} MB; "
         f"sent per node per round {first['bytes_sent'] / 1e6:.1f} MB"
     )
@@ -865,18 +1030,37 @@ def main() -> int:
     print(f"{'transport CPU s, all':<22}{tr_m:>10.3f}{'':>10}{tr_f:>11.3f}")
     print("  (transport CPU: MQTT = event-loop thread, i.e. publish_update, broker sends, paho reads,")
     print("   reassembly; floor = send/receive threads, admit excluded. Crypto/codec run in other threads.)")
+    memory = memory_table(measured, model_bytes)
+    print()
+    print(
+        f"peak RSS per node (MB; max over measured rounds), beside its idle baseline; x model = "
+        f"(peak - baseline) / {model_bytes / 1e6:.1f} MB"
+    )
+    print(f"{'node':<6}{'baseline':>10}{'mqtt peak':>11}{'x model':>9}{'floor peak':>12}{'x model':>9}")
+    for row in memory["nodes"]:
+        print(
+            f"{row['node']:<6}{row['baseline_mb']:>10.0f}{row['mqtt_peak_mb']:>11.0f}{row['mqtt_x_model']:>9.2f}"
+            f"{row['floor_peak_mb']:>12.0f}{row['floor_x_model']:>9.2f}"
+        )
+    print("phase peaks, max over nodes and rounds, (RSS - baseline) / model:")
+    for mode in ("mqtt", "floor"):
+        cells = "  ".join(f"{k} {v:.2f}" for k, v in memory["phases_x_model"][mode].items())
+        print(f"  {mode:<6}{cells}")
     if profile_rows:
         print()
         print(
-            "cProfile (thread CPU time), event-loop threads of all 5 nodes, one MQTT round, top by own time:"
+            f"cProfile (thread CPU time), event-loop threads of all {args.nodes} nodes, one MQTT round, top by own time:"
         )
         print(f"{'tottime s':>10}{'cumtime s':>10}{'calls':>9}  function")
         for row in profile_rows:
             print(f"{row['tottime_s']:>10.3f}{row['cumtime_s']:>10.3f}{row['calls']:>9}  {row['func']}")
     result = {
-        "nodes": N_NODES,
+        "nodes": args.nodes,
+        "topology": args.topology,
+        "rule": args.rule,
+        "model": args.model,
         "params": n_params,
-        "tensors": len(resnet18_shapes()),
+        "tensors": len(shapes),
         "model_bytes": model_bytes,
         "message_bytes": first["message_bytes"],
         "bytes_sent_per_node": first["bytes_sent"],
@@ -902,6 +1086,10 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "switch_interval_ms": args.switch_interval_ms or 1000 * sys.getswitchinterval(),
         "zero_copy_decode": args.zero_copy_decode,
+        "peak_rss_mb_max": {m: round(memory[f"{m}_peak_mb_max"], 1) for m in ("mqtt", "floor")},
+        "baseline_rss_mb_max": round(max(r["baseline_mb"] for r in memory["nodes"]), 1),
+        "peak_x_model_max": {m: round(memory[f"{m}_x_model_max"], 3) for m in ("mqtt", "floor")},
+        "phases_x_model": memory["phases_x_model"],
         "truncated": truncated,
         "wall_s": round(time.monotonic() - began, 1),
     }
