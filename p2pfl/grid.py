@@ -14,10 +14,13 @@ in item order, whichever backend computed them.
   the process pool.
 
 `fn` and the items must be picklable (a module-level function, dataclass configs).
+`add_arguments` / `run_grid_from_args` give the experiment scripts the same --backend, --workers
+and --ray-address options.
 """
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import importlib
 import importlib.util
@@ -88,6 +91,42 @@ def run_grid(
     if backend == "process":
         return _run_pool(fn, items, workers or default_workers(), threads, on_result)
     return _run_ray(fn, items, workers, threads, address, on_result)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The experiment scripts' grid options: --backend, --workers, --ray-address (run_grid_from_args
+    reads them, with the script's --threads)."""
+    parser.add_argument(
+        "--backend",
+        default="serial",
+        choices=BACKENDS,
+        help="where the grid runs (p2pfl.grid): here, a local process pool, or Ray (pip install ray); "
+        "the results are the same",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="process-pool / local Ray workers (default: cores)"
+    )
+    parser.add_argument(
+        "--ray-address", default=None, help="an existing Ray cluster (default: start a local one)"
+    )
+
+
+def run_grid_from_args(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    args: argparse.Namespace,
+    on_result: Callable[[int, R], None] | None = None,
+) -> list[R]:
+    """run_grid with the options add_arguments declared (and args.threads torch threads per job)."""
+    return run_grid(
+        fn,
+        items,
+        backend=args.backend,
+        workers=args.workers,
+        threads=args.threads,
+        address=args.ray_address,
+        on_result=on_result,
+    )
 
 
 def _run_pool(
@@ -162,12 +201,13 @@ def simulate(cfg: Any) -> Any:
     return run(cfg)
 
 
-def timed_run(cfg: Any) -> tuple[Any, float]:
-    """(Simulation(cfg).run(gap=False), its seconds): the robustness grid's job."""
+def timed_run(cfg: Any, gap: bool = False) -> tuple[Any, float]:
+    """(Simulation(cfg).run(gap=gap), its seconds): the experiment grids' job (the spectral gap
+    only where the table shows it; functools.partial(timed_run, gap=True) pickles too)."""
     import time
 
     from p2pfl.sim import Simulation
 
     started = time.perf_counter()
-    result = Simulation(cfg).run(gap=False)
+    result = Simulation(cfg).run(gap=gap)
     return result, time.perf_counter() - started

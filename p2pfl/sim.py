@@ -563,8 +563,10 @@ def consensus_distance(x: np.ndarray) -> float:
         mean += x[a : a + CONSENSUS_ROWS_PER_CHUNK].sum(axis=0, dtype=np.float64)
     mean /= n
     total = 0.0
+    buf = np.empty((min(n, CONSENSUS_ROWS_PER_CHUNK), *x.shape[1:]), dtype=np.float64)
     for a in range(0, n, CONSENSUS_ROWS_PER_CHUNK):
-        d = x[a : a + CONSENSUS_ROWS_PER_CHUNK].astype(np.float64) - mean
+        chunk = x[a : a + CONSENSUS_ROWS_PER_CHUNK]
+        d = np.subtract(chunk, mean, out=buf[: len(chunk)], dtype=np.float64)  # exact float32 -> 64
         total += float(np.einsum("ij,ij->", d, d))
     return total / n
 
@@ -823,9 +825,7 @@ class Simulation:
         if cfg.drop > 0 and len(rows):
             keep = np.random.default_rng([cfg.seed, round, 7]).random(len(rows)) >= cfg.drop
             rows, cols = rows[keep], cols[keep]
-        for i, d in enumerate(deg.tolist()):  # every node sends one update sealed for its d neighbours
-            if d:
-                self.sent[i] += self._message(d) * d
+        self._count_sent(deg)
         sent = self._craft(round)
         src = self.x if sent is None else sent
         ids = list(cfg.ids) if cfg.ids is not None else None
@@ -905,9 +905,7 @@ class Simulation:
         rg = self._gossip_state()
         crafted = self._craft(round)
         kinds = rg.send(self.x if crafted is None else crafted, deg > 0, round)
-        for i, d in enumerate(deg.tolist()):
-            if d:
-                self.sent[i] += self._message(d, int(kinds[i])) * d
+        self._count_sent(deg, kinds)
         usable = rg.deliver(rows, cols, lost_rows, lost_cols, kinds)
         rows, cols, est = rows[usable], cols[usable], rg.estimates
         ids = list(cfg.ids) if cfg.ids is not None else None
@@ -959,6 +957,17 @@ class Simulation:
                 judged[kind] += 1
                 flagged[kind] += score < 1.0
         self._flagged, self._judged = (flagged[0], flagged[1]), (judged[0], judged[1])
+
+    def _count_sent(self, deg: np.ndarray, kinds: np.ndarray | None = None) -> None:
+        """Add this exchange's bytes to every node's count: one update (of kinds[i] when compressed)
+        sealed for its deg[i] neighbours, sent to each; a node without neighbours sends nothing.
+        One message size per distinct (degree, kind), not a Python step per node."""
+        deg = np.asarray(deg, dtype=np.int64)
+        kind = np.full(len(deg), -1, dtype=np.int64) if kinds is None else np.asarray(kinds, dtype=np.int64)
+        span = int(kind.max(initial=-1)) + 2  # kind + 1 in 0..span-1
+        keys, inverse = np.unique(deg * span + kind + 1, return_inverse=True)
+        sizes = [self._message(d, r - 1) * d if d else 0 for d, r in (divmod(int(key), span) for key in keys)]
+        self.sent += np.asarray(sizes, dtype=np.float64)[inverse.reshape(-1)]
 
     def _message(self, degree: int, kind: int = -1) -> int:
         """Bytes of one sealed update for `degree` neighbours (a compressed one of `kind`)."""

@@ -54,7 +54,8 @@ import numpy as np  # noqa: E402
 from p2pfl import reporting  # noqa: E402
 from p2pfl.aggregation import rule_names  # noqa: E402
 from p2pfl.attacks import ATTACKS, make_attack  # noqa: E402
-from p2pfl.grid import BACKENDS, run_grid, timed_run  # noqa: E402
+from p2pfl.grid import add_arguments as grid_options  # noqa: E402
+from p2pfl.grid import run_grid_from_args, timed_run  # noqa: E402
 from p2pfl.learning.spec import PARTITION_SCHEMES  # noqa: E402
 from p2pfl.sim import SimConfig, config_from_args, set_torch_threads, spread  # noqa: E402
 from p2pfl.topology import parse_topology  # noqa: E402
@@ -137,17 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument(
-        "--backend",
-        default="serial",
-        choices=BACKENDS,
-        help="where the grid runs (p2pfl.grid): here, a local process pool, or Ray (pip install ray); "
-        "the results are the same",
-    )
-    p.add_argument(
-        "--workers", type=int, default=None, help="process-pool / local Ray workers (default: cores)"
-    )
-    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    grid_options(p)
     p.add_argument("--out", default="runs/robustness")
     p.add_argument(
         "--quick", action="store_true", help="torus, mean/robust, 3 attacks, b in {0, 3}, 15 rounds"
@@ -616,13 +607,10 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
         overall = progress.add_task("grid", total=len(runs))
-        done = run_grid(
+        done = run_grid_from_args(
             timed_run,
             [config(run, a) for run in runs],
-            backend=a.backend,
-            workers=a.workers,
-            threads=a.threads,
-            address=a.ray_address,
+            a,
             on_result=lambda i, _: progress.update(overall, description=f"{runs[i].key:<52}", advance=1),
         )
         for run, (res, seconds) in zip(runs, done, strict=True):

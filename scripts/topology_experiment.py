@@ -16,6 +16,10 @@ by --compare-on (default: dirichlet, where shard sizes differ).
     python scripts/topology_experiment.py                      # the default grid (a few minutes)
     python scripts/topology_experiment.py --quick              # a smoke test (seconds)
     python scripts/topology_experiment.py --topologies ring,exponential --sizes 64 --rounds 50
+    python scripts/topology_experiment.py --backend process     # the grid on a local process pool
+
+--backend process | ray (--ray-address, pip install ray) runs the grid's simulations elsewhere than
+in this process (p2pfl.grid); the results are those of the default serial run.
 
 Compression comparison (--compression, a comma list of [gossip] compression settings, ";" between
 settings that carry options): every setting on every topology and size of the grid (mean rule, the
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import sys
 import time
@@ -43,8 +48,10 @@ import numpy as np  # noqa: E402
 from p2pfl import reporting  # noqa: E402
 from p2pfl.aggregation import rule_names  # noqa: E402
 from p2pfl.compression import Compression  # noqa: E402
+from p2pfl.grid import add_arguments as grid_options  # noqa: E402
+from p2pfl.grid import run_grid_from_args, timed_run  # noqa: E402
 from p2pfl.reporting import fmt  # noqa: E402
-from p2pfl.sim import SimResult, Simulation, config_from_args, set_torch_threads  # noqa: E402
+from p2pfl.sim import SimConfig, SimResult, config_from_args, set_torch_threads  # noqa: E402
 from p2pfl.topology import parse_topology  # noqa: E402
 
 DEFAULT_TOPOLOGIES = (
@@ -122,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "instead of the rules: writes compression.md",
     )
     p.add_argument("--keyframe-every", type=int, default=10, help="compression: rounds between keyframes")
+    grid_options(p)
     p.add_argument("--out", default="runs/topology")
     p.add_argument("--quick", action="store_true", help="ring/exponential/full, n=16, 20 rounds")
     p.add_argument("--no-plots", action="store_true")
@@ -153,6 +161,10 @@ def grid(a: argparse.Namespace) -> list[Run]:
                 for top in tops:
                     runs.append(Run(top, n, part, rule))
     return runs
+
+
+def config(run: Run, a: argparse.Namespace) -> SimConfig:
+    return config_from_args(a, nodes=run.nodes, topology=run.topology, rule=run.rule, partition=run.partition)
 
 
 def summarise(run: Run, res: SimResult, target: float, seconds: float) -> dict:
@@ -449,30 +461,33 @@ def run_compression(a: argparse.Namespace) -> int:
     set_torch_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    jobs = [(n, top, setting) for n in sizes for top in tops for setting in settings]
+    configs = [
+        config_from_args(a, nodes=n, topology=top, rule="mean", partition=partition, compression=setting)
+        for n, top, setting in jobs
+    ]
+
+    rows: dict[int, dict] = {}
+
+    def show(i: int, done: tuple[SimResult, float]) -> None:
+        (n, top, setting), (res, seconds) = jobs[i], done
+        row = rows[i] = compression_row(top, n, setting, res, a.target, seconds)
+        print(
+            f"{top} n={n} {setting:<22} {row['bytes_per_node_round'] / 1e3:8.1f} KB/node-round  "
+            f"target@{fmt(row['rounds_to_target'], 'd', '-'):>4} ({_mb(row['bytes_to_target'])} MB)  "
+            f"acc {fmt(row['final_mean_accuracy'])} (min {fmt(row['final_min_accuracy'])})  "
+            f"{row['seconds']:.1f} s",
+            flush=True,
+        )
+
     started = time.perf_counter()
-    for n in sizes:
-        for top in tops:
-            for setting in settings:
-                t0 = time.perf_counter()
-                cfg = config_from_args(
-                    a, nodes=n, topology=top, rule="mean", partition=partition, compression=setting
-                )
-                res = Simulation(cfg).run(gap=False)
-                row = compression_row(top, n, setting, res, a.target, time.perf_counter() - t0)
-                rows.append(row)
-                print(
-                    f"{top} n={n} {setting:<22} {row['bytes_per_node_round'] / 1e3:8.1f} KB/node-round  "
-                    f"target@{fmt(row['rounds_to_target'], 'd', '-'):>4} ({_mb(row['bytes_to_target'])} MB)  "
-                    f"acc {fmt(row['final_mean_accuracy'])} (min {fmt(row['final_min_accuracy'])})  "
-                    f"{row['seconds']:.1f} s",
-                    flush=True,
-                )
-    reporting.write_rows(out / "compression.csv", rows)
-    table = compression_markdown(rows, a)
+    run_grid_from_args(timed_run, configs, a, on_result=show)
+    ordered = [rows[i] for i in range(len(jobs))]
+    reporting.write_rows(out / "compression.csv", ordered)
+    table = compression_markdown(ordered, a)
     (out / "compression.md").write_text(table)
     print(table)
-    print(f"{len(rows)} runs in {time.perf_counter() - started:.0f} s; wrote {out / 'compression.md'}")
+    print(f"{len(ordered)} runs in {time.perf_counter() - started:.0f} s; wrote {out / 'compression.md'}")
     return 0
 
 
@@ -483,9 +498,24 @@ def main(argv: list[str] | None = None) -> int:
     runs = grid(a)
     set_torch_threads(a.threads)
     console, out = reporting.start_grid(a.out, len(runs), a.rounds)
-    results: dict[str, tuple[Run, SimResult]] = {}
-    rows: list[dict] = []
+    summaries: dict[int, dict] = {}
     started = time.perf_counter()
+    with reporting.progress_bar(console) as progress:
+        overall = progress.add_task("grid", total=len(runs))
+
+        def show(i: int, done: tuple[SimResult, float]) -> None:
+            run, (res, seconds) = runs[i], done
+            row = summaries[i] = summarise(run, res, a.target, seconds)
+            progress.console.print(
+                f"{run.key:<48} gap {fmt(row['spectral_gap'], '.4f'):>7}  "
+                f"target@{fmt(row['rounds_to_target'], 'd', '-'):>4}  acc {fmt(row['final_mean_accuracy'])} "
+                f"(min {fmt(row['final_min_accuracy'])})  {seconds:.1f} s"
+            )
+            progress.advance(overall)
+
+        done = run_grid_from_args(
+            functools.partial(timed_run, gap=True), [config(run, a) for run in runs], a, on_result=show
+        )
     with open(out / "rounds.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(
@@ -502,43 +532,26 @@ def main(argv: list[str] | None = None) -> int:
                 "bytes_per_node",
             ]
         )
-        with reporting.progress_bar(console) as progress:
-            overall = progress.add_task("grid", total=len(runs))
-            current = progress.add_task("", total=a.rounds)
-            for run in runs:
-                progress.update(current, description=run.key, completed=0)
-                t0 = time.perf_counter()
-                cfg = config_from_args(
-                    a, nodes=run.nodes, topology=run.topology, rule=run.rule, partition=run.partition
+        for run, (res, _) in zip(runs, done, strict=True):
+            for r in res.rounds:
+                d = r.row()
+                writer.writerow(
+                    [
+                        run.topology,
+                        run.nodes,
+                        run.partition,
+                        run.rule,
+                        r.round,
+                        d["mean_accuracy"],
+                        d["min_accuracy"],
+                        d["mean_train_loss"],
+                        d["consensus"],
+                        d["bytes_per_node"],
+                    ]
                 )
-                res = Simulation(cfg).run(lambda s: progress.advance(current))
-                seconds = time.perf_counter() - t0
-                results[run.key] = (run, res)
-                row = summarise(run, res, a.target, seconds)
-                rows.append(row)
-                for r in res.rounds:
-                    d = r.row()
-                    writer.writerow(
-                        [
-                            run.topology,
-                            run.nodes,
-                            run.partition,
-                            run.rule,
-                            r.round,
-                            d["mean_accuracy"],
-                            d["min_accuracy"],
-                            d["mean_train_loss"],
-                            d["consensus"],
-                            d["bytes_per_node"],
-                        ]
-                    )
-                progress.console.print(
-                    f"{run.key:<48} gap {fmt(row['spectral_gap'], '.4f'):>7}  "
-                    f"target@{fmt(row['rounds_to_target'], 'd', '-'):>4}  acc {fmt(row['final_mean_accuracy'])} "
-                    f"(min {fmt(row['final_min_accuracy'])})  {seconds:.1f} s"
-                )
-                progress.advance(overall)
     wall = time.perf_counter() - started
+    results = {run.key: (run, res) for run, (res, _) in zip(runs, done, strict=True)}
+    rows = [summaries[i] for i in range(len(runs))]
     reporting.write_rows(out / "summary.csv", rows)
     lines = checks(rows, a)
     reporting.finish_grid(

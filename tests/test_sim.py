@@ -165,6 +165,20 @@ def test_message_bytes_match_a_real_sealed_update_and_are_counted_per_neighbour(
     )
 
 
+def test_bytes_are_counted_per_node_with_its_own_degree_and_message_kind() -> None:
+    from p2pfl.compression import DIFF, KEYFRAME
+
+    params = get_params(torch.nn.Linear(64, 10))
+    deg = np.array([7, 1, 1, 1, 1, 1, 1, 1])  # star: the hub and its leaves
+    plain = Simulation(SimConfig(nodes=8, rounds=3, topology="star"))
+    plain.run(gap=False)
+    assert plain.sent.tolist() == [3 * message_bytes(params, d) * d for d in deg.tolist()]
+    topk = Simulation(SimConfig(nodes=8, rounds=3, topology="star", compression="topk:0.1", keyframe_every=2))
+    topk.run(gap=False)  # rounds 1 and 3 send keyframes, round 2 a diff
+    expect = [d * (2 * topk._message(d, KEYFRAME) + topk._message(d, DIFF)) for d in deg.tolist()]
+    assert topk.sent.tolist() == expect and topk._message(7, DIFF) != topk._message(7, KEYFRAME)
+
+
 def test_averaging_only_and_consensus_distance() -> None:
     x0 = np.random.default_rng(0).normal(size=(16, 3))
     assert consensus_distance(x0) == pytest.approx(np.mean(np.sum((x0 - x0.mean(0)) ** 2, axis=1)))

@@ -206,7 +206,8 @@ class BatchedTrainer:
                     width = int(mask.sum(1).max())
                     cols, mask = cols[:, :width], mask[:, :width]
                 rows = xt if everyone else xt[sel]
-                xb, yb = self.x[cols.clamp(min=0)], self.y[cols.clamp(min=0)]
+                safe = cols.clamp(min=0)
+                xb, yb = self.x[safe], self.y[safe]
                 m = mask.to(torch.float32)
                 with torch.no_grad():
                     grads, losses = self._step(self._params(rows), xb, yb, m)
