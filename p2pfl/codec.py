@@ -7,7 +7,9 @@ Frame layout (all integers and tensor data little-endian):
 The header is a list of [name, dtype, shape, offset, nbytes], offsets relative to the blob start.
 Each tensor starts on an 8-byte boundary (zero padding between tensors), so decode can hand out
 aligned, zero-copy, read-only np.frombuffer views. Packing costs one copy of the data (no per-tensor
-msgpack bin fields, which cost several times more). decode trusts nothing: any inconsistency is
+msgpack bin fields, which cost several times more), and `frame` packs nothing at all: it describes the
+frame and copies any byte range of it on demand, so a sealer can encrypt it chunk by chunk without the
+frame ever existing whole in memory (`encode` is `frame(...).tobytes()`). decode trusts nothing: any inconsistency is
 Rejected(MALFORMED), and the layout must be exactly the canonical one encode produces.
 
 Bounded work: decoding costs a few microseconds per tensor (msgpack objects, checks, one numpy view)
@@ -19,6 +21,7 @@ model's (`expected_tensors`), and a header longer than that many entries can be.
 
 from __future__ import annotations
 
+import bisect
 import struct
 from collections.abc import Mapping
 
@@ -37,6 +40,7 @@ __all__ = [
     "check_against",
     "decode",
     "encode",
+    "frame",
     "spec_of",
 ]
 
@@ -71,10 +75,51 @@ def _dtype_name(dtype: np.dtype) -> str:
     return name
 
 
+class Frame:
+    """An encoded frame that is not written out: its length and its bytes, range by range.
+
+    `pieces` are the frame's consecutive buffers (prefix + header, zero padding, each tensor's bytes),
+    `starts` their offsets; the tensors are referenced, not copied, so they must not change while
+    the frame is in use."""
+
+    def __init__(self, pieces: list[memoryview]) -> None:
+        self.pieces = pieces
+        self.starts: list[int] = []
+        offset = 0
+        for piece in pieces:
+            self.starts.append(offset)
+            offset += piece.nbytes
+        self.nbytes = offset
+
+    def read_into(self, start: int, out: memoryview) -> None:
+        """Copy frame bytes [start, start + len(out)) into `out` (a writable byte buffer)."""
+        end = start + out.nbytes
+        if start < 0 or end > self.nbytes:
+            raise ValueError(f"bytes {start}..{end} lie outside the {self.nbytes}-byte frame")
+        i = max(0, bisect.bisect_right(self.starts, start) - 1)
+        pos = start
+        while pos < end:
+            piece, first = self.pieces[i], self.starts[i]
+            take = min(end, first + piece.nbytes) - pos
+            if take > 0:
+                out[pos - start : pos - start + take] = piece[pos - first : pos - first + take]
+                pos += take
+            i += 1
+
+    def tobytes(self) -> bytes:
+        # One allocation, one copy of every tensor: bytes.join accepts any contiguous buffer.
+        return b"".join(self.pieces)
+
+
 def encode(params: Mapping[str, np.ndarray], *, max_tensors: int = MAX_TENSORS) -> bytes:
     """Pack named tensors into one frame with a single copy of the data.
 
     Refuses more than `max_tensors` tensors: receivers refuse them too (see decode)."""
+    return frame(params, max_tensors=max_tensors).tobytes()
+
+
+def frame(params: Mapping[str, np.ndarray], *, max_tensors: int = MAX_TENSORS) -> Frame:
+    """The frame `encode` would write, without writing it (see Frame); same checks as encode."""
     if len(params) > max_tensors:
         raise ValueError(f"{len(params)} tensors; at most {max_tensors} per frame")
     arrays: list[np.ndarray] = []
@@ -97,19 +142,18 @@ def encode(params: Mapping[str, np.ndarray], *, max_tensors: int = MAX_TENSORS) 
     if len(header) > MAX_HEADER_BYTES:
         raise ValueError("codec header too large")
     head_end = _PREFIX.size + len(header)
-    parts: list = [_PREFIX.pack(MAGIC, len(header)), header]
+    parts: list[memoryview] = [memoryview(_PREFIX.pack(MAGIC, len(header)) + header)]
     pad = _align(head_end) - head_end
     if pad:
-        parts.append(bytes(pad))
+        parts.append(memoryview(bytes(pad)))
     for arr, entry in zip(arrays, entries, strict=True):
         nbytes = entry[4]
         if nbytes:
-            parts.append(arr.reshape(-1).view(np.uint8))
+            parts.append(memoryview(arr.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
         tail = _align(nbytes) - nbytes
         if tail:
-            parts.append(bytes(tail))
-    # One allocation, one copy of every tensor: bytes.join accepts any contiguous buffer.
-    return b"".join(parts)
+            parts.append(memoryview(bytes(tail)))
+    return Frame(parts)
 
 
 def _bad(detail: str) -> Rejected:
@@ -117,7 +161,7 @@ def _bad(detail: str) -> Rejected:
 
 
 def decode(
-    buf: bytes | memoryview,
+    buf: bytes | bytearray | memoryview,
     *,
     max_tensors: int = MAX_TENSORS,
     expected_tensors: int | None = None,
@@ -168,7 +212,9 @@ def _check_count(n: int, body: int, max_tensors: int, expected: int | None) -> N
         raise Rejected(Reason.SHAPE_MISMATCH, f"{n} tensors; the local model has {expected}")
 
 
-def _decode(buf: bytes | memoryview, max_tensors: int, expected: int | None) -> dict[str, np.ndarray]:
+def _decode(
+    buf: bytes | bytearray | memoryview, max_tensors: int, expected: int | None
+) -> dict[str, np.ndarray]:
     mv = memoryview(buf)
     if mv.ndim != 1 or mv.format != "B":
         mv = mv.cast("B")

@@ -18,8 +18,15 @@ receiver a fixed amount. So a chunk count above what MIN_CHUNK_BYTES chunks need
 is bounded from the message size before it is unpacked (OVERSIZE), all before any per-item work.
 
 Encryption, decryption and hashing run chunk-wise in a small shared thread pool; libsodium and
-hashlib release the GIL, so two cores work at once. Chunks stay well below glibc's 32 MB mmap
-threshold so their buffers are reused instead of being mapped and faulted in afresh each time.
+hashlib release the GIL, so two cores work at once.
+
+Memory: a model update may be hundreds of MB, so neither side holds a second whole copy. `seal`
+allocates the message once and encrypts each chunk straight into its place, reading the plaintext
+chunk by chunk (from a buffer, or from a codec.Frame that copies each chunk out of the tensors, so
+the encoded frame never exists whole). `open_envelope` decrypts into one plaintext buffer; with
+`in_place=True` it decrypts the caller's message buffer in place instead (each chunk after its
+digest and tag are checked) and closes the gaps the tags leave, so the plaintext ends up at the
+front of the message's own memory.
 """
 
 from __future__ import annotations
@@ -35,14 +42,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import nacl.bindings
 import nacl.exceptions
 import nacl.public
 import nacl.signing
-import numpy as np
 
 from p2pfl.errors import Reason, Rejected
 from p2pfl.federation import Certificate, FederationRoot
@@ -149,18 +155,19 @@ def _nonce(prefix: bytes, index: int) -> bytes:
     return prefix + struct.pack(">I", index)
 
 
-def _encrypt_chunk(aead: str, src: memoryview, aad: bytes, nonce: bytes, key: bytes) -> Any:
-    """Ciphertext + tag of one chunk, as a buffer object (numpy array on the fast path)."""
+def _encrypt_chunk(aead: str, src: memoryview, dst: memoryview, aad: bytes, nonce: bytes, key: bytes) -> None:
+    """Write ciphertext + tag of one chunk into `dst` (src.nbytes + TAG_BYTES bytes)."""
+    if dst.nbytes != src.nbytes + TAG_BYTES:
+        raise ValueError("ciphertext buffer has the wrong size")
     if _ffi is not None:
         fn = (
             _lib.crypto_aead_aes256gcm_encrypt
             if aead == AES
             else _lib.crypto_aead_xchacha20poly1305_ietf_encrypt
         )
-        out = np.empty(src.nbytes + TAG_BYTES, dtype=np.uint8)
         clen = _ffi.new("unsigned long long *")
         rc = fn(
-            _ffi.from_buffer(out),
+            _ffi.from_buffer(dst, require_writable=True),
             clen,
             _ffi.from_buffer(src),
             src.nbytes,
@@ -170,26 +177,30 @@ def _encrypt_chunk(aead: str, src: memoryview, aad: bytes, nonce: bytes, key: by
             nonce,
             key,
         )
-        if rc != 0 or clen[0] != out.size:
+        if rc != 0 or clen[0] != dst.nbytes:
             raise RuntimeError(f"{aead} encryption failed")
-        return out
+        return
     if aead == AES:
-        return nacl.bindings.crypto_aead_aes256gcm_encrypt(bytes(src), aad, nonce, key)
-    return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(bytes(src), aad, nonce, key)
+        dst[:] = nacl.bindings.crypto_aead_aes256gcm_encrypt(bytes(src), aad, nonce, key)
+    else:
+        dst[:] = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(bytes(src), aad, nonce, key)
 
 
-def _decrypt_chunk(aead: str, src: memoryview, aad: bytes, nonce: bytes, key: bytes) -> Any | None:
-    """Plaintext of one chunk as a buffer object, or None when the tag does not verify."""
+def _decrypt_chunk(aead: str, src: memoryview, dst: memoryview, aad: bytes, nonce: bytes, key: bytes) -> bool:
+    """Decrypt one chunk (ciphertext + tag) into `dst` (src.nbytes - TAG_BYTES bytes; `dst` may be
+    the front of `src` itself: in place); False when the tag does not verify."""
+    n = src.nbytes - TAG_BYTES
+    if n < 0 or dst.nbytes != n:
+        return False
     if _ffi is not None:
         fn = (
             _lib.crypto_aead_aes256gcm_decrypt
             if aead == AES
             else _lib.crypto_aead_xchacha20poly1305_ietf_decrypt
         )
-        out = np.empty(max(src.nbytes - TAG_BYTES, 0), dtype=np.uint8)
         mlen = _ffi.new("unsigned long long *")
         rc = fn(
-            _ffi.from_buffer(out),
+            _ffi.from_buffer(dst, require_writable=True),
             mlen,
             _ffi.NULL,
             _ffi.from_buffer(src),
@@ -199,15 +210,21 @@ def _decrypt_chunk(aead: str, src: memoryview, aad: bytes, nonce: bytes, key: by
             nonce,
             key,
         )
-        if rc != 0 or mlen[0] != out.size:
-            return None
-        return out
+        return rc == 0 and mlen[0] == n
     try:
         if aead == AES:
-            return nacl.bindings.crypto_aead_aes256gcm_decrypt(bytes(src), aad, nonce, key)
-        return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(bytes(src), aad, nonce, key)
+            plain = nacl.bindings.crypto_aead_aes256gcm_decrypt(bytes(src), aad, nonce, key)
+        else:
+            plain = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(bytes(src), aad, nonce, key)
     except nacl.exceptions.CryptoError:
-        return None
+        return False
+    dst[:] = plain
+    return True
+
+
+class Owned(bytearray):
+    """A received message that nobody else holds (the link's reassembly of its parts): whoever
+    opens it may overwrite it, so RoundCore.admit decrypts it in place (open_envelope in_place)."""
 
 
 def _digest(buf: Any) -> bytes:
@@ -232,8 +249,35 @@ def max_header_bytes(total: int) -> int:
 # ---------------------------------------------------------------- seal
 
 
-def seal(payload: bytes, meta: UpdateMeta, identity: Identity, recipients: Mapping[str, bytes]) -> bytes:
-    """Encrypt `payload` once for all `recipients` (node_id -> X25519 public key) and sign the header."""
+class ChunkSource(Protocol):
+    """A plaintext too large to copy whole (codec.Frame): its length and its bytes, range by range."""
+
+    nbytes: int
+
+    def read_into(self, start: int, out: memoryview) -> None: ...
+
+
+_SCRATCH = threading.local()  # per pool thread: one chunk of plaintext read from a ChunkSource
+
+
+def _scratch(n: int) -> memoryview:
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.nbytes < n:
+        buf = memoryview(bytearray(max(n, CHUNK_BYTES)))
+        _SCRATCH.buf = buf
+    return buf[:n]
+
+
+def seal(
+    payload: bytes | bytearray | memoryview | ChunkSource,
+    meta: UpdateMeta,
+    identity: Identity,
+    recipients: Mapping[str, bytes],
+) -> bytearray:
+    """Encrypt `payload` once for all `recipients` (node_id -> X25519 public key) and sign the header.
+
+    `payload` is a byte buffer or a ChunkSource (codec.frame(...)), read one chunk at a time. The
+    message is allocated once and each chunk is encrypted straight into its place."""
     if meta.sender != identity.node_id:
         raise ValueError(f"meta.sender {meta.sender!r} is not this identity ({identity.node_id!r})")
     problem = _meta_problem(meta)
@@ -247,10 +291,14 @@ def seal(payload: bytes, meta: UpdateMeta, identity: Identity, recipients: Mappi
             raise ValueError(f"recipient id {node_id!r} must be a short string")
         boxes[node_id] = nacl.public.SealedBox(nacl.public.PublicKey(bytes(public)))
     aead = DEFAULT_AEAD
-    src = memoryview(payload)
-    if src.ndim != 1 or src.itemsize != 1:
-        src = src.cast("B")
-    length = src.nbytes
+    source: ChunkSource | None = None
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        src = memoryview(payload)
+        if src.ndim != 1 or src.itemsize != 1:
+            src = src.cast("B")
+        length = src.nbytes
+    else:
+        source, length = payload, payload.nbytes
     chunk = CHUNK_BYTES
     count = _chunk_count(length, chunk)
     if count > max_chunks(length):
@@ -259,38 +307,46 @@ def seal(payload: bytes, meta: UpdateMeta, identity: Identity, recipients: Mappi
         )
     key = os.urandom(KEY_BYTES)
     prefix = os.urandom(_NONCE_BYTES[aead] - _INDEX_BYTES)
+    fields = {
+        "v": VERSION,
+        "sender": meta.sender,
+        "federation": meta.federation,
+        "round": meta.round,
+        "seq": meta.seq,
+        "timestamp": float(meta.timestamp),
+        "samples": meta.samples,
+        "degree": meta.degree,
+        "aead": aead,
+        "chunk": chunk,
+        "nonce": prefix,
+        "length": length,
+        "digests": [bytes(DIGEST_BYTES)] * count,  # placeholders of the final size
+        "keys": {node_id: box.encrypt(key) for node_id, box in boxes.items()},
+    }
+    hlen = len(msgpack.packb(fields, use_bin_type=True))
+    body_start = _PREFIX.size + hlen + SIG_BYTES
+    message = bytearray(body_start + length + count * TAG_BYTES)
+    out = memoryview(message)
 
-    def work(i: int) -> tuple[Any, bytes]:
-        ct = _encrypt_chunk(aead, src[i * chunk : (i + 1) * chunk], _aad(i, count), _nonce(prefix, i), key)
-        return ct, _digest(ct)
+    def work(i: int) -> bytes:
+        lo, hi = i * chunk, min(length, (i + 1) * chunk)
+        if source is None:
+            plain = src[lo:hi]
+        else:
+            plain = _scratch(hi - lo)
+            source.read_into(lo, plain)
+        ct = out[body_start + lo + i * TAG_BYTES : body_start + hi + (i + 1) * TAG_BYTES]
+        _encrypt_chunk(aead, plain, ct, _aad(i, count), _nonce(prefix, i), key)
+        return _digest(ct)
 
-    # Start the chunks in the pool, wrap the key for each recipient meanwhile.
-    futures = [_pool().submit(work, i) for i in range(count)] if count > 1 else None
-    wrapped = {node_id: box.encrypt(key) for node_id, box in boxes.items()}
-    results = [f.result() for f in futures] if futures is not None else [work(0)]
-
-    header = msgpack.packb(
-        {
-            "v": VERSION,
-            "sender": meta.sender,
-            "federation": meta.federation,
-            "round": meta.round,
-            "seq": meta.seq,
-            "timestamp": float(meta.timestamp),
-            "samples": meta.samples,
-            "degree": meta.degree,
-            "aead": aead,
-            "chunk": chunk,
-            "nonce": prefix,
-            "length": length,
-            "digests": [d for _, d in results],
-            "keys": wrapped,
-        },
-        use_bin_type=True,
-    )
-    signature = identity.sign(SIGN_DOMAIN + header)
-    # One allocation and one copy of the ciphertext into the final message.
-    return b"".join([_PREFIX.pack(MAGIC, len(header)), header, signature, *(ct for ct, _ in results)])
+    fields["digests"] = _map(work, count)
+    header = msgpack.packb(fields, use_bin_type=True)
+    if len(header) != hlen:  # digests are fixed-size bin fields: cannot happen
+        raise RuntimeError("envelope header changed size")
+    out[: _PREFIX.size] = _PREFIX.pack(MAGIC, hlen)
+    out[_PREFIX.size : _PREFIX.size + hlen] = header
+    out[_PREFIX.size + hlen : body_start] = identity.sign(SIGN_DOMAIN + header)
+    return message
 
 
 # ---------------------------------------------------------------- open
@@ -308,6 +364,7 @@ class _Parsed:
     digests: list[bytes]
     keys: dict[str, bytes]
     body: memoryview  # all ciphertext chunks
+    whole: memoryview  # the message, as bytes
 
 
 def _is_int(v: Any) -> bool:
@@ -450,6 +507,7 @@ def _parse(message: Any) -> _Parsed:
         digests=digests,
         keys=keys,
         body=mv[body_start:],
+        whole=mv,
     )
 
 
@@ -461,11 +519,16 @@ def open_envelope(
     replay: ReplayGuard,
     max_bytes: int,
     now: float | None = None,
-) -> tuple[UpdateMeta, bytes]:
+    *,
+    in_place: bool = False,
+) -> tuple[UpdateMeta, bytearray | memoryview]:
     """Authenticate and decrypt one update; every refusal is a Rejected with its reason.
 
     Order: size -> parse -> federation -> certificate -> signature -> replay -> recipient ->
     digest -> decrypt; cheap checks first, nothing is decrypted before the sender is proven.
+    Returns the plaintext in a new buffer, or with `in_place` (a writable `message`, which the
+    caller gives up: its bytes are overwritten, whether or not the update is accepted) as a view
+    of the front of `message` itself, so opening needs no second copy of the update.
     """
     try:
         size = memoryview(message).nbytes
@@ -505,29 +568,53 @@ def open_envelope(
     if p.aead == AES and not aes_available():
         raise Rejected(Reason.DECRYPT_FAILED, "sender used AES-256-GCM, which this CPU cannot run")
 
+    plaintext = _decrypt_body(p, key, in_place)
+    replay.record(meta)
+    return meta, plaintext
+
+
+def _decrypt_body(p: _Parsed, key: bytes, in_place: bool) -> bytearray | memoryview:
+    """Check every chunk's digest, then decrypt it (into a new buffer, or where it lies); Rejected
+    with the first failing chunk otherwise."""
     count = len(p.digests)
     step = p.chunk + TAG_BYTES
     body = p.body
+    if in_place:
+        if body.readonly:
+            raise ValueError("in_place needs a writable message buffer")
+        out: bytearray | None = None
+    else:
+        out = bytearray(p.length)
+    dst = memoryview(out) if out is not None else body
 
-    def work(i: int) -> Any:
+    def work(i: int) -> Reason | None:
         ct = body[i * step : (i + 1) * step]
         if not hmac.compare_digest(_digest(ct), p.digests[i]):
             return Reason.DIGEST_MISMATCH
-        pt = _decrypt_chunk(p.aead, ct, _aad(i, count), _nonce(p.prefix, i), key)
-        return Reason.DECRYPT_FAILED if pt is None else pt
+        n = ct.nbytes - TAG_BYTES
+        target = dst[i * p.chunk : i * p.chunk + n] if out is not None else ct[:n]
+        ok = _decrypt_chunk(p.aead, ct, target, _aad(i, count), _nonce(p.prefix, i), key)
+        return None if ok else Reason.DECRYPT_FAILED
 
     results = _map(work, count)
-    bad = [i for i, r in enumerate(results) if r is Reason.DIGEST_MISMATCH]
-    if bad:
-        raise Rejected(
-            Reason.DIGEST_MISMATCH, f"ciphertext chunk {bad[0]} of {count} does not match its digest"
-        )
-    bad = [i for i, r in enumerate(results) if r is Reason.DECRYPT_FAILED]
-    if bad:
-        raise Rejected(Reason.DECRYPT_FAILED, f"ciphertext chunk {bad[0]} of {count} fails authentication")
-    plaintext = results[0] if count == 1 and isinstance(results[0], bytes) else b"".join(results)
-    replay.record(meta)
-    return meta, plaintext
+    for reason, what in (
+        (Reason.DIGEST_MISMATCH, "does not match its digest"),
+        (Reason.DECRYPT_FAILED, "fails authentication"),
+    ):
+        bad = [i for i, r in enumerate(results) if r is reason]
+        if bad:
+            raise Rejected(reason, f"ciphertext chunk {bad[0]} of {count} {what}")
+    if out is not None:
+        return out
+    # In place: chunk i's plaintext sits at body[i * step]; move each to the message's front, in
+    # order (each destination ends before the next chunk's source; overlaps are memmoves).
+    front = p.whole
+    base = front.nbytes - body.nbytes  # where the body starts in the message
+    for i in range(count):
+        n = min(p.chunk, p.length - i * p.chunk)
+        src = base + i * step
+        front[i * p.chunk : i * p.chunk + n] = front[src : src + n]
+    return front[: p.length]
 
 
 # ---------------------------------------------------------------- replay protection

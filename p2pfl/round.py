@@ -42,6 +42,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -59,7 +60,7 @@ from p2pfl.compression import (
     read_wire,
     step,
 )
-from p2pfl.envelope import ReplayGuard, UpdateMeta, open_envelope, seal
+from p2pfl.envelope import Owned, ReplayGuard, UpdateMeta, open_envelope, seal
 from p2pfl.errors import Reason, Rejected
 from p2pfl.federation import Certificate, FederationRoot
 from p2pfl.identity import Identity
@@ -280,8 +281,11 @@ class Mixer:
     def mix(
         self, own: np.ndarray, degree: int, got: Sequence[Neighbour], *, own_mass: float | None = None
     ) -> MixResult:
-        """One gossip step with the neighbours that arrived (a missing one's weight stays home)."""
-        self.heard = [nb.vector for nb in got]
+        """One gossip step with the neighbours that arrived (a missing one's weight stays home).
+
+        Only an attack keeps the vectors until the next round: an honest node lets them go."""
+        if self.attack is not None:
+            self.heard = [nb.vector for nb in got]
         return mix(
             own,
             degree,
@@ -293,6 +297,32 @@ class Mixer:
             reputation=self.reputation,
             trim=self.trim,
         )
+
+
+def _flat_view(
+    params: Mapping[str, np.ndarray], spec: TensorSpec, payload: bytearray | memoryview
+) -> np.ndarray | None:
+    """The decoded tensors as one float32 vector in the local order without a copy: a view of
+    `payload` when they lie in it back to back, in `spec`'s order, all float32; else None."""
+    if list(params) != list(spec) or not params:
+        return None
+    base = np.frombuffer(payload, dtype=np.uint8)
+    start = end = base.ctypes.data
+    first = True
+    for arr in params.values():
+        if arr.dtype != np.float32:
+            return None
+        address = arr.ctypes.data if arr.size else end
+        if first:
+            start = end = address
+            first = False
+        if address != end:
+            return None
+        end = address + arr.nbytes
+    offset = start - base.ctypes.data
+    if offset < 0 or end - base.ctypes.data > base.size or offset % 4:
+        return None
+    return np.frombuffer(payload, dtype=np.float32, count=(end - start) // 4, offset=offset)
 
 
 class RoundCore:
@@ -372,7 +402,10 @@ class RoundCore:
         return flatten({name: params[name] for name in self.spec})
 
     def pack(self, params: Mapping[str, np.ndarray], own: np.ndarray, plan: Plan) -> bytes | None:
-        """The sealed update for this round's neighbours; None when the round has no neighbour."""
+        """The sealed update for this round's neighbours; None when the round has no neighbour.
+
+        The tensors are sealed chunk by chunk straight from `params` (codec.frame): the encoded
+        frame never exists whole, so packing holds the message and nothing else of the model's size."""
         if not plan.neighbours or self.silent:
             return None
         crafted = self.mixer.craft(own, plan.round)
@@ -390,8 +423,11 @@ class RoundCore:
         keys = {n: plan.members[n].box_key for n in plan.neighbours}
         if self.compression.enabled:
             vector = own if crafted is None else crafted
-            return seal(codec.encode(self.own_estimate.pack(vector, plan.round)), meta, self.identity, keys)
-        return seal(codec.encode(sent), meta, self.identity, keys)
+            message = seal(codec.frame(self.own_estimate.pack(vector, plan.round)), meta, self.identity, keys)
+        else:
+            message = seal(codec.frame(sent), meta, self.identity, keys)
+        # a bytearray (sealed in place); Mesh.publish is annotated bytes and reads it as a buffer
+        return cast(bytes, message)
 
     # -- admit --------------------------------------------------------------------------------------
 
@@ -402,9 +438,18 @@ class RoundCore:
 
         `members` is the caller's snapshot of who is certified and reachable. Updates from rounds
         ahead of ours are admitted: they are how a node that fell behind learns it did.
+        An `Owned` message (the link's, held by nobody else) is decrypted in place, and when
+        its tensors already lie in the local order as one float32 run, the neighbour's vector is a
+        view of that same memory: an update is then held once from arrival to mixing.
         """
         meta, payload = open_envelope(
-            message, self.identity, self.root, members.get, self.replay, max_bytes=self.max_update_bytes
+            message,
+            self.identity,
+            self.root,
+            members.get,
+            self.replay,
+            max_bytes=self.max_update_bytes,
+            in_place=isinstance(message, Owned),
         )
         if meta.sender != publisher:
             raise Rejected(
@@ -419,9 +464,12 @@ class RoundCore:
             )
         self.check_round(meta.round)
         params = self._decode_plain(payload)
-        return meta.round, Neighbour(meta.sender, self.flatten(params), max(meta.degree, 1), meta.samples)
+        vector = _flat_view(params, self.spec, payload)
+        if vector is None:
+            vector = self.flatten(params)
+        return meta.round, Neighbour(meta.sender, vector, max(meta.degree, 1), meta.samples)
 
-    def _decode_plain(self, payload: bytes | memoryview) -> Mapping[str, np.ndarray]:
+    def _decode_plain(self, payload: bytes | bytearray | memoryview) -> Mapping[str, np.ndarray]:
         """An uncompressed update's tensors, checked against the local model (a compressed frame is
         refused as a compression mismatch, which says what to change)."""
         try:
@@ -433,7 +481,7 @@ class RoundCore:
             raise
         return params
 
-    def _refuse_compressed(self, payload: bytes | memoryview) -> None:
+    def _refuse_compressed(self, payload: bytes | bytearray | memoryview) -> None:
         try:
             arrays = codec.decode(payload, max_tensors=MAX_WIRE_TENSORS)
         except Rejected:
@@ -445,7 +493,9 @@ class RoundCore:
                 "needs the same [gossip] compression",
             )
 
-    def _admit_compressed(self, sender: str, round_: int, payload: bytes | memoryview) -> np.ndarray:
+    def _admit_compressed(
+        self, sender: str, round_: int, payload: bytes | bytearray | memoryview
+    ) -> np.ndarray:
         """Check and decode a compressed update, fold it into the sender's estimate (before the
         staleness check: a diff chain needs every message), and return the estimate to mix."""
         if round_ > MAX_ROUNDS_AHEAD:

@@ -65,6 +65,7 @@ class Fed:
         now: float = NOW,
         certs=None,
         root=None,
+        in_place: bool = False,
     ):
         return open_envelope(
             message,
@@ -74,6 +75,7 @@ class Fed:
             replay or ReplayGuard(),
             max_bytes,
             now=now,
+            in_place=in_place,
         )
 
 
@@ -115,11 +117,16 @@ def test_round_trip_three_recipients(
     payload = random.Random(size).randbytes(size)
     meta = fed.meta(sender)
     message = seal(payload, meta, sender, fed.recipients(*readers))
-    assert isinstance(message, bytes) and message[:4] == b"P2E1"
+    assert isinstance(message, bytearray) and message[:4] == b"P2E1"
     for reader in readers:
         got_meta, got = fed.open(message, reader)
         assert got_meta == meta
-        assert got == payload and isinstance(got, bytes)
+        assert got == payload and isinstance(got, bytearray)
+        # in place: the plaintext ends up at the front of (a copy of) the message itself
+        owned = bytearray(message)
+        got_meta, got = fed.open(owned, reader, in_place=True)
+        assert got_meta == meta and got == payload
+        assert isinstance(got, memoryview) and got.obj is owned
 
 
 def test_round_trip_default_chunking(fed: Fed) -> None:
@@ -205,10 +212,9 @@ def test_signed_but_corrupt_ciphertext_is_decrypt_failed(fed: Fed, small_chunks,
     sender, reader = fed.members[:2]
     original = E._encrypt_chunk
 
-    def corrupt(aead, src, aad, nonce, key):
-        ct = bytearray(bytes(original(aead, src, aad, nonce, key)))
-        ct[0] ^= 1  # the sender hashes (and signs) the corrupted bytes
-        return bytes(ct)
+    def corrupt(aead, src, dst, aad, nonce, key):
+        original(aead, src, dst, aad, nonce, key)
+        dst[0] ^= 1  # the sender hashes (and signs) the corrupted bytes
 
     monkeypatch.setattr(E, "_encrypt_chunk", corrupt)
     message = seal(os.urandom(2500), fed.meta(sender), sender, fed.recipients(reader))

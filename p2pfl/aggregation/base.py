@@ -100,7 +100,7 @@ class NodeStep:
     """One node's step, prepared by mix(): the rule reads the inputs and fills in the outputs.
 
     weights start as the MH weights (0 for an unusable neighbour), distances are ||x_j - x_i|| (inf
-    when unusable), usable are the neighbours that count; tmp is a P-sized float32 scratch buffer.
+    when unusable), usable are the neighbours that count; tmp is a float32 scratch of at most STEP_CHUNK values.
     """
 
     x: np.ndarray

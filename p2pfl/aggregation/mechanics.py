@@ -16,6 +16,7 @@ from p2pfl.aggregation.base import NodeStep
 
 TRIM_FRACTION = 0.2  # default trimmed-mean cut on each side (at least 1 value once there are 3 votes)
 _NORM_CHUNK = 1 << 20
+STEP_CHUNK = 1 << 20  # values per chunk of one node's step: its scratch is 4 MiB, not a model's size
 _MANY_CHUNK = 1 << 22  # values per chunk of edge differences in mix_many (16 MiB of float32)
 
 KeptPositions = Callable[[int], tuple[int, int]]  # votes -> [lo, hi) of the sorted values kept
@@ -36,6 +37,19 @@ def vector_norm(v: np.ndarray) -> float:
         c = v[start : start + _NORM_CHUNK].astype(np.float64)
         total += float(np.dot(c, c))
     return math.sqrt(total)
+
+
+def difference_norm(v: np.ndarray, x: np.ndarray, tmp: np.ndarray) -> float:
+    """||v - x|| chunk by chunk through the scratch `tmp` (STEP_CHUNK values), so no model-sized
+    difference is ever held; inf when it is not finite (NaN/inf values, or a float32 overflow)."""
+    total = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for lo in range(0, x.size, STEP_CHUNK):
+            t = tmp[: min(x.size, lo + STEP_CHUNK) - lo]
+            np.subtract(v[lo : lo + t.size], x[lo : lo + t.size], out=t)
+            part = vector_norm(t)
+            total += part * part
+    return math.sqrt(total) if math.isfinite(total) else math.inf
 
 
 def edge_distances(
@@ -61,9 +75,11 @@ def edge_distances(
 
 def linear_mix(s: NodeStep, tau: float | None) -> np.ndarray:
     """One node's step with the coefficients s.weights, each neighbour's difference clipped at tau
-    (None: no clipping); marks the clipped neighbours in s.clipped. Two P-sized float32 buffers."""
+    (None: no clipping); marks the clipped neighbours in s.clipped. One P-sized float32 buffer (the
+    result), filled chunk by chunk through the scratch s.tmp; every value is computed exactly as a
+    whole-vector x + sum_j c_j (x_j - x) would, in the same order."""
     x = s.x
-    out = x.copy()
+    terms: list[tuple[np.ndarray, np.float32]] = []
     for nb in s.usable:
         d = s.distances[nb.node_id]
         scale = 1.0
@@ -71,11 +87,16 @@ def linear_mix(s: NodeStep, tau: float | None) -> np.ndarray:
             scale = tau / d
             s.clipped[nb.node_id] = True
         coef = s.weights[nb.node_id] * scale
-        if coef == 0.0:
-            continue
-        np.subtract(np.asarray(nb.vector, dtype=np.float32), x, out=s.tmp)
-        s.tmp *= np.float32(coef)
-        out += s.tmp
+        if coef != 0.0:
+            terms.append((np.asarray(nb.vector, dtype=np.float32), np.float32(coef)))
+    out = x.copy()
+    for lo in range(0, x.size, STEP_CHUNK):
+        o = out[lo : lo + STEP_CHUNK]
+        t = s.tmp[: o.size]
+        for v, c in terms:
+            np.subtract(v[lo : lo + o.size], x[lo : lo + o.size], out=t)
+            t *= c
+            o += t
     return out
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from p2pfl.aggregation.base import ManyResult, ManyStep, MixResult, Neighbour, NodeStep, get_rule
-from p2pfl.aggregation.mechanics import edge_distances, vector_norm
+from p2pfl.aggregation.mechanics import STEP_CHUNK, difference_norm, edge_distances
 from p2pfl.aggregation.reputation import Reputation
 from p2pfl.aggregation.weights import mh_weight, mh_weights
 from p2pfl.errors import ConfigError
@@ -44,9 +44,9 @@ def mix(
     ignore it). trim: values cut from each end per coordinate for "trimmed-mean" (see trim_count).
     A neighbour with non-finite values, or whose difference from own overflows float32, is ignored
     (weight 0 so it stays home, distance inf, clipped True; for "robust" it also counts as a failed
-    round); so is a push-sum neighbour with a negative or non-finite mass. Works in float32 with two
-    P-sized buffers whatever the number of neighbours (the coordinate-wise rules sort chunks of the
-    k = 1 + neighbours votes: about k x 4 MiB).
+    round); so is a push-sum neighbour with a negative or non-finite mass. Works in float32 with one
+    P-sized buffer (the result) and a 4 MiB scratch whatever the number of neighbours (the
+    coordinate-wise rules sort chunks of the k = 1 + neighbours votes: about k x 4 MiB).
     """
     chosen = get_rule(rule)
     _check_radius(radius)
@@ -67,7 +67,7 @@ def mix(
         weights={nb.node_id: mh_weight(deg_i, nb.degree) for nb in neighbours},
         distances={},
         clipped={},
-        tmp=np.empty_like(x),
+        tmp=np.empty(min(x.size, STEP_CHUNK), dtype=np.float32),
         radius=radius,
         own_samples=own_samples,
         own_mass=own_mass,
@@ -77,9 +77,7 @@ def mix(
     chosen.check(s)
 
     for nb in neighbours:
-        with np.errstate(over="ignore", invalid="ignore"):
-            np.subtract(np.asarray(nb.vector, dtype=np.float32), x, out=s.tmp)
-        d = vector_norm(s.tmp)
+        d = difference_norm(np.asarray(nb.vector, dtype=np.float32), x, s.tmp)
         if not math.isfinite(d) or chosen.excludes(nb):  # NaN / inf (or a float32-overflowing difference)
             s.weights[nb.node_id] = 0.0
             s.distances[nb.node_id] = math.inf if not math.isfinite(d) else d

@@ -13,7 +13,8 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterator
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
 from amqtt.adapters import StreamWriterAdapter
 from amqtt.broker import Broker
@@ -21,13 +22,41 @@ from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
+
+from p2pfl.transport.framing import PartView
 
 CONNECT_TIMEOUT_S = 10.0  # a client must send CONNECT within this after its TCP connection
 SESSION_NODE = "p2pfl.node_id"  # Session.attributes key set once a client authenticated
 TLS_NODE = "p2pfl.tls_node"  # Session.attributes key: the node id its TLS certificate proved
 _ADMITTED = "p2pfl.admitted"  # Session.attributes key: the auth plugins admitted this CONNECT
+
+
+def as_payload(part: PartView) -> bytes:
+    """A PartView as amqtt's payload argument: amqtt stores and passes payloads through untouched,
+    and _write_publish writes a PartView's two pieces (its annotations say bytes)."""
+    return cast(bytes, part)
+
+
+async def _write_publish(self: PublishPacket, writer: Any) -> None:
+    """PublishPacket.to_stream for a PartView payload: header bytes, then the body view, with no
+    concatenated copy of the payload (stock to_bytes builds one per packet and recipient)."""
+    data = self.payload.data if self.payload is not None else None
+    if not isinstance(data, PartView):
+        await _STOCK_TO_STREAM(self, writer)
+        return
+    variable = self.variable_header.to_bytes() if self.variable_header is not None else b""
+    self.fixed_header.remaining_length = len(variable) + len(data)
+    writer.write(self.fixed_header.to_bytes() + variable + data.header)
+    writer.write(data.body)  # two writes, no await between: nothing interleaves on this connection
+    await writer.drain()
+    self.protocol_ts = datetime.now(UTC)
+
+
+_STOCK_TO_STREAM = PublishPacket.to_stream
+PublishPacket.to_stream = _write_publish
 
 
 class TlsWriterAdapter(StreamWriterAdapter):

@@ -21,6 +21,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from p2pfl.envelope import Owned
 from p2pfl.errors import Reason, Rejected
 
 DEFAULT_CHUNK_BYTES = 4 << 20
@@ -48,6 +49,24 @@ def max_parts(total: int) -> int:
     return min(MAX_PARTS, max(1, -(-total // MIN_PART_BYTES)))
 
 
+class PartView:
+    """One part as its header and a view of the message's bytes, so the parts of a message share
+    its memory instead of copying it; the broker writes the two pieces (amqtt_patches), and
+    bytes(part) is the part as one buffer. The message must not change while its parts are out."""
+
+    __slots__ = ("body", "header")
+
+    def __init__(self, header: bytes, body: memoryview) -> None:
+        self.header = header
+        self.body = body
+
+    def __len__(self) -> int:
+        return len(self.header) + self.body.nbytes
+
+    def __bytes__(self) -> bytes:
+        return b"".join((self.header, self.body))
+
+
 def split_message(
     message: bytes | bytearray | memoryview,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -59,6 +78,15 @@ def split_message(
     receiver can check every part's length from (count, total) alone. Refuses (ValueError) to cut
     more finely than a receiver accepts (`max_parts`), so a sender never publishes refused parts.
     """
+    return [bytes(part) for part in part_views(message, chunk_bytes, message_id)]
+
+
+def part_views(
+    message: bytes | bytearray | memoryview,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    message_id: bytes | None = None,
+) -> list[PartView]:
+    """split_message's parts as PartViews of `message` (no copy of its bytes)."""
     total = len(message)
     if total == 0:
         raise ValueError("cannot publish an empty message")
@@ -76,11 +104,22 @@ def split_message(
     if len(mid) != MESSAGE_ID_BYTES:
         raise ValueError(f"message_id must be {MESSAGE_ID_BYTES} bytes")
     view = memoryview(message).cast("B")
-    parts = []
-    for index in range(count):
-        header = _PART.pack(PART_MAGIC, mid, index, count, total)
-        parts.append(b"".join((header, view[index * size : min(total, (index + 1) * size)])))
-    return parts
+    return [
+        PartView(
+            _PART.pack(PART_MAGIC, mid, index, count, total),
+            view[index * size : min(total, (index + 1) * size)],
+        )
+        for index in range(count)
+    ]
+
+
+def _join(parts: dict[int, memoryview], count: int) -> Owned:
+    """The parts in order, each dropped once appended: growing the buffer (realloc, which moves
+    no pages for large buffers) holds one message plus one part, not the parts plus the message."""
+    out = Owned()
+    for i in range(count):
+        out += parts.pop(i)
+    return out
 
 
 @dataclass
@@ -159,11 +198,12 @@ class Reassembler:
 
     def add(
         self, publisher: str, part: bytes | bytearray | memoryview, index: int | None = None
-    ) -> bytes | None:
+    ) -> Owned | None:
         """Take one part; return the whole message once complete, else None. Raises Rejected.
 
         O(1) per part until the last one (which joins the message): the header is checked against
         itself, the topic index, our size bounds and the publisher's budget before anything is kept.
+        The join releases each part as soon as it is copied, so a message is held about once.
         """
         # bytes (what the link hands in) are read in place: this path runs once per received packet
         view = part if isinstance(part, bytes) else memoryview(part).cast("B")
@@ -192,7 +232,7 @@ class Reassembler:
             if state is not None:
                 self._drop(state, mid)
             self._mark_done(publisher, mid)
-            return bytes(body)
+            return Owned(body)
         return self._collect(publisher, mid, idx, count, total, body)
 
     # -- checks ------------------------------------------------------------------------------------
@@ -286,7 +326,7 @@ class Reassembler:
 
     def _collect(
         self, publisher: str, mid: bytes, idx: int, count: int, total: int, body: memoryview
-    ) -> bytes | None:
+    ) -> Owned | None:
         """Keep one part of a multi-part message; return the message once all parts are in."""
         state = self._state(publisher)
         messages = state.messages
@@ -312,8 +352,7 @@ class Reassembler:
             return None
         self._drop(state, mid)
         self._mark_done(publisher, mid)
-        parts = partial.parts
-        return b"".join([parts[i] for i in range(count)])
+        return _join(partial.parts, count)
 
     def _state(self, publisher: str) -> _Publisher:
         """This publisher's state, marked most recently active (evicting the least)."""

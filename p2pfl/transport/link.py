@@ -16,7 +16,7 @@ import logging
 import random
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -349,4 +349,6 @@ class PeerLink:
             raise Rejected(Reason.MALFORMED, f"bad part index {topic.index[:16]!r}")
         message = self._reassembler.add(topic.publisher, payload, index)
         if message is not None:
-            await self._on_update(topic.publisher, message)
+            # an envelope.Owned bytearray (the receiver may decrypt it in place); on_update is
+            # annotated bytes (mesh.OnUpdate) and only reads it as a buffer
+            await self._on_update(topic.publisher, cast(bytes, message))

@@ -33,9 +33,10 @@ from p2pfl.transport.amqtt_patches import (
     TLS_NODE,
     PatchedBroker,
     TlsWriterAdapter,
+    as_payload,
     tame_amqtt_logging,
 )
-from p2pfl.transport.framing import DEFAULT_CHUNK_BYTES, split_message
+from p2pfl.transport.framing import DEFAULT_CHUNK_BYTES, part_views
 from p2pfl.transport.frontdoor import DoorLimits, FrontDoor
 from p2pfl.transport.topics import (
     ALL,
@@ -236,8 +237,10 @@ class Outbox:
     async def publish_update(self, message: bytes, recipients: Sequence[str]) -> int:
         """Publish the latest sealed update to each recipient's inbox as retained parts.
 
-        The message is split once; every recipient's topics carry the same part objects (no
-        copies). Retained parts left over from an earlier, larger message are cleared, and so is
+        The message is split once into views of its bytes (framing.PartView: the broker writes each
+        part's header and body from them), and every recipient's topics carry the same part
+        objects: publishing copies nothing of the message, which must not change while its parts
+        are retained (until the next call). Retained parts left over from an earlier, larger message are cleared, and so is
         everything retained for recipients of the previous call that are not recipients now (an
         ex-neighbour must not keep getting an old model). Returns the number of parts per
         recipient (0 for no recipients: then the call only clears).
@@ -246,7 +249,7 @@ class Outbox:
             raise TypeError("recipients must be a sequence of node ids, not a single string")
         targets = list(dict.fromkeys(check_level(r, "recipient id") for r in recipients))
         broker = self._require_broker()
-        parts = split_message(message, self.chunk_bytes) if targets else []
+        parts = [as_payload(p) for p in part_views(message, self.chunk_bytes)] if targets else []
         async with self._publish_lock:
             # From now on only these receive live parts (also ones still queued in the broker).
             self._recipients = frozenset(targets)
