@@ -39,13 +39,14 @@ import ctypes
 import functools
 import ipaddress
 import logging
+import random
 import re
 import socket
 import struct
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ifaddr
@@ -81,12 +82,18 @@ SERVICE_TYPE = "_p2pfl._tcp.local."
 TXT_VERSION = "1"
 
 RESOLVE_TIMEOUT_MS = 3000  # one resolution of an added / updated service, then we give up on it
-# Record TTLs we advertise (the host's A and the SRV record; our TXT and PTR too, but zeroconf raises a
-# received PTR's TTL to at least 1125 s, _DNS_PTR_MIN_TTL, and browsers drop a service only when
-# its PTR expires). So a node gone without a goodbye (kill -9, cable) stays advertised in its peers'
-# caches for up to ~20 min whatever we set here; membership follows discovery, so it stays a member
-# that long, while its neighbours' links to it fail at once and no round waits for it.
-RECORD_TTL_S = 120
+# Record TTLs we advertise (the host's A and the SRV and TXT records). zeroconf raises a received PTR's TTL
+# to at least 1125 s (_DNS_PTR_MIN_TTL) and its browser drops a service only when the PTR expires or a
+# goodbye arrives, so a node gone without one (kill -9, power, cable) would stay advertised ~20 min.
+# Liveness is ours instead: every LIVENESS_S we resolve each peer again, which is answered from the cache
+# while its SRV/TXT/A records are fresh and asks the network once they expired (the multicast answer
+# refreshes every node's cache, so one asker per peer per TTL suffices). A peer that stays unresolved
+# LIVENESS_STRIKES passes in a row is dropped, at most ~RECORD_TTL_S + LIVENESS_STRIKES * LIVENESS_S after
+# it died; it is back as soon as it answers again (a frozen node that is resumed, a restart).
+RECORD_TTL_S = 60
+LIVENESS_S = 15.0
+LIVENESS_STRIKES = 3
+MAX_SILENT = 1024  # dropped peers still asked after; bounds what forged ads can make us query
 MAX_TXT_BYTES = 512  # whole TXT record; ours is ~100 bytes, anything much bigger is not ours
 MAX_NAME_BYTES = 64  # UTF-8; keeps "name=..." well inside one 255-byte TXT item
 
@@ -98,6 +105,7 @@ MDNS_PORT = 5353
 
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 _REQUIRED_KEYS = ("id", "fed", "name", "fp", "v")
+READY_KEY = "r"  # optional TXT item: "1" once the node has warmed up, certified its peers, linked round 1
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,7 @@ class PeerAd:
     host: str
     port: int
     fingerprint: str
+    ready: bool = False  # waits for nobody but the others to start round 1 (TXT "r=1"); a hint, unsigned
 
 
 def _valid_name(name: str) -> bool:
@@ -158,6 +167,7 @@ def _own_info(own: PeerAd) -> ServiceInfo:
             "name": own.name,
             "fp": own.fingerprint,
             "v": TXT_VERSION,
+            **({READY_KEY: "1"} if own.ready else {}),
         },
         # One host name per node, so several nodes on one machine do not share (and fight over) it.
         server=f"p2pfl-{own.node_id}.local.",
@@ -211,6 +221,7 @@ def ad_from_info(info: ServiceInfo) -> PeerAd:
         host=host,
         port=port,
         fingerprint=txt["fp"],
+        ready=props.get(READY_KEY.encode()) == b"1",
     )
 
 
@@ -424,6 +435,9 @@ class Discovery:
         self._announce: asyncio.Future[Any] | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}  # service name (lower) -> its running resolution
         self._by_name: dict[str, PeerAd] = {}  # service name (lower) -> accepted advertisement
+        self._strikes: dict[str, int] = {}  # accepted service -> liveness passes it failed in a row
+        self._silent: set[str] = set()  # dropped for silence; asked again until its PTR goes too
+        self._liveness: asyncio.Task[None] | None = None
         self._stopping = False
 
     def peers(self) -> dict[str, PeerAd]:
@@ -460,6 +474,7 @@ class Discovery:
             # a future: stop() cancels it if the announcement is still going out
             self._announce = asyncio.ensure_future(await self._aiozc.async_register_service(info))
             self._info = info  # only now is there something to withdraw in stop()
+            self._liveness = asyncio.get_running_loop().create_task(self._check_liveness())
         except NonUniqueNameException as exc:
             await self.stop()
             raise ConfigError(f"another node already advertises node id {self._own.node_id}") from exc
@@ -491,6 +506,9 @@ class Discovery:
             browser, self._browser = self._browser, None
             await browser.async_cancel()
         tasks = list(self._tasks.values())
+        if self._liveness is not None:
+            tasks.append(self._liveness)
+            self._liveness = None
         self._tasks.clear()
         for task in tasks:
             task.cancel()
@@ -512,6 +530,63 @@ class Discovery:
             await aiozc.async_close()
         self._by_name.clear()  # no on_change here: the owner is shutting down and knows it
 
+    async def set_ready(self) -> None:
+        """Advertise that we are ready for round 1 (TXT r=1); peers waiting to start together see it."""
+        if self._aiozc is None or self._info is None or self._own.ready:
+            return
+        self._own = replace(self._own, ready=True)
+        info = _own_info(self._own)
+        self._info = info
+        await self._aiozc.async_update_service(info)  # rebroadcasts go on in the background
+
+    # --- liveness: a peer must keep answering, not just stay in zeroconf's PTR cache ---
+
+    async def _check_liveness(self) -> None:
+        """Every ~LIVENESS_S (jittered, so nodes do not ask in step), resolve every peer again."""
+        while not self._stopping:
+            await asyncio.sleep(LIVENESS_S * random.uniform(0.7, 1.3))
+            aiozc = self._aiozc
+            if aiozc is None:
+                return
+            keys = [k for k in dict.fromkeys((*self._by_name, *self._silent)) if k not in self._tasks]
+            answered = await asyncio.gather(*(self._answers(aiozc.zeroconf, k) for k in keys))
+            for key, alive in zip(keys, answered, strict=True):
+                self._liveness_result(aiozc.zeroconf, key, alive)
+
+    async def _answers(self, zeroconf: Zeroconf, key: str) -> bool:
+        """True if the peer's records are fresh in the cache or it answers a query now."""
+        info = AsyncServiceInfo(SERVICE_TYPE, key)
+        return await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS, question_type=DNSQuestionType.QM)
+
+    def _liveness_result(self, zeroconf: Zeroconf, key: str, alive: bool) -> None:
+        if self._stopping:
+            return
+        if key in self._silent:
+            if alive:  # back: resolve it as if it had just been announced
+                self._silent.discard(key)
+                log.info("discovery: %s answers again", key)
+                self._on_service_state_change(zeroconf, SERVICE_TYPE, key, Change.Updated)
+            return
+        if key not in self._by_name:
+            return  # withdrawn while we asked
+        if alive:
+            self._strikes.pop(key, None)
+            return
+        self._strikes[key] = strikes = self._strikes.get(key, 0) + 1
+        if strikes >= LIVENESS_STRIKES:
+            self._strikes.pop(key, None)
+            if (
+                len(self._silent) < MAX_SILENT
+            ):  # beyond, forgotten: zeroconf's next announcement brings it back
+                self._silent.add(key)
+            log.warning(
+                "discovery: %s stopped answering mDNS (%d checks over ~%.0f s); dropped until it answers",
+                key,
+                strikes,
+                strikes * LIVENESS_S,
+            )
+            self._drop(key)
+
     # --- zeroconf callbacks (run in the event loop zeroconf is attached to, which is ours) ---
 
     def _on_service_state_change(
@@ -526,6 +601,8 @@ class Discovery:
         if previous is not None:
             previous.cancel()  # a newer event supersedes it; a late result must not undo a removal
         if state_change is Change.Removed:
+            self._silent.discard(key)
+            self._strikes.pop(key, None)
             if self._by_name.pop(key, None) is not None:
                 log.info("discovery: %s withdrawn", name)
                 self._notify()
@@ -564,6 +641,7 @@ class Discovery:
             log.debug("discovery: ignoring %s: federation %s", name, ad.federation_id)
             self._drop(key)
             return
+        self._silent.discard(key)
         if self._by_name.get(key) != ad:
             self._by_name[key] = ad
             log.info("discovery: %s (%s) at %s:%d", ad.node_id, ad.name, ad.host, ad.port)
@@ -589,6 +667,7 @@ class Discovery:
             log.exception("discovery: on_reject callback failed")
 
     def _drop(self, key: str) -> None:
+        self._strikes.pop(key, None)
         if self._by_name.pop(key, None) is not None:
             self._notify()
 

@@ -67,6 +67,14 @@ class Mesh(Protocol):
         """False once the link to this neighbour failed or dropped (until it is up again)."""
         ...
 
+    def ready(self, node_id: str) -> bool:
+        """The peer says it is ready for round 1 (warmed up, peers certified, round-1 links open)."""
+        ...
+
+    async def announce_ready(self) -> None:
+        """Tell the peers we are ready for round 1."""
+        ...
+
     def follow(self, neighbours: Collection[str]) -> None:
         """Hold links to these peers (the coming rounds' neighbours); close others after a grace."""
         ...
@@ -169,6 +177,14 @@ class MqttMesh:
     def reachable(self, node_id: str) -> bool:
         link = self.neighbour_links.get(node_id)
         return link is None or not link.down
+
+    def ready(self, node_id: str) -> bool:
+        ad = self.roster.ad(node_id)
+        return ad is None or ad.ready  # a static peer has no advertisement to say it: not waited for
+
+    async def announce_ready(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.set_ready()
 
     def linked(self, node_id: str) -> bool:
         """True once the link to this neighbour is connected and subscribed (round 1 may start)."""

@@ -606,6 +606,32 @@ class Node:
         while callable(linked) and not all(linked(n) for n in targets) and time.monotonic() < deadline:
             await self._wait(min(0.5, max(0.0, deadline - time.monotonic())))
 
+    async def _start_together(self, started: float) -> None:
+        """Say we are ready, then, on a fresh start, wait until every member says so too, up to the
+        end of [discovery] wait_s (counted from our start). Nodes finish warming up and certifying
+        their peers at different times (minutes apart at 100+ nodes on a busy machine); a node that
+        began round 1 early would spend it waiting for the late ones. A resumed node joins at once."""
+        await self.mesh.announce_ready()
+        if self.core.round > 0:
+            return
+        deadline = started + self.cfg.discovery.wait_s
+        waiting = self._not_ready()
+        if waiting:
+            log.info("waiting for %d member(s) to be ready for round 1", len(waiting))
+        while waiting and time.monotonic() < deadline:
+            await self._wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            waiting = self._not_ready()
+        if waiting:
+            log.warning(
+                "starting round 1 while %d member(s) are not ready after [discovery] wait_s = %g s: %s",
+                len(waiting),
+                self.cfg.discovery.wait_s,
+                ", ".join(sorted(waiting)[:8]),
+            )
+
+    def _not_ready(self) -> list[str]:
+        return [n for n in self.mesh.members() if not self.mesh.ready(n)]
+
     def _finished(self) -> bool:
         rounds = self.cfg.training.rounds
         return self.stopping.is_set() or (rounds > 0 and self.core.round >= rounds)
@@ -624,10 +650,13 @@ class Node:
     async def run(self) -> None:
         """Start, run rounds until `rounds` (0: until stopped), linger so slower neighbours can fetch
         our last update, save the final model, stop."""
+        started = time.monotonic()
         try:
             await self.start()
             await self._wait_for_peers()
             await self._link_first_neighbours()
+            await self._start_together(started)
+            await self._link_first_neighbours()  # members that arrived meanwhile may change round 1
             while not self._finished():
                 await self._round(self.core.round + 1)
             linger_until = time.monotonic() + self.cfg.gossip.linger_s

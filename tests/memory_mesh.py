@@ -26,12 +26,12 @@ class Hub:
 
     def join(self, mesh: MemoryMesh) -> None:
         self.meshes[mesh.cert.node_id] = mesh
-        self._changed()
+        self.changed()
 
     def leave(self, node_id: str) -> None:
         """A node vanishes (crash, cable): it stops sending and receiving, and peers see it go."""
         self.meshes.pop(node_id, None)
-        self._changed()
+        self.changed()
 
     def send(self, sender: str, message: bytes, recipients: Sequence[str]) -> None:
         if sender not in self.meshes:
@@ -44,7 +44,7 @@ class Hub:
                 task.add_done_callback(self._tasks.discard)
                 self.delivered += 1
 
-    def _changed(self) -> None:
+    def changed(self) -> None:
         for mesh in self.meshes.values():
             mesh.on_change()
 
@@ -57,6 +57,7 @@ class MemoryMesh:
         self.on_update: OnUpdate | None = None
         self.on_change: Callable[[], None] = lambda: None
         self.followed: set[str] = set()  # the peers the node asked to be linked to
+        self.is_ready = False  # announced ready for round 1
 
     def reachable(self, node_id: str) -> bool:
         return node_id in self.hub.meshes
@@ -66,6 +67,14 @@ class MemoryMesh:
 
     def links(self) -> int:
         return len(self.followed)
+
+    def ready(self, node_id: str) -> bool:
+        mesh = self.hub.meshes.get(node_id)
+        return mesh is not None and mesh.is_ready
+
+    async def announce_ready(self) -> None:
+        self.is_ready = True
+        self.hub.changed()
 
     def members(self) -> dict[str, Certificate]:
         if self.cert.node_id not in self.hub.meshes:

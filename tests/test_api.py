@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,23 @@ from p2pfl.metrics import read_jsonl
 from p2pfl.node import Node
 
 
-def make_node(tmp: Path, authority: FederationAuthority, hub: Hub, i: int, rounds: int, **kw: object) -> Node:
+def make_node(
+    tmp: Path,
+    authority: FederationAuthority,
+    hub: Hub,
+    i: int,
+    rounds: int,
+    tweak: Callable[[NodeConfig], None] = lambda cfg: None,
+    **kw: object,
+) -> Node:
+    """Node `i` of 2 on the hub; `tweak(cfg)` changes its settings before the node is built."""
     cfg = NodeConfig()
     cfg.node.name, cfg.node.data_dir = f"node-{i}", str(tmp / f"n{i}")
     cfg.discovery.expect_peers, cfg.discovery.wait_s = 1, 120.0
     cfg.task = TaskSpec(name="synthetic-logreg", shard=i, num_shards=2, lr=0.5)
     cfg.training.rounds = rounds
     cfg.gossip.round_timeout_s, cfg.gossip.linger_s = 300.0, 0.0
+    tweak(cfg)
     _, cert = certify(authority, cfg.node.name, cfg.data_dir)
     return Node(validate(cfg), mesh=hub.mesh(cert), **kw)  # type: ignore[arg-type]
 

@@ -4,9 +4,10 @@ Also what mDNS is bound to (the group and the configured interface, never 0.0.0.
 ignores (unicast, foreign sources, foreign advertised addresses); the one test that needs other
 interfaces builds its own network namespaces (root only, marked slow).
 
-Run as a script (``python tests/test_discovery.py child AD [INTERFACES]``) this file is the child
-node the multi-process tests spawn: it advertises, prints its peer set as JSON lines on every
-change, and stops when told to on stdin.
+Run as a script (``python tests/test_discovery.py child AD [INTERFACES [TIMINGS]]``) this file is the
+child node the multi-process tests spawn: it advertises, prints its peer set as JSON lines on every
+change, says it is ready on a "ready" line and stops on any other line (or EOF) on stdin. TIMINGS
+(JSON) overrides the record TTL and liveness period, so a departure shows in seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import socket
 import struct
 import subprocess
@@ -32,6 +34,7 @@ from pathlib import Path
 import pytest
 from zeroconf import DNSOutgoing, ServiceInfo
 
+from p2pfl import discovery
 from p2pfl.discovery import (
     MDNS_GROUP,
     MDNS_PORT,
@@ -47,6 +50,8 @@ from p2pfl.errors import ConfigError, Reason
 LOOPBACK = ["127.0.0.1"]
 FIND_TIMEOUT_S = 15.0
 DROP_TIMEOUT_S = 10.0
+FAST = {"RECORD_TTL_S": 3, "LIVENESS_S": 1.0}  # records a silent peer's cache entries outlive by ~3 s
+SILENT_DROP_TIMEOUT_S = 60.0  # FAST TTL + 3 liveness strikes, with room for a loaded machine
 # what the kernel has bound / dropped is read from /proc; the socket filters are Linux-only too
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux (/proc, BPF)")
 
@@ -69,7 +74,7 @@ def make_ad(federation_id: str, port: int, name: str = "node") -> PeerAd:
 # ---------------------------------------------------------------- child process (script mode)
 
 
-async def _child_main(ad: PeerAd, interfaces: list[str]) -> None:
+async def _child_main(ad: PeerAd, interfaces: list[str], timings: dict[str, float]) -> None:
     def emit(event: str, **fields: object) -> None:
         print(json.dumps({"event": event, **fields}), flush=True)
 
@@ -79,10 +84,14 @@ async def _child_main(ad: PeerAd, interfaces: list[str]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
-    def on_stdin() -> None:  # any line or EOF (parent gone) means stop
-        os.read(sys.stdin.fileno(), 4096)
-        stop.set()
+    def on_stdin() -> None:  # "ready" says so; any other line or EOF (parent gone) means stop
+        if os.read(sys.stdin.fileno(), 4096).strip() == b"ready":
+            loop.create_task(disc.set_ready())
+        else:
+            stop.set()
 
+    for name, value in timings.items():
+        setattr(discovery, name, value)
     loop.add_reader(sys.stdin.fileno(), on_stdin)
     disc = Discovery(ad, interfaces, on_change=changed)
     await disc.start()
@@ -102,7 +111,12 @@ class Child:
     """One node in its own OS process; its latest peer set is mirrored here by a reader thread."""
 
     def __init__(
-        self, ad: PeerAd, log_dir: Path, interfaces: list[str] = LOOPBACK, prefix: list[str] | None = None
+        self,
+        ad: PeerAd,
+        log_dir: Path,
+        interfaces: list[str] = LOOPBACK,
+        prefix: list[str] | None = None,
+        timings: dict[str, float] | None = None,
     ) -> None:
         self.ad = ad
         self.peers: dict[str, dict] = {}
@@ -110,6 +124,7 @@ class Child:
         self._cond = threading.Condition()
         self._stderr = open(log_dir / f"child-{ad.port}.log", "w")  # noqa: SIM115 - closed in close()
         args = [sys.executable, "-u", __file__, "child", json.dumps(asdict(ad)), json.dumps(interfaces)]
+        args.append(json.dumps(timings or {}))
         self.proc = subprocess.Popen(
             [*(prefix or []), *args],
             stdin=subprocess.PIPE,
@@ -137,10 +152,13 @@ class Child:
         with self._cond:
             return self._cond.wait_for(lambda: predicate(self), timeout)
 
-    def request_stop(self) -> None:
+    def say(self, line: str) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write("stop\n")
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
+
+    def request_stop(self) -> None:
+        self.say("stop")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -157,8 +175,13 @@ class Child:
 def spawn(tmp_path):
     children: list[Child] = []
 
-    def _spawn(ad: PeerAd, interfaces: list[str] = LOOPBACK, prefix: list[str] | None = None) -> Child:
-        child = Child(ad, tmp_path, interfaces, prefix)
+    def _spawn(
+        ad: PeerAd,
+        interfaces: list[str] = LOOPBACK,
+        prefix: list[str] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Child:
+        child = Child(ad, tmp_path, interfaces, prefix, timings)
         children.append(child)
         return child
 
@@ -214,6 +237,43 @@ def test_stopped_process_drops_out(spawn):
     assert b.wait_for(lambda me: "stopped" in me.events, 10.0), b.log_text()
     assert b.proc.wait(timeout=10) == 0, b.log_text()
     assert a.peers == {}
+
+
+@pytest.mark.slow
+def test_ready_flag_reaches_peers(spawn):
+    fed = hex16()
+    a = spawn(make_ad(fed, 21021, "alice"))
+    b = spawn(make_ad(fed, 21022, "bob"))
+    assert b.wait_for(sees(a), FIND_TIMEOUT_S), b.log_text()
+    assert b.peers[a.ad.node_id]["ready"] is False
+    a.say("ready")
+    assert b.wait_for(lambda me: me.peers.get(a.ad.node_id, {}).get("ready") is True, FIND_TIMEOUT_S), (
+        f"b never saw a ready; events={b.events}\n{b.log_text()}"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("departure", ["freeze", "kill"])
+def test_silent_peer_dropped_then_back(spawn, departure):
+    """A peer that stops answering (SIGSTOP, kill -9: no goodbye) leaves within TTL + 3 liveness
+    checks, not the ~20 min zeroconf keeps its PTR; resumed or restarted, it is back."""
+    fed = hex16()
+    a = spawn(make_ad(fed, 21031, "alice"), timings=FAST)
+    bob = make_ad(fed, 21032, "bob")
+    b = spawn(bob, timings=FAST)
+    assert a.wait_for(sees(b), FIND_TIMEOUT_S), a.log_text()
+    b.proc.send_signal(signal.SIGSTOP if departure == "freeze" else signal.SIGKILL)
+    try:
+        assert a.wait_for(lambda me: bob.node_id not in me.peers, SILENT_DROP_TIMEOUT_S), (
+            f"a still reports silent b; events={a.events}\n{a.log_text()}"
+        )
+        assert "stopped answering mDNS" in a.log_text()
+    finally:
+        if departure == "freeze":
+            b.proc.send_signal(signal.SIGCONT)
+    if departure == "kill":
+        b = spawn(bob, timings=FAST)
+    assert a.wait_for(sees(b), SILENT_DROP_TIMEOUT_S), f"b is not back; events={a.events}\n{a.log_text()}"
 
 
 # ---------------------------------------------------------------- in-process tests
@@ -659,5 +719,9 @@ def test_interfaces_required():
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
     asyncio.run(
-        _child_main(PeerAd(**json.loads(sys.argv[2])), json.loads(sys.argv[3]) if sys.argv[3:] else LOOPBACK)
+        _child_main(
+            PeerAd(**json.loads(sys.argv[2])),
+            json.loads(sys.argv[3]) if sys.argv[3:] else LOOPBACK,
+            json.loads(sys.argv[4]) if sys.argv[4:] else {},
+        )
     )
