@@ -763,8 +763,7 @@ class Simulation:
             y=pop.y,
             flat=pop.shards.flat,
             offsets=pop.shards.offsets,
-            # TensorTask's generator: seeded spec.seed + shard
-            generators=[torch.Generator().manual_seed(spec.seed + i) for i in range(self.cfg.nodes)],
+            seeds=spec.seed + np.arange(self.cfg.nodes),  # TensorTask's generator: spec.seed + shard
             test=(pop.x_test, pop.y_test),
             lr=spec.lr,
             batch_size=spec.batch_size,

@@ -12,7 +12,7 @@ from p2pfl import topology
 from p2pfl.aggregation import RULES
 from p2pfl.errors import ConfigError
 from p2pfl.learning import TaskSpec, TensorTask, flatten, get_params, load_task, set_params, unflatten
-from p2pfl.learning.batched import BatchedTrainer, batchable
+from p2pfl.learning.batched import BatchedTrainer, GeneratorShuffles, SeededShuffles, batchable
 from p2pfl.sim import (
     Network,
     SimConfig,
@@ -346,6 +346,20 @@ def test_shards_are_one_flat_array_and_lookups_copy_one_shard() -> None:
     one[:] = -1  # a copy: the cache is untouched
     assert np.array_equal(shards[3], expected[3]) and not shards.view(3).flags.writeable
     assert shards.sizes.tolist() == [len(e) for e in expected]
+
+
+def test_seeded_shuffles_draw_what_torch_randperm_draws() -> None:
+    """Draw for draw, over epochs and state refills (a 1,300-sample node uses 1,299 of its 624-word
+    state per epoch), in chunks that do not line up, for seeds past 2^32 and below 0."""
+    rng = np.random.default_rng(1)
+    seeds = np.concatenate([[0, 1, 2**32 + 7, -3], rng.integers(0, 2**40, size=60)])
+    sizes = np.concatenate([[1, 2, 16, 1300], rng.integers(1, 40, size=60)]).tolist()
+    torch_gens = GeneratorShuffles([torch.Generator().manual_seed(int(s)) for s in seeds])
+    seeded = SeededShuffles(seeds)
+    for _ in range(4):
+        expect = torch.cat([torch_gens.permutations(0, sizes[:30]), torch_gens.permutations(30, sizes[30:])])
+        got = torch.cat([seeded.permutations(0, sizes[:45]), seeded.permutations(45, sizes[45:])])
+        assert torch.equal(got, expect)
 
 
 def test_consensus_distance_in_chunks_equals_the_dense_formula(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,97 @@ from p2pfl.learning.tasks import Task, TensorTask
 
 EVAL_FLOATS_PER_CHUNK = 1 << 24  # activations (float32) of one batched evaluation call: 64 MiB
 TRAIN_FLOATS_PER_CHUNK = 1 << 24  # inputs (float32) of one batched minibatch: 64 MiB
+# MT19937 (torch's CPU generator): state words, N - M, masks and the twist matrix
+MT_WORDS, MT_SHIFT = 624, 227
+MT_UPPER, MT_LOWER, MT_MATRIX_A = np.uint32(0x80000000), np.uint32(0x7FFFFFFF), np.uint32(0x9908B0DF)
+
+
+class GeneratorShuffles:
+    """Each node's permutation from its own torch.Generator (the tasks' own generators, advanced
+    as task.train advances them): one torch.randperm call per node."""
+
+    def __init__(self, generators: Sequence[torch.Generator]) -> None:
+        self.generators = list(generators)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def permutations(self, a: int, sizes: list[int]) -> torch.Tensor:
+        """Nodes a, a+1, ...: randperm(sizes[k]) of node a+k, concatenated."""
+        gens = self.generators[a : a + len(sizes)]
+        return torch.cat([torch.randperm(k, generator=g) for k, g in zip(sizes, gens, strict=True)])
+
+
+class SeededShuffles:
+    """What GeneratorShuffles gives for generators torch.Generator().manual_seed(seeds[i]), for
+    100,000 nodes without 100,000 torch calls per epoch.
+
+    torch's CPU generator is MT19937 seeded with init_genrand(seed mod 2^32), and randperm(k) (k
+    below 2^32 / 20) is a Fisher-Yates pass: for i < k - 1, swap i with i + (next 32-bit output
+    % (k - i)). Here every node's MT19937 state is a column of one (624, N) array, so a draw, a
+    swap or a state refill is one numpy operation over all nodes. A test checks it against
+    torch.randperm draw for draw, refills included.
+    """
+
+    def __init__(self, seeds: Sequence[int] | np.ndarray) -> None:
+        low = np.asarray(seeds, dtype=np.int64) & 0xFFFFFFFF
+        state = np.empty((MT_WORDS, len(low)), dtype=np.uint32)
+        state[0] = low.astype(np.uint32)
+        for j in range(1, MT_WORDS):  # init_genrand, for every node at once
+            prev = state[j - 1]
+            state[j] = np.uint32(1812433253) * (prev ^ (prev >> np.uint32(30))) + np.uint32(j)
+        self.state = state
+        self.used = np.full(len(low), MT_WORDS, dtype=np.int64)  # all used: refill before a draw
+
+    def __len__(self) -> int:
+        return len(self.used)
+
+    def _refill(self, nodes: np.ndarray) -> None:
+        """MT19937's twist of these nodes' states (in place, in three blocks that read only words
+        the sequential loop would have read: old words ahead, new words behind)."""
+        cols: slice | np.ndarray = nodes
+        if nodes[-1] - nodes[0] + 1 == len(nodes):  # a run of nodes: a view, no copy
+            cols = slice(int(nodes[0]), int(nodes[-1]) + 1)
+        s = self.state[:, cols]
+        n, m = MT_WORDS, MT_WORDS - MT_SHIFT
+
+        def twist(k0: int, k1: int, nxt: np.ndarray, src: np.ndarray) -> None:
+            y = (s[k0:k1] & MT_UPPER) | (nxt & MT_LOWER)
+            s[k0:k1] = src ^ (y >> np.uint32(1)) ^ ((y & np.uint32(1)) * MT_MATRIX_A)
+
+        twist(0, n - m, s[1 : n - m + 1], s[m:].copy())
+        twist(n - m, 2 * (n - m), s[n - m + 1 : 2 * (n - m) + 1], s[: n - m].copy())
+        twist(2 * (n - m), n - 1, s[2 * (n - m) + 1 :], s[n - m : n - 1 - (n - m)].copy())
+        twist(n - 1, n, s[:1], s[m - 1 : m].copy())
+        if isinstance(cols, np.ndarray):
+            self.state[:, cols] = s
+        self.used[nodes] = 0
+
+    def _draw(self, nodes: np.ndarray) -> np.ndarray:
+        """The next 32-bit output of each node's generator (as int64)."""
+        due = nodes[self.used[nodes] >= MT_WORDS]
+        if len(due):
+            self._refill(due)
+        y = self.state[self.used[nodes], nodes]
+        self.used[nodes] += 1
+        y ^= y >> np.uint32(11)
+        y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
+        y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
+        y ^= y >> np.uint32(18)
+        return y.astype(np.int64)
+
+    def permutations(self, a: int, sizes: list[int]) -> torch.Tensor:
+        """Nodes a, a+1, ...: randperm(sizes[k]) of node a+k, concatenated."""
+        k = np.asarray(sizes, dtype=np.int64)
+        longest = int(k.max())
+        perm = np.tile(np.arange(longest, dtype=np.int64), (len(k), 1))
+        for i in range(longest - 1):
+            rows = np.flatnonzero(k - 1 > i)  # the nodes that still draw
+            j = i + self._draw(a + rows) % (k[rows] - i)
+            held = perm[rows, i]
+            perm[rows, i] = perm[rows, j]
+            perm[rows, j] = held
+        return torch.from_numpy(perm[np.arange(longest) < k[:, None]])
 
 
 def share_test_split(task: Task, first: Sequence[Task]) -> Task:
@@ -77,7 +168,7 @@ class BatchedTrainer:
             y=torch.cat([t.y_train for t in tasks]),
             index=None,
             sizes=torch.tensor([t.num_samples for t in tasks], dtype=torch.int64),
-            generators=[t.generator for t in tasks],
+            shuffles=GeneratorShuffles([t.generator for t in tasks]),
             test=(tasks[0].x_test, tasks[0].y_test),
             hyper=(float(spec.lr), int(spec.batch_size), int(spec.local_epochs)),
         )
@@ -91,14 +182,15 @@ class BatchedTrainer:
         y: torch.Tensor,
         flat: np.ndarray,
         offsets: np.ndarray,
-        generators: Sequence[torch.Generator],
+        seeds: Sequence[int] | np.ndarray,
         test: tuple[torch.Tensor, torch.Tensor],
         lr: float,
         batch_size: int,
         local_epochs: int,
     ) -> BatchedTrainer:
-        """Node i trains on rows x[flat[offsets[i]:offsets[i+1]]] with generators[i], as the TensorTask
-        holding those rows (and that generator) would; the rows are looked up per minibatch."""
+        """Node i trains on rows x[flat[offsets[i]:offsets[i+1]]] with a generator seeded seeds[i], as
+        the TensorTask holding those rows (and that generator) would; the rows are looked up per
+        minibatch."""
         self = cls.__new__(cls)
         self._setup(
             model,
@@ -106,7 +198,7 @@ class BatchedTrainer:
             y=y,
             index=torch.from_numpy(np.array(flat, dtype=np.int64)),  # a writable copy
             sizes=torch.from_numpy(np.diff(np.asarray(offsets, dtype=np.int64))),
-            generators=list(generators),
+            shuffles=SeededShuffles(seeds),
             test=test,
             hyper=(float(lr), int(batch_size), int(local_epochs)),
         )
@@ -120,20 +212,20 @@ class BatchedTrainer:
         y: torch.Tensor,
         index: torch.Tensor | None,
         sizes: torch.Tensor,
-        generators: list[torch.Generator],
+        shuffles: GeneratorShuffles | SeededShuffles,
         test: tuple[torch.Tensor, torch.Tensor],
         hyper: tuple[float, int, int],
     ) -> None:
         from torch.func import functional_call, grad_and_value, vmap
 
-        if len(generators) != len(sizes) or not len(sizes) or int(sizes.min()) < 1:
+        if len(shuffles) != len(sizes) or not len(sizes) or int(sizes.min()) < 1:
             raise ValueError("every node needs a generator and at least one training sample")
         self.model = model
         self.layout = [(name, tuple(p.shape), p.numel()) for name, p in model.named_parameters()]
         self.sizes = sizes
         self.offsets = torch.cumsum(sizes, 0) - sizes
         self.x, self.y, self.index = x, y, index
-        self.generators = generators
+        self.shuffles = shuffles
         self.x_test, self.y_test = test
         self.lr, self.bs, self.epochs = hyper
         features = max(1, int(x[0].numel())) if len(x) else 1
@@ -165,7 +257,7 @@ class BatchedTrainer:
     def train(self, x: np.ndarray) -> np.ndarray:
         """Train every row of x in place (x is N x P float32); returns each node's mean training loss."""
         xt = torch.from_numpy(x)
-        n = len(self.generators)
+        n = len(self.sizes)
         total = torch.zeros(n, dtype=torch.float64)
         count = torch.zeros(n, dtype=torch.float64)
         self.model.train()
@@ -188,9 +280,7 @@ class BatchedTrainer:
         base = torch.repeat_interleave(self.offsets[a:b], sizes_t)
         for _ in range(self.epochs):
             # each node shuffles with its own task generator, exactly as task.train does
-            perm = torch.cat(
-                [torch.randperm(k, generator=g) for k, g in zip(sizes, self.generators[a:b], strict=True)]
-            )
+            perm = self.shuffles.permutations(a, sizes)
             idx = torch.full((n * longest,), -1, dtype=torch.int64)
             pos = perm + base
             idx[flat_pos] = pos if self.index is None else self.index[pos]
