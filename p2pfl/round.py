@@ -283,8 +283,10 @@ class Mixer:
     ) -> MixResult:
         """One gossip step with the neighbours that arrived (a missing one's weight stays home).
 
-        Only an attack keeps the vectors until the next round: an honest node lets them go."""
+        Only an attack keeps the vectors until the next round (so the step must not overwrite
+        them); an honest node lets them go."""
         if self.attack is not None:
+            got = [dataclasses.replace(nb, owned=False) for nb in got]
             self.heard = [nb.vector for nb in got]
         return mix(
             own,
@@ -467,7 +469,7 @@ class RoundCore:
         vector = _flat_view(params, self.spec, payload)
         if vector is None:
             vector = self.flatten(params)
-        return meta.round, Neighbour(meta.sender, vector, max(meta.degree, 1), meta.samples)
+        return meta.round, Neighbour(meta.sender, vector, max(meta.degree, 1), meta.samples, owned=True)
 
     def _decode_plain(self, payload: bytes | bytearray | memoryview) -> Mapping[str, np.ndarray]:
         """An uncompressed update's tensors, checked against the local model (a compressed frame is

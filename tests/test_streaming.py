@@ -216,8 +216,9 @@ def test_a_streamed_round_mixes_to_the_old_whole_vector_result(tmp_path: Path) -
         c.node_id: c.pack(models[c.node_id], c.flatten(models[c.node_id]), plans[c.node_id]) for c in cores
     }
     me = cores[0]
+    received = {other.node_id: Owned(messages[other.node_id]) for other in cores[1:]}
     for other in cores[1:]:
-        round_, nb = me.admit(other.node_id, Owned(messages[other.node_id]), who)
+        round_, nb = me.admit(other.node_id, received[other.node_id], who)
         me.accept(round_, nb, time.monotonic())
     own = me.flatten(models[me.node_id])
     result, staleness = me.mix(own, plans[me.node_id])
@@ -227,6 +228,8 @@ def test_a_streamed_round_mixes_to_the_old_whole_vector_result(tmp_path: Path) -
     order = [n for n in plans[me.node_id].neighbours]
     expected = old_mix(own, [others_by_id[n] for n in order], [result.weights[n] for n in order])
     assert result.vector.tobytes() == expected.tobytes()
+    # the result was written over a received update's own memory, not into a new buffer
+    assert any(np.shares_memory(result.vector, np.frombuffer(received[n], np.uint8)) for n in order)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,6 +255,28 @@ def test_chunked_step_equals_the_whole_vector_step(monkeypatch, rule: str) -> No
         for nb in nbs
     ]
     assert result.vector.tobytes() == old_mix(own, [nb.vector for nb in nbs], coefs).tobytes()
+
+
+@pytest.mark.parametrize("rule", ["mean", "robust", "median"])
+def test_an_owned_neighbour_buffer_takes_the_result_and_nothing_else_changes(rule: str) -> None:
+    from p2pfl.aggregation import Reputation
+
+    rng = np.random.default_rng(5)
+    own = rng.standard_normal(50).astype(np.float32)
+    vectors = [rng.standard_normal(50).astype(np.float32) for _ in range(3)]
+
+    def run(owned: bool):
+        nbs = [Neighbour(f"n{i}", v.copy(), 3, 10, owned=owned) for i, v in enumerate(vectors)]
+        return nbs, mix(own, 3, nbs, rule, reputation=Reputation())
+
+    _, fresh = run(False)
+    nbs, reused = run(True)
+    assert reused.vector.tobytes() == fresh.vector.tobytes()
+    assert reused.distances == fresh.distances and reused.weights == fresh.weights
+    if rule == "median":  # a coordinate-wise rule allocates its own result
+        assert not any(np.shares_memory(reused.vector, nb.vector) for nb in nbs)
+    else:
+        assert np.shares_memory(reused.vector, nbs[0].vector)
 
 
 def test_a_non_finite_neighbour_is_still_left_out(monkeypatch) -> None:

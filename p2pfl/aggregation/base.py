@@ -29,7 +29,9 @@ class Neighbour:
     """One neighbour's model this round, as received (vector is the flattened float32 model).
 
     degree and samples come from the update header; mass too, for rule "push-sum" (None: use samples,
-    which is the right value in a neighbour's first round).
+    which is the right value in a neighbour's first round). owned: the vector is a buffer nobody else
+    holds (RoundCore.admit made it for this step), so a linear step may write its result there instead
+    of allocating another model-sized one; the vector must not be read after the step.
     """
 
     node_id: str
@@ -37,6 +39,7 @@ class Neighbour:
     degree: int
     samples: int
     mass: float | None = None
+    owned: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class NodeStep:
     distances: dict[str, float]
     clipped: dict[str, bool]
     tmp: np.ndarray
+    out: np.ndarray | None = None  # where a linear step may write its result (an owned neighbour's)
     radius: float | None = None
     own_samples: float | None = None
     own_mass: float | None = None

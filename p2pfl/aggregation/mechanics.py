@@ -76,7 +76,8 @@ def edge_distances(
 def linear_mix(s: NodeStep, tau: float | None) -> np.ndarray:
     """One node's step with the coefficients s.weights, each neighbour's difference clipped at tau
     (None: no clipping); marks the clipped neighbours in s.clipped. One P-sized float32 buffer (the
-    result), filled chunk by chunk through the scratch s.tmp; every value is computed exactly as a
+    result, or none: s.out, an owned neighbour's vector, each chunk written once every term has read
+    it), filled chunk by chunk through the scratch s.tmp; every value is computed exactly as a
     whole-vector x + sum_j c_j (x_j - x) would, in the same order."""
     x = s.x
     terms: list[tuple[np.ndarray, np.float32]] = []
@@ -89,14 +90,17 @@ def linear_mix(s: NodeStep, tau: float | None) -> np.ndarray:
         coef = s.weights[nb.node_id] * scale
         if coef != 0.0:
             terms.append((np.asarray(nb.vector, dtype=np.float32), np.float32(coef)))
-    out = x.copy()
+    out = np.empty_like(x) if s.out is None else s.out
+    acc = np.empty(min(x.size, STEP_CHUNK), dtype=np.float32)
     for lo in range(0, x.size, STEP_CHUNK):
-        o = out[lo : lo + STEP_CHUNK]
-        t = s.tmp[: o.size]
+        a = acc[: min(x.size, lo + STEP_CHUNK) - lo]
+        a[:] = x[lo : lo + a.size]
+        t = s.tmp[: a.size]
         for v, c in terms:
-            np.subtract(v[lo : lo + o.size], x[lo : lo + o.size], out=t)
+            np.subtract(v[lo : lo + a.size], x[lo : lo + a.size], out=t)
             t *= c
-            o += t
+            a += t
+        out[lo : lo + a.size] = a
     return out
 
 

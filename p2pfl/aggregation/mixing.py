@@ -85,7 +85,25 @@ def mix(
         s.distances[nb.node_id] = d
         s.usable.append(nb)
     s.clipped.update({nid: not math.isfinite(d) or s.weights[nid] == 0.0 for nid, d in s.distances.items()})
+    s.out = _spare(x, neighbours)
     return chosen.mix(s)
+
+
+def _spare(x: np.ndarray, neighbours: Sequence[Neighbour]) -> np.ndarray | None:
+    """An owned neighbour's vector the step may overwrite with its result (None: allocate one)."""
+    for nb in neighbours:
+        v = nb.vector
+        if (
+            nb.owned
+            and isinstance(v, np.ndarray)
+            and v.dtype == np.float32
+            and v.shape == x.shape
+            and v.flags.c_contiguous
+            and v.flags.writeable
+            and not np.may_share_memory(v, x)
+        ):
+            return v
+    return None
 
 
 def mix_many(

@@ -14,6 +14,8 @@ receiver do or hold more than a few updates' worth of work without being refused
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import struct
 import time
@@ -113,12 +115,33 @@ def part_views(
     ]
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(None).malloc_trim
+    return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give memory glibc holds free back to the OS (malloc_trim; nothing off glibc).
+
+    Parts arrive as buffers of a few MiB that paho allocates one by one, and glibc's adaptive mmap
+    threshold soon serves that size from its heap, where freed parts stay resident: without this a
+    node kept another one or two models' worth of RSS after every update it received."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 def _join(parts: dict[int, memoryview], count: int) -> Owned:
     """The parts in order, each dropped once appended: growing the buffer (realloc, which moves
-    no pages for large buffers) holds one message plus one part, not the parts plus the message."""
+    no pages for large buffers) holds one message plus one part, not the parts plus the message;
+    the parts' memory then goes back to the OS."""
     out = Owned()
     for i in range(count):
         out += parts.pop(i)
+    release_freed_memory()
     return out
 
 
