@@ -53,6 +53,8 @@ import ifaddr
 import zeroconf._core as _zc_core  # only to hand Zeroconf our sockets; see open_zeroconf
 from zeroconf import (
     BadTypeInNameException,
+    DNSOutgoing,
+    DNSQuestion,
     DNSQuestionType,
     IPVersion,
     NonUniqueNameException,
@@ -99,6 +101,8 @@ MAX_NAME_BYTES = 64  # UTF-8; keeps "name=..." well inside one 255-byte TXT item
 
 MAX_INTERFACES = 16  # bounds the socket filter program (3 instructions a network) and the group joins
 MAX_FOREIGN_TRACKED = 1024  # distinct foreign addresses counted / logged; beyond that, ignored silently
+
+DNS_QUERY, DNS_TYPE_TXT, DNS_CLASS_IN = 0x0000, 16, 1  # RFC 1035 header flags, TXT type, IN class
 
 MDNS_GROUP = "224.0.0.251"
 MDNS_PORT = 5353
@@ -549,28 +553,42 @@ class Discovery:
             if aiozc is None:
                 return
             keys = [k for k in dict.fromkeys((*self._by_name, *self._silent)) if k not in self._tasks]
-            answered = await asyncio.gather(*(self._answers(aiozc.zeroconf, k) for k in keys))
-            for key, alive in zip(keys, answered, strict=True):
-                self._liveness_result(aiozc.zeroconf, key, alive)
+            infos = [AsyncServiceInfo(SERVICE_TYPE, k) for k in keys]
+            answered = await asyncio.gather(*(self._request(aiozc.zeroconf, info) for info in infos))
+            for key, info, alive in zip(keys, infos, answered, strict=True):
+                self._liveness_result(aiozc.zeroconf, key, info if alive else None)
 
-    async def _answers(self, zeroconf: Zeroconf, key: str) -> bool:
-        """True if the peer's records are fresh in the cache or it answers a query now."""
-        info = AsyncServiceInfo(SERVICE_TYPE, key)
+    def ask(self, node_ids: Sequence[str]) -> None:
+        """Ask these peers for their TXT record now, bypassing our cache (one packet): a missed
+        announcement (a lost datagram on a busy host) would otherwise stay unseen until the cached
+        record expires. Answers arrive as ordinary updates."""
+        if self._aiozc is None or not node_ids:
+            return
+        out = DNSOutgoing(DNS_QUERY)
+        for node_id in node_ids:
+            out.add_question(DNSQuestion(_service_name(node_id), DNS_TYPE_TXT, DNS_CLASS_IN))
+        self._aiozc.zeroconf.async_send(out)
+
+    @staticmethod
+    async def _request(zeroconf: Zeroconf, info: AsyncServiceInfo) -> bool:
+        """Complete `info` from fresh cached records, or by asking the network (QM: the multicast
+        answer refreshes every node's cache); False if it stays incomplete for RESOLVE_TIMEOUT_MS."""
         return await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS, question_type=DNSQuestionType.QM)
 
-    def _liveness_result(self, zeroconf: Zeroconf, key: str, alive: bool) -> None:
-        if self._stopping:
-            return
+    def _liveness_result(self, zeroconf: Zeroconf, key: str, info: AsyncServiceInfo | None) -> None:
+        """`info`: the peer's records, or None if it did not answer."""
+        if self._stopping or key in self._tasks:
+            return  # a resolution started meanwhile has the newer word
         if key in self._silent:
-            if alive:  # back: resolve it as if it had just been announced
-                self._silent.discard(key)
+            if info is not None:
                 log.info("discovery: %s answers again", key)
-                self._on_service_state_change(zeroconf, SERVICE_TYPE, key, Change.Updated)
+                self._take(key, info)
             return
         if key not in self._by_name:
             return  # withdrawn while we asked
-        if alive:
+        if info is not None:
             self._strikes.pop(key, None)
+            self._take(key, info)  # also catches an update whose announcement we missed
             return
         self._strikes[key] = strikes = self._strikes.get(key, 0) + 1
         if strikes >= LIVENESS_STRIKES:
@@ -618,11 +636,15 @@ class Discovery:
             log.warning("discovery: resolving %s failed: %r", key, task.exception())
 
     async def _resolve(self, zeroconf: Zeroconf, name: str, state_change: Change) -> None:
-        key = name.lower()
         info = AsyncServiceInfo(SERVICE_TYPE, name)
-        if not await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS, question_type=DNSQuestionType.QM):
+        if not await self._request(zeroconf, info):
             log.debug("discovery: %s did not resolve within %d ms", name, RESOLVE_TIMEOUT_MS)
             return  # an update that fails to resolve keeps the last good advertisement
+        self._take(name.lower(), info)
+
+    def _take(self, key: str, info: ServiceInfo) -> None:
+        """Accept a resolved advertisement of our federation, or drop what it replaces."""
+        name = info.name
         try:
             ad = ad_from_info(info)
         except ValueError as exc:
@@ -642,7 +664,10 @@ class Discovery:
             self._drop(key)
             return
         self._silent.discard(key)
-        if self._by_name.get(key) != ad:
+        before = self._by_name.get(key)
+        if before is not None and before.ready and replace(ad, ready=True) == before:
+            ad = before  # ready holds for a node's lifetime (same address and key); an older TXT is stale
+        if before != ad:
             self._by_name[key] = ad
             log.info("discovery: %s (%s) at %s:%d", ad.node_id, ad.name, ad.host, ad.port)
             self._notify()

@@ -646,6 +646,24 @@ def _info(
     )
 
 
+def test_ready_holds_against_a_stale_txt_until_the_node_changes():
+    """A late copy of a peer's older TXT (no r=1) must not undo its readiness; a restart elsewhere does."""
+    fed = hex16()
+    disc = Discovery(make_ad(fed, 1883), LOOPBACK)
+    disc._networks = allowed_networks(LOOPBACK)
+    peer = make_ad(fed, 1884)
+    key = f"{peer.node_id}.{SERVICE_TYPE}"
+    disc._take(key, _info(peer))
+    assert disc.peers()[peer.node_id].ready is False
+    disc._take(key, _info(peer, r="1"))
+    assert disc.peers()[peer.node_id].ready is True
+    disc._take(key, _info(peer))  # stale
+    assert disc.peers()[peer.node_id].ready is True
+    moved = replace(peer, port=1885)
+    disc._take(key, _info(moved))  # restarted on another port: not ready until it says so
+    assert disc.peers()[peer.node_id] == moved
+
+
 def test_valid_ad_round_trips():
     ad = make_ad(hex16(), 1883, "worker-7")
     assert ad_from_info(_info(ad)) == ad
