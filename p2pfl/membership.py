@@ -15,10 +15,10 @@ LAN, for a departed (unrevoked) member, at an address of its choosing, putting g
 node's topology; static peers would need the fetch anyway. The price is one handshake per peer per
 node lifetime (N-1 per node, a few at a time), not one held session per peer.
 
-A member killed without a goodbye stays advertised until its PTR record expires in its peers' mDNS
-caches (zeroconf holds a received PTR for at least 1125 s, see `discovery.RECORD_TTL_S`), so it stays
-a member, alike on every node, that long; meanwhile its neighbours' links to it are down
-(`Mesh.reachable`), so no round waits for it. A clean stop sends mDNS goodbyes: gone at once.
+A member killed without a goodbye stays advertised until discovery's liveness check drops it: its
+mDNS records expire (`discovery.RECORD_TTL_S`) and it leaves `LIVENESS_STRIKES` re-resolutions
+unanswered, ~2 min, at about the same time on every node; meanwhile its neighbours' links to it are
+down (`Mesh.reachable`), so no round waits for it. A clean stop sends mDNS goodbyes: gone at once.
 """
 
 from __future__ import annotations
