@@ -7,8 +7,9 @@ Per N it runs `p2pfl testbed` (fork server by default) and prints, from the node
 - round 1: median over nodes of round 1's `round_s`, and its ratio to the steady round (target <= 2);
 - memory per node: peak RSS and PSS (median over nodes) and their peak sums over all nodes (PSS divides
   shared pages among the processes that map them, so it sums to what the machine holds);
-- links per node: the `links` field of the metrics (median over nodes of the last record), when
-  the nodes record it;
+- links per node: the `links` field of the metrics and the degree (neighbours), median over nodes of
+  each node's last record with the full membership (nodes that finish first leave, and the last
+  rounds of the others re-plan their topology for fewer members);
 - accuracy: min and mean over nodes after the last round (and whether every node reached --target);
 - work floor: per steady round, the CPU the round's work needs, summed over all nodes
   (train + seal + open + mix, from the metrics' *_cpu_s fields) divided by the cores; the round time
@@ -89,6 +90,11 @@ def _median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _last_full(records: Sequence[dict[str, Any]], nodes: int) -> dict[str, Any]:
+    """The last record whose round had every node as a member (else the last record)."""
+    return next((r for r in reversed(records) if r.get("members") == nodes), records[-1])
+
+
 def figures(out: Path, cores: int, target: float) -> dict[str, Any]:
     """The per-N figures from summary.json and the nodes' metrics."""
     summary = json.loads((out / "summary.json").read_text())
@@ -96,8 +102,9 @@ def figures(out: Path, cores: int, target: float) -> dict[str, Any]:
     rows = {k: [r for r in v if "caught_up_from" not in r] for k, v in rows.items()}
     first = [r["round_s"] for v in rows.values() for r in v if r.get("round") == 1]
     steady = [r["round_s"] for v in rows.values() for r in v if r.get("round", 0) >= STEADY_FROM]
-    links = [v[-1]["links"] for v in rows.values() if v and isinstance(v[-1].get("links"), int | float)]
-    degree = [len(v[-1].get("neighbours") or {}) for v in rows.values() if v]
+    full = [_last_full(v, len(rows)) for v in rows.values() if v]
+    links = [r["links"] for r in full if isinstance(r.get("links"), int | float)]
+    degree = [len(r.get("neighbours") or {}) for r in full]
     by_round: dict[int, float] = {}
     for v in rows.values():
         for r in v:
