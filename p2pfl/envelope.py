@@ -31,9 +31,11 @@ front of the message's own memory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import math
+import mmap
 import os
 import struct
 import threading
@@ -222,9 +224,36 @@ def _decrypt_chunk(aead: str, src: memoryview, dst: memoryview, aad: bytes, nonc
     return True
 
 
-class Owned(bytearray):
-    """A received message that nobody else holds (the link's reassembly of its parts): whoever
-    opens it may overwrite it, so RoundCore.admit decrypts it in place (open_envelope in_place)."""
+class Owned(mmap.mmap):
+    """A received message that nobody else holds (the link reassembles parts into it): whoever
+    opens it may overwrite it, so RoundCore.admit decrypts it in place (open_envelope in_place).
+
+    An anonymous private mapping of its own: a page is backed only once written (a message that
+    is still arriving holds what arrived, not its announced size) and goes back to the OS as soon
+    as the last view of it is gone. Compares equal to any buffer with the same bytes."""
+
+    @classmethod
+    def empty(cls, size: int) -> Owned:
+        """`size` bytes (at least 1), none of them backed yet; no huge pages, so a page written
+        backs 4 KiB, never 2 MiB (a sender's first part cannot make us hold its announced size)."""
+        out = cls(-1, size, flags=mmap.MAP_PRIVATE)
+        with contextlib.suppress(AttributeError, OSError):  # Linux only
+            out.madvise(mmap.MADV_NOHUGEPAGE)
+        return out
+
+    @classmethod
+    def of(cls, data: bytes | bytearray | memoryview) -> Owned:
+        out = cls.empty(memoryview(data).nbytes)
+        out[:] = data
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        try:
+            return memoryview(self) == memoryview(other)  # type: ignore[arg-type]
+        except TypeError:
+            return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def _digest(buf: Any) -> bytes:

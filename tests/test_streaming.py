@@ -150,21 +150,23 @@ def test_in_place_open_refuses_what_the_copying_open_refuses(pair) -> None:
             )
         return err.value.reason
 
-    tampered = Owned(good)
+    tampered = Owned.of(good)
     tampered[-5] ^= 1  # last chunk: the first ones are decrypted in place before it is found
     guard = ReplayGuard()
     assert refusal(tampered, guard) is Reason.DIGEST_MISMATCH
     assert guard.last_seq(sender.node_id) is None  # a refused update is not recorded
-    assert refusal(Owned(good[:-1])) is Reason.MALFORMED  # truncated
-    assert refusal(Owned(good[: len(good) // 2])) is Reason.MALFORMED
-    assert refusal(Owned(good), max_bytes=len(good) - 1) is Reason.OVERSIZE
+    assert refusal(Owned.of(good[:-1])) is Reason.MALFORMED  # truncated
+    assert refusal(Owned.of(good[: len(good) // 2])) is Reason.MALFORMED
+    assert refusal(Owned.of(good), max_bytes=len(good) - 1) is Reason.OVERSIZE
     with pytest.raises(ValueError):  # in place needs a buffer it may overwrite
         open_envelope(bytes(good), reader.identity, reader.root, certs, ReplayGuard(), 1 << 30, in_place=True)
     # the same message, untouched, still opens (and then replays are refused as before)
     guard = ReplayGuard()
-    _, plain = open_envelope(Owned(good), reader.identity, reader.root, certs, guard, 1 << 30, in_place=True)
+    _, plain = open_envelope(
+        Owned.of(good), reader.identity, reader.root, certs, guard, 1 << 30, in_place=True
+    )
     assert bytes(plain) == payload
-    assert refusal(Owned(good), guard) is Reason.REPLAY
+    assert refusal(Owned.of(good), guard) is Reason.REPLAY
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ def test_admit_of_an_owned_message_gives_the_same_vector(tmp_path: Path, spec: d
     message = a.pack(sent, a.flatten(sent), plan)
     assert message is not None
     _, as_bytes = b.admit(a.node_id, bytes(message), who)  # the whole-buffer path
-    owned = Owned(message)
+    owned = Owned.of(message)
     _, in_place = c.admit(a.node_id, owned, who)  # decrypted in place, flattened without a copy
     expected = a.flatten(sent)
     assert as_bytes.vector.tobytes() == expected.tobytes() == in_place.vector.tobytes()
@@ -198,12 +200,12 @@ def test_admit_still_refuses_non_finite_and_misfit_updates_in_place(tmp_path: Pa
     bad["w"][3, 4] = np.nan
     message = a.pack(bad, a.flatten(bad), plan)
     with pytest.raises(Rejected) as err:
-        b.admit(a.node_id, Owned(message), who)
+        b.admit(a.node_id, Owned.of(message), who)
     assert err.value.reason is Reason.NON_FINITE
     odd = tensors({"w": ((40, 30), np.dtype(np.float32)), "b": ((41,), np.dtype(np.float32))}, 2)
     message = a.pack(odd, np.zeros(1, np.float32), plan)
     with pytest.raises(Rejected) as err:
-        b.admit(a.node_id, Owned(message), who)
+        b.admit(a.node_id, Owned.of(message), who)
     assert err.value.reason is Reason.SHAPE_MISMATCH
 
 
@@ -216,7 +218,7 @@ def test_a_streamed_round_mixes_to_the_old_whole_vector_result(tmp_path: Path) -
         c.node_id: c.pack(models[c.node_id], c.flatten(models[c.node_id]), plans[c.node_id]) for c in cores
     }
     me = cores[0]
-    received = {other.node_id: Owned(messages[other.node_id]) for other in cores[1:]}
+    received = {other.node_id: Owned.of(messages[other.node_id]) for other in cores[1:]}
     for other in cores[1:]:
         round_, nb = me.admit(other.node_id, received[other.node_id], who)
         me.accept(round_, nb, time.monotonic())

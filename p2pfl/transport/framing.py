@@ -14,8 +14,6 @@ receiver do or hold more than a few updates' worth of work without being refused
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import struct
 import time
@@ -115,42 +113,16 @@ def part_views(
     ]
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    with contextlib.suppress(OSError, AttributeError):
-        return ctypes.CDLL(None).malloc_trim
-    return None
-
-
-_TRIM = _malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Give memory glibc holds free back to the OS (malloc_trim; nothing off glibc).
-
-    Parts arrive as buffers of a few MiB that paho allocates one by one, and glibc's adaptive mmap
-    threshold soon serves that size from its heap, where freed parts stay resident: without this a
-    node kept another one or two models' worth of RSS after every update it received."""
-    if _TRIM is not None:
-        _TRIM(0)
-
-
-def _join(parts: dict[int, memoryview], count: int) -> Owned:
-    """The parts in order, each dropped once appended: growing the buffer (realloc, which moves
-    no pages for large buffers) holds one message plus one part, not the parts plus the message;
-    the parts' memory then goes back to the OS."""
-    out = Owned()
-    for i in range(count):
-        out += parts.pop(i)
-    release_freed_memory()
-    return out
-
-
 @dataclass
 class _Partial:
+    """A message still arriving: each part is copied into its place in `buffer` as it comes, so
+    no part is kept and nothing is joined; only the pages written so far are backed."""
+
     count: int
     total: int
-    parts: dict[int, memoryview] = field(default_factory=dict)
-    held: int = 0  # body bytes in `parts`
+    buffer: Owned
+    got: set[int] = field(default_factory=set)  # part indices written
+    held: int = 0  # body bytes written
 
 
 @dataclass
@@ -179,6 +151,11 @@ class Reassembler:
     further report. Each publisher may send at most `max_bytes_per_window` bytes per `window_s`
     (token bucket; every part counts as at least MIN_PART_BYTES); beyond that its parts are refused
     as NEIGHBOUR_BUDGET, and other publishers are not affected.
+
+    Memory: each incomplete message is one mapping of its announced size (envelope.Owned) whose
+    pages are backed only as parts are written, so what it holds is about its parts' bytes, as
+    counted above: a part of b bytes backs at most b + 2 pages (4 KiB each, huge pages off), and
+    parts are at least MIN_PART_BYTES and total / MAX_PARTS on average.
     """
 
     def __init__(
@@ -224,9 +201,9 @@ class Reassembler:
     ) -> Owned | None:
         """Take one part; return the whole message once complete, else None. Raises Rejected.
 
-        O(1) per part until the last one (which joins the message): the header is checked against
-        itself, the topic index, our size bounds and the publisher's budget before anything is kept.
-        The join releases each part as soon as it is copied, so a message is held about once.
+        O(1) per part: the header is checked against itself, the topic index, our size bounds and
+        the publisher's budget before anything is kept, then the body is copied into its place in
+        the message's own buffer (envelope.Owned, returned whole), so a message is held once.
         """
         # bytes (what the link hands in) are read in place: this path runs once per received packet
         view = part if isinstance(part, bytes) else memoryview(part).cast("B")
@@ -255,7 +232,7 @@ class Reassembler:
             if state is not None:
                 self._drop(state, mid)
             self._mark_done(publisher, mid)
-            return Owned(body)
+            return Owned.of(body)
         return self._collect(publisher, mid, idx, count, total, body)
 
     # -- checks ------------------------------------------------------------------------------------
@@ -355,7 +332,7 @@ class Reassembler:
         messages = state.messages
         partial = messages.get(mid)
         if partial is None:
-            partial = _Partial(count, total)
+            partial = _Partial(count, total, Owned.empty(total))
             messages[mid] = partial
             while len(messages) > self.max_pending:
                 self._drop(state, next(iter(messages)))
@@ -363,19 +340,21 @@ class Reassembler:
             if partial.count != count or partial.total != total:
                 raise Rejected(Reason.MALFORMED, "parts of one message disagree on count or length")
             messages.move_to_end(mid)
-        if idx in partial.parts:
+        if idx in partial.got:
             return None  # a duplicate part
-        partial.parts[idx] = body
+        start = idx * -(-total // count)  # parts are near-equal: see split_message
+        partial.buffer[start : start + len(body)] = body
+        partial.got.add(idx)
         partial.held += len(body)
         state.held += len(body)
         # Older incomplete messages make room; this one alone always fits (total <= the bound).
         while state.held > self.max_buffered_bytes and len(messages) > 1:
             self._drop(state, next(iter(messages)))
-        if len(partial.parts) < count:
+        if len(partial.got) < count:
             return None
         self._drop(state, mid)
         self._mark_done(publisher, mid)
-        return _join(partial.parts, count)
+        return partial.buffer
 
     def _state(self, publisher: str) -> _Publisher:
         """This publisher's state, marked most recently active (evicting the least)."""
