@@ -219,6 +219,7 @@ class BenchNode:
         """Node._round's pack step: (get_params +) flatten + RoundCore.pack (encode + seal)."""
         self.sampler.phase = "pack"
         if self.model is not None:
+            self.params = None  # node.py's params live in one _round frame: the last round's are gone
             self.params = self._get_params()  # node.py: params = get_params(self.model)
         self.own = self.core.flatten(self.params)
         message = self.core.pack(self.params, self.own, self.plan)
