@@ -179,6 +179,7 @@ class BenchNode:
         else:
             self.model = build_linear(setup["model"], seed=1000 + index)
             self.params = self._get_params()
+        self.param_views = setup["param_views"]
         self.core = RoundCore(
             identity=self.identity,
             cert=self.cert,
@@ -189,6 +190,8 @@ class BenchNode:
             rule=setup["rule"],
             max_update_bytes=MAX_BYTES,
         )
+        if self.model is not None:
+            self.params = None  # an idle node holds its model, not a copy (node.py: params per round)
         self.round_timeout_s = setup["round_timeout_s"]
         self.sampler = PhaseSampler()
         self.baseline_rss = 0
@@ -211,9 +214,11 @@ class BenchNode:
     # -- shared per-round work (identical in both modes): the node's round core -----------------
 
     def _get_params(self) -> Any:
-        from p2pfl.learning.params import get_params
+        from p2pfl.learning import params
 
-        return get_params(self.model)
+        if getattr(self, "param_views", False):
+            return params.param_views(self.model)
+        return params.get_params(self.model)
 
     def pack_update(self) -> tuple[Any, float]:
         """Node._round's pack step: (get_params +) flatten + RoundCore.pack (encode + seal)."""
@@ -707,6 +712,7 @@ class Coordinator:
                 "topology": self.args.topology,
                 "rule": self.args.rule,
                 "round_timeout_s": self.args.round_timeout,
+                "param_views": self.args.param_views,
             }
             parent, child = ctx.Pipe()
             proc = ctx.Process(
@@ -903,6 +909,12 @@ def main() -> int:
         help="resnet18 (numpy, 46.8 MB; default) or linear:ROWSxCOLS (a torch nn.Linear, e.g. "
         "linear:10000x5000 = 200 MB)",
     )
+    ap.add_argument(
+        "--param-views",
+        action="store_true",
+        help="with --model linear: read the parameters through learning.param_views (no copy) "
+        "instead of get_params (node.py today copies them)",
+    )
     ap.add_argument("--round-timeout", type=float, default=ROUND_TIMEOUT_S, help="seconds per round")
     ap.add_argument(
         "--budget-s", type=float, default=TOTAL_BUDGET_S, help="no new round starts after this (s)"
@@ -983,7 +995,8 @@ def main() -> int:
 
     print()
     print(
-        f"{args.nodes} nodes, topology {args.topology}, rule {args.rule} on {HOST}; model {args.model}: "
+        f"{args.nodes} nodes, topology {args.topology}, rule {args.rule} on {HOST}; model {args.model}"
+        f"{' (param_views)' if args.param_views else ''}: "
         f"{n_params:,} float32 params in {len(shapes)} "
         f"tensors ({model_bytes / 1e6:.1f} MB); sealed message {first['message_bytes'] / 1e6:.1f} MB; "
         f"sent per node per round {first['bytes_sent'] / 1e6:.1f} MB"
@@ -1060,6 +1073,7 @@ def main() -> int:
         "topology": args.topology,
         "rule": args.rule,
         "model": args.model,
+        "param_views": args.param_views,
         "params": n_params,
         "tensors": len(shapes),
         "model_bytes": model_bytes,

@@ -334,3 +334,24 @@ def test_reassembly_returns_an_owned_message_and_still_refuses_bad_parts() -> No
     with pytest.raises(Rejected) as err:
         Reassembler(max_message_bytes=20_000).add("p", fresh[1], 0)  # index differs from the topic's
     assert err.value.reason is Reason.MALFORMED
+
+
+# --------------------------------------------------------------------------------------------------
+# parameters read without a copy
+
+
+def test_param_views_show_the_model_without_copying_it() -> None:
+    import torch
+
+    from p2pfl.learning.params import flatten, get_params, param_views
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    views, copies = param_views(model), get_params(model)
+    assert list(views) == list(copies)
+    assert flatten(views).tobytes() == flatten(copies).tobytes()
+    weight = views["0.weight"]
+    assert not weight.flags.writeable and np.shares_memory(weight, model[0].weight.detach().numpy())
+    assert views["1.num_batches_tracked"].dtype == np.float32  # an int64 buffer: a float32 copy
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert np.array_equal(weight, copies["0.weight"] + 1.0)  # a view follows the model

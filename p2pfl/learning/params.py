@@ -21,6 +21,24 @@ def get_params(model: nn.Module) -> dict[str, np.ndarray]:
     }
 
 
+def param_views(model: nn.Module) -> dict[str, np.ndarray]:
+    """get_params without the copy where it can: read-only numpy views of the float32 CPU entries
+    (float32 copies of the others), in state_dict order.
+
+    For a round that only reads the parameters (flatten, seal) until set_params writes the model
+    again: that saves one model-sized copy. The views follow the model, so training or set_params
+    changes what they show."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if t.device.type == "cpu" and t.dtype == torch.float32:
+            view = t.detach().numpy().view()
+            view.flags.writeable = False
+            out[name] = view
+        else:
+            out[name] = t.detach().to(device="cpu", dtype=torch.float32).numpy().copy()
+    return out
+
+
 def set_params(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
     """Copy `params` into the model's own tensors (values are cast to each tensor's dtype).
 
