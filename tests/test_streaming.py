@@ -355,3 +355,17 @@ def test_param_views_show_the_model_without_copying_it() -> None:
     with torch.no_grad():
         model[0].weight.add_(1.0)
     assert np.array_equal(weight, copies["0.weight"] + 1.0)  # a view follows the model
+
+
+def test_a_message_the_os_cannot_map_is_refused_as_oversize(monkeypatch) -> None:
+    def no_memory(size: int) -> Owned:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(Owned, "empty", staticmethod(no_memory))
+    parts = split_message(os.urandom(9_000), 2048)
+    r = Reassembler(max_message_bytes=20_000)
+    with pytest.raises(Rejected) as err:
+        r.add("p", parts[0], 0)
+    assert err.value.reason is Reason.OVERSIZE
+    assert all(r.add("p", p, i) is None for i, p in enumerate(parts[1:], start=1))  # refused once
+    assert r.pending_bytes() == 0

@@ -332,7 +332,14 @@ class Reassembler:
         messages = state.messages
         partial = messages.get(mid)
         if partial is None:
-            partial = _Partial(count, total, Owned.empty(total))
+            try:
+                buffer = Owned.empty(total)
+            except (OSError, ValueError, OverflowError) as exc:  # the OS will not map that much now
+                self._refuse(publisher, mid)
+                raise Rejected(
+                    Reason.OVERSIZE, f"cannot reserve {total} bytes for a message ({exc})"
+                ) from None
+            partial = _Partial(count, total, buffer)
             messages[mid] = partial
             while len(messages) > self.max_pending:
                 self._drop(state, next(iter(messages)))
