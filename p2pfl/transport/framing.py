@@ -10,6 +10,11 @@ header of any part, the first one included, says (count, total), so a message cu
 refused before anything of it is buffered. Each publisher also has a byte budget per time window
 (a token bucket), and a cap on the bytes it may have buffered, so one neighbour cannot make the
 receiver do or hold more than a few updates' worth of work without being refused.
+
+Memory (models of hundreds of MB): neither side copies a message. A sender's parts are views of
+the sealed message (`part_views`; the broker writes each part's header and body), and a receiver
+writes each part straight into its place in one buffer of the message's size (envelope.Owned),
+which it then hands on to be decrypted in place.
 """
 
 from __future__ import annotations
