@@ -237,16 +237,17 @@ def test_connections_over_each_cap_are_refused_at_once_and_counted(pki: Pki) -> 
             await close_all([w for _, w in idle] + [writer])
             await until(lambda: d.stat("pending") == 0)  # the slots come back
         async with started(max_per_source=8, max_sessions_per_node=2) as d:  # one member, many sessions
-            held = [await greeting(None, d.door.port) for _ in range(2)]
-            reader, writer = await asyncio.open_connection(HOST, d.door.port)
-            assert await refused(reader)
-            await until(lambda: d.stat("refused_conn_limit") == 1)
-            assert "max_sessions_per_node 2" in d.rejects[-1][1]
-            await close_all([w for _, w in held] + [writer])
-            await until(lambda: d.stat("sessions") == 0)
-            line, writer = await greeting(None, d.door.port)  # its slots come back
+            held = [await asyncio.open_connection(HOST, d.door.port) for _ in range(2)]
+            for reader, _ in held:
+                assert await asyncio.wait_for(reader.readline(), CEILING_S) == b"hello plain-peer\n"
+            line, newest = await greeting(None, d.door.port)  # admitted: its oldest session is closed
             assert line == b"hello plain-peer\n"
-            await close_all([writer])
+            assert await refused(held[0][0])
+            await until(lambda: d.stat("refused_conn_limit") == 1 and d.stat("sessions") == 2)
+            assert "closed the oldest of 2 sessions" in d.rejects[-1][1]
+            assert "max_sessions_per_node 2" in d.rejects[-1][1]
+            await close_all([w for _, w in held] + [newest])
+            await until(lambda: d.stat("sessions") == 0)
         async with started(max_per_source=2) as d:  # verified sessions are not held to the source's cap
             held = [await greeting(None, d.door.port) for _ in range(4)]
             assert [line for line, _ in held] == [b"hello plain-peer\n"] * 4

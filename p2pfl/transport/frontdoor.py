@@ -180,6 +180,7 @@ class FrontDoor:
         self._sessions = 0
         self._per_source: Counter[str] = Counter()
         self._per_node: Counter[str] = Counter()  # established sessions by verified node id
+        self._node_sessions: dict[str, list[asyncio.StreamWriter]] = {}  # by node id, oldest first
         self._refused: Counter[str] = Counter()
         self._accepted = 0
         self._established = 0
@@ -285,6 +286,7 @@ class FrontDoor:
         self._sessions = 0
         self._per_source.clear()
         self._per_node.clear()
+        self._node_sessions.clear()
 
     def stats(self) -> dict[str, int]:
         """Now: pending, sessions, fd_budget (connections the door may hold); since it was made:
@@ -473,19 +475,18 @@ class FrontDoor:
             self._release(me)
             return
         reader, writer, node_id = streams
-        over = ""
-        if self._sessions >= self.limits.max_sessions:  # others finished their handshakes first
-            over = f"{self._sessions} sessions (max_sessions {self.limits.max_sessions})"
-        elif self._per_node[node_id] >= self.limits.max_sessions_per_node:  # one member, many sessions
-            over = f"{self._per_node[node_id]} sessions of {node_id} (max_sessions_per_node {self.limits.max_sessions_per_node})"
-        if over:
+        if len(self._node_sessions.get(node_id, ())) >= self.limits.max_sessions_per_node:  # one member, many
+            self._close_oldest(node_id, source)
+        elif self._sessions >= self.limits.max_sessions:  # others finished their handshakes first
             self._release(me)
             _abort(writer.transport)
+            over = f"{self._sessions} sessions (max_sessions {self.limits.max_sessions})"
             self._refuse(Reason.CONN_LIMIT, source, over)
             return
         self._release(me)  # a verified member counts against max_sessions, not its source's cap
         self._sessions += 1
         self._per_node[node_id] += 1
+        self._node_sessions.setdefault(node_id, []).append(writer)
         self._established += 1
         try:
             await self._on_session(reader, writer, node_id)
@@ -506,6 +507,24 @@ class FrontDoor:
                 self._per_node[node_id] -= 1
                 if self._per_node[node_id] <= 0:
                     del self._per_node[node_id]
+                mine = self._node_sessions.get(node_id, [])
+                if writer in mine:
+                    mine.remove(writer)
+                if not mine:
+                    self._node_sessions.pop(node_id, None)
+
+    def _close_oldest(self, node_id: str, source: str) -> None:
+        """A member at its session cap opens another: close its oldest session, not the new one. Its
+        old sessions may be dead without our knowing (a client that gave up mid-connect and left its
+        socket open), and refusing the newcomer would lock the member out for good; the cap still
+        holds, and only the member's own sessions pay."""
+        held = self._node_sessions.get(node_id) or []
+        if not held:
+            return
+        _abort(held.pop(0).transport)  # its session ends and gives its slots back
+        cap = self.limits.max_sessions_per_node
+        detail = f"closed the oldest of {len(held) + 1} sessions of {node_id} to admit a newer one (max_sessions_per_node {cap})"
+        self._refuse(Reason.CONN_LIMIT, source, detail)
 
     async def _authenticate(
         self, conn: socket.socket, source: str
