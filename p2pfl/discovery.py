@@ -45,6 +45,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -90,11 +91,13 @@ RESOLVE_TIMEOUT_MS = 3000  # one resolution of an added / updated service, then 
 # Liveness is ours instead: every LIVENESS_S we resolve each peer again, which is answered from the cache
 # while its SRV/TXT/A records are fresh and asks the network once they expired (the multicast answer
 # refreshes every node's cache, so one asker per peer per TTL suffices). A peer that stays unresolved
-# LIVENESS_STRIKES passes in a row is dropped, at most ~RECORD_TTL_S + LIVENESS_STRIKES * LIVENESS_S after
-# it died; it is back as soon as it answers again (a frozen node that is resumed, a restart).
+# LIVENESS_STRIKES passes in a row, over at least LIVENESS_SILENCE_S, is dropped, ~2-2.5 min after it
+# died; it is back as soon as it answers again (a frozen node that is resumed, a restart).
 RECORD_TTL_S = 60
 LIVENESS_S = 15.0
 LIVENESS_STRIKES = 3
+LIVENESS_SILENCE_S = 60.0  # ...and unanswered for this long: a node starved of CPU is slow, not gone
+RECEIVE_BUFFER_BYTES = 4 << 20
 MAX_SILENT = 1024  # dropped peers still asked after; bounds what forged ads can make us query
 MAX_TXT_BYTES = 512  # whole TXT record; ours is ~100 bytes, anything much bigger is not ours
 MAX_NAME_BYTES = 64  # UTF-8; keeps "name=..." well inside one 255-byte TXT item
@@ -314,6 +317,9 @@ def _listen_socket(interfaces: Sequence[str], networks: Sequence[ipaddress.IPv4N
     """
     sock = _udp_socket()
     try:
+        # a busy node (TLS handshakes at start, training) reads late; a deeper queue loses fewer
+        # announcements and answers (the kernel caps it at net.core.rmem_max)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
         if _IS_LINUX:
             # else a socket receives every group joined by any socket of the host, on any interface
             sock.setsockopt(socket.IPPROTO_IP, _IP_MULTICAST_ALL, 0)
@@ -439,7 +445,7 @@ class Discovery:
         self._announce: asyncio.Future[Any] | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}  # service name (lower) -> its running resolution
         self._by_name: dict[str, PeerAd] = {}  # service name (lower) -> accepted advertisement
-        self._strikes: dict[str, int] = {}  # accepted service -> liveness passes it failed in a row
+        self._strikes: dict[str, tuple[int, float]] = {}  # service -> (failed passes in a row, since)
         self._silent: set[str] = set()  # dropped for silence; asked again until its PTR goes too
         self._liveness: asyncio.Task[None] | None = None
         self._stopping = False
@@ -590,18 +596,21 @@ class Discovery:
             self._strikes.pop(key, None)
             self._take(key, info)  # also catches an update whose announcement we missed
             return
-        self._strikes[key] = strikes = self._strikes.get(key, 0) + 1
-        if strikes >= LIVENESS_STRIKES:
+        strikes, since = self._strikes.get(key, (0, time.monotonic()))
+        strikes += 1
+        self._strikes[key] = (strikes, since)
+        silent_s = time.monotonic() - since
+        if strikes >= LIVENESS_STRIKES and silent_s >= LIVENESS_SILENCE_S:
             self._strikes.pop(key, None)
             if (
                 len(self._silent) < MAX_SILENT
             ):  # beyond, forgotten: zeroconf's next announcement brings it back
                 self._silent.add(key)
             log.warning(
-                "discovery: %s stopped answering mDNS (%d checks over ~%.0f s); dropped until it answers",
+                "discovery: %s stopped answering mDNS (%d checks over %.0f s); dropped until it answers",
                 key,
                 strikes,
-                strikes * LIVENESS_S,
+                silent_s,
             )
             self._drop(key)
 

@@ -17,7 +17,7 @@ node lifetime (N-1 per node, a few at a time), not one held session per peer.
 
 A member killed without a goodbye stays advertised until discovery's liveness check drops it: its
 mDNS records expire (`discovery.RECORD_TTL_S`) and it leaves `LIVENESS_STRIKES` re-resolutions
-unanswered, ~2 min, at about the same time on every node; meanwhile its neighbours' links to it are
+unanswered over `LIVENESS_SILENCE_S`, ~2.5 min, at about the same time on every node; meanwhile its neighbours' links to it are
 down (`Mesh.reachable`), so no round waits for it. A clean stop sends mDNS goodbyes: gone at once.
 """
 

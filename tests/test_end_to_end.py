@@ -93,7 +93,7 @@ def test_a_killed_peer_does_not_stall_the_others_and_leaves(tmp_path: Path) -> N
     Synchronised on what the test is about, never on round counts or sleeps: the kill comes once
     every node has run a round with all 4 members. Its neighbours' links to it fail at once, so no
     round waits for it; with no goodbye, discovery's liveness check drops it once its mDNS records
-    expire and it stays silent (~2 min), and every survivor then runs rounds with 3 members.
+    expire and it stays silent (~2.5 min), and every survivor then runs rounds with 3 members.
     """
     args = testbed.parse_args(
         ["--nodes", "4", "--rounds", "0", "--round-timeout", "10", "--wait", str(WAIT_S),
