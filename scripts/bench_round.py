@@ -98,6 +98,22 @@ def _reset_peak() -> None:
         f.write("5")
 
 
+def _big_mappings(min_rss: int = 16 << 20) -> list[tuple[str, float, float]]:
+    """(name, size MB, resident MB) of every mapping of this process holding at least `min_rss`
+    (from /proc/self/smaps): which buffers the resident memory is in."""
+    out = []
+    name, size = "", 0
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:  # a mapping's first line: range, perms, ..., [path]
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                name, size = (head[5] if len(head) > 5 else "[anon]"), hi - lo
+            elif head[0] == "Rss:" and int(head[1]) * 1024 >= min_rss:
+                out.append((name, size / 1e6, int(head[1]) * 1024 / 1e6))
+    return out
+
+
 class PhaseSampler:
     """RSS every RSS_SAMPLE_S in a thread, keeping the peak of each phase the round names."""
 
@@ -265,6 +281,7 @@ class BenchNode:
         self.expected = sorted(self.plan.neighbours)
         self.sampler.take()
         self.sampler.phase = "start"
+        self.start_mappings = _big_mappings()  # what is resident as the round begins
         _reset_peak()
 
     def _result(
@@ -284,6 +301,7 @@ class BenchNode:
             "peak_rss": _status_kb("VmHWM") * 1024,
             "baseline_rss": self.baseline_rss,
             "phase_rss": self.sampler.take(),
+            "start_mappings": self.start_mappings,
             "node": self.index,
             "t0": t0 - s,
             "packed": t_pack - s,
@@ -1056,6 +1074,11 @@ def main() -> int:
             f"{row['node']:<6}{row['baseline_mb']:>10.0f}{row['mqtt_peak_mb']:>11.0f}{row['mqtt_x_model']:>9.2f}"
             f"{row['floor_peak_mb']:>12.0f}{row['floor_x_model']:>9.2f}"
         )
+    last = measured["mqtt"][-1][0]
+    print(
+        "node 0's mappings of 16 MB or more resident as its last MQTT round began (name, size MB, RSS MB): "
+        + "; ".join(f"{n} {s:.0f}/{r:.0f}" for n, s, r in last["start_mappings"])
+    )
     print("phase peaks, max over nodes and rounds, (RSS - baseline) / model:")
     for mode in ("mqtt", "floor"):
         cells = "  ".join(f"{k} {v:.2f}" for k, v in memory["phases_x_model"][mode].items())
