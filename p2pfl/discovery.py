@@ -90,13 +90,17 @@ RESOLVE_TIMEOUT_MS = 3000  # one resolution of an added / updated service, then 
 # goodbye arrives, so a node gone without one (kill -9, power, cable) would stay advertised ~20 min.
 # Liveness is ours instead: every LIVENESS_S we resolve each peer again, which is answered from the cache
 # while its SRV/TXT/A records are fresh and asks the network once they expired (the multicast answer
-# refreshes every node's cache, so one asker per peer per TTL suffices). A peer that stays unresolved
-# LIVENESS_STRIKES passes in a row, over at least LIVENESS_SILENCE_S, is dropped, ~2-2.5 min after it
-# died; it is back as soon as it answers again (a frozen node that is resumed, a restart).
+# refreshes every node's cache, so one asker per peer per TTL suffices). mDNS silence alone is no proof
+# (a loaded host loses multicast): a peer unresolved LIVENESS_STRIKES passes in a row over at least
+# LIVENESS_SILENCE_S is dropped if its broker port refuses connections (the process is gone: ~2-2.5 min
+# after a kill -9) or has not answered for LIVENESS_GONE_S (host down, cable); one whose port still
+# accepts (busy, frozen) is kept. A dropped peer is back as soon as it answers again (a restart).
 RECORD_TTL_S = 60
 LIVENESS_S = 15.0
 LIVENESS_STRIKES = 3
-LIVENESS_SILENCE_S = 60.0  # ...and unanswered for this long: a node starved of CPU is slow, not gone
+LIVENESS_SILENCE_S = 60.0  # ...and unanswered for this long: then its broker port is tried
+LIVENESS_GONE_S = 180.0  # a port that neither accepts nor refuses: gone after this much silence
+PROBE_TIMEOUT_S = 3.0
 RECEIVE_BUFFER_BYTES = 4 << 20
 MAX_SILENT = 1024  # dropped peers still asked after; bounds what forged ads can make us query
 MAX_TXT_BYTES = 512  # whole TXT record; ours is ~100 bytes, anything much bigger is not ours
@@ -230,6 +234,30 @@ def ad_from_info(info: ServiceInfo) -> PeerAd:
         fingerprint=txt["fp"],
         ready=props.get(READY_KEY.encode()) == b"1",
     )
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A background task that died must say so: discovery would go on without its liveness checks."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("discovery: liveness checks stopped: %r", task.exception())
+
+
+_SAYS = {True: "its broker port accepts connections", None: "its broker port does not answer yet"}
+
+
+async def _listening(host: str, port: int) -> bool | None:
+    """Does anything accept TCP connections at host:port? False when refused (nothing listens there:
+    the process is gone), None when no answer (host down or unreachable, or a full backlog). The
+    connection is reset at once; the peer's front door counts it as a failed handshake."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            _, writer = await asyncio.open_connection(host, port)
+    except ConnectionRefusedError:
+        return False
+    except (TimeoutError, OSError):
+        return None
+    writer.transport.abort()
+    return True
 
 
 # --- sockets scoped to the configured interfaces ---------------------------------------------------
@@ -447,6 +475,7 @@ class Discovery:
         self._by_name: dict[str, PeerAd] = {}  # service name (lower) -> accepted advertisement
         self._strikes: dict[str, tuple[int, float]] = {}  # service -> (failed passes in a row, since)
         self._silent: set[str] = set()  # dropped for silence; asked again until its PTR goes too
+        self._kept: set[str] = set()  # silent, but its broker port still accepts connections
         self._liveness: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -485,6 +514,7 @@ class Discovery:
             self._announce = asyncio.ensure_future(await self._aiozc.async_register_service(info))
             self._info = info  # only now is there something to withdraw in stop()
             self._liveness = asyncio.get_running_loop().create_task(self._check_liveness())
+            self._liveness.add_done_callback(_log_failure)
         except NonUniqueNameException as exc:
             await self.stop()
             raise ConfigError(f"another node already advertises node id {self._own.node_id}") from exc
@@ -561,8 +591,15 @@ class Discovery:
             keys = [k for k in dict.fromkeys((*self._by_name, *self._silent)) if k not in self._tasks]
             infos = [AsyncServiceInfo(SERVICE_TYPE, k) for k in keys]
             answered = await asyncio.gather(*(self._request(aiozc.zeroconf, info) for info in infos))
-            for key, info, alive in zip(keys, infos, answered, strict=True):
-                self._liveness_result(aiozc.zeroconf, key, info if alive else None)
+            suspects = [
+                key
+                for key, info, alive in zip(keys, infos, answered, strict=True)
+                if self._liveness_result(key, info if alive else None)
+            ]
+            ads = {key: self._by_name[key] for key in suspects if key in self._by_name}
+            verdicts = await asyncio.gather(*(_listening(ad.host, ad.port) for ad in ads.values()))
+            for (key, ad), listening in zip(ads.items(), verdicts, strict=True):
+                self._judge(key, ad, listening)
 
     def ask(self, node_ids: Sequence[str]) -> None:
         """Ask these peers for their TXT record now, bypassing our cache (one packet): a missed
@@ -581,38 +618,53 @@ class Discovery:
         answer refreshes every node's cache); False if it stays incomplete for RESOLVE_TIMEOUT_MS."""
         return await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS, question_type=DNSQuestionType.QM)
 
-    def _liveness_result(self, zeroconf: Zeroconf, key: str, info: AsyncServiceInfo | None) -> None:
-        """`info`: the peer's records, or None if it did not answer."""
+    def _liveness_result(self, key: str, info: AsyncServiceInfo | None) -> bool:
+        """`info`: the peer's records, or None if it did not answer. True: silent long enough that
+        its broker port should be asked whether anything still listens."""
         if self._stopping or key in self._tasks:
-            return  # a resolution started meanwhile has the newer word
+            return False  # a resolution started meanwhile has the newer word
         if key in self._silent:
             if info is not None:
                 log.info("discovery: %s answers again", key)
                 self._take(key, info)
-            return
+            return False
         if key not in self._by_name:
-            return  # withdrawn while we asked
+            return False  # withdrawn while we asked
         if info is not None:
             self._strikes.pop(key, None)
+            self._kept.discard(key)
             self._take(key, info)  # also catches an update whose announcement we missed
-            return
+            return False
         strikes, since = self._strikes.get(key, (0, time.monotonic()))
-        strikes += 1
-        self._strikes[key] = (strikes, since)
-        silent_s = time.monotonic() - since
-        if strikes >= LIVENESS_STRIKES and silent_s >= LIVENESS_SILENCE_S:
-            self._strikes.pop(key, None)
-            if (
-                len(self._silent) < MAX_SILENT
-            ):  # beyond, forgotten: zeroconf's next announcement brings it back
-                self._silent.add(key)
-            log.warning(
-                "discovery: %s stopped answering mDNS (%d checks over %.0f s); dropped until it answers",
-                key,
-                strikes,
-                silent_s,
-            )
-            self._drop(key)
+        self._strikes[key] = (strikes + 1, since)
+        return strikes + 1 >= LIVENESS_STRIKES and time.monotonic() - since >= LIVENESS_SILENCE_S
+
+    def _judge(self, key: str, ad: PeerAd, listening: bool | None) -> None:
+        """Silent on mDNS: gone if nothing listens at its broker's port (refused), or if that port has
+        not answered either for LIVENESS_GONE_S; kept while it accepts connections (a busy or frozen
+        process is slow, not gone, and a loaded host loses multicast)."""
+        if self._stopping or self._by_name.get(key) != ad or key not in self._strikes:
+            return
+        silent_s = time.monotonic() - self._strikes[key][1]
+        if listening or (listening is None and silent_s < LIVENESS_GONE_S):
+            if key not in self._kept:  # once a silence: a frozen peer is asked every pass
+                self._kept.add(key)
+                log.info("discovery: %s silent on mDNS for %.0f s, kept: %s", key, silent_s, _SAYS[listening])
+            return
+        self._kept.discard(key)
+        self._strikes.pop(key, None)
+        if len(self._silent) < MAX_SILENT:  # beyond, forgotten: zeroconf's next announcement brings it back
+            self._silent.add(key)
+        why = "nothing listens at" if listening is False else "no answer either from"
+        log.warning(
+            "discovery: %s stopped answering mDNS %.0f s ago and %s %s:%d; dropped until it answers",
+            key,
+            silent_s,
+            why,
+            ad.host,
+            ad.port,
+        )
+        self._drop(key)
 
     # --- zeroconf callbacks (run in the event loop zeroconf is attached to, which is ours) ---
 
@@ -629,6 +681,7 @@ class Discovery:
             previous.cancel()  # a newer event supersedes it; a late result must not undo a removal
         if state_change is Change.Removed:
             self._silent.discard(key)
+            self._kept.discard(key)
             self._strikes.pop(key, None)
             if self._by_name.pop(key, None) is not None:
                 log.info("discovery: %s withdrawn", name)
