@@ -15,9 +15,9 @@ LAN, for a departed (unrevoked) member, at an address of its choosing, putting g
 node's topology; static peers would need the fetch anyway. The price is one handshake per peer per
 node lifetime (N-1 per node, a few at a time), not one held session per peer.
 
-A member killed without a goodbye stays advertised until discovery's liveness check drops it: its
-mDNS records expire (`discovery.RECORD_TTL_S`) and it leaves `LIVENESS_STRIKES` re-resolutions
-unanswered over `LIVENESS_SILENCE_S`, ~2.5 min, at about the same time on every node; meanwhile its neighbours' links to it are
+A member killed without a goodbye stays advertised until discovery's liveness check drops it (its
+mDNS records expired, it stayed silent, and its broker port refuses connections: ~2.5 min; see
+`p2pfl.discovery`), at about the same time on every node; meanwhile its neighbours' links to it are
 down (`Mesh.reachable`), so no round waits for it. A clean stop sends mDNS goodbyes: gone at once.
 """
 
