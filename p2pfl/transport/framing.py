@@ -19,8 +19,6 @@ which it then hands on to be decrypted in place.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import struct
 import time
@@ -49,23 +47,6 @@ MIN_PART_BYTES = 1024
 BUDGET_UPDATES = 4
 MIN_BUDGET_BYTES = 256 << 20
 BUDGET_WINDOW_S = 10.0
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-BIG_BUFFER_BYTES = 1 << 20
-
-
-def return_big_buffers() -> None:
-    """Have glibc map every buffer of BIG_BUFFER_BYTES or more on its own, so freeing it returns it
-    to the OS at once (mallopt M_MMAP_THRESHOLD; nothing off glibc). For a process that moves models
-    of hundreds of MB through MQTT.
-
-    Parts and TLS records pass through buffers of a few MiB (paho's packets, their payloads, the
-    broker's sends). glibc's adaptive threshold soon serves that size from its heap, where freed
-    buffers stay resident and fragment: a node kept two to three models' worth of heap after each
-    round. A fixed threshold costs a map and its page faults per such buffer."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, BIG_BUFFER_BYTES)
 
 
 def max_parts(total: int) -> int:

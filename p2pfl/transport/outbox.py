@@ -36,7 +36,7 @@ from p2pfl.transport.amqtt_patches import (
     as_payload,
     tame_amqtt_logging,
 )
-from p2pfl.transport.framing import DEFAULT_CHUNK_BYTES, part_views, return_big_buffers
+from p2pfl.transport.framing import DEFAULT_CHUNK_BYTES, part_views
 from p2pfl.transport.frontdoor import DoorLimits, FrontDoor
 from p2pfl.transport.topics import (
     ALL,
@@ -152,7 +152,6 @@ class Outbox:
         if self._broker is not None:
             return
         tame_amqtt_logging()
-        return_big_buffers()  # this process moves whole models: big buffers go back when freed
         config = BrokerConfig(
             # EXTERNAL: amqtt opens no socket; the front door hands it verified TLS connections
             listeners={LISTENER: ListenerConfig(type=ListenerType.EXTERNAL, bind="front-door")},
