@@ -30,6 +30,7 @@ from p2pfl.errors import IdentityError, P2PFLError, Reason, Rejected
 from p2pfl.federation import Certificate, FederationRoot
 from p2pfl.identity import Identity, load_or_create
 from p2pfl.learning import get_params, load_task, set_params, unflatten
+from p2pfl.learning.params import param_views
 from p2pfl.learning.privacy import attach_privacy
 from p2pfl.linkset import link_targets
 from p2pfl.mesh import Mesh, MqttMesh
@@ -338,7 +339,7 @@ class Node:
             self._last_loss = loss
         else:  # an exchange-only round: mix the current model again
             loss, self.cpu_s["train"] = self._last_loss, 0.0
-        params = get_params(self.model)
+        params = param_views(self.model)  # read-only views: only read until set_params below
         own = self.core.flatten(params)
         message, self.cpu_s["seal"] = await asyncio.to_thread(_timed, self.core.pack, params, own, plan)
         if message is not None:
