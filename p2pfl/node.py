@@ -608,8 +608,9 @@ class Node:
             await self._wait(min(0.5, max(0.0, deadline - time.monotonic())))
 
     async def _start_together(self, started: float) -> None:
-        """Say we are ready, then, on a fresh start, wait until every member says so too, up to the
-        end of [discovery] wait_s (counted from our start). Nodes finish warming up and certifying
+        """Say we are ready, then, on a fresh start, wait until every member says so too (or until a
+        neighbour's round-1 update shows the federation has started), up to the end of
+        [discovery] wait_s (counted from our start). Nodes finish warming up and certifying
         their peers at different times (minutes apart at 100+ nodes on a busy machine); a node that
         began round 1 early would spend it waiting for the late ones. A resumed node joins at once."""
         await self.mesh.announce_ready()
@@ -619,10 +620,14 @@ class Node:
         waiting = self._not_ready()
         if waiting:
             log.info("waiting for %d member(s) to be ready for round 1", len(waiting))
-        while waiting and time.monotonic() < deadline:
+        while waiting and self.core.inbox.empty() and time.monotonic() < deadline:
             await self._wait(min(0.5, max(0.0, deadline - time.monotonic())))
             waiting = self._not_ready()
-        if waiting:
+        if waiting and not self.core.inbox.empty():
+            # a neighbour started round 1, so it saw everyone ready: its update, sent over a link, is
+            # here sooner than the last ready flags over a loaded host's lossy multicast
+            log.info("a neighbour has started round 1; starting")
+        elif waiting:
             log.warning(
                 "starting round 1 while %d member(s) are not ready after [discovery] wait_s = %g s: %s",
                 len(waiting),

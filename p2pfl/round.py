@@ -139,6 +139,11 @@ class Inbox:
             while len(rounds) > MAX_PENDING:
                 del rounds[min(rounds)]
 
+    def empty(self) -> bool:
+        """No update filed yet (the first one from a neighbour means the federation has started)."""
+        with self._lock:
+            return not self.pending
+
     def newest(self, node_id: str) -> Pending | None:
         with self._lock:
             rounds = self.pending.get(node_id)

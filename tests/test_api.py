@@ -33,7 +33,7 @@ def make_node(
     cfg = NodeConfig()
     cfg.node.name, cfg.node.data_dir = f"node-{i}", str(tmp / f"n{i}")
     cfg.discovery.expect_peers, cfg.discovery.wait_s = 1, 120.0
-    cfg.task = TaskSpec(name="synthetic-logreg", shard=i, num_shards=2, lr=0.5)
+    cfg.task = TaskSpec(name="synthetic-logreg", shard=i, num_shards=max(2, i + 1), lr=0.5)
     cfg.training.rounds = rounds
     cfg.gossip.round_timeout_s, cfg.gossip.linger_s = 300.0, 0.0
     tweak(cfg)

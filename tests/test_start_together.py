@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from test_api import make_node
 
 from p2pfl.config import NodeConfig
 from p2pfl.federation import Certificate, FederationAuthority
+from p2pfl.metrics import read_jsonl
 
 
 class EventHub(Hub):
@@ -130,3 +132,39 @@ def test_member_never_ready_delays_round_1_by_wait_s_at_most(tmp_path: Path) -> 
     assert gave_up.event.is_set()
     assert ("send", early.node_id) in hub.events
     assert ("ready", stuck.node_id) not in hub.events
+
+
+class BlindMesh(LateMesh):
+    """Never sees `blind_to` as ready (its ready flags are lost on the way to this node)."""
+
+    blind_to = ""
+
+    def ready(self, node_id: str) -> bool:
+        return node_id != self.blind_to and super().ready(node_id)
+
+
+@pytest.mark.timeout(240)
+def test_a_started_neighbour_ends_the_wait(tmp_path: Path) -> None:
+    """One node misses a member's ready flag; a neighbour that saw it starts round 1, and its update
+    (over a link) starts the blind node long before [discovery] wait_s."""
+    authority, hub = FederationAuthority.create(tmp_path / "federation"), EventHub()
+
+    def three(cfg: NodeConfig) -> None:
+        cfg.task = replace(cfg.task, num_shards=3)
+        cfg.discovery.expect_peers, cfg.discovery.wait_s = 2, 600.0
+
+    nodes = [make_node(tmp_path, authority, hub, i, 2, three) for i in range(3)]  # type: ignore[arg-type]
+    blind = nodes[0]
+    blind.mesh.__class__ = BlindMesh
+    BlindMesh.blind_to = nodes[2].node_id
+    started = _watch("a neighbour has started round 1")
+
+    async def main() -> None:
+        await asyncio.gather(*(n.run() for n in nodes))
+
+    try:
+        asyncio.run(main())
+    finally:
+        logging.getLogger("p2pfl.node").removeHandler(started)
+    assert started.event.is_set()
+    assert [r["round"] for r in read_jsonl(blind.cfg.metrics_path)] == [1, 2]
