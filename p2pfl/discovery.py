@@ -85,6 +85,7 @@ SERVICE_TYPE = "_p2pfl._tcp.local."
 TXT_VERSION = "1"
 
 RESOLVE_TIMEOUT_MS = 3000  # one resolution of an added / updated service, then we give up on it
+LIVENESS_TIMEOUT_MS = 10000  # a liveness query's answer: 100+ nodes on 2 cores answer seconds late
 # Record TTLs we advertise (the host's A and the SRV and TXT records). zeroconf raises a received PTR's TTL
 # to at least 1125 s (_DNS_PTR_MIN_TTL) and its browser drops a service only when the PTR expires or a
 # goodbye arrives, so a node gone without one (kill -9, power, cable) would stay advertised ~20 min.
@@ -475,7 +476,7 @@ class Discovery:
         self._by_name: dict[str, PeerAd] = {}  # service name (lower) -> accepted advertisement
         self._strikes: dict[str, tuple[int, float]] = {}  # service -> (failed passes in a row, since)
         self._silent: set[str] = set()  # dropped for silence; asked again until its PTR goes too
-        self._kept: set[str] = set()  # silent, but its broker port still accepts connections
+        self._kept: dict[str, float] = {}  # silent, but its broker port accepted: when it last did
         self._liveness: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -590,7 +591,9 @@ class Discovery:
                 return
             keys = [k for k in dict.fromkeys((*self._by_name, *self._silent)) if k not in self._tasks]
             infos = [AsyncServiceInfo(SERVICE_TYPE, k) for k in keys]
-            answered = await asyncio.gather(*(self._request(aiozc.zeroconf, info) for info in infos))
+            answered = await asyncio.gather(
+                *(self._request(aiozc.zeroconf, info, LIVENESS_TIMEOUT_MS) for info in infos)
+            )
             suspects = [
                 key
                 for key, info, alive in zip(keys, infos, answered, strict=True)
@@ -613,10 +616,12 @@ class Discovery:
         self._aiozc.zeroconf.async_send(out)
 
     @staticmethod
-    async def _request(zeroconf: Zeroconf, info: AsyncServiceInfo) -> bool:
+    async def _request(
+        zeroconf: Zeroconf, info: AsyncServiceInfo, timeout_ms: float = RESOLVE_TIMEOUT_MS
+    ) -> bool:
         """Complete `info` from fresh cached records, or by asking the network (QM: the multicast
-        answer refreshes every node's cache); False if it stays incomplete for RESOLVE_TIMEOUT_MS."""
-        return await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS, question_type=DNSQuestionType.QM)
+        answer refreshes every node's cache); False if it stays incomplete for `timeout_ms`."""
+        return await info.async_request(zeroconf, timeout_ms, question_type=DNSQuestionType.QM)
 
     def _liveness_result(self, key: str, info: AsyncServiceInfo | None) -> bool:
         """`info`: the peer's records, or None if it did not answer. True: silent long enough that
@@ -632,12 +637,18 @@ class Discovery:
             return False  # withdrawn while we asked
         if info is not None:
             self._strikes.pop(key, None)
-            self._kept.discard(key)
+            self._kept.pop(key, None)
             self._take(key, info)  # also catches an update whose announcement we missed
             return False
-        strikes, since = self._strikes.get(key, (0, time.monotonic()))
+        now = time.monotonic()
+        strikes, since = self._strikes.get(key, (0, now))
         self._strikes[key] = (strikes + 1, since)
-        return strikes + 1 >= LIVENESS_STRIKES and time.monotonic() - since >= LIVENESS_SILENCE_S
+        probed = self._kept.get(key)  # a port that accepted is asked again after as long a silence
+        return (
+            strikes + 1 >= LIVENESS_STRIKES
+            and now - since >= LIVENESS_SILENCE_S
+            and (probed is None or now - probed >= LIVENESS_SILENCE_S)
+        )
 
     def _judge(self, key: str, ad: PeerAd, listening: bool | None) -> None:
         """Silent on mDNS: gone if nothing listens at its broker's port (refused), or if that port has
@@ -647,11 +658,11 @@ class Discovery:
             return
         silent_s = time.monotonic() - self._strikes[key][1]
         if listening or (listening is None and silent_s < LIVENESS_GONE_S):
-            if key not in self._kept:  # once a silence: a frozen peer is asked every pass
-                self._kept.add(key)
+            if key not in self._kept:  # once a silence
                 log.info("discovery: %s silent on mDNS for %.0f s, kept: %s", key, silent_s, _SAYS[listening])
+            self._kept[key] = time.monotonic()
             return
-        self._kept.discard(key)
+        self._kept.pop(key, None)
         self._strikes.pop(key, None)
         if len(self._silent) < MAX_SILENT:  # beyond, forgotten: zeroconf's next announcement brings it back
             self._silent.add(key)
@@ -681,7 +692,7 @@ class Discovery:
             previous.cancel()  # a newer event supersedes it; a late result must not undo a removal
         if state_change is Change.Removed:
             self._silent.discard(key)
-            self._kept.discard(key)
+            self._kept.pop(key, None)
             self._strikes.pop(key, None)
             if self._by_name.pop(key, None) is not None:
                 log.info("discovery: %s withdrawn", name)

@@ -50,7 +50,7 @@ from p2pfl.errors import ConfigError, Reason
 LOOPBACK = ["127.0.0.1"]
 FIND_TIMEOUT_S = 15.0
 DROP_TIMEOUT_S = 10.0
-FAST = {"RECORD_TTL_S": 3, "LIVENESS_S": 1.0, "LIVENESS_SILENCE_S": 2.0}  # a silent peer leaves in ~6 s
+FAST = {"RECORD_TTL_S": 3, "LIVENESS_S": 1.0, "LIVENESS_SILENCE_S": 2.0, "LIVENESS_TIMEOUT_MS": 2000}
 SILENT_DROP_TIMEOUT_S = 150.0  # FAST TTL + silence + a restart, with room for a loaded machine
 # what the kernel has bound / dropped is read from /proc; the socket filters are Linux-only too
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux (/proc, BPF)")
