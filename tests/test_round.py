@@ -9,18 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import certify
+from helpers import certify, members_of, round_cores
 from memory_mesh import Hub
 
 from p2pfl import codec
 from p2pfl.config import NodeConfig, validate
 from p2pfl.errors import Rejected
-from p2pfl.federation import Certificate, FederationAuthority
+from p2pfl.federation import FederationAuthority
 from p2pfl.learning import TaskSpec
 from p2pfl.metrics import read_jsonl
 from p2pfl.node import Node, PeersMissing, load_credentials
 from p2pfl.round import MAX_ROUNDS_AHEAD, STALENESS, Pace, RoundCore
-from p2pfl.topology import parse_topology
 
 SPEC = {"w": ((3, 2), np.dtype(np.float32)), "b": ((2,), np.dtype(np.float32))}
 
@@ -32,26 +31,7 @@ def params(value: float) -> dict[str, np.ndarray]:
 @pytest.fixture
 def cores(tmp_path: Path) -> list[RoundCore]:
     """Four cores of one federation on a ring, rule "mean" so mixing is easy to check by hand."""
-    authority = FederationAuthority.create(tmp_path / "federation")
-    out = []
-    for i in range(4):
-        identity, cert = certify(authority, f"node-{i}", tmp_path / f"n{i}")
-        out.append(
-            RoundCore(
-                identity=identity,
-                cert=cert,
-                root=authority.root,
-                topology=parse_topology("ring"),
-                spec=SPEC,
-                samples=10,
-                rule="mean",
-            )
-        )
-    return out
-
-
-def members_of(cores: list[RoundCore]) -> dict[str, Certificate]:
-    return {c.node_id: c.cert for c in cores}
+    return round_cores(tmp_path, SPEC, 4)
 
 
 def pair(cores: list[RoundCore]) -> tuple[RoundCore, RoundCore]:

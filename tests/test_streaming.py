@@ -10,16 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import certify
+from helpers import members_of, round_cores
 
 from p2pfl import codec
 from p2pfl import envelope as E
 from p2pfl.aggregation import Neighbour, mechanics, mix
 from p2pfl.envelope import Owned, ReplayGuard, UpdateMeta, open_envelope, seal
 from p2pfl.errors import Reason, Rejected
-from p2pfl.federation import Certificate, FederationAuthority
 from p2pfl.round import RoundCore
-from p2pfl.topology import parse_topology
 from p2pfl.transport.framing import Reassembler, part_views, split_message
 
 # 5 x 3 float32 tensors: no padding, so a received vector can be a view of the message
@@ -34,26 +32,7 @@ def tensors(spec: dict, seed: int) -> dict[str, np.ndarray]:
 
 
 def make_cores(tmp_path: Path, spec: dict, n: int = 3) -> list[RoundCore]:
-    authority = FederationAuthority.create(tmp_path / "federation")
-    out = []
-    for i in range(n):
-        identity, cert = certify(authority, f"node-{i}", tmp_path / f"n{i}")
-        out.append(
-            RoundCore(
-                identity=identity,
-                cert=cert,
-                root=authority.root,
-                topology=parse_topology("full"),
-                spec=spec,
-                samples=10,
-                rule="mean",
-            )
-        )
-    return out
-
-
-def members(cores: list[RoundCore]) -> dict[str, Certificate]:
-    return {c.node_id: c.cert for c in cores}
+    return round_cores(tmp_path, spec, n, topology="full")
 
 
 def old_mix(own: np.ndarray, vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
@@ -176,7 +155,7 @@ def test_in_place_open_refuses_what_the_copying_open_refuses(pair) -> None:
 @pytest.mark.parametrize("spec", [EVEN, ODD], ids=["even", "odd"])
 def test_admit_of_an_owned_message_gives_the_same_vector(tmp_path: Path, spec: dict) -> None:
     a, b, c = make_cores(tmp_path, spec)
-    who = members([a, b, c])
+    who = members_of([a, b, c])
     plan = a.plan(1, who)
     b.plan(1, who)
     sent = tensors(spec, 7)
@@ -193,7 +172,7 @@ def test_admit_of_an_owned_message_gives_the_same_vector(tmp_path: Path, spec: d
 
 def test_admit_still_refuses_non_finite_and_misfit_updates_in_place(tmp_path: Path) -> None:
     a, b, _ = make_cores(tmp_path, EVEN)
-    who = members([a, b])
+    who = members_of([a, b])
     plan = a.plan(1, who)
     b.plan(1, who)
     bad = tensors(EVEN, 1)
@@ -211,7 +190,7 @@ def test_admit_still_refuses_non_finite_and_misfit_updates_in_place(tmp_path: Pa
 
 def test_a_streamed_round_mixes_to_the_old_whole_vector_result(tmp_path: Path) -> None:
     cores = make_cores(tmp_path, EVEN)
-    who = members(cores)
+    who = members_of(cores)
     plans = {c.node_id: c.plan(1, who) for c in cores}
     models = {c.node_id: tensors(EVEN, i) for i, c in enumerate(cores)}
     messages = {
