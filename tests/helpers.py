@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from p2pfl.federation import Certificate, FederationAuthority
@@ -29,9 +30,16 @@ def node_tls(authority: FederationAuthority, identity: Identity, cert: Certifica
 
 
 def round_cores(
-    tmp: Path, spec: dict, n: int, *, topology: str = "ring", **settings: object
+    tmp: Path,
+    spec: dict,
+    n: int,
+    *,
+    topology: str = "ring",
+    each: Sequence[Mapping[str, object]] = (),
+    **settings: object,
 ) -> list[RoundCore]:
-    """`n` round cores of one new federation, rule "mean" unless `settings` say otherwise."""
+    """`n` round cores of one new federation, rule "mean" unless `settings` say otherwise;
+    `each[i]`, when given, adds node i's own settings."""
     authority = FederationAuthority.create(tmp / "federation")
     cores = []
     for i in range(n):
@@ -44,7 +52,7 @@ def round_cores(
                 topology=parse_topology(topology),
                 spec=spec,
                 samples=10,
-                **{"rule": "mean", **settings},  # type: ignore[arg-type]
+                **{"rule": "mean", **settings, **(each[i] if each else {})},  # type: ignore[arg-type]
             )
         )
     return cores

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import certify
+from helpers import certify, round_cores
 from memory_mesh import Hub
 from test_round import node_config, run_until_crash, until
 
@@ -37,7 +37,6 @@ from p2pfl.metrics import read_jsonl
 from p2pfl.node import Node
 from p2pfl.round import RoundCore
 from p2pfl.sim import SimConfig, Simulation, consensus_distance, gossip
-from p2pfl.topology import parse_topology
 
 D = 1000
 
@@ -326,25 +325,8 @@ LOGREG_SPEC = {"weight": ((10, 64), np.dtype(np.float32)), "bias": ((10,), np.dt
 
 
 def make_cores(tmp: Path, settings: list[str], seed: int = 5) -> list[RoundCore]:
-    authority = FederationAuthority.create(tmp / "federation")
-    cores = []
-    for i, setting in enumerate(settings):
-        identity, cert = certify(authority, f"node-{i}", tmp / f"n{i}")
-        cores.append(
-            RoundCore(
-                identity=identity,
-                cert=cert,
-                root=authority.root,
-                topology=parse_topology("ring"),
-                spec=LOGREG_SPEC,
-                samples=10,
-                seed=seed,
-                rule="mean",
-                compression=setting,
-                keyframe_every=3,
-            )
-        )
-    return cores
+    each = [{"compression": setting} for setting in settings]
+    return round_cores(tmp, LOGREG_SPEC, len(settings), each=each, seed=seed, keyframe_every=3)
 
 
 def play_round(
