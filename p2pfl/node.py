@@ -30,7 +30,7 @@ from p2pfl.errors import IdentityError, P2PFLError, Reason, Rejected
 from p2pfl.federation import Certificate, FederationRoot
 from p2pfl.identity import Identity, load_or_create
 from p2pfl.learning import get_params, load_task, set_params, unflatten
-from p2pfl.learning.params import param_views
+from p2pfl.learning.params import flat_view, param_views, share_one_buffer
 from p2pfl.learning.privacy import attach_privacy
 from p2pfl.linkset import link_targets
 from p2pfl.mesh import Mesh, MqttMesh
@@ -162,6 +162,8 @@ class Node:
             compression=cfg.gossip.compression,
             keyframe_every=cfg.gossip.keyframe_every,
         )
+        # the model in one buffer: a round's own vector is a view of it, not a model-sized copy
+        self._flat = share_one_buffer(self.model)
         if cfg.attack.silent:
             log.warning("SILENT member for experiments: this node never sends an update")
         gossip = cfg.gossip
@@ -340,7 +342,7 @@ class Node:
         else:  # an exchange-only round: mix the current model again
             loss, self.cpu_s["train"] = self._last_loss, 0.0
         params = param_views(self.model)  # read-only views: only read until set_params below
-        own = self.core.flatten(params)
+        own = self.core.flatten(params) if self._flat is None else flat_view(self._flat)
         message, self.cpu_s["seal"] = await asyncio.to_thread(_timed, self.core.pack, params, own, plan)
         if message is not None:
             await self.mesh.publish(message, plan.neighbours)

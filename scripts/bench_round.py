@@ -196,6 +196,11 @@ class BenchNode:
             self.model = build_linear(setup["model"], seed=1000 + index)
             self.params = self._get_params()
         self.param_views = setup["param_views"]
+        self.flat: Any = None  # the node's way (--param-views): the model in one buffer, own is a view
+        if self.model is not None and self.param_views:
+            from p2pfl.learning.params import share_one_buffer
+
+            self.flat = share_one_buffer(self.model)
         self.core = RoundCore(
             identity=self.identity,
             cert=self.cert,
@@ -242,7 +247,12 @@ class BenchNode:
         if self.model is not None:
             self.params = None  # node.py's params live in one _round frame: the last round's are gone
             self.params = self._get_params()  # node.py: params = get_params(self.model)
-        self.own = self.core.flatten(self.params)
+        if self.flat is not None:
+            from p2pfl.learning.params import flat_view
+
+            self.own = flat_view(self.flat)  # node.py: own is a view of the model's one buffer
+        else:
+            self.own = self.core.flatten(self.params)
         message = self.core.pack(self.params, self.own, self.plan)
         assert message is not None
         self.sampler.phase = "publish"
@@ -930,8 +940,9 @@ def main() -> int:
     ap.add_argument(
         "--param-views",
         action="store_true",
-        help="with --model linear: read the parameters through learning.param_views (no copy) "
-        "instead of get_params (node.py today copies them)",
+        help="with --model linear: the node's way: the model in one buffer (share_one_buffer), its "
+        "own vector a view of it and its tensors read through param_views (no copy), instead of "
+        "get_params + flatten (two copies)",
     )
     ap.add_argument("--round-timeout", type=float, default=ROUND_TIMEOUT_S, help="seconds per round")
     ap.add_argument(

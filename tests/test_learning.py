@@ -27,6 +27,7 @@ from p2pfl.learning import (
     set_params,
     unflatten,
 )
+from p2pfl.learning.params import flat_view, param_views, share_one_buffer
 
 
 def check_partition(shards: list[np.ndarray], n: int) -> None:
@@ -320,6 +321,36 @@ def test_get_set_params_copy_and_roundtrip() -> None:
     assert model.conv1.weight.data_ptr() == weight_ptr, "copied into the model's own tensors"
     assert torch.all(model.conv1.weight == 5.0)
     assert np.array_equal(flatten(get_params(model)), vec)
+
+
+def test_one_buffer_model_trains_the_same_and_its_vector_is_a_view() -> None:
+    """share_one_buffer: the model's vector is a read-only view (no copy per round), training and
+    set_params move it, and a momentum optimizer trains exactly as on the untouched model."""
+    task = load_task(TaskSpec(name="digits-cnn", momentum=0.9))
+    plain, shared = task.build_model(), task.build_model()
+    flat = share_one_buffer(shared)
+    assert flat is not None
+    view = flat_view(flat)
+    assert not view.flags.writeable
+    assert np.array_equal(view, flatten(get_params(plain)))
+    assert all(np.shares_memory(v, view) for v in param_views(shared).values())
+    twin = load_task(TaskSpec(name="digits-cnn", momentum=0.9))
+    task.train(plain)
+    twin.train(shared)
+    assert np.array_equal(flat_view(flat), flatten(get_params(plain))), "trained in place, same values"
+    assert all(p.grad is None for p in shared.parameters()), "gradients dropped after training"
+    set_params(shared, unflatten(np.zeros_like(view), codec.spec_of(get_params(shared))))
+    assert not flat_view(flat).any()
+
+
+def test_one_buffer_leaves_tied_or_mixed_models_alone() -> None:
+    tied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    ptr = tied[0].weight.data_ptr()
+    assert share_one_buffer(tied) is None and tied[0].weight.data_ptr() == ptr
+    mixed = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))  # an int64 counter
+    assert share_one_buffer(mixed) is None
+    assert share_one_buffer(torch.nn.ReLU()) is None
 
 
 def test_partition_cache_gives_fresh_copies_of_the_same_shards() -> None:

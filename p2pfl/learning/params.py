@@ -39,6 +39,38 @@ def param_views(model: nn.Module) -> dict[str, np.ndarray]:
     return out
 
 
+def share_one_buffer(model: nn.Module) -> torch.Tensor | None:
+    """Move every state_dict entry of `model` into one contiguous float32 tensor, in state_dict
+    order, and return it; None (model untouched) unless every entry is its own float32 CPU tensor.
+
+    Why: a round's own vector is then a view of the model (`flat_view`) instead of a model-sized
+    copy, one model less at a big model's peak. The parameters keep their identity (only their
+    `.data` moves), so modules, hooks and optimizers created later see nothing different."""
+    state = model.state_dict(keep_vars=True)
+    tensors = list(state.values())
+    if not tensors or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    if len({t.untyped_storage().data_ptr() for t in tensors}) != len(tensors):
+        return None  # tied weights or entries that are views of one another: leave them as they are
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32)
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            part = flat[offset : offset + t.numel()].view(t.shape)
+            part.copy_(t)
+            t.data = part
+            offset += t.numel()
+    return flat
+
+
+def flat_view(flat: torch.Tensor) -> np.ndarray:
+    """A read-only numpy view of the buffer `share_one_buffer` returned: the model as one vector in
+    state_dict order, valid until the model is next written."""
+    view = flat.detach().numpy().view()
+    view.flags.writeable = False
+    return view
+
+
 def set_params(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
     """Copy `params` into the model's own tensors (values are cast to each tensor's dtype).
 

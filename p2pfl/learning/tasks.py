@@ -254,6 +254,7 @@ class TensorTask:
                 opt.step()
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
+        opt.zero_grad(set_to_none=True)  # the gradients are a model-sized buffer the round never reads
         return total / max(count, 1)
 
     def warm_up(self, model: nn.Module) -> None:
