@@ -52,7 +52,6 @@ OnUpdate = Callable[[str, bytes], Awaitable[None]]  # (publisher node id, messag
 
 MAX_FETCHES = 4  # certificate fetches under way at once (each a short TLS session)
 FETCH_TIMEOUT_S = 15.0  # one fetch attempt; a peer that does not answer is tried again later
-READY_ASK_S = 3.0  # how often to ask members that do not look ready yet for their TXT record again
 FETCH_RETRY_S = (2.0, 5.0, 10.0, 30.0)  # waits before the next attempt after 1, 2, 3, 4+ failures
 
 
@@ -186,19 +185,6 @@ class MqttMesh:
     async def announce_ready(self) -> None:
         if self.discovery is not None:
             await self.discovery.set_ready()
-            self._spawn(self._ask_until_ready(self.discovery))
-
-    async def _ask_until_ready(self, discovery: Discovery) -> None:
-        """While members still look not ready, ask them again every READY_ASK_S, for at most
-        [discovery] wait_s: a lost announcement must not hold round 1 back until our cached copy of
-        their TXT record expires."""
-        deadline = time.monotonic() + self.cfg.discovery.wait_s
-        while not self._stopping and time.monotonic() < deadline:
-            await asyncio.sleep(READY_ASK_S)
-            waiting = [n for n in self.members() if not self.ready(n)]
-            if not waiting:
-                return
-            discovery.ask(waiting)
 
     def linked(self, node_id: str) -> bool:
         """True once the link to this neighbour is connected and subscribed (round 1 may start)."""

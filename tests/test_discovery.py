@@ -50,7 +50,7 @@ from p2pfl.errors import ConfigError, Reason
 LOOPBACK = ["127.0.0.1"]
 FIND_TIMEOUT_S = 15.0
 DROP_TIMEOUT_S = 10.0
-FAST = {"RECORD_TTL_S": 3, "LIVENESS_S": 1.0, "LIVENESS_SILENCE_S": 2.0, "LIVENESS_TIMEOUT_MS": 2000}
+FAST = {"RECORD_TTL_S": 3, "ANNOUNCE_S": 1.0, "LIVENESS_S": 1.0, "LIVENESS_SILENCE_S": 2.0}
 SILENT_DROP_TIMEOUT_S = 150.0  # FAST TTL + silence + a restart, with room for a loaded machine
 # what the kernel has bound / dropped is read from /proc; the socket filters are Linux-only too
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux (/proc, BPF)")
@@ -432,6 +432,49 @@ async def _scoped_scenario() -> None:
     finally:
         await asyncio.gather(a.stop(), b.stop())
     assert not set(_mdns_sockets_of_this_process()) - before  # stop() closed them all
+
+
+def test_live_peer_stays_fresh_from_its_announcements_alone(monkeypatch):
+    """A live peer's records are renewed by its periodic announcements alone: our cached copy keeps
+    being replaced well past its TTL and liveness (which only reads the cache, never asks: a query per
+    peer and TTL was O(N^2) packets that 128 nodes on 2 cores could not carry) never suspects it."""
+    for name, value in {**FAST, "RECORD_TTL_S": 6}.items():
+        monkeypatch.setattr(discovery, name, value)
+    assert asyncio.run(asyncio.wait_for(_announce_scenario(), timeout=120)) >= 4
+
+
+async def _announce_scenario() -> int:
+    fed = hex16()
+    a_ad, b_ad = make_ad(fed, 21035, "a"), make_ad(fed, 21036, "b")
+    b_changes = Changes()
+    a = Discovery(a_ad, LOOPBACK)
+    b = Discovery(b_ad, LOOPBACK, on_change=b_changes)
+    suspected: list[str] = []
+    real = b._liveness_result
+
+    def watched(key: str, info: ServiceInfo | None) -> bool:
+        if info is None:
+            suspected.append(key)
+        return real(key, info)
+
+    b._liveness_result = watched  # type: ignore[method-assign]
+    try:
+        await asyncio.gather(a.start(), b.start())
+        assert await b_changes.until(lambda: b.peers() == {a_ad.node_id: a_ad}), b.peers()
+        assert b._aiozc is not None
+        cache = b._aiozc.zeroconf.cache
+        name = f"{a_ad.node_id}.{SERVICE_TYPE}"
+        renewed: set[float] = set()
+        while len(renewed) < 20:  # over 3 TTLs of announcements, each a fresh record in our cache
+            record = cache.get_by_details(name, 33, 1)  # SRV, IN
+            if record is not None:
+                renewed.add(record.created)
+            await asyncio.sleep(0.2)
+        assert not suspected, f"a live peer was suspected: {suspected}"
+        assert b.peers() == {a_ad.node_id: a_ad}
+        return len(renewed)
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
 
 
 def test_foreign_advertised_address_ignored_and_counted():
