@@ -1023,3 +1023,48 @@ def test_amqtt_warnings_a_member_can_trigger_per_packet_are_rate_limited(
         assert "1999 similar held back" in caplog.records[-1].getMessage()
     finally:
         logger.removeFilter(limiter)
+
+
+@pytest.mark.timeout(90)
+def test_a_link_that_gives_up_waiting_for_connack_closes_its_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker too loaded to answer CONNECT in time: the link gives up and closes that connection
+    (it used to stay open, a session nobody reads once a late CONNACK arrived), then tries again."""
+    from p2pfl.transport import link as link_module
+
+    monkeypatch.setattr(link_module, "CONNACK_TIMEOUT_S", 1.0)
+    fed = make_federation(tmp_path / "fed", 2)
+    owner, member = fed.members
+    connections: list[asyncio.Future[bytes]] = []  # each: what the client sent before it closed
+
+    async def silent_broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        connections.append(done)
+        received = b""
+        try:
+            while chunk := await reader.read(4096):  # read CONNECT, never answer it
+                received += chunk
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            done.set_result(received)
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(silent_broker, HOST, 0, ssl=owner.tls.server_context())
+        port = server.sockets[0].getsockname()[1]
+        link = make_link(port, fed, member, Sink(), expected=owner.node_id)
+        try:
+            await link.start()
+            await wait_until(lambda: len(connections) >= 1, 30, "the link's first connection")
+            sent = await asyncio.wait_for(connections[0], 30)  # closed by the link, not by us
+            assert sent[:1] == b"\x10", "the link sent CONNECT before giving up"
+            await wait_until(lambda: len(connections) >= 2, 30, "a second attempt")
+            assert not link.connected
+        finally:
+            await link.stop()
+            server.close()
+            await server.wait_closed()
+
+    run(main, 80)

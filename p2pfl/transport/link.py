@@ -75,6 +75,16 @@ def _consume_disconnect(client: aiomqtt.Client) -> None:
         future.exception()
 
 
+def _close_orphan(client: aiomqtt.Client) -> None:
+    """Close the socket of a connection attempt that gave up before CONNACK.
+
+    aiomqtt raises on its CONNACK timeout but leaves paho's socket open; a late CONNACK then makes
+    it a live session nobody reads or ends, holding one of the peer's per-member session slots
+    (a loaded broker answers late) until the process exits. After a clean exit there is no socket."""
+    if client._client.socket() is not None:
+        client._client._sock_close()
+
+
 def _tls_socket(client: aiomqtt.Client) -> Any:
     """The connected TLS socket under aiomqtt (paho's), to read the broker's certificate from."""
     return client._client.socket()
@@ -270,6 +280,7 @@ class PeerLink:
                 async for message in client.messages:
                     await self._dispatch(message.topic.value, message.payload)
         finally:
+            _close_orphan(client)
             _consume_disconnect(client)
 
     def _check_broker(self, client: aiomqtt.Client) -> str:
