@@ -409,11 +409,17 @@ def _memory_caption(memory: dict[str, Any] | None) -> str:
     if not memory or memory.get("pss_mb_median") is None:
         return ""
     others = sum(v.get("pss_mb", 0.0) for v in memory.get("others", {}).values())
+    # a run stopped early (interrupted, out of memory) may have per-node peaks but no summed sample
+    sums = [
+        f"{label} {memory[key] / 1e3:.2f} GB"
+        for label, key in (("RSS", "rss_mb_sum_peak"), ("PSS", "pss_mb_sum_peak"))
+        if memory.get(key) is not None
+    ]
     return (
         f"\nmemory per node (peak): RSS median {memory['rss_mb_median']:.0f} MB, max {memory['rss_mb_max']:.0f} MB; "
-        f"PSS median {memory['pss_mb_median']:.0f} MB, max {memory['pss_mb_max']:.0f} MB; "
-        f"summed: RSS {memory['rss_mb_sum_peak'] / 1e3:.2f} GB, PSS {memory['pss_mb_sum_peak'] / 1e3:.2f} GB"
-        + (f" (fork server PSS {others:.0f} MB included)" if others else "")
+        f"PSS median {memory['pss_mb_median']:.0f} MB, max {memory['pss_mb_max']:.0f} MB"
+        + (f"; summed: {', '.join(sums)}" if sums else "")
+        + (f" (fork server PSS {others:.0f} MB included)" if sums and others else "")
     )
 
 

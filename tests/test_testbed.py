@@ -288,3 +288,20 @@ def test_bench_scale_figures_from_metrics(tmp_path: Path) -> None:
     assert f["links_median"] == 3 and f["degree_median"] == 1
     assert f["acc_min"] == 0.9 and f["all_at_target"]
     assert "| 4.00 |" in bench.table({2: f})
+
+
+def test_memory_caption_of_a_run_stopped_before_any_summed_sample() -> None:
+    """A run stopped early (here: the 256-node run at the memory floor) has per-node peaks but no
+    summed one; the summary says what it has instead of ending in a traceback."""
+    memory = {"rss_mb_median": 384.0, "rss_mb_max": 390.0, "pss_mb_median": 61.0, "pss_mb_max": 70.0}
+    stopped = testbed._memory_caption({**memory, "rss_mb_sum_peak": None, "pss_mb_sum_peak": None})
+    assert "PSS median 61 MB" in stopped and "summed" not in stopped
+    full = testbed._memory_caption(
+        {
+            **memory,
+            "rss_mb_sum_peak": 98_000.0,
+            "pss_mb_sum_peak": 15_600.0,
+            "others": {"fork": {"pss_mb": 105.0}},
+        }
+    )
+    assert full.endswith("summed: RSS 98.00 GB, PSS 15.60 GB (fork server PSS 105 MB included)")
