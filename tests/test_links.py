@@ -4,6 +4,7 @@ the broker's indexed topic matching, a real mesh over mDNS and brokers, and real
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import sys
@@ -294,3 +295,37 @@ def test_real_nodes_on_a_ring_hold_one_link_per_neighbour_and_learn(tmp_path: Pa
         assert max(r["links"] for r in rows) <= 2 + 4, node["name"]  # + certificate fetches at most
         assert sum(len(r["missing"]) for r in rows) <= 0.1 * 2 * rounds, node["name"]
     assert summary["min_accuracy"] > 0.6
+
+
+def test_a_retained_delivery_that_fails_is_read_not_left_to_asyncio() -> None:
+    """A client that leaves before acknowledging a retained message (a certificate fetch may) makes
+    that delivery fail; the broker reads the failure (debug log) and delivers the others, instead
+    of leaving asyncio to print "Task exception was never retrieved" with a traceback."""
+    from amqtt.session import ApplicationMessage
+
+    from p2pfl.transport.amqtt_patches import PatchedBroker
+
+    unretrieved: list[dict] = []
+    delivered: list[str] = []
+
+    class Handler:
+        async def mqtt_publish(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
+            if topic.endswith("gone"):
+                raise TimeoutError("Timeout waiting for PUBACK")
+            delivered.append(topic)
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: unretrieved.append(context))
+        broker = PatchedBroker()
+        session = SimpleNamespace(client_id="c1")
+        broker._subscriptions["f/#"] = [(session, 1)]
+        for topic in ("f/cert", "f/gone", "other/x"):
+            broker._retained_messages[topic] = ApplicationMessage(None, topic, 1, b"x", True)
+        broker._get_handler = lambda _session: Handler()  # type: ignore[method-assign]
+        await broker._publish_retained_messages_for_subscription(("f/#", 1), session)  # type: ignore[arg-type]
+        gc.collect()
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert delivered == ["f/cert"]
+    assert not unretrieved, unretrieved
