@@ -329,3 +329,47 @@ def test_a_retained_delivery_that_fails_is_read_not_left_to_asyncio() -> None:
     asyncio.run(main())
     assert delivered == ["f/cert"]
     assert not unretrieved, unretrieved
+
+
+def test_the_fetch_window_halves_on_failure_and_grows_back_by_one() -> None:
+    """Certificate fetches at once: MAX_FETCHES, halved by a failed fetch (down to one), one more per
+    success; a slot is waited for, never exceeded."""
+    from p2pfl.mesh import FetchWindow
+
+    async def main() -> None:
+        window = FetchWindow(4)
+        peak = 0
+        release = asyncio.Event()
+
+        async def fetch() -> None:
+            nonlocal peak
+            async with window.slot():
+                peak = max(peak, window.running)
+                await release.wait()
+
+        tasks = [asyncio.create_task(fetch()) for _ in range(10)]
+        await _until(lambda: window.running == 4, 10, "four fetches under way")
+        window.failed()
+        window.failed()
+        window.failed()
+        assert window.size == 1
+        release.set()
+        await asyncio.gather(*tasks)
+        assert peak == 4 and window.running == 0
+        await window.succeeded()
+        assert window.size == 2
+        for _ in range(5):
+            await window.succeeded()
+        assert window.size == 4
+
+        release.clear()
+        window.failed()  # size 2: a third fetch waits until one of the two ends
+        tasks = [asyncio.create_task(fetch()) for _ in range(3)]
+        await _until(lambda: window.running == 2, 10, "two fetches under way")
+        for _ in range(20):  # the third gets every chance to run: it must still be waiting
+            await asyncio.sleep(0)
+        assert window.running == 2
+        release.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
