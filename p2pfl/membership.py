@@ -13,7 +13,7 @@ would fit: ~180 bytes, root-signed so mDNS cannot forge it): the fetch keeps mem
 broker proved the node's key over TLS", while a TXT certificate could be replayed by any host on the
 LAN, for a departed (unrevoked) member, at an address of its choosing, putting ghosts into every
 node's topology; static peers would need the fetch anyway. The price is one handshake per peer per
-node lifetime (N-1 per node, a few at a time), not one held session per peer.
+node lifetime (N-1 per node, at most 4 at a time: `mesh.FetchWindow`), not one held session per peer.
 
 A member killed without a goodbye stays advertised until discovery's liveness check drops it (its
 mDNS records expired, it stayed silent, and its broker port refuses connections: ~2.5 min; see
