@@ -104,7 +104,7 @@ LIVENESS_SILENCE_S = 60.0  # ...and its records expired this long: then its brok
 LIVENESS_GONE_S = 180.0  # a port that neither accepts nor refuses: gone after this much silence
 PROBE_TIMEOUT_S = 3.0
 RECEIVE_BUFFER_BYTES = 4 << 20
-MAX_SILENT = 1024  # dropped peers still asked after; bounds what forged ads can make us query
+MAX_SILENT = 1024  # dropped peers still looked up in our cache; bounds what forged ads can make us keep
 MAX_TXT_BYTES = 512  # whole TXT record; ours is ~100 bytes, anything much bigger is not ours
 MAX_NAME_BYTES = 64  # UTF-8; keeps "name=..." well inside one 255-byte TXT item
 
@@ -475,7 +475,7 @@ class Discovery:
         self._tasks: dict[str, asyncio.Task[None]] = {}  # service name (lower) -> its running resolution
         self._by_name: dict[str, PeerAd] = {}  # service name (lower) -> accepted advertisement
         self._strikes: dict[str, tuple[int, float]] = {}  # service -> (failed passes in a row, since)
-        self._silent: set[str] = set()  # dropped for silence; asked again until its PTR goes too
+        self._silent: set[str] = set()  # dropped for silence; looked up again until its PTR goes too
         self._kept: dict[str, float] = {}  # silent, but its broker port accepted: when it last did
         self._loops: list[asyncio.Task[None]] = []  # the liveness checks and our announcements
         self._stopping = False
@@ -612,12 +612,10 @@ class Discovery:
                 self._judge(key, ad, listening)
 
     @staticmethod
-    async def _request(
-        zeroconf: Zeroconf, info: AsyncServiceInfo, timeout_ms: float = RESOLVE_TIMEOUT_MS
-    ) -> bool:
+    async def _request(zeroconf: Zeroconf, info: AsyncServiceInfo) -> bool:
         """Complete `info` from fresh cached records, or by asking the network (QM: the multicast
-        answer refreshes every node's cache); False if it stays incomplete for `timeout_ms`."""
-        return await info.async_request(zeroconf, timeout_ms, question_type=DNSQuestionType.QM)
+        answer refreshes every node's cache); False if it stays incomplete for RESOLVE_TIMEOUT_MS."""
+        return await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS, question_type=DNSQuestionType.QM)
 
     def _liveness_result(self, key: str, info: AsyncServiceInfo | None) -> bool:
         """`info`: the peer's fresh records, or None if they expired. True: silent long enough that
