@@ -1,10 +1,11 @@
 """Find the other nodes of our federation on the local network with mDNS / DNS-SD (zeroconf).
 
 Each node advertises one `_p2pfl._tcp.local.` service whose address and port are those of its own
-MQTT broker, plus a few TXT items (node id, federation id, name, certificate fingerprint). Discovery
-is only a hint about where to connect: mDNS is unauthenticated, so anyone on the link can advertise
-anything. Trust comes later, from the certificate the peer's broker serves and the signatures on its
-updates. Here we just keep the advertisements well-formed, of our federation, and current.
+MQTT broker, plus TXT items: node id, federation id, name, certificate fingerprint, the certificate
+itself, and the node's signature over all that with the time it signed. mDNS is unauthenticated, so
+anyone on the link can advertise anything: here we only keep the advertisements well-formed, of our
+federation, and current. Whether one is a member's is for `p2pfl.membership` to check (root-signed
+certificate, the node's own signature); links prove identity again by mutual TLS.
 
 mDNS is scoped to the interfaces the caller names (tests and scripts: ``["127.0.0.1"]``); nothing
 is ever bound to 0.0.0.0. Stock zeroconf receives on a wildcard socket (0.0.0.0:5353), which takes
@@ -80,7 +81,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_p2pfl._tcp.local."
-TXT_VERSION = "1"
+TXT_VERSION = "2"  # 2: the certificate and the node's signature ride in the TXT record
 
 RESOLVE_TIMEOUT_MS = 3000  # one resolution of an added / updated service, then we give up on it
 # Record TTLs we advertise (the host's A and the SRV and TXT records). zeroconf raises a received PTR's TTL
@@ -105,7 +106,10 @@ LIVENESS_GONE_S = 180.0  # a port that neither accepts nor refuses: gone after t
 PROBE_TIMEOUT_S = 3.0
 RECEIVE_BUFFER_BYTES = 4 << 20
 MAX_SILENT = 1024  # dropped peers still looked up in our cache; bounds what forged ads can make us keep
-MAX_TXT_BYTES = 512  # whole TXT record; ours is ~100 bytes, anything much bigger is not ours
+MAX_TXT_BYTES = 1024  # whole TXT record; ours is ~430 bytes, anything much bigger is not ours
+MAX_TXT_ITEM = 250  # bytes of a value in one TXT item (an item, "key=value", is at most 255 bytes)
+MAX_CERT_PARTS = 3  # the certificate is cut into items c0, c1, ... of at most MAX_TXT_ITEM bytes
+SIGNATURE_BYTES = 64
 MAX_NAME_BYTES = 64  # UTF-8; keeps "name=..." well inside one 255-byte TXT item
 
 MAX_INTERFACES = 16  # bounds the socket filter program (3 instructions a network) and the group joins
@@ -115,7 +119,8 @@ MDNS_GROUP = "224.0.0.251"
 MDNS_PORT = 5353
 
 _HEX16 = re.compile(r"[0-9a-f]{16}")
-_REQUIRED_KEYS = ("id", "fed", "name", "fp", "v")
+_REQUIRED_KEYS = ("id", "fed", "name", "fp", "v", "t")
+_STAMP = re.compile(r"[0-9]{1,12}")
 READY_KEY = "r"  # optional TXT item: "1" once the node has warmed up, certified its peers, linked round 1
 
 
@@ -130,6 +135,9 @@ class PeerAd:
     port: int
     fingerprint: str
     ready: bool = False  # waits for nobody but the others to start round 1 (TXT "r=1"); a hint, unsigned
+    certificate: bytes = b""  # the node's p2pfl certificate (TXT c0, c1, ...), root-signed
+    signed_at: int = 0  # when the node signed this advertisement, Unix seconds (TXT t)
+    signature: bytes = b""  # the node's Ed25519 signature (TXT s); see p2pfl.membership
 
 
 def _valid_name(name: str) -> bool:
@@ -151,6 +159,10 @@ def _check_own(own: PeerAd) -> None:
         problems.append(f"host {own.host!r} must be an IPv4 address, not a host name")
     if not 0 < own.port < 65536:
         problems.append("port must be 1-65535")
+    if not 0 < len(own.certificate) <= MAX_TXT_ITEM * MAX_CERT_PARTS:
+        problems.append(f"certificate must be 1-{MAX_TXT_ITEM * MAX_CERT_PARTS} bytes")
+    if len(own.signature) != SIGNATURE_BYTES or not _STAMP.fullmatch(str(own.signed_at)):
+        problems.append("the advertisement must be signed (p2pfl.membership.sign_ad)")
     if problems:
         raise ConfigError("discovery advertisement invalid: " + "; ".join(problems))
 
@@ -178,6 +190,9 @@ def _own_info(own: PeerAd) -> ServiceInfo:
             "name": own.name,
             "fp": own.fingerprint,
             "v": TXT_VERSION,
+            "t": str(own.signed_at),
+            "s": own.signature,
+            **_certificate_items(own.certificate),
             **({READY_KEY: "1"} if own.ready else {}),
         },
         # One host name per node, so several nodes on one machine do not share (and fight over) it.
@@ -186,6 +201,24 @@ def _own_info(own: PeerAd) -> ServiceInfo:
         host_ttl=RECORD_TTL_S,
         other_ttl=RECORD_TTL_S,
     )
+
+
+def _certificate_items(certificate: bytes) -> dict[str, bytes]:
+    """The certificate cut into TXT items c0, c1, ... (raw bytes: TXT values are binary)."""
+    parts = range(0, len(certificate), MAX_TXT_ITEM)
+    return {f"c{i}": certificate[at : at + MAX_TXT_ITEM] for i, at in enumerate(parts)}
+
+
+def _certificate_from(props: dict[bytes, bytes | None]) -> bytes:
+    parts: list[bytes] = []
+    for i in range(MAX_CERT_PARTS):
+        part = props.get(f"c{i}".encode())
+        if not part:
+            break
+        parts.append(part)
+    if not parts:
+        raise ValueError("TXT item 'c0' (the certificate) missing or empty")
+    return b"".join(parts)
 
 
 def ad_from_info(info: ServiceInfo) -> PeerAd:
@@ -210,6 +243,11 @@ def ad_from_info(info: ServiceInfo) -> PeerAd:
     for key in ("id", "fed", "fp"):
         if not _HEX16.fullmatch(txt[key]):
             raise ValueError(f"TXT item {key!r} is not 16 hex chars")
+    if not _STAMP.fullmatch(txt["t"]):
+        raise ValueError("TXT item 't' is not a time in seconds")
+    signature = props.get(b"s")
+    if signature is None or len(signature) != SIGNATURE_BYTES:
+        raise ValueError(f"TXT item 's' is not a {SIGNATURE_BYTES}-byte signature")
     if not _valid_name(txt["name"]):
         raise ValueError("TXT item 'name' empty, too long or not printable")
     if info.name.lower() != _service_name(txt["id"]):
@@ -233,6 +271,9 @@ def ad_from_info(info: ServiceInfo) -> PeerAd:
         port=port,
         fingerprint=txt["fp"],
         ready=props.get(READY_KEY.encode()) == b"1",
+        certificate=_certificate_from(props),
+        signed_at=int(txt["t"]),
+        signature=signature,
     )
 
 
@@ -576,10 +617,16 @@ class Discovery:
 
     async def set_ready(self) -> None:
         """Advertise that we are ready for round 1 (TXT r=1); peers waiting to start together see it."""
-        if self._aiozc is None or self._info is None or self._own.ready:
+        await self.readvertise(replace(self._own, ready=True))
+
+    async def readvertise(self, own: PeerAd) -> None:
+        """Advertise `own` instead (signed afresh, or ready); once ready, a node stays ready."""
+        _check_own(own)
+        own = replace(own, ready=own.ready or self._own.ready)
+        if self._aiozc is None or self._info is None or own == self._own:
             return
-        self._own = replace(self._own, ready=True)
-        info = _own_info(self._own)
+        self._own = own
+        info = _own_info(own)
         self._info = info
         await self._aiozc.async_update_service(info)  # rebroadcasts go on in the background
 

@@ -2,7 +2,7 @@
 
 Updates are pulled: a node receives a neighbour's update by subscribing, over a link to that
 neighbour's broker, to its own inbox there. So the links must cover every neighbour we receive from,
-and need cover nothing else (membership comes from discovery and a one-time certificate fetch, see
+and need cover nothing else (membership comes from signed mDNS advertisements alone, see
 `p2pfl.membership`). Connections and broker work then grow with the degree, not with N.
 
 - a static topology: the neighbours of the round just planned;

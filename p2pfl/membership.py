@@ -1,94 +1,161 @@
-"""Who is a member: advertised now, with a certificate that proved itself once, cached by fingerprint.
+"""Who is a member: advertised now, in an advertisement its own key signed, with a root certificate.
 
-A member is a peer that discovery advertises now (mDNS: node id, address, certificate fingerprint),
-whose p2pfl certificate chains to the federation root, is not revoked or expired, names the advertised
-node and hashes to the advertised fingerprint, and whose broker proved that node id in a TLS handshake
-at least once. Nothing here needs a live link: the mesh fetches each advertised fingerprint's
-certificate once (a short session to the peer's broker, `MqttMesh`) and this roster keeps it, so
-membership is what every node sees by mDNS, and nodes' member sets, hence their topologies, agree.
-Closing or losing a link changes reachability (the mesh's `reachable`), never membership.
+A node's mDNS advertisement (`p2pfl.discovery`) carries its p2pfl certificate (root-signed) and the
+node's own Ed25519 signature over where it is: federation, node id, address, port, certificate
+fingerprint and the time it signed. A member is a peer whose current advertisement
 
-Why a one-time fetch over the peer's broker rather than the certificate in the mDNS TXT record (it
-would fit: ~180 bytes, root-signed so mDNS cannot forge it): the fetch keeps membership meaning "its
-broker proved the node's key over TLS", while a TXT certificate could be replayed by any host on the
-LAN, for a departed (unrevoked) member, at an address of its choosing, putting ghosts into every
-node's topology; static peers would need the fetch anyway. The price is one handshake per peer per
-node lifetime (N-1 per node, at most 4 at a time: `mesh.FetchWindow`), not one held session per peer.
+- carries a certificate that chains to the federation root, is not revoked or expired, names the
+  advertised node id and hashes to the advertised fingerprint, and
+- is signed by that certificate's key, at a time within AD_MAX_AGE_S of our clock.
 
-A member killed without a goodbye stays advertised until discovery's liveness check drops it (its
-mDNS records expired, it stayed silent, and its broker port refuses connections: ~2.5 min; see
-`p2pfl.discovery`), at about the same time on every node; meanwhile its neighbours' links to it are
-down (`Mesh.reachable`), so no round waits for it. A clean stop sends mDNS goodbyes: gone at once.
+Checking that costs two Ed25519 verifications per advertisement, once (`Roster` keeps the result), and
+no traffic: membership is what every node reads from mDNS alone, so nodes' member sets, hence their
+topologies, agree. Links (to the neighbours only) prove identity again, by mutual TLS.
+
+Why signed advertisements rather than a certificate fetched over a TLS session to each peer's broker
+(what came before): that fetch cost one TLS+MQTT session per pair of nodes (~20 ms of CPU each here), which
+at 256 nodes on 2 cores was 65,280 sessions and a wall (95% certified after 45 min). A certificate in
+the TXT record alone could be replayed by any host on the LAN for a departed member at an address of
+its choosing; the node's signature binds the certificate to the address and port, and its age bounds
+the replay of an old advertisement at the old address (a node re-signs every AD_RESIGN_S). Node clocks
+must agree within AD_MAX_AGE_S; certificates already need roughly right clocks.
+
+A member killed without a goodbye stays advertised until discovery's liveness check drops it (~2.5
+min; see `p2pfl.discovery`), at about the same time on every node; meanwhile its neighbours' links
+to it are down (`Mesh.reachable`), so no round waits for it. A clean stop sends mDNS goodbyes.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
+
+import msgpack
+import nacl.exceptions
+import nacl.signing
 
 from p2pfl.discovery import PeerAd
 from p2pfl.errors import Reason, Rejected
 from p2pfl.federation import Certificate, FederationRoot
+from p2pfl.identity import Identity
 
-__all__ = ["Roster", "check_certificate"]
+__all__ = ["AD_MAX_AGE_S", "AD_RESIGN_S", "Roster", "check_ad", "check_certificate", "sign_ad"]
 
-MAX_CACHED = 4096  # certificates kept by fingerprint (a federation's members, past and present)
+AD_TAG = "p2pfl-ad-v2"  # domain separation: an advertisement signature signs nothing else
+AD_MAX_AGE_S = 7200.0  # an advertisement signed longer ago (or later) than this is refused
+AD_RESIGN_S = 1800.0  # how often a node signs its advertisement afresh
+MAX_CHECKED = 4096  # advertisements whose verdict is kept (current ones are never evicted)
 
 
-def check_certificate(
-    data: bytes, root: FederationRoot, proven: str | None, fingerprint: str | None
-) -> Certificate:
-    """The p2pfl certificate a broker serves, accepted only if it chains to `root`, names the node the
-    broker's TLS certificate proved (`proven`) and matches the advertised `fingerprint` (when one was
-    advertised); Rejected otherwise."""
+def _signed_bytes(ad: PeerAd) -> bytes:
+    """What a node signs: where it is and which certificate it holds, and when (not `ready`, a hint)."""
+    body = [AD_TAG, ad.federation_id, ad.node_id, ad.host, ad.port, ad.fingerprint, ad.signed_at]
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def sign_ad(ad: PeerAd, identity: Identity, cert: Certificate, now: float | None = None) -> PeerAd:
+    """Our advertisement with our certificate, signed by our key at `now`."""
+    t = int(time.time() if now is None else now)
+    unsigned = replace(ad, fingerprint=cert.fingerprint(), certificate=cert.to_bytes(), signed_at=t)
+    return replace(unsigned, signature=identity.sign(_signed_bytes(unsigned)))
+
+
+def check_ad(ad: PeerAd, root: FederationRoot, now: float | None = None) -> Certificate:
+    """The certificate of a well-signed, current advertisement; Rejected (saying why) otherwise."""
+    cert = Certificate.from_bytes(ad.certificate)
+    root.verify(cert, now)
+    if cert.node_id != ad.node_id:
+        raise Rejected(
+            Reason.PEER_IDENTITY, f"advertisement of {ad.node_id} carries the certificate of {cert.node_id}"
+        )
+    if cert.fingerprint() != ad.fingerprint:
+        raise Rejected(
+            Reason.UNCERTIFIED, f"advertisement of {ad.node_id}: certificate does not match its fingerprint"
+        )
+    try:
+        nacl.signing.VerifyKey(cert.sign_key).verify(_signed_bytes(ad), ad.signature)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+        raise Rejected(
+            Reason.BAD_SIGNATURE,
+            f"advertisement of {ad.node_id} at {ad.host}:{ad.port} is not signed by its key",
+        ) from None
+    _check_age(ad, time.time() if now is None else now)
+    return cert
+
+
+def check_certificate(data: bytes, root: FederationRoot, proven: str | None) -> Certificate:
+    """A static peer's certificate (served on its broker: no mDNS), accepted only if it chains to
+    `root` and names the node the broker's TLS certificate proved (`proven`); Rejected otherwise."""
     cert = Certificate.from_bytes(data)
     root.verify(cert)
     if proven is None or cert.node_id != proven:
         raise Rejected(Reason.PEER_IDENTITY, f"certificate of {cert.node_id} on the broker of {proven}")
-    if fingerprint is not None and cert.fingerprint() != fingerprint:
-        raise Rejected(Reason.UNCERTIFIED, "certificate does not match the advertised fingerprint")
     return cert
 
 
+def _check_age(ad: PeerAd, now: float) -> None:
+    age = now - ad.signed_at
+    if abs(age) > AD_MAX_AGE_S:
+        when = f"{age:.0f} s ago" if age > 0 else f"{-age:.0f} s in the future"
+        raise Rejected(
+            Reason.STALE,
+            f"advertisement of {ad.node_id} was signed {when} (at most {AD_MAX_AGE_S:.0f} s either way): "
+            "a replayed old advertisement, or the clocks differ; keep node clocks in sync (NTP)",
+        )
+
+
+def _key(ad: PeerAd) -> PeerAd:
+    """A verdict holds for exactly what was checked: every field but `ready` (not signed, a hint)."""
+    return replace(ad, ready=False)
+
+
 class Roster:
-    """Advertisements plus proven certificates -> members; pure bookkeeping, no I/O."""
+    """Advertisements -> members, each advertisement checked once; pure bookkeeping, no I/O."""
 
     def __init__(self, root: FederationRoot) -> None:
         self.root = root
         self._ads: dict[str, PeerAd] = {}  # node id -> advertisement, as discovery has it now
-        self._certs: dict[str, Certificate] = {}  # fingerprint -> certificate that proved itself
+        self._checked: dict[PeerAd, Certificate | Rejected] = {}  # advertisement checked -> verdict
 
-    def advertise(self, ads: Mapping[str, PeerAd]) -> None:
-        """Discovery's current view (node id -> advertisement)."""
+    def advertise(
+        self, ads: Mapping[str, PeerAd], now: float | None = None
+    ) -> tuple[list[Certificate], list[tuple[PeerAd, Rejected]]]:
+        """Discovery's current view (node id -> advertisement); returns what was checked now for the
+        first time: the certificates of the advertisements accepted, and those refused, with why."""
+        t = time.time() if now is None else now
         self._ads = dict(ads)
+        if len(self._checked) >= MAX_CHECKED:
+            current = {_key(ad) for ad in self._ads.values()}
+            self._checked = {k: v for k, v in self._checked.items() if k in current}
+        accepted: list[Certificate] = []
+        refused: list[tuple[PeerAd, Rejected]] = []
+        for ad in self._ads.values():
+            if _key(ad) in self._checked:
+                continue
+            try:
+                cert = check_ad(ad, self.root, t)
+            except Rejected as exc:
+                self._checked[_key(ad)] = exc
+                refused.append((ad, exc))
+                continue
+            self._checked[_key(ad)] = cert
+            accepted.append(cert)
+        return accepted, refused
 
     def ad(self, node_id: str) -> PeerAd | None:
         return self._ads.get(node_id)
 
-    def learn(self, cert: Certificate) -> bool:
-        """Keep a certificate checked by `check_certificate`; True if it was new."""
-        fingerprint = cert.fingerprint()
-        if fingerprint in self._certs:
-            return False
-        if len(self._certs) >= MAX_CACHED:
-            advertised = {ad.fingerprint for ad in self._ads.values()}
-            self._certs = {fp: c for fp, c in self._certs.items() if fp in advertised}
-        self._certs[fingerprint] = cert
-        return True
-
-    def unknown(self) -> list[PeerAd]:
-        """Advertised peers whose certificate we have not obtained yet (to fetch, once each)."""
-        return [ad for ad in self._ads.values() if ad.fingerprint not in self._certs]
-
     def members(self, now: float | None = None) -> dict[str, Certificate]:
-        """Advertised now, certificate known, naming the advertised node, not revoked, not expired."""
+        """Advertised now in a well-signed advertisement no older than AD_MAX_AGE_S, certificate not
+        revoked (the root may have changed since) or expired."""
         t = time.time() if now is None else now
         found: dict[str, Certificate] = {}
         for node_id, ad in self._ads.items():
-            cert = self._certs.get(ad.fingerprint)
-            if cert is None or cert.node_id != node_id or node_id in self.root.revoked:
+            cert = self._checked.get(_key(ad))
+            if not isinstance(cert, Certificate) or node_id in self.root.revoked or cert.expires < t:
                 continue
-            if cert.expires < t:
+            if abs(t - ad.signed_at) > AD_MAX_AGE_S:
                 continue
             found[node_id] = cert
         return found

@@ -7,10 +7,9 @@ tested with an in-memory mesh while end-to-end tests run `MqttMesh`, the real th
 - its own broker (the outbox), where it publishes its certificate and one copy of each update per
   recipient, on that recipient's inbox topic; every client connects with mutual TLS and is known by
   the node id its certificate proves;
-- membership without links (`p2pfl.membership`): the peers discovery advertises now whose
-  certificate, fetched once per advertised fingerprint over a short mutual-TLS session to the peer's
-  broker (which must prove the advertised node id), chains to the federation root and matches the
-  advertisement;
+- membership without links (`p2pfl.membership`): the peers discovery advertises now in an
+  advertisement signed by their own key, carrying a certificate that chains to the federation root;
+  our own advertisement is signed afresh every AD_RESIGN_S;
 - links only to the neighbours the topology gives (`follow`, `p2pfl.linkset`): a link to a
   neighbour's broker subscribes to our inbox there, which is how its updates reach us; a link no
   longer needed is closed after a grace period, and closing it leaves membership as it is;
@@ -27,8 +26,8 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from p2pfl.config import NodeConfig
@@ -37,7 +36,7 @@ from p2pfl.errors import Rejected, TransportError
 from p2pfl.federation import Certificate, FederationRoot
 from p2pfl.identity import Identity
 from p2pfl.linkset import LinkSet
-from p2pfl.membership import Roster, check_certificate
+from p2pfl.membership import AD_RESIGN_S, Roster, check_certificate, sign_ad
 from p2pfl.metrics import Metrics
 from p2pfl.resources import ensure_fd_headroom, fd_need
 from p2pfl.tls import NodeTls, load_node_tls, peer_node_id
@@ -49,10 +48,6 @@ __all__ = ["Mesh", "MqttMesh", "OnUpdate"]
 log = logging.getLogger("p2pfl.mesh")
 
 OnUpdate = Callable[[str, bytes], Awaitable[None]]  # (publisher node id, message)
-
-MAX_FETCHES = 4  # certificate fetches under way at once at most (each a short TLS session)
-FETCH_TIMEOUT_S = 15.0  # one fetch attempt; a peer that does not answer is tried again later
-FETCH_RETRY_S = (2.0, 5.0, 10.0, 30.0)  # waits before the next attempt after 1, 2, 3, 4+ failures
 
 
 class Mesh(Protocol):
@@ -80,7 +75,7 @@ class Mesh(Protocol):
         ...
 
     def links(self) -> int:
-        """Links open now (neighbours, static peers, certificate fetches under way)."""
+        """Links open now (neighbours, static peers)."""
         ...
 
     async def start(self, on_update: OnUpdate, on_change: Callable[[], None]) -> None: ...
@@ -88,50 +83,6 @@ class Mesh(Protocol):
     async def publish(self, message: bytes, recipients: Sequence[str]) -> None: ...
 
     async def stop(self) -> None: ...
-
-
-class FetchWindow:
-    """How many certificate fetches run at once: up to `most`, halved by each fetch that fails and
-    grown back by one with each that succeeds (additive increase, multiplicative decrease).
-
-    Why: a fetch fails mostly because TLS handshakes miss their deadline on a saturated host, and
-    more handshakes at once would only miss theirs too. At 256 nodes on 2 cores a fixed 4 per node
-    kept ~1,000 handshakes in flight and spent the CPU on 32,594 that timed out."""
-
-    def __init__(self, most: int) -> None:
-        self.most = most
-        self.size = most
-        self.running = 0
-        self._changed = asyncio.Condition()
-
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.running < self.size)
-            self.running += 1
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self.running -= 1
-                self._changed.notify_all()
-
-    async def succeeded(self) -> None:
-        async with self._changed:
-            self.size = min(self.most, self.size + 1)
-            self._changed.notify_all()
-
-    def failed(self) -> None:
-        self.size = max(1, self.size // 2)
-
-
-@dataclass
-class Fetch:
-    """A certificate fetch: a link that subscribes to the peer's certificate only; `done` once known."""
-
-    link: PeerLink
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    started: bool = False  # holds a fetch slot (its link is open or opening)
 
 
 @dataclass
@@ -171,9 +122,6 @@ class MqttMesh:
         self.peers: dict[str, Peer] = {}  # static peers, by "host:port"
         self.neighbour_links: dict[str, PeerLink] = {}  # by node id
         self.linkset = LinkSet()
-        self._fetching: dict[str, Fetch] = {}  # fingerprint -> its fetch, while under way
-        self._fetch_failures: dict[str, int] = {}  # fingerprint -> failed attempts so far
-        self._fetch_window = FetchWindow(MAX_FETCHES)
         self.door_limits = _door_limits(cfg.node.host)
         self.outbox = Outbox(
             cfg.node.host,
@@ -189,7 +137,7 @@ class MqttMesh:
         self._on_update: OnUpdate | None = None
         self._on_change: Callable[[], None] = lambda: None
         self._stopping = False
-        self._tasks: set[asyncio.Task[None]] = set()  # link starts/stops, fetches: kept so none is lost
+        self._tasks: set[asyncio.Task[None]] = set()  # link starts/stops, re-signing: kept so none is lost
         self._revocations = revocations
         self._adopt = on_revocations
 
@@ -237,8 +185,7 @@ class MqttMesh:
             self._close(node_id)
 
     def links(self) -> int:
-        fetching = sum(1 for f in self._fetching.values() if f.started)
-        return len(self.neighbour_links) + len(self.peers) + fetching
+        return len(self.neighbour_links) + len(self.peers)
 
     async def start(self, on_update: OnUpdate, on_change: Callable[[], None]) -> None:
         self._on_update, self._on_change = on_update, on_change
@@ -252,17 +199,25 @@ class MqttMesh:
             host, _, port = peer.rpartition(":")
             self._add_static(host, int(port))
         if self.cfg.discovery.mdns:
-            node = self.cfg.node
-            ad = PeerAd(
-                self.node_id, self.fed, node.name, node.host, self.outbox.port, self.cert.fingerprint()
-            )
             self.discovery = Discovery(
-                ad,
+                self._signed_ad(),
                 self.cfg.discovery.interfaces,
                 on_change=self._sync_ads,
                 on_reject=lambda reason, detail: self.metrics.reject(reason, detail, peer="mdns"),
             )
             await self.discovery.start()
+            self._spawn(self._keep_signing(self.discovery))
+
+    def _signed_ad(self) -> PeerAd:
+        node = self.cfg.node
+        ad = PeerAd(self.node_id, self.fed, node.name, node.host, self.outbox.port, self.cert.fingerprint())
+        return sign_ad(ad, self.identity, self.cert)
+
+    async def _keep_signing(self, discovery: Discovery) -> None:
+        """Sign our advertisement afresh before peers would find it too old (membership.AD_MAX_AGE_S)."""
+        while not self._stopping:
+            await asyncio.sleep(AD_RESIGN_S)
+            await discovery.readvertise(self._signed_ad())
 
     async def publish(self, message: bytes, recipients: Sequence[str]) -> None:
         await self.outbox.publish_update(message, list(recipients))
@@ -274,7 +229,7 @@ class MqttMesh:
             await self.discovery.stop()
         t1 = time.monotonic()
         links = [p.link for p in self.peers.values()]
-        links += [*self.neighbour_links.values(), *(f.link for f in self._fetching.values())]
+        links += list(self.neighbour_links.values())
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*(link.stop() for link in links), *self._tasks, return_exceptions=True)
@@ -324,9 +279,7 @@ class MqttMesh:
         host: str,
         port: int,
         expected: str | None,
-        on_certificate: Callable[[str, bytes], None],
-        *,
-        inbox: bool = True,
+        on_certificate: Callable[[str, bytes], None] | None,
     ) -> PeerLink:
         address = f"{host}:{port}"
         return PeerLink(
@@ -341,14 +294,14 @@ class MqttMesh:
             on_reject=lambda reason, detail: self.metrics.reject(reason, detail, peer=address),
             max_message_bytes=int(self.cfg.gossip.max_update_mb * (1 << 20)),
             expected=expected,
-            inbox=inbox,
             on_state=self._changed,
-            on_revocations=self._offered if inbox and self._adopt else None,
+            on_revocations=self._offered if self._adopt else None,
         )
 
     def _open(self, ad: PeerAd) -> None:
         """A link to a neighbour's broker: our inbox there carries its updates to us."""
-        link = self._link(ad.host, ad.port, ad.node_id, lambda pub, data: self._take_cert(ad, pub, data))
+        # its certificate came with its advertisement; the link's TLS proves the advertised node id
+        link = self._link(ad.host, ad.port, ad.node_id, None)
         self.neighbour_links[ad.node_id] = link
         log.info("link to neighbour %s (%s) at %s:%d", ad.name, ad.node_id, ad.host, ad.port)
         self._spawn(link.start())
@@ -381,88 +334,22 @@ class MqttMesh:
             self._on_change()
 
     def _sync_ads(self) -> None:
-        """Follow discovery: new fingerprints are fetched once; a neighbour that moved is re-linked."""
+        """Follow discovery: new advertisements are checked (once each); a neighbour that moved is
+        re-linked."""
         assert self.discovery is not None
         ads = self.discovery.peers()
-        self.roster.advertise(ads)
+        accepted, refused = self.roster.advertise(ads)
+        for cert in accepted:
+            log.info("peer %s (%s) certified by its signed advertisement", cert.name, cert.node_id)
+        for ad, exc in refused:
+            self.metrics.reject(exc.reason, exc.detail, peer=f"mdns {ad.host}:{ad.port}")
         for node_id, link in list(self.neighbour_links.items()):
-            ad = ads.get(node_id)
-            if ad is not None and (ad.host, ad.port) != (link.host, link.port):
-                log.info("neighbour %s moved to %s:%d", node_id, ad.host, ad.port)
+            moved = ads.get(node_id)
+            if moved is not None and (moved.host, moved.port) != (link.host, link.port):
+                log.info("neighbour %s moved to %s:%d", node_id, moved.host, moved.port)
                 self._close(node_id)
-                self._open(ad)
-        for ad in self.roster.unknown():
-            self._want_cert(ad)
+                self._open(moved)
         self._changed()
-
-    # -- membership: one certificate fetch per advertised fingerprint --------------------------------
-
-    def _want_cert(self, ad: PeerAd) -> None:
-        if ad.fingerprint in self._fetching or self._stopping:
-            return
-        link = self._link(
-            ad.host, ad.port, ad.node_id, lambda pub, data: self._take_cert(ad, pub, data), inbox=False
-        )
-        fetch = Fetch(link)
-        self._fetching[ad.fingerprint] = fetch
-        self._spawn(self._fetch(ad, fetch))
-
-    async def _fetch(self, ad: PeerAd, fetch: Fetch) -> None:
-        """One short session that reads the peer's retained certificate; retried later on failure."""
-        try:
-            async with self._fetch_window.slot():
-                if not fetch.done.is_set():
-                    fetch.started = True
-                    await fetch.link.start()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(fetch.done.wait(), FETCH_TIMEOUT_S)
-        finally:
-            await fetch.link.stop()
-            if self._fetching.get(ad.fingerprint) is fetch:
-                del self._fetching[ad.fingerprint]
-            if not fetch.done.is_set() and not self._stopping:
-                self._fetch_window.failed()
-                self._retry_later(ad)
-        if fetch.done.is_set():
-            await self._fetch_window.succeeded()
-        self._changed()
-
-    def _retry_later(self, ad: PeerAd) -> None:
-        failures = self._fetch_failures.get(ad.fingerprint, 0) + 1
-        self._fetch_failures[ad.fingerprint] = failures
-        delay = FETCH_RETRY_S[min(failures, len(FETCH_RETRY_S)) - 1]
-        log.info(
-            "certificate of %s at %s:%d not fetched; trying again in %.0f s",
-            ad.node_id,
-            ad.host,
-            ad.port,
-            delay,
-        )
-
-        async def later() -> None:
-            await asyncio.sleep(delay)
-            for current in self.roster.unknown():  # still advertised with this certificate, still unknown
-                if current.fingerprint == ad.fingerprint:
-                    self._want_cert(current)
-
-        self._spawn(later())
-
-    def _take_cert(self, ad: PeerAd, publisher: str, data: bytes) -> None:
-        """The certificate on the broker discovery advertised for `ad`; the link already checked that
-        the broker's TLS certificate proved `publisher`, the node id `ad` names."""
-        try:
-            proven = publisher if publisher == ad.node_id else None
-            cert = check_certificate(data, self.root, proven, ad.fingerprint)
-        except Rejected as exc:
-            self.metrics.reject(exc.reason, exc.detail, peer=f"{ad.host}:{ad.port}")
-            return
-        fetch = self._fetching.get(ad.fingerprint)
-        if fetch is not None:
-            fetch.done.set()
-        if self.roster.learn(cert):
-            log.info("peer %s (%s) certified, identity proven by TLS", cert.name, cert.node_id)
-            self._fetch_failures.pop(ad.fingerprint, None)
-            self._changed()
 
     def _take_static_cert(self, address: str, publisher: str, data: bytes) -> None:
         """A static peer's certificate: it must chain to the root and name the node its TLS proved."""
@@ -471,7 +358,7 @@ class MqttMesh:
             return
         proven = peer.link.peer_id
         try:
-            cert = check_certificate(data, self.root, proven if proven == publisher else None, None)
+            cert = check_certificate(data, self.root, proven if proven == publisher else None)
         except Rejected as exc:
             self.metrics.reject(exc.reason, exc.detail, peer=address)
             return

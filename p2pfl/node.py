@@ -442,7 +442,7 @@ class Node:
             "round_s": time.monotonic() - started,
             "epoch": plan.epoch,
             "members": len(plan.members),
-            "links": self.mesh.links(),  # MQTT links held now: the neighbours (+ certificate fetches)
+            "links": self.mesh.links(),  # MQTT links held now: the neighbours (+ static peers)
             "attack": self.cfg.attack.kind or None,
             "epsilon": getattr(self.task, "epsilon", None),  # DP spent so far ([privacy]); None: off
         }

@@ -22,7 +22,8 @@ mesh building blocks; every loop is bounded in count and time; 127.0.0.1 only):
   federation certificate, clean_session=0 and a will; then the same as a certified member;
 - plain-client: an MQTT client without any certificate (plain TCP, then TLS without a client cert);
 - mdns-forgery: zeroconf adverts on 127.0.0.1 for a rogue broker (records what nodes send it), a
-  relay to a real member's broker under a made-up node id, and an address outside 127.0.0.0/8;
+  relay to a real member's broker under a made-up node id carrying that member's certificate, and an
+  address outside 127.0.0.0/8 (none can carry a signature by a certified key);
 - hostile-member: a member certified from the testbed's federation dir that joins by mDNS and sends
   an update cut into tiny parts and one with 100,000 empty tensors;
 - member-sessions: that member opens 300 MQTT sessions to the victim and holds them (is there a
@@ -840,24 +841,38 @@ class Attack:
 
         lab, budget = self.lab, self.budget
         relay_target = lab.nodes[1]
-        real_fp = Certificate.from_bytes((relay_target.directory / "certificate").read_bytes()).fingerprint()
+        real_cert = (relay_target.directory / "certificate").read_bytes()  # public: every advert carries one
+        real_fp = Certificate.from_bytes(real_cert).fingerprint()
         rogue = RogueBroker(answer=True)
         relay = RogueBroker(relay_to=relay_target.port)
         adverts = [
-            ("rogue", os.urandom(8).hex(), os.urandom(8).hex(), HOST, rogue.port),
-            ("relay", os.urandom(8).hex(), real_fp, HOST, relay.port),
-            ("foreign-address", os.urandom(8).hex(), os.urandom(8).hex(), "192.0.2.7", rogue.port),
+            ("rogue", os.urandom(8).hex(), os.urandom(8).hex(), os.urandom(200), HOST, rogue.port),
+            ("relay", os.urandom(8).hex(), real_fp, real_cert, HOST, relay.port),
+            (
+                "foreign-address",
+                os.urandom(8).hex(),
+                os.urandom(8).hex(),
+                os.urandom(200),
+                "192.0.2.7",
+                rogue.port,
+            ),
         ]
         zc = Zeroconf(interfaces=[HOST], ip_version=IPVersion.V4Only)
         infos = []
         members0 = max(int(n.last().get("members") or 0) for n in lab.nodes)
         try:
-            for name, node_id, fp, host, port in adverts:
+            for name, node_id, fp, cert, host, port in adverts:
+                txt = {"id": node_id, "fed": lab.federation_id, "name": name, "fp": fp, "v": "2"}
+                txt |= {
+                    "t": str(int(time.time())),
+                    "s": os.urandom(64),
+                    "c0": cert,
+                }  # a signature it cannot make
                 info = ServiceInfo(
                     "_p2pfl._tcp.local.",
                     f"{node_id}._p2pfl._tcp.local.",
                     port=port,
-                    properties={"id": node_id, "fed": lab.federation_id, "name": name, "fp": fp, "v": "1"},
+                    properties=txt,
                     server=f"p2pfl-{node_id}.local.",
                     parsed_addresses=[host],
                     host_ttl=120,

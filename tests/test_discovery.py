@@ -36,11 +36,13 @@ from zeroconf import DNSOutgoing, ServiceInfo
 
 from p2pfl import discovery
 from p2pfl.discovery import (
+    MAX_TXT_BYTES,
     MDNS_GROUP,
     MDNS_PORT,
     SERVICE_TYPE,
     Discovery,
     PeerAd,
+    _own_info,
     ad_from_info,
     allowed_networks,
     open_zeroconf,
@@ -68,7 +70,20 @@ def make_ad(federation_id: str, port: int, name: str = "node") -> PeerAd:
         host="127.0.0.1",
         port=port,
         fingerprint=hex16(),
+        certificate=secrets.token_bytes(203),  # discovery carries these; p2pfl.membership checks them
+        signed_at=int(time.time()),
+        signature=secrets.token_bytes(64),
     )
+
+
+def ad_json(ad: PeerAd) -> dict:
+    """An advertisement as JSON (bytes as hex), to hand to and read from a child process."""
+    return {k: v.hex() if isinstance(v, bytes) else v for k, v in asdict(ad).items()}
+
+
+def ad_from_json(fields: dict) -> PeerAd:
+    binary = ("certificate", "signature")
+    return PeerAd(**{k: bytes.fromhex(v) if k in binary else v for k, v in fields.items()})
 
 
 # ---------------------------------------------------------------- child process (script mode)
@@ -79,7 +94,7 @@ async def _child_main(ad: PeerAd, interfaces: list[str], timings: dict[str, floa
         print(json.dumps({"event": event, **fields}), flush=True)
 
     def changed() -> None:
-        emit("peers", peers={k: asdict(v) for k, v in disc.peers().items()})
+        emit("peers", peers={k: ad_json(v) for k, v in disc.peers().items()})
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -127,7 +142,7 @@ class Child:
         self.events: list[str] = []
         self._cond = threading.Condition()
         self._stderr = open(log_dir / f"child-{ad.port}.log", "w")  # noqa: SIM115 - closed in close()
-        args = [sys.executable, "-u", __file__, "child", json.dumps(asdict(ad)), json.dumps(interfaces)]
+        args = [sys.executable, "-u", __file__, "child", json.dumps(ad_json(ad)), json.dumps(interfaces)]
         args.append(json.dumps(timings or {}))
         self.proc = subprocess.Popen(
             [*(prefix or []), *args],
@@ -218,10 +233,10 @@ def test_processes_find_own_federation_only(spawn):
 
     # The other federation's ads demonstrably circulate on this link (c and d found each other),
     # yet a and b report only each other, with exactly the advertised data; no one reports itself.
-    assert a.peers == {b.ad.node_id: asdict(b.ad)}
-    assert b.peers == {a.ad.node_id: asdict(a.ad)}
-    assert c.peers == {d.ad.node_id: asdict(d.ad)}
-    assert d.peers == {c.ad.node_id: asdict(c.ad)}
+    assert a.peers == {b.ad.node_id: ad_json(b.ad)}
+    assert b.peers == {a.ad.node_id: ad_json(a.ad)}
+    assert c.peers == {d.ad.node_id: ad_json(d.ad)}
+    assert d.peers == {c.ad.node_id: ad_json(c.ad)}
 
 
 @pytest.mark.slow
@@ -681,8 +696,8 @@ def test_netns_bridge_scoped_and_outsider_dropped(spawn):
                 (local, port) for local, port, _ in _udp_table(ns_run(i, "cat", "/proc/net/udp")).values()
             )
             assert bound == sorted([(MDNS_GROUP, MDNS_PORT), (hosts[i], MDNS_PORT)])
-        assert a.peers == {b.ad.node_id: asdict(b.ad)}
-        assert b.peers == {a.ad.node_id: asdict(a.ad)}
+        assert a.peers == {b.ad.node_id: ad_json(b.ad)}
+        assert b.peers == {a.ad.node_id: ad_json(a.ad)}
         assert c.peers == {}  # and the outsider, filtering by its own subnet, lists neither
     finally:
         lab.teardown()
@@ -694,7 +709,13 @@ def test_netns_bridge_scoped_and_outsider_dropped(spawn):
 def _info(
     ad: PeerAd, *, service_name: str | None = None, addresses=("127.0.0.1",), **overrides
 ) -> ServiceInfo:
-    props: dict = {"id": ad.node_id, "fed": ad.federation_id, "name": ad.name, "fp": ad.fingerprint, "v": "1"}
+    props: dict = {"id": ad.node_id, "fed": ad.federation_id, "name": ad.name, "fp": ad.fingerprint, "v": "2"}
+    props |= {
+        "t": str(ad.signed_at),
+        "s": ad.signature,
+        "c0": ad.certificate[:250],
+        "c1": ad.certificate[250:],
+    }
     props.update(overrides)
     props = {k: v for k, v in props.items() if v is not None}
     return ServiceInfo(
@@ -730,6 +751,16 @@ def test_valid_ad_round_trips():
     assert ad_from_info(_info(ad)) == ad
 
 
+@pytest.mark.parametrize("cert_bytes", [1, 203, 250, 251, 600])
+def test_our_own_txt_record_carries_the_certificate_in_items_that_fit(cert_bytes):
+    """A certificate longer than one TXT item (a long name) is cut into several and put back whole."""
+    ad = replace(make_ad(hex16(), 1883, "n" * 64), certificate=secrets.token_bytes(cert_bytes), ready=True)
+    info = _own_info(ad)
+    assert all(len(k) + 1 + len(v or b"") <= 255 for k, v in info.properties.items())
+    assert len(info.text) <= MAX_TXT_BYTES
+    assert ad_from_info(info) == ad
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -738,7 +769,14 @@ def test_valid_ad_round_trips():
         {"fp": None},
         {"name": None},
         {"v": None},
-        {"v": "2"},
+        {"v": "1"},
+        {"t": None},
+        {"t": "-5"},
+        {"t": "soon"},
+        {"s": None},
+        {"s": b"x" * 63},
+        {"c0": None},
+        {"c0": b""},
         {"id": "not-hex-at-all!!"},
         {"id": "ABCDEF0123456789"},
         {"fed": "abc"},
@@ -784,6 +822,9 @@ def test_name_must_match_id_and_address_must_be_usable():
         {"host": "localhost"},
         {"host": "::1"},
         {"port": 0},
+        {"certificate": b""},
+        {"signature": b""},
+        {"signed_at": -1},
     ],
 )
 def test_invalid_own_ad_refused(change):
@@ -799,7 +840,7 @@ def test_interfaces_required():
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
     asyncio.run(
         _child_main(
-            PeerAd(**json.loads(sys.argv[2])),
+            ad_from_json(json.loads(sys.argv[2])),
             json.loads(sys.argv[3]) if sys.argv[3:] else LOOPBACK,
             json.loads(sys.argv[4]) if sys.argv[4:] else {},
         )

@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +25,7 @@ from p2pfl.errors import Reason, Rejected
 from p2pfl.federation import Certificate, FederationAuthority
 from p2pfl.identity import Identity
 from p2pfl.linkset import LinkSet, link_targets, period
-from p2pfl.membership import Roster, check_certificate
+from p2pfl.membership import AD_MAX_AGE_S, Roster, check_ad, check_certificate, sign_ad
 from p2pfl.mesh import MqttMesh
 from p2pfl.metrics import Metrics, read_jsonl
 from p2pfl.round import Plan
@@ -83,61 +84,93 @@ def _issue(authority: FederationAuthority, name: str, ttl_s: float = 3600.0) -> 
     return ident, authority.issue(name, ident.verify_key_bytes, ident.box_public_bytes, ttl_s)
 
 
-def _ad(cert: Certificate, port: int = 1, fingerprint: str | None = None) -> PeerAd:
-    fp = fingerprint or cert.fingerprint()
-    return PeerAd(cert.node_id, cert.federation_id, cert.name, HOST, port, fp)
+def _ad(ident: Identity, cert: Certificate, port: int = 1, now: float | None = None) -> PeerAd:
+    """The advertisement a node with these keys signs (at `now`)."""
+    ad = PeerAd(cert.node_id, cert.federation_id, cert.name, HOST, port, cert.fingerprint())
+    return sign_ad(ad, ident, cert, now)
 
 
-def test_members_are_advertised_peers_whose_certificate_proved_itself(tmp_path: Path) -> None:
+def test_members_are_advertised_peers_in_advertisements_their_key_signed(tmp_path: Path) -> None:
     authority = FederationAuthority.create(tmp_path / "fed")
-    _, a = _issue(authority, "a")
-    _, b = _issue(authority, "b")
-    _, c = _issue(authority, "c")
+    ia, a = _issue(authority, "a")
+    ib, b = _issue(authority, "b")
     roster = Roster(authority.root)
-    roster.advertise({x.node_id: _ad(x) for x in (a, b, c)})
-    assert roster.members() == {}  # advertised, but no certificate fetched yet
-    assert {ad.node_id for ad in roster.unknown()} == {a.node_id, b.node_id, c.node_id}
-    assert roster.learn(a) and roster.learn(b) and not roster.learn(a)
-    assert roster.members() == {a.node_id: a, b.node_id: b}
-    assert [ad.node_id for ad in roster.unknown()] == [c.node_id]  # fetched once per fingerprint
+    assert roster.advertise({a.node_id: _ad(ia, a), b.node_id: _ad(ib, b)}) == ([a, b], [])
+    assert roster.members() == {a.node_id: a, b.node_id: b}  # no traffic: the advertisement says it
 
-    roster.advertise({b.node_id: _ad(b)})  # a's advertisement expired (gone without a goodbye)
+    replayed = {a.node_id: replace(roster.ad(a.node_id), port=7), b.node_id: _ad(ib, b)}  # type: ignore[type-var]
+    _, refused = roster.advertise(replayed)  # a's signed advertisement, replayed at another port
+    assert [exc.reason for _, exc in refused] == [Reason.BAD_SIGNATURE]
     assert roster.members() == {b.node_id: b}
-    roster.advertise({x.node_id: _ad(x, port=9) for x in (a, b)})  # back, elsewhere: no new fetch
-    assert roster.members() == {a.node_id: a, b.node_id: b} and roster.unknown() == []
 
-    _, b2 = _issue(authority, "b-renewed")  # an advertisement naming b with another fingerprint
-    roster.advertise({a.node_id: _ad(a), b.node_id: _ad(b, fingerprint=b2.fingerprint())})
-    assert roster.members() == {a.node_id: a}  # b's cached certificate does not cover it
+    roster.advertise({b.node_id: _ad(ib, b)})  # a's advertisement expired (gone without a goodbye)
+    assert roster.members() == {b.node_id: b}
+    roster.advertise({a.node_id: _ad(ia, a, port=9), b.node_id: _ad(ib, b)})  # back, elsewhere
+    assert roster.members() == {a.node_id: a, b.node_id: b}
+
     roster.root = authority.root.with_revoked(a.node_id)
-    assert roster.members() == {}  # revoked: out at once
+    assert roster.members() == {b.node_id: b}  # revoked: out at once, without a new advertisement
     roster.root = authority.root
     assert roster.members(now=a.expires + 1) == {}  # expired
+    assert roster.members(now=time.time() + AD_MAX_AGE_S + 60) == {}  # not signed afresh: aged out
 
 
-def test_a_fetched_certificate_must_chain_name_the_proven_node_and_match_the_fingerprint(
-    tmp_path: Path,
-) -> None:
+def test_an_advertisement_is_refused_unless_its_certificate_and_its_signature_hold(tmp_path: Path) -> None:
+    """What a host on the LAN can advertise, each refused with its reason, once, and nothing else lost."""
+    authority = FederationAuthority.create(tmp_path / "fed")
+    other = FederationAuthority.create(tmp_path / "other")
+    ia, a = _issue(authority, "a")
+    ib, b = _issue(authority, "b")
+    ic, c = _issue(authority, "c")
+    ix, outsider = _issue(other, "x")
+    good = _ad(ia, a)
+    stamp = {"signed_at": good.signed_at + 1}
+    cases = {
+        "replayed elsewhere": (replace(good, port=2), Reason.BAD_SIGNATURE),
+        "re-dated": (replace(good, **stamp), Reason.BAD_SIGNATURE),
+        "c's certificate under a's id": (replace(_ad(ic, c), node_id=a.node_id), Reason.PEER_IDENTITY),
+        "signed by c": (sign_ad(good, ic, a), Reason.BAD_SIGNATURE),
+        "old": (_ad(ia, a, now=time.time() - AD_MAX_AGE_S - 60), Reason.STALE),
+        "from the future": (_ad(ia, a, now=time.time() + AD_MAX_AGE_S + 60), Reason.STALE),
+        "another federation": (_ad(ix, outsider), Reason.WRONG_FEDERATION),
+        "junk certificate": (replace(good, certificate=b"junk"), Reason.MALFORMED),
+        "revoked": (_ad(ib, b), Reason.REVOKED),
+    }
+    fingerprint_of_b = replace(good, fingerprint=b.fingerprint())
+    root = authority.root.with_revoked(b.node_id)
+    for what, (ad, reason) in cases.items():
+        roster = Roster(root)
+        accepted, refused = roster.advertise({ad.node_id: ad})
+        assert accepted == [], what
+        assert [exc.reason for _, exc in refused] == [reason], what
+        assert roster.members() == {}, what
+        assert roster.advertise({ad.node_id: ad}) == ([], []), what  # reported once
+    with pytest.raises(Rejected) as info:
+        check_ad(fingerprint_of_b, root)
+    assert info.value.reason is Reason.UNCERTIFIED  # the certificate is not the advertised one
+    assert check_ad(good, root) == a
+
+
+def test_a_static_peers_certificate_must_chain_and_name_the_proven_node(tmp_path: Path) -> None:
     authority = FederationAuthority.create(tmp_path / "fed")
     other = FederationAuthority.create(tmp_path / "other")
     _, a = _issue(authority, "a")
     _, b = _issue(authority, "b")
     _, outsider = _issue(other, "x")
     root = authority.root
-    assert check_certificate(a.to_bytes(), root, a.node_id, a.fingerprint()) == a
+    assert check_certificate(a.to_bytes(), root, a.node_id) == a
     cases = [
-        (b.to_bytes(), a.node_id, a.fingerprint(), Reason.PEER_IDENTITY),  # b's certificate on a's broker
-        (a.to_bytes(), None, a.fingerprint(), Reason.PEER_IDENTITY),  # nothing proven
-        (a.to_bytes(), a.node_id, b.fingerprint(), Reason.UNCERTIFIED),  # not what mDNS advertised
-        (outsider.to_bytes(), outsider.node_id, None, Reason.WRONG_FEDERATION),
-        (b"junk", a.node_id, None, Reason.MALFORMED),
+        (b.to_bytes(), a.node_id, Reason.PEER_IDENTITY),  # b's certificate on a's broker
+        (a.to_bytes(), None, Reason.PEER_IDENTITY),  # nothing proven
+        (outsider.to_bytes(), outsider.node_id, Reason.WRONG_FEDERATION),
+        (b"junk", a.node_id, Reason.MALFORMED),
     ]
-    for data, proven, fingerprint, reason in cases:
+    for data, proven, reason in cases:
         with pytest.raises(Rejected) as info:
-            check_certificate(data, root, proven, fingerprint)
+            check_certificate(data, root, proven)
         assert info.value.reason is reason
     with pytest.raises(Rejected) as info:
-        check_certificate(a.to_bytes(), root.with_revoked(a.node_id), a.node_id, None)
+        check_certificate(a.to_bytes(), root.with_revoked(a.node_id), a.node_id)
     assert info.value.reason is Reason.REVOKED
 
 
@@ -329,47 +362,3 @@ def test_a_retained_delivery_that_fails_is_read_not_left_to_asyncio() -> None:
     asyncio.run(main())
     assert delivered == ["f/cert"]
     assert not unretrieved, unretrieved
-
-
-def test_the_fetch_window_halves_on_failure_and_grows_back_by_one() -> None:
-    """Certificate fetches at once: MAX_FETCHES, halved by a failed fetch (down to one), one more per
-    success; a slot is waited for, never exceeded."""
-    from p2pfl.mesh import FetchWindow
-
-    async def main() -> None:
-        window = FetchWindow(4)
-        peak = 0
-        release = asyncio.Event()
-
-        async def fetch() -> None:
-            nonlocal peak
-            async with window.slot():
-                peak = max(peak, window.running)
-                await release.wait()
-
-        tasks = [asyncio.create_task(fetch()) for _ in range(10)]
-        await _until(lambda: window.running == 4, 10, "four fetches under way")
-        window.failed()
-        window.failed()
-        window.failed()
-        assert window.size == 1
-        release.set()
-        await asyncio.gather(*tasks)
-        assert peak == 4 and window.running == 0
-        await window.succeeded()
-        assert window.size == 2
-        for _ in range(5):
-            await window.succeeded()
-        assert window.size == 4
-
-        release.clear()
-        window.failed()  # size 2: a third fetch waits until one of the two ends
-        tasks = [asyncio.create_task(fetch()) for _ in range(3)]
-        await _until(lambda: window.running == 2, 10, "two fetches under way")
-        for _ in range(20):  # the third gets every chance to run: it must still be waiting
-            await asyncio.sleep(0)
-        assert window.running == 2
-        release.set()
-        await asyncio.gather(*tasks)
-
-    asyncio.run(main())

@@ -326,7 +326,7 @@ class PatchedBroker(Broker):
     ) -> None:
         """Stock replay of the retained messages matching a new subscription, for filters this session
         holds, with each delivery's outcome read: stock code leaves a delivery that failed (a client
-        gone before its PUBACK, as every certificate fetch may be) to asyncio's "Task exception was
+        gone before its PUBACK, as a closing link may be) to asyncio's "Task exception was
         never retrieved" traceback, 784 of them in one 128-node run."""
         topic_filter, qos = subscription
         holders = self._subscriptions.get(topic_filter, ())

@@ -2,9 +2,8 @@
 
 Each session is mutual TLS: the link shows this node's certificate, and right after the handshake it
 reads the node id out of the broker's certificate and checks it against what discovery advertised
-(a mismatch closes the session and is counted as PEER_IDENTITY). It then subscribes to that node's
-certificate and (unless it only fetches the certificate: `inbox=False`) to its own inbox there,
-rebuilds updates from their parts and hands them on; only parts published by the proven owner are
+(a mismatch closes the session and is counted as PEER_IDENTITY). It then subscribes to its own inbox
+there (and, for a static peer, known by no advertisement, to that node's certificate), rebuilds updates from their parts and hands them on; only parts published by the proven owner are
 accepted. It reconnects with backoff until stopped; `down` says that its last attempt failed or its
 session dropped, so a round need not wait for that neighbour.
 """
@@ -102,20 +101,19 @@ class PeerLink:
         *,
         tls_context: ssl.SSLContext,
         identify: Callable[[Any], str],
-        on_certificate: Callable[[str, bytes], None],
+        on_certificate: Callable[[str, bytes], None] | None,
         on_update: Callable[[str, bytes], Awaitable[None]],
         on_reject: Callable[[Reason, str], None],
         max_message_bytes: int,
         expected: str | None = None,
-        inbox: bool = True,
         on_state: Callable[[], None] | None = None,
         on_revocations: Callable[[str, bytes], None] | None = None,
     ) -> None:
         """`tls_context`: this node's client context (NodeTls.client_context); `identify(tls socket)`
                 returns the node id the broker's certificate proves, or raises Rejected; `expected`: the node
                 id discovery advertised for this address (None for a static peer: then only the certificate
-                the broker publishes, which must be the proven node's, says who it is); `inbox`: subscribe to our
-        inbox there (False: only the broker's certificate, for a membership check); `on_state()`: called
+                the broker publishes, which must be the proven node's, says who it is); `on_certificate(owner,
+        data)`: gets the certificate the broker's owner publishes (None: not subscribed); `on_state()`: called
         when `connected` or `down` changes; `on_revocations(owner, data)`: gets the revocation list the
         broker's owner offers (at most MAX_REVOCATION_BYTES; not parsed here)."""
         if tls_context.verify_mode != ssl.CERT_REQUIRED:
@@ -125,7 +123,6 @@ class PeerLink:
         self.federation_id = check_level(federation_id, "federation id")
         self.node_id = check_level(node_id, "node id")
         self.expected = expected
-        self.inbox = inbox
         self._on_state = on_state
         self._down = False
         self._tls = tls_context
@@ -268,9 +265,9 @@ class PeerLink:
                 self._client = client
                 self._reassembler.drop_incomplete()
                 # one SUBSCRIBE: the broker replays the retained certificate before the retained parts
-                filters = [cert_topic(self.federation_id, owner)]
-                if self.inbox:
-                    filters.append(inbox_filter(self.federation_id, self.node_id))
+                filters = [inbox_filter(self.federation_id, self.node_id)]
+                if self._on_certificate is not None:
+                    filters.insert(0, cert_topic(self.federation_id, owner))
                 if self._on_revocations is not None:
                     filters.append(revocations_topic(self.federation_id, owner))
                 await self._subscribe(client, filters)
@@ -334,7 +331,7 @@ class PeerLink:
 
     def _take_certificate(self, publisher: str, payload: bytes | bytearray) -> None:
         size = len(payload)
-        if size == 0 or publisher != self.peer_id:
+        if size == 0 or publisher != self.peer_id or self._on_certificate is None:
             return  # retained certificate cleared, or not the proven owner's (never granted)
         if size > MAX_CERT_BYTES:
             raise Rejected(Reason.OVERSIZE, f"certificate of {size} bytes from {publisher}")
@@ -349,7 +346,7 @@ class PeerLink:
         self._on_revocations(publisher, bytes(payload))
 
     async def _take_part(self, topic: Topic, payload: bytes | bytearray) -> None:
-        if topic.target != self.node_id or not payload or not self.inbox:
+        if topic.target != self.node_id or not payload:
             return  # not addressed to us (never granted by the broker), or a cleared part
         if topic.publisher != self.peer_id:
             raise Rejected(
