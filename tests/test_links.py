@@ -246,7 +246,10 @@ def _mesh(authority: FederationAuthority, name: str, directory: Path) -> MqttMes
 
 
 @pytest.mark.timeout(180)
-def test_a_real_mesh_knows_every_member_but_links_only_its_neighbours(tmp_path: Path) -> None:
+def test_a_real_mesh_knows_every_member_but_links_only_its_neighbours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("p2pfl.mesh.AD_RESIGN_S", 1.0)  # the test sees advertisements signed afresh
     asyncio.run(_real_mesh(tmp_path))
 
 
@@ -264,10 +267,20 @@ async def _real_mesh(tmp: Path) -> None:
     a, b, c, d = meshes
     try:
         ids = {m.node_id for m in meshes}
-        # membership from mDNS plus one fetch per peer; no link held afterwards
+        # membership from signed mDNS advertisements alone: no link was ever needed
         await _until(lambda: all(set(m.members()) == ids - {m.node_id} for m in meshes), 120, "members")
-        await _until(lambda: all(m.links() == 0 for m in meshes), 60, "fetch links closed")
-        assert all(m.neighbour_links == {} for m in meshes)
+        assert all(m.links() == 0 and m.neighbour_links == {} for m in meshes)
+
+        # each node signs its advertisement afresh; the new one is checked and keeps it a member
+        first = a.roster.ad(b.node_id)
+        assert first is not None
+
+        def resigned() -> bool:
+            ad = a.roster.ad(b.node_id)
+            return ad is not None and ad.signed_at > first.signed_at and b.node_id in a.members()
+
+        await _until(resigned, 60, "b's advertisement signed afresh")
+        assert not a.metrics.rejected  # nothing refused along the way
 
         # a and b are neighbours: a's link to b's broker carries b's update (and only that link)
         a.follow({b.node_id})
