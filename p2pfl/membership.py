@@ -105,9 +105,13 @@ def _check_age(ad: PeerAd, now: float) -> None:
         )
 
 
-def _key(ad: PeerAd) -> PeerAd:
+def _key(ad: PeerAd) -> tuple[object, ...]:
     """A verdict holds for exactly what was checked: every field but `ready` (not signed, a hint)."""
-    return replace(ad, ready=False)
+    return (ad.node_id, ad.federation_id, ad.name, ad.host, ad.port, ad.fingerprint) + (
+        ad.certificate,
+        ad.signed_at,
+        ad.signature,
+    )
 
 
 class Roster:
@@ -116,7 +120,8 @@ class Roster:
     def __init__(self, root: FederationRoot) -> None:
         self.root = root
         self._ads: dict[str, PeerAd] = {}  # node id -> advertisement, as discovery has it now
-        self._checked: dict[PeerAd, Certificate | Rejected] = {}  # advertisement checked -> verdict
+        self._checked: dict[tuple[object, ...], Certificate | Rejected] = {}  # advertisement -> verdict
+        self._accepted: dict[str, tuple[Certificate, int]] = {}  # advertised now: (certificate, signed at)
 
     def advertise(
         self, ads: Mapping[str, PeerAd], now: float | None = None
@@ -130,17 +135,20 @@ class Roster:
             self._checked = {k: v for k, v in self._checked.items() if k in current}
         accepted: list[Certificate] = []
         refused: list[tuple[PeerAd, Rejected]] = []
-        for ad in self._ads.values():
-            if _key(ad) in self._checked:
-                continue
-            try:
-                cert = check_ad(ad, self.root, t)
-            except Rejected as exc:
-                self._checked[_key(ad)] = exc
-                refused.append((ad, exc))
-                continue
-            self._checked[_key(ad)] = cert
-            accepted.append(cert)
+        self._accepted = {}
+        for node_id, ad in self._ads.items():
+            key = _key(ad)
+            verdict = self._checked.get(key)
+            if verdict is None:
+                try:
+                    verdict = check_ad(ad, self.root, t)
+                    accepted.append(verdict)
+                except Rejected as exc:
+                    verdict = exc
+                    refused.append((ad, exc))
+                self._checked[key] = verdict
+            if isinstance(verdict, Certificate):
+                self._accepted[node_id] = (verdict, ad.signed_at)
         return accepted, refused
 
     def ad(self, node_id: str) -> PeerAd | None:
@@ -150,12 +158,9 @@ class Roster:
         """Advertised now in a well-signed advertisement no older than AD_MAX_AGE_S, certificate not
         revoked (the root may have changed since) or expired."""
         t = time.time() if now is None else now
-        found: dict[str, Certificate] = {}
-        for node_id, ad in self._ads.items():
-            cert = self._checked.get(_key(ad))
-            if not isinstance(cert, Certificate) or node_id in self.root.revoked or cert.expires < t:
-                continue
-            if abs(t - ad.signed_at) > AD_MAX_AGE_S:
-                continue
-            found[node_id] = cert
-        return found
+        revoked = self.root.revoked
+        return {
+            node_id: cert
+            for node_id, (cert, signed_at) in self._accepted.items()
+            if node_id not in revoked and cert.expires >= t and abs(t - signed_at) <= AD_MAX_AGE_S
+        }

@@ -37,10 +37,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from p2pfl import codec
+from p2pfl.discovery import PeerAd
 from p2pfl.envelope import ReplayGuard, UpdateMeta, open_envelope, seal
 from p2pfl.errors import Reason, Rejected
 from p2pfl.federation import Certificate, FederationAuthority, FederationRoot
 from p2pfl.identity import Identity
+from p2pfl.membership import check_ad, sign_ad
 from p2pfl.transport import framing
 from p2pfl.transport.framing import MAX_PARTS, PART_HEADER_BYTES, Reassembler, split_message
 
@@ -729,6 +731,52 @@ def test_a_certificate_with_any_field_changed_is_refused(fed: Fed, field: str, j
         changed = value + junk.hex()[:8]
     assume(changed != value)
     exc = refused(lambda: fed.root.verify(replace(original, **{field: changed}), now=NOW))
+    assert exc is not None
+
+
+# -- signed mDNS advertisements ------------------------------------------------------------------------
+
+
+def _signed_ad(fed: Fed) -> PeerAd:
+    member = fed.members[0]
+    cert = fed.certs[member.node_id]
+    ad = PeerAd(member.node_id, fed.root.federation_id, cert.name, "127.0.0.1", 4000, cert.fingerprint())
+    return sign_ad(ad, member, cert, now=NOW)
+
+
+@FAST
+@given(
+    field=st.sampled_from(["node_id", "federation_id", "host", "port", "fingerprint", "signed_at"]),
+    junk=st.binary(min_size=1, max_size=8),
+)
+def test_a_signed_advertisement_with_any_signed_field_changed_is_refused(
+    fed: Fed, field: str, junk: bytes
+) -> None:
+    """A host on the LAN holds a member's signed advertisement: whatever it changes, no membership."""
+    ad = _signed_ad(fed)
+    assert check_ad(ad, fed.root, now=NOW) == fed.certs[ad.node_id]
+    value: Any = getattr(ad, field)
+    changed: Any = value + 1 + junk[0] if isinstance(value, int) else value[:-2] + junk.hex()[:2]
+    assume(changed != value)
+    exc = refused(lambda: check_ad(replace(ad, **{field: changed}), fed.root, now=NOW))
+    assert exc is not None
+
+
+@FAST
+@given(
+    certificate=st.binary(max_size=700),
+    signature=st.binary(max_size=80),
+    muts=st.lists(mutations, max_size=2),
+)
+def test_an_advertisement_with_arbitrary_certificate_or_signature_bytes_is_refused(
+    fed: Fed, certificate: bytes, signature: bytes, muts: list[Mutation]
+) -> None:
+    ad = _signed_ad(fed)
+    if muts:  # the real certificate, mutated: parses or not, never the advertised one signed
+        certificate = mutate_changed(ad.certificate, muts)
+    exc = refused(
+        lambda: check_ad(replace(ad, certificate=certificate, signature=signature), fed.root, now=NOW)
+    )
     assert exc is not None
 
 
