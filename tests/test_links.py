@@ -115,14 +115,18 @@ def test_members_are_advertised_peers_in_advertisements_their_key_signed(tmp_pat
     assert roster.members(now=time.time() + AD_MAX_AGE_S + 60) == {}  # not signed afresh: aged out
 
 
+def _members(tmp: Path) -> tuple[FederationAuthority, dict[str, tuple[Identity, Certificate]]]:
+    """A federation with members a, b and c, and x: a member of another federation."""
+    authority = FederationAuthority.create(tmp / "fed")
+    found = {name: _issue(authority, name) for name in "abc"}
+    found["x"] = _issue(FederationAuthority.create(tmp / "other"), "x")
+    return authority, found
+
+
 def test_an_advertisement_is_refused_unless_its_certificate_and_its_signature_hold(tmp_path: Path) -> None:
     """What a host on the LAN can advertise, each refused with its reason, once, and nothing else lost."""
-    authority = FederationAuthority.create(tmp_path / "fed")
-    other = FederationAuthority.create(tmp_path / "other")
-    ia, a = _issue(authority, "a")
-    ib, b = _issue(authority, "b")
-    ic, c = _issue(authority, "c")
-    ix, outsider = _issue(other, "x")
+    authority, members = _members(tmp_path)
+    (ia, a), (ib, b), (ic, c), (ix, outsider) = members.values()
     good = _ad(ia, a)
     stamp = {"signed_at": good.signed_at + 1}
     cases = {
@@ -152,11 +156,8 @@ def test_an_advertisement_is_refused_unless_its_certificate_and_its_signature_ho
 
 
 def test_a_static_peers_certificate_must_chain_and_name_the_proven_node(tmp_path: Path) -> None:
-    authority = FederationAuthority.create(tmp_path / "fed")
-    other = FederationAuthority.create(tmp_path / "other")
-    _, a = _issue(authority, "a")
-    _, b = _issue(authority, "b")
-    _, outsider = _issue(other, "x")
+    authority, members = _members(tmp_path)
+    (_, a), (_, b), _, (_, outsider) = members.values()
     root = authority.root
     assert check_certificate(a.to_bytes(), root, a.node_id) == a
     cases = [
