@@ -106,7 +106,7 @@ LIVENESS_GONE_S = 180.0  # a port that neither accepts nor refuses: gone after t
 PROBE_TIMEOUT_S = 3.0
 RECEIVE_BUFFER_BYTES = 4 << 20
 MAX_SILENT = 1024  # dropped peers still looked up in our cache; bounds what forged ads can make us keep
-MAX_TXT_BYTES = 1024  # whole TXT record; ours is ~430 bytes, anything much bigger is not ours
+MAX_TXT_BYTES = 1024  # whole TXT record; ours is ~370 bytes, anything much bigger is not ours
 MAX_TXT_ITEM = 250  # bytes of a value in one TXT item (an item, "key=value", is at most 255 bytes)
 MAX_CERT_PARTS = 3  # the certificate is cut into items c0, c1, ... of at most MAX_TXT_ITEM bytes
 SIGNATURE_BYTES = 64

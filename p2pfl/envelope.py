@@ -54,7 +54,7 @@ import nacl.signing
 
 from p2pfl.errors import Reason, Rejected
 from p2pfl.federation import Certificate, FederationRoot
-from p2pfl.identity import Identity
+from p2pfl.identity import Identity, signed_by
 
 try:  # pynacl's cffi module: lets libsodium read/write our buffers in place (no copies, GIL released)
     from nacl._sodium import ffi as _ffi
@@ -580,10 +580,8 @@ def open_envelope(
     if cert.node_id != meta.sender:
         raise Rejected(Reason.UNCERTIFIED, f"certificate of {cert.node_id!r} offered for {meta.sender!r}")
     root.verify(cert, now=now)
-    try:
-        nacl.signing.VerifyKey(cert.sign_key).verify(SIGN_DOMAIN + bytes(p.header), p.signature)
-    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
-        raise Rejected(Reason.BAD_SIGNATURE, f"header signature of {meta.sender!r} does not verify") from None
+    if not signed_by(cert.sign_key, SIGN_DOMAIN + bytes(p.header), p.signature):
+        raise Rejected(Reason.BAD_SIGNATURE, f"header signature of {meta.sender!r} does not verify")
     replay.check(meta, now=now)
     wrapped = p.keys.get(identity.node_id)
     if wrapped is None:

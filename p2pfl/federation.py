@@ -27,6 +27,7 @@ from p2pfl.identity import (
     ensure_private_dir,
     node_id_for,
     read_private_key,
+    signed_by,
     write_private_file,
     write_public_file,
 )
@@ -176,11 +177,7 @@ class FederationRoot:
 
     def signed(self, message: bytes, signature: bytes) -> bool:
         """Whether the root key signed `message` (certificates, revocation lists)."""
-        try:
-            nacl.signing.VerifyKey(self.public_key).verify(message, bytes(signature))
-        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
-            return False
-        return True
+        return signed_by(self.public_key, message, signature)
 
     def verify(self, cert: Certificate, now: float | None = None) -> None:
         """Accept `cert` only if the root signed it, it names the right node, and it is current."""

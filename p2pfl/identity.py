@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import nacl.exceptions
 import nacl.public
 import nacl.signing
 
@@ -75,6 +76,16 @@ class Identity:
         return f"Identity(node_id={self.node_id!r})"
 
     __str__ = __repr__
+
+
+def signed_by(verify_key: bytes, message: bytes, signature: bytes) -> bool:
+    """Whether the Ed25519 key `verify_key` signed `message` (the check for `Identity.sign`); a
+    malformed key or signature is a False, never an exception."""
+    try:
+        nacl.signing.VerifyKey(bytes(verify_key)).verify(message, bytes(signature))
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+        return False
+    return True
 
 
 def write_private_file(path: Path, data: bytes) -> None:

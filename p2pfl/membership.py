@@ -32,13 +32,11 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 import msgpack
-import nacl.exceptions
-import nacl.signing
 
 from p2pfl.discovery import PeerAd
 from p2pfl.errors import Reason, Rejected
 from p2pfl.federation import Certificate, FederationRoot
-from p2pfl.identity import Identity
+from p2pfl.identity import Identity, signed_by
 
 __all__ = ["AD_MAX_AGE_S", "AD_RESIGN_S", "Roster", "check_ad", "check_certificate", "sign_ad"]
 
@@ -73,13 +71,11 @@ def check_ad(ad: PeerAd, root: FederationRoot, now: float | None = None) -> Cert
         raise Rejected(
             Reason.UNCERTIFIED, f"advertisement of {ad.node_id}: certificate does not match its fingerprint"
         )
-    try:
-        nacl.signing.VerifyKey(cert.sign_key).verify(_signed_bytes(ad), ad.signature)
-    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+    if not signed_by(cert.sign_key, _signed_bytes(ad), ad.signature):
         raise Rejected(
             Reason.BAD_SIGNATURE,
             f"advertisement of {ad.node_id} at {ad.host}:{ad.port} is not signed by its key",
-        ) from None
+        )
     _check_age(ad, time.time() if now is None else now)
     return cert
 
